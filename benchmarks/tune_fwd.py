@@ -1,0 +1,86 @@
+"""Time candidate forward tile shapes side by side with SDPA's FLASH backend (same inputs, same run).
+
+    PYTHONPATH=src python benchmarks/tune_fwd.py [--headdims 64 128] [--seqlens 1024 4096 16384]
+
+Prints TFLOP/s per candidate (block_m, block_n, warps) and the ratio to SDPA FLASH; the winners go
+into cuflash._dispatch.FWD_TILES.
+"""
+import argparse
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+CANDIDATES = {
+    32: [(128, 128, 4), (128, 64, 4), (128, 128, 8)],
+    64: [(128, 64, 4), (128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 64, 8)],
+    96: [(128, 32, 4), (128, 64, 8), (64, 64, 4)],
+    128: [(128, 32, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 32, 8)],
+    160: [(128, 64, 8), (128, 32, 8), (64, 64, 4)],
+    192: [(128, 64, 8), (128, 32, 8), (64, 64, 4)],
+    224: [(128, 64, 8), (128, 32, 8), (64, 32, 4)],
+    256: [(128, 64, 8), (128, 32, 8), (64, 32, 4), (64, 64, 4)],
+}
+
+
+def _compile(job):
+    from cuflash import _compile
+
+    _compile.cached_cubin(*job)
+
+
+def median_ms(fn, reps=30):
+    import torch
+
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash
+    from cuflash import _compile, _dispatch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    arch = _compile.device_arch()
+    jobs = [(v.source, v.name, arch) for d in args.headdims for t in CANDIDATES[d] for c in (False, True)
+            for v in [_dispatch.choose_fwd(args.dtype, d, c, t)]]
+    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile, jobs))
+    dt = getattr(torch, args.dtype)
+    for d in args.headdims:
+        for causal in (False, True):
+            for s in args.seqlens:
+                b, h = 16384 // s, 2048 // d
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dt) for _ in range(3))
+                flops = 4 * b * s * s * h * d / (2 if causal else 1)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                    ref_ms = median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+                    ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+                row = [f"d={d} causal={causal!s:5} s={s:5}  flash {flops / ref_ms / 1e9:6.1f}"]
+                for t in CANDIDATES[d]:
+                    _dispatch.FWD_TILES[_dispatch.head_dim_bucket(d)] = t
+                    ms = median_ms(lambda: cuflash.flash_attn_func(q, k, v, causal=causal))
+                    err = (cuflash.flash_attn_func(q, k, v, causal=causal).float() - ref.float()).abs().max().item()
+                    bad = " BAD" if err > 2e-2 else ""
+                    row.append(f"{t}: {flops / ms / 1e9:6.1f} ({ref_ms / ms:4.2f}x){bad}")
+                print(" | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

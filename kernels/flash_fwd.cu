@@ -1,0 +1,202 @@
+// FlashAttention forward pass (FlashAttention-2 work split) on mma.sync tensor cores, sm_80+.
+//
+// One thread block owns BM query rows of one (batch, head); each warp owns MT = BM / (16 * WARPS)
+// tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
+//   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
+// and finally writes O / l and the log-sum-exp. Loads of the next K tile and of the current V tile
+// overlap the two matrix products (cp.async), so one K buffer and one V buffer suffice.
+#include "mma.cuh"
+#include "tile_io.cuh"
+#include "softmax.cuh"
+
+namespace cuflash {
+
+template <typename T, int D, int BM, int BN, int WARPS>
+struct FwdTile {
+  static constexpr int threads = WARPS * 32;
+  static constexpr int m_tiles = BM / (16 * WARPS);  // 16-row tiles per warp
+  static constexpr int s_tiles = BN / 8;             // 8-column tiles of S per warp row tile
+  static constexpr int o_tiles = D / 8;              // 8-column tiles of O
+  static constexpr int pitch = SmemTile<D>::pitch;
+  static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
+};
+
+// acc_s[mt][nt] += Q[warp rows] K[tile]^T over the head dimension.
+template <typename T, int D, int BM, int BN, int WARPS>
+__device__ __forceinline__ void mma_qk(float (&acc_s)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
+                                       const T* sQ, const T* sK, int warp_row, int lane) {
+  using Tile = FwdTile<T, D, BM, BN, WARPS>;
+  constexpr int P = Tile::pitch;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    unsigned qa[Tile::m_tiles][4];
+#pragma unroll
+    for (int mt = 0; mt < Tile::m_tiles; ++mt)
+      ldmatrix_x4(qa[mt], sQ + (warp_row + mt * 16 + lane % 16) * P + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int np = 0; np < BN / 16; ++np) {
+      unsigned kb[4];
+      ldmatrix_x4(kb, sK + (np * 16 + lane % 8 + (lane / 16) * 8) * P + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+      for (int mt = 0; mt < Tile::m_tiles; ++mt) {
+        mma_16816<T>(acc_s[mt][2 * np], qa[mt], kb[0], kb[1]);
+        mma_16816<T>(acc_s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+      }
+    }
+  }
+}
+
+// acc_o[mt][dt] += P V[tile], with P taken from the softmax registers (S's accumulator layout is
+// the A-operand layout of the next mma once two 8-column tiles are packed into 16-bit pairs).
+template <typename T, int D, int BM, int BN, int WARPS>
+__device__ __forceinline__ void mma_pv(float (&acc_o)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][D / 8][4],
+                                       const float (&p)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
+                                       const T* sV, int lane) {
+  using Tile = FwdTile<T, D, BM, BN, WARPS>;
+  constexpr int P = Tile::pitch;
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    unsigned pa[Tile::m_tiles][4];
+#pragma unroll
+    for (int mt = 0; mt < Tile::m_tiles; ++mt) {
+      pa[mt][0] = ElemTraits<T>::pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      pa[mt][1] = ElemTraits<T>::pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      pa[mt][2] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      pa[mt][3] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      unsigned vb[4];
+      ldmatrix_x4_trans(vb, sV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * P + dn * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int mt = 0; mt < Tile::m_tiles; ++mt) {
+        mma_16816<T>(acc_o[mt][2 * dn], pa[mt], vb[0], vb[1]);
+        mma_16816<T>(acc_o[mt][2 * dn + 1], pa[mt], vb[2], vb[3]);
+      }
+    }
+  }
+}
+
+// Set S to -inf where key j may not be seen by query i: j >= seqlen_k, or (causal) j > i + diag,
+// diag = seqlen_k - seqlen_q (the causal mask is aligned to the bottom-right corner).
+template <int MT, int NTILES, bool CAUSAL>
+__device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int row0, int col0, int seqlen_k,
+                                            int diag, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;
+        const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
+        if (j >= seqlen_k || (CAUSAL && j > i + diag)) acc_s[mt][nt][c] = kNegInf;
+      }
+}
+
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL>
+__global__ void __launch_bounds__(WARPS * 32)
+flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+                 float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
+                 long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
+                 long long o_ss, long long o_sh, int seqlen_q, int seqlen_k, int nheads, int kv_group,
+                 int head_dim, int num_m_blocks, float softmax_scale) {
+  using Tile = FwdTile<T, D, BM, BN, WARPS>;
+  constexpr int MT = Tile::m_tiles;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * Tile::pitch;
+  T* sV = sK + BN * Tile::pitch;
+
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
+
+  // Block -> (query tile, batch, head). Causal: heaviest query tiles of a head start first.
+  const long long bh = blockIdx.x / num_m_blocks;
+  int m_block = blockIdx.x % num_m_blocks;
+  if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
+  const int b = static_cast<int>(bh / nheads), h = static_cast<int>(bh % nheads), hk = h / kv_group;
+  const int m0 = m_block * BM;
+  const T* q_tile = q + b * q_sb + h * q_sh + m0 * q_ss;
+  const T* k_head = k + b * k_sb + hk * k_sh;
+  const T* v_head = v + b * v_sb + hk * v_sh;
+
+  // Key tiles this query tile can see.
+  const int diag = seqlen_k - seqlen_q;
+  int n_blocks = (seqlen_k + BN - 1) / BN;
+  if (CAUSAL) {
+    const int last_key = m0 + BM - 1 + diag;  // last key visible to the block's last row
+    n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
+  }
+
+  float acc_o[MT][Tile::o_tiles][4];
+  OnlineSoftmax<MT> softmax;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < Tile::o_tiles; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc_o[mt][dt][c] = 0.f;
+  const float scale_log2 = softmax_scale * 1.4426950408889634f;
+
+  if (n_blocks > 0) {
+    load_tile_async<BM, D, Tile::threads>(sQ, q_tile, q_ss, seqlen_q - m0, head_dim, tid);
+    const int n0 = (n_blocks - 1) * BN;
+    load_tile_async<BN, D, Tile::threads>(sK, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim, tid);
+    cp_async_commit();
+  }
+
+  for (int nb = n_blocks - 1; nb >= 0; --nb) {
+    const int n0 = nb * BN;
+    cp_async_wait<0>();
+    __syncthreads();  // K[nb] is in; every warp is done with V[nb + 1]
+    load_tile_async<BN, D, Tile::threads>(sV, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim, tid);
+    cp_async_commit();
+
+    float acc_s[MT][Tile::s_tiles][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < Tile::s_tiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc_s[mt][nt][c] = 0.f;
+    mma_qk<T, D, BM, BN, WARPS>(acc_s, sQ, sK, warp_row, lane);
+
+    const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
+    if (needs_mask) mask_scores<MT, Tile::s_tiles, CAUSAL>(acc_s, m0 + warp_row, n0, seqlen_k, diag, lane);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[nb] is in; every warp is done with K[nb]
+    if (nb > 0) {
+      const int n_prev = n0 - BN;
+      load_tile_async<BN, D, Tile::threads>(sK, k_head + n_prev * k_ss, k_ss, seqlen_k - n_prev, head_dim, tid);
+      cp_async_commit();
+    }
+
+    softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
+    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, sV, lane);
+  }
+
+  // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = softmax.row_sum_total(mt, half);
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + warp_row + mt * 16 + lane / 4 + half * 8;
+      if (row >= seqlen_q) continue;
+      T* o_row = o + b * o_sb + h * o_sh + row * o_ss;
+#pragma unroll
+      for (int dt = 0; dt < Tile::o_tiles; ++dt) {
+        const int col = dt * 8 + (lane % 4) * 2;
+        if (col < head_dim)
+          *reinterpret_cast<unsigned*>(o_row + col) =
+              ElemTraits<T>::pack2(acc_o[mt][dt][2 * half] * inv_l, acc_o[mt][dt][2 * half + 1] * inv_l);
+      }
+      if (lane % 4 == 0)
+        lse[bh * seqlen_q + row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
+    }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,69 @@
+// Online softmax over the S accumulators of one warp (FlashAttention's running max and sum).
+// Each thread holds, for each 16-row tile, two rows: lane/4 and lane/4 + 8 ("half" 0 and 1); the four
+// threads of a quad share a row, so row reductions are two xor-shuffles.
+#pragma once
+#include "mma.cuh"
+
+namespace cuflash {
+
+template <int MT>
+struct OnlineSoftmax {
+  float row_max[MT][2];  // running max of the raw scores
+  float row_sum[MT][2];  // this thread's share of the running sum of exp; see row_sum_total
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        row_max[mt][half] = kNegInf;
+        row_sum[mt][half] = 0.f;
+      }
+  }
+
+  // Fold a new tile of scores into the statistics: rescale O by exp(m_old - m_new) and replace the
+  // scores with exp(s - m_new) (scale folded into log2(e), so exp is one exp2).
+  template <int NTILES, int OTILES>
+  __device__ __forceinline__ void update(float (&s)[MT][NTILES][4], float (&acc_o)[MT][OTILES][4],
+                                         float scale_log2, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float mx = row_max[mt][half];
+#pragma unroll
+        for (int nt = 0; nt < NTILES; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row with every score masked so far keeps max -inf; subtract 0 so exp(-inf) = 0, not NaN.
+        const float m_scaled = mx == kNegInf ? 0.f : mx * scale_log2;
+        const float correction = fast_exp2(row_max[mt][half] * scale_log2 - m_scaled);
+        row_max[mt][half] = mx;
+        float sum = row_sum[mt][half] * correction;
+#pragma unroll
+        for (int ot = 0; ot < OTILES; ++ot) {
+          acc_o[mt][ot][2 * half] *= correction;
+          acc_o[mt][ot][2 * half + 1] *= correction;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+          for (int c = 2 * half; c < 2 * half + 2; ++c) {
+            const float p = fast_exp2(fmaf(s[mt][nt][c], scale_log2, -m_scaled));
+            s[mt][nt][c] = p;
+            sum += p;
+          }
+        row_sum[mt][half] = sum;
+      }
+  }
+
+  // The full row sum (the quad's four shares added).
+  __device__ __forceinline__ float row_sum_total(int mt, int half) const {
+    float l = row_sum[mt][half];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    return l;
+  }
+};
+
+}  // namespace cuflash

@@ -1,0 +1,50 @@
+// Moving tiles between global and shared memory.
+// Shared tiles are row-major with rows padded by 8 elements (16 bytes): with a row pitch of an odd
+// number of 16-byte chunks, the 8 row addresses of one ldmatrix fall in 8 different bank groups.
+#pragma once
+#include "mma.cuh"
+
+namespace cuflash {
+
+template <int D>
+struct SmemTile {
+  static constexpr int pitch = D + 8;  // elements per padded row
+  static_assert((pitch / 8) % 2 == 1, "row pitch must be an odd number of 16-byte chunks");
+};
+
+// Asynchronously copy a ROWS x D tile (row stride `row_stride` elements) into shared memory.
+// Rows >= rows_valid and columns >= cols_valid are filled with zeros and never read.
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long long row_stride, int rows_valid,
+                                                int cols_valid, int tid) {
+  constexpr int chunks_per_row = D / 8;
+  if constexpr (THREADS % chunks_per_row != 0) {  // e.g. D = 96: chunk i of the tile is (i / cpr, i % cpr)
+#pragma unroll
+    for (int i = tid; i < ROWS * chunks_per_row; i += THREADS) {
+      const int r = i / chunks_per_row, c = (i % chunks_per_row) * 8;
+      const bool valid = r < rows_valid && c < cols_valid;
+      cp_async_16(smem + r * SmemTile<D>::pitch + c, valid ? gmem + r * row_stride + c : gmem, valid);
+    }
+    return;
+  }
+  constexpr int rows_per_pass = THREADS / chunks_per_row;
+  const int c = (tid % chunks_per_row) * 8;
+  int r = tid / chunks_per_row;
+  // Advance pointers by addition (not base + i * stride) so the compiler does not keep one
+  // precomputed 64-bit offset per chunk alive across the main loop.
+  const T* src = gmem + r * row_stride + c;
+  T* dst = smem + r * SmemTile<D>::pitch + c;
+  const long long src_step = rows_per_pass * row_stride;
+#pragma unroll
+  for (int pass = 0; pass < (ROWS + rows_per_pass - 1) / rows_per_pass; ++pass) {
+    if (ROWS % rows_per_pass == 0 || r < ROWS) {
+      const bool valid = r < rows_valid && c < cols_valid;
+      cp_async_16(dst, valid ? src : gmem, valid);
+    }
+    r += rows_per_pass;
+    src += src_step;
+    dst += rows_per_pass * SmemTile<D>::pitch;
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,79 @@
+"""python -m cuflash {compile-check, warmup, bench, info}"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _compile_check(argv) -> int:
+    from . import _compile
+
+    ap = argparse.ArgumentParser(prog="python -m cuflash compile-check",
+                                 description="Compile every kernel variant with NVRTC (no GPU needed); "
+                                             "fail on compile errors, spills or too much shared memory.")
+    ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90a"])
+    ap.add_argument("--jobs", type=int, default=None)
+    args = ap.parse_args(argv)
+    return 1 if _compile.compile_check(tuple(args.arch), args.jobs) else 0
+
+
+def _warmup_job(job):
+    from . import _compile
+
+    _compile.cached_cubin(*job)
+    return job[1]
+
+
+def _warmup(argv) -> int:
+    """Compile, in parallel, every variant the present GPU can use into the on-disk cache."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from . import _compile, _dispatch
+
+    argparse.ArgumentParser(prog="python -m cuflash warmup", description=_warmup.__doc__).parse_args(argv)
+    arch = _compile.device_arch()
+    jobs = [(v.source, v.name, arch) for v in _dispatch.all_variants()]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
+        for name in pool.map(_warmup_job, jobs):
+            print(f"  {name}")
+    print(f"{len(jobs)} variants for {arch} ready in {_compile.cache_dir()} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _info(argv) -> int:
+    from . import __version__, _compile
+
+    print(f"cuflash {__version__}")
+    print(f"kernels: {_compile.kernels_dir()}")
+    print(f"cache:   {_compile.cache_dir()}")
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}, NVRTC {_compile._nvrtc_version()}, headers {_compile.cuda_include_dir()}")
+        n = cupy.cuda.runtime.getDeviceCount()
+        for i in range(n):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            print(f"cuda:{i} {props['name'].decode()} -> {_compile.device_arch(i)}")
+    except Exception as e:  # no GPU or no driver: still useful output
+        print(f"no CUDA device available: {e}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"compile-check": _compile_check, "warmup": _warmup, "info": _info}
+    if not argv or argv[0] not in commands and argv[0] != "bench":
+        print(f"usage: python -m cuflash {{{', '.join([*commands, 'bench'])}}} [options]", file=sys.stderr)
+        return 2
+    if argv[0] == "bench":
+        from . import _bench
+
+        return _bench.main(argv[1:])
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

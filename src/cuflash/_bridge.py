@@ -1,0 +1,120 @@
+"""Arrays in and out: CuPy, PyTorch and anything with __dlpack__, without copies, on the caller's stream.
+
+Inputs are described by a DeviceArray (pointer, shape, strides in elements, dtype name, device), so
+the dispatcher never depends on a framework, and bfloat16 works even though CuPy has no such dtype.
+Outputs are allocated by the caller's framework (torch.empty for tensors, cupy.empty for CuPy arrays).
+JAX arrays go through cuflash.jax, which launches inside jax.experimental.buffer_callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class DeviceArray:
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    dtype: str  # "float16", "bfloat16", "float32", ...
+    device: int | None  # CUDA device ordinal; None when the array is not on a CUDA device
+    framework: str  # "cupy", "torch", "jax", "dlpack"
+    obj: Any = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def framework_of(x) -> str | None:
+    module = type(x).__module__.split(".")[0]
+    if module == "cupy":
+        return "cupy"
+    if module == "torch":
+        return "torch"
+    if module in ("jax", "jaxlib"):
+        return "jax"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    return None
+
+
+_KDLCUDA = 2  # DLPack's device type for CUDA memory
+
+
+def _dlpack_device_type(x) -> int | None:
+    try:
+        return int(x.__dlpack_device__()[0])
+    except Exception:
+        return None
+
+
+def describe(x, argname: str) -> DeviceArray:
+    """Metadata of a CUDA array; TypeError naming `argname` for anything else."""
+    d = _describe(x, argname)
+    # The stride of a dimension of size 1 is never used to address anything; frameworks leave
+    # arbitrary values there (after expand or transpose), so make it 0.
+    d.strides = tuple(0 if n == 1 and i < d.ndim - 1 else s for i, (n, s) in enumerate(zip(d.shape, d.strides)))
+    return d
+
+
+def _describe(x, argname: str) -> DeviceArray:
+    fw = framework_of(x)
+    if fw == "torch":
+        dev = x.device.index if x.device.type == "cuda" else None
+        return DeviceArray(x.data_ptr(), tuple(x.shape), tuple(x.stride()), str(x.dtype).removeprefix("torch."), dev,
+                           fw, x)
+    if fw == "cupy":
+        return DeviceArray(x.data.ptr, x.shape, tuple(s // x.itemsize for s in x.strides), x.dtype.name,
+                           x.device.id, fw, x)
+    if fw == "dlpack" and _dlpack_device_type(x) != _KDLCUDA:
+        fw = None  # host memory (NumPy, ...): rejected below
+    if fw == "dlpack":
+        import cupy
+
+        try:
+            y = cupy.from_dlpack(x)
+        except Exception as e:  # not CUDA memory, or a dtype CuPy cannot hold
+            raise TypeError(f"{argname}: cannot import {type(x).__name__} through DLPack as a CUDA array: {e}")
+        d = _describe(y, argname)
+        d.framework, d.obj = "dlpack", y
+        return d
+    if fw == "jax":
+        raise TypeError(f"{argname}: JAX arrays are handled by cuflash.jax; call cuflash.flash_attn_func")
+    raise TypeError(
+        f"{argname} must be a CUDA array (CuPy array, PyTorch CUDA tensor, JAX array or any object with "
+        f"__dlpack__), got {type(x).__module__}.{type(x).__name__}"
+    )
+
+
+def current_stream(a: DeviceArray):
+    """The stream the caller's framework is using now, as a CuPy stream object."""
+    import cupy
+
+    if a.framework == "torch":
+        import torch
+
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(a.device).cuda_stream, a.device)
+    return cupy.cuda.get_current_stream(a.device)
+
+
+# Tests set this to fill every new output with NaN, so that an element the kernel fails to write shows.
+poison_outputs = False
+
+
+def empty(like: DeviceArray, shape: tuple[int, ...], dtype: str):
+    """(native array, DeviceArray) of a new contiguous array from `like`'s framework and device."""
+    if like.framework == "torch":
+        import torch
+
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=like.obj.device)
+        if poison_outputs:
+            t.fill_(float("nan"))
+        return t, describe(t, "out")
+    import cupy
+
+    with cupy.cuda.Device(like.device):
+        x = cupy.empty(shape, dtype=dtype)
+        if poison_outputs:
+            x.fill(float("nan"))
+    return x, describe(x, "out")

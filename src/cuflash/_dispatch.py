@@ -1,0 +1,111 @@
+"""Kernel variant choice and launch parameters. Pure Python: testable without a GPU.
+
+A variant is one template instance of a kernel family: element type, head dim rounded up to a
+compiled bucket (as FlashAttention-2 does), tile shape and flags. Families are chosen here, so a
+Hopper-specific forward (wgmma/TMA) can slot in beside the mma.sync one without touching the API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPES = ("float16", "bfloat16")
+_CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+
+# Forward tile per head-dim bucket: (block_m, block_n, warps). Each warp owns block_m / warps rows.
+# Chosen to fit 255 registers with no spill (checked by `python -m cuflash compile-check`) and
+# tuned on an H100 with benchmarks/tune_fwd.py.
+FWD_TILES = {
+    32: (128, 128, 4),
+    64: (128, 64, 4),
+    96: (128, 32, 4),
+    128: (128, 32, 4),
+    160: (128, 64, 8),
+    192: (128, 64, 8),
+    224: (128, 64, 8),
+    256: (128, 64, 8),
+}
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """Smallest compiled head dim >= head_dim."""
+    for bucket in HEAD_DIM_BUCKETS:
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head dim {head_dim} exceeds the largest supported ({MAX_HEAD_DIM})")
+
+
+@dataclass(frozen=True)
+class FwdVariant:
+    """One compiled instance of kernels/flash_fwd.cu (the sm_80+ mma.sync forward)."""
+
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    warps: int
+    causal: bool
+    source: str = "flash_fwd.cu"
+
+    @property
+    def name(self) -> str:
+        return (
+            f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
+            f"{self.block_n}, {self.warps}, {'true' if self.causal else 'false'}>"
+        )
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:
+        pitch = self.head_dim + 8  # padded shared-memory rows (kernels/tile_io.cuh)
+        return (self.block_m + 2 * self.block_n) * pitch * 2
+
+
+def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int] | None = None) -> FwdVariant:
+    bucket = head_dim_bucket(head_dim)
+    block_m, block_n, warps = tile or FWD_TILES[bucket]
+    return FwdVariant(dtype, bucket, block_m, block_n, warps, bool(causal))
+
+
+def all_variants() -> list[FwdVariant]:
+    """Every variant the dispatcher can choose (what compile-check and warmup build)."""
+    return [choose_fwd(dt, d, c) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
+
+
+@dataclass(frozen=True)
+class FwdProblem:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    softmax_scale: float
+
+
+def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int):
+    """Grid, block and argument tuple for flash_fwd_kernel.
+
+    q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
+    the log-sum-exp is a contiguous float32 (batch, nheads, seqlen_q) buffer.
+    The grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid
+    dimension can pass 65535.
+    """
+    num_m_blocks = -(-p.seqlen_q // variant.block_m)
+    blocks = num_m_blocks * p.batch * p.nheads
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large: {blocks} thread blocks exceed the grid limit 2^31 - 1")
+    args = [np.uint64(q[0]), np.uint64(k[0]), np.uint64(v[0]), np.uint64(o[0]), np.uint64(lse_ptr)]
+    for _, strides in (q, k, v, o):
+        args += [np.int64(strides[0]), np.int64(strides[1]), np.int64(strides[2])]
+    args += [
+        np.int32(p.seqlen_q), np.int32(p.seqlen_k), np.int32(p.nheads), np.int32(p.nheads // p.nheads_k),
+        np.int32(p.head_dim), np.int32(num_m_blocks), np.float32(p.softmax_scale),
+    ]
+    return (blocks,), (variant.threads,), tuple(args)

@@ -1,0 +1,131 @@
+"""Public functions, with FlashAttention-2's names and conventions. Arguments are checked here, in one
+place, before anything is launched; then the dispatcher picks a kernel and the bridge returns the
+caller's own array type."""
+from __future__ import annotations
+
+import math
+
+from . import _bridge, _compile, _dispatch
+from ._bridge import DeviceArray
+
+# Features whose kernels are still to come: the argument names them, the error names the feature.
+_LATER = {
+    "dropout_p": "dropout",
+    "window_size": "sliding-window attention",
+    "softcap": "softcapping",
+    "alibi_slopes": "ALiBi",
+    "block_mask": "block-sparse attention",
+}
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None):
+    """Exact attention softmax(q k^T * scale) v, computed without materialising the score matrix.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
+    dividing nheads (GQA/MQA). float16 or bfloat16; headdim a multiple of 8 up to 256; the last
+    dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
+    causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
+    Returns out like q, in the caller's array type; with return_attn_probs=True returns
+    (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
+    can see no key gives zeros and a log-sum-exp of -inf.
+    """
+    _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                           alibi_slopes=alibi_slopes, block_mask=block_mask)
+    if _bridge.framework_of(q) == "jax":
+        from . import jax as cf_jax
+
+        return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                      return_attn_probs=return_attn_probs)
+    qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    problem = check_fwd_args(qa, ka, va, softmax_scale)
+    _reject_autograd(qa, ka, va)
+    out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
+    lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
+    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa))
+    if qa.framework == "dlpack":  # hand back what the caller can consume
+        out, lse = out_a.obj, lse_a.obj
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes, block_mask) -> None:
+    unset = {
+        "dropout_p": dropout_p == 0,
+        "window_size": tuple(window_size) == (-1, -1),
+        "softcap": softcap == 0,
+        "alibi_slopes": alibi_slopes is None,
+        "block_mask": block_mask is None,
+    }
+    for name, is_unset in unset.items():
+        if not is_unset:
+            raise NotImplementedError(f"{name}: {_LATER[name]} is not implemented yet in cuflash")
+
+
+def _reject_autograd(*arrays: DeviceArray) -> None:
+    for a, name in zip(arrays, "qkv"):
+        if a.framework == "torch" and a.obj.requires_grad:
+            import torch
+
+            if torch.is_grad_enabled():
+                raise NotImplementedError(
+                    f"{name} requires grad: the cuflash backward pass is not implemented yet; "
+                    "call under torch.no_grad() or detach the inputs"
+                )
+
+
+def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale) -> _dispatch.FwdProblem:
+    """Validate q, k, v and the scale; ValueError/TypeError naming the argument. Needs no GPU."""
+    for a, name in ((q, "q"), (k, "k"), (v, "v")):
+        if a.device is None:
+            raise TypeError(f"{name} must be on a CUDA device, got a {a.framework} array in host memory")
+        if a.dtype not in _dispatch.DTYPES:
+            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {a.dtype}")
+        if a.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), got shape {a.shape}")
+    if not (q.framework == k.framework == v.framework):
+        raise TypeError(f"q, k, v must come from one framework, got {q.framework}, {k.framework}, {v.framework}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got cuda:{q.device}, cuda:{k.device}, cuda:{v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must have shape (batch={batch}, seqlen_k, nheads_k, headdim={head_dim}), got {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if nheads_k < 1 or nheads % nheads_k:
+        raise ValueError(f"k's nheads ({nheads_k}) must divide q's nheads ({nheads})")
+    if head_dim % 8 or not 8 <= head_dim <= _dispatch.MAX_HEAD_DIM:
+        raise ValueError(f"headdim must be a multiple of 8 from 8 to {_dispatch.MAX_HEAD_DIM}, got {head_dim}")
+    for a, name in ((q, "q"), (k, "k"), (v, "v")):
+        if a.strides[3] != 1:
+            raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {a.strides}")
+        if any(s % 8 for s in a.strides[:3]) or a.ptr % 16:
+            raise ValueError(
+                f"{name} must be 16-byte aligned: its address and its batch, seqlen and head strides must be "
+                f"multiples of 8 elements, got strides {a.strides}"
+            )
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+    return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, float(softmax_scale))
+
+
+def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
+            lse: DeviceArray, causal: bool, stream) -> None:
+    """Launch the forward kernel on `stream`, writing out and lse (a contiguous float32 buffer)."""
+    if p.batch * p.nheads * p.seqlen_q == 0:
+        return  # nothing to write
+    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal)
+    grid, block, args = _dispatch.fwd_launch(
+        variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr
+    )
+    kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, q.device)
+    import cupy
+
+    with cupy.cuda.Device(q.device):
+        kernel(grid, block, args, shared_mem=variant.smem_bytes, stream=stream)

@@ -1,0 +1,74 @@
+"""JAX glue: the forward kernel launched from jax.experimental.buffer_callback, on XLA's stream,
+writing straight into XLA's output buffers, so it works eagerly and inside jax.jit."""
+from __future__ import annotations
+
+import functools
+
+from . import _dispatch, api
+from ._bridge import DeviceArray
+
+
+def _meta(x, name: str) -> DeviceArray:
+    """Metadata of a JAX array or tracer (JAX arrays are dense and row-major)."""
+    import jax
+
+    if not isinstance(x, jax.Array):
+        raise TypeError(f"{name} must be a JAX array like q, got {type(x).__module__}.{type(x).__name__}")
+    try:
+        platforms = {d.platform for d in x.devices()}
+    except Exception:  # a tracer under jit: it will live on the default backend
+        platforms = {jax.default_backend()}
+    on_gpu = platforms <= {"gpu", "cuda"}
+    strides, acc = [], 1
+    for n in reversed(x.shape):
+        strides.append(acc)
+        acc *= n
+    return DeviceArray(0, tuple(x.shape), tuple(reversed(strides)), str(x.dtype), 0 if on_gpu else None, "jax", x)
+
+
+def _buffer(buf, dtype: str) -> DeviceArray:
+    """A buffer_callback Buffer (dense, row-major) as a DeviceArray; dtype comes from trace time, since
+    the interface spells bfloat16 as an opaque 2-byte type."""
+    import cupy
+
+    ptr = buf.__cuda_array_interface__["data"][0]
+    shape = tuple(buf.shape)
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    device = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else cupy.cuda.runtime.getDevice()
+    return DeviceArray(ptr, shape, tuple(reversed(strides)), dtype, device, "jax", buf)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
+    import jax
+
+    try:
+        from jax.experimental import buffer_callback
+    except ImportError as e:
+        raise RuntimeError(
+            f"cuflash needs jax.experimental.buffer_callback (JAX >= 0.6.1) to run on JAX arrays; "
+            f"this JAX is {jax.__version__}"
+        ) from e
+
+    def launch(ctx, outs, q, k, v):
+        import cupy
+
+        out, lse = outs
+        qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
+        la = _buffer(lse, "float32")
+        api.run_fwd(problem, qa, ka, va, oa, la, causal, cupy.cuda.ExternalStream(ctx.stream, qa.device))
+
+    out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
+    lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")
+    return buffer_callback.buffer_callback(launch, (out_shape, lse_shape))
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+    """cuflash.flash_attn_func for JAX arrays; usable inside jax.jit."""
+    qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
+    problem = api.check_fwd_args(qa, ka, va, softmax_scale)
+    out, lse = _fwd_callable(problem, qa.dtype, bool(causal))(q, k, v)
+    return (out, lse, None) if return_attn_probs else out

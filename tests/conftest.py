@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+# JAX would otherwise take 75% of the GPU memory at its first use, starving the torch/CuPy tests.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _gpu_available() -> tuple[bool, str]:
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no CuPy build for this CUDA, ...
+        return False, f"no CUDA GPU: {type(e).__name__}: {e}"
+    return (n > 0, "no CUDA GPU: cupy.cuda.runtime.getDeviceCount() == 0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped when none is visible)")
+
+
+def pytest_collection_modifyitems(config, items):
+    ok, reason = _gpu_available()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

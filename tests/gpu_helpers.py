@@ -1,0 +1,71 @@
+"""Shared pieces of the GPU tests: random inputs, the float64 reference, the same-dtype baseline and
+FlashAttention's tolerance rule."""
+import math
+
+import numpy as np
+
+
+def randn(shape, dtype, seed, device="cuda"):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def reference(q, k, v, causal, scale=None):
+    """float64 (out, lse) for torch tensors, through CuPy."""
+    import cupy
+    import torch
+
+    from cuflash.reference import attention_reference
+
+    out, lse = attention_reference(*(cupy.from_dlpack(x.detach().double().contiguous()) for x in (q, k, v)),
+                                   causal=causal, softmax_scale=scale)
+    return torch.from_dlpack(out), torch.from_dlpack(lse)
+
+
+def plain_attention(q, k, v, causal, scale=None):
+    """The same math done plainly in the input dtype (scores, softmax and products in q.dtype)."""
+    import torch
+
+    d = q.shape[-1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (p @ vh).transpose(1, 2)
+
+
+def assert_close_2x(out, ref, plain, what="out"):
+    """FlashAttention's rule: max error vs float64 at most 2x the same-dtype baseline's (+1e-5)."""
+    import torch
+
+    assert not torch.isnan(out).any(), f"{what} has NaN (unwritten or bad masking)"
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    base = (plain.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} > 2 x baseline {base:.3g} + 1e-5"
+    return err, base
+
+
+def assert_lse_close(lse, ref_lse):
+    import torch
+
+    assert not torch.isnan(lse).any(), "lse has NaN"
+    lse, ref_lse = lse.double(), ref_lse
+    neg = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), neg), "lse = -inf exactly where a row sees no key"
+    finite = ~neg
+    if finite.any():
+        err = (lse[finite] - ref_lse[finite]).abs().max().item()
+        assert err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {err}"
+
+
+def np_to(x, dtype):
+    return np.asarray(x, dtype=dtype)

@@ -1,0 +1,195 @@
+"""The forward kernel on the GPU against the float64 reference, with FlashAttention's 2x rule."""
+import pytest
+
+import cuflash
+from cuflash import _bridge
+
+from gpu_helpers import assert_close_2x, assert_lse_close, plain_attention, randn, reference
+
+pytestmark = pytest.mark.gpu
+
+SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048)]
+HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(_bridge, "poison_outputs", True)
+
+
+def torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
+
+
+def check(q, k, v, causal, scale=None):
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, return_attn_probs=True)
+    assert type(out) is type(q) and out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    ref, ref_lse = reference(q, k, v, causal, scale)
+    assert_close_2x(out, ref, plain_attention(q, k, v, causal, scale))
+    assert_lse_close(lse, ref_lse)
+    return out
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_forward_grid(dtype, causal, headdim, seqlens):
+    sq, sk = seqlens
+    batch, nheads = (2, 3) if sq * sk < 2**21 else (1, 2)
+    dt = torch_dtype(dtype)
+    seed = hash((dtype, causal, headdim, seqlens)) % 2**31
+    q = randn((batch, sq, nheads, headdim), dt, seed)
+    k = randn((batch, sk, nheads, headdim), dt, seed + 1)
+    v = randn((batch, sk, nheads, headdim), dt, seed + 2)
+    check(q, k, v, causal)
+
+
+@pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "padded_rows", "noncontiguous_v"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_views(layout, causal):
+    import torch
+
+    b, s, h, d = 2, 300, 4, 64
+    dt = torch.bfloat16
+    if layout == "qkv_packed":
+        qkv = randn((b, s, 3, h, d), dt, 1)
+        q, k, v = qkv.unbind(2)
+    elif layout == "bhsd_transposed":
+        q, k, v = (randn((b, h, s, d), dt, i).transpose(1, 2) for i in range(3))
+    elif layout == "padded_rows":
+        q, k, v = (randn((b, s, h, d + 24), dt, i)[..., :d] for i in range(3))
+    else:
+        q, k = randn((b, s, h, d), dt, 1), randn((b, s, h, d), dt, 2)
+        v = randn((b, 2 * s, h, d), dt, 3)[:, ::2]
+    assert not (q.is_contiguous() and v.is_contiguous())
+    check(q, k, v, causal)
+
+
+@pytest.mark.parametrize("nheads, nheads_k", [(8, 2), (6, 1)])
+def test_gqa_and_mqa(nheads, nheads_k):
+    import torch
+
+    q = randn((2, 257, nheads, 128), torch.float16, 5)
+    k = randn((2, 190, nheads_k, 128), torch.float16, 6)
+    v = randn((2, 190, nheads_k, 128), torch.float16, 7)
+    check(q, k, v, True)
+
+
+def test_custom_scale_and_large_values():
+    import torch
+
+    q = randn((1, 333, 2, 64), torch.bfloat16, 8) * 8
+    k = randn((1, 333, 2, 64), torch.bfloat16, 9) * 8
+    v = randn((1, 333, 2, 64), torch.bfloat16, 10)
+    check(q, k, v, False, scale=0.5)
+
+
+def test_rows_that_see_no_key_are_zero_not_nan():
+    import torch
+
+    # seqlen_q > seqlen_k with causal: the first 100 queries see no key (bottom-right alignment).
+    q = randn((1, 150, 2, 64), torch.float16, 11)
+    k = randn((1, 50, 2, 64), torch.float16, 12)
+    v = randn((1, 50, 2, 64), torch.float16, 13)
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert (out[:, :100] == 0).all() and torch.isneginf(lse[..., :100]).all()
+    check(q, k, v, True)
+
+
+def test_zero_length_sequences():
+    import torch
+
+    q = randn((2, 16, 2, 64), torch.float16, 14)
+    kv = randn((2, 0, 2, 64), torch.float16, 15)
+    out, lse, _ = cuflash.flash_attn_func(q, kv, kv, return_attn_probs=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out = cuflash.flash_attn_func(q[:, :0], randn((2, 5, 2, 64), torch.float16, 1), randn((2, 5, 2, 64), torch.float16, 2))
+    assert out.shape == (2, 0, 2, 64)
+
+
+def test_cupy_inputs_give_cupy_outputs():
+    import cupy
+    import torch
+
+    q, k, v = (randn((2, 200, 3, 64), torch.float16, i) for i in range(3))
+    qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
+    out = cuflash.flash_attn_func(qc, kc, vc, causal=True)
+    assert isinstance(out, cupy.ndarray) and out.dtype == cupy.float16
+    torch.cuda.synchronize()
+    expected = cuflash.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(torch.from_dlpack(out), expected)
+
+
+def test_torch_output_is_zero_copy_and_on_current_stream():
+    import torch
+
+    q, k, v = (randn((1, 512, 2, 128), torch.bfloat16, i) for i in range(3))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = cuflash.flash_attn_func(q, k, v)
+        out2 = out * 1  # queued behind the kernel on the same stream
+    s.synchronize()
+    assert torch.equal(out, out2)
+    assert torch.equal(out, cuflash.flash_attn_func(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_jax_inputs_eager_and_jit(dtype):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    dt = torch_dtype(dtype)
+    q, k, v = (randn((2, 130, 4, 64), dt, 20 + i) for i in range(3))
+    expected = cuflash.flash_attn_func(q, k, v, causal=True).float().cpu().numpy()
+    qj, kj, vj = (jnp.asarray(x.float().cpu().numpy()).astype(dtype) for x in (q, k, v))
+    out = cuflash.flash_attn_func(qj, kj, vj, causal=True)
+    assert isinstance(out, jax.Array) and out.dtype == qj.dtype
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), expected)
+    jitted = jax.jit(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True) * 2)
+    np.testing.assert_array_equal(np.asarray(jitted(qj, kj, vj).astype(jnp.float32)), expected * 2)
+    out, lse, _ = cuflash.flash_attn_func(qj, kj, vj, causal=True, return_attn_probs=True)
+    assert lse.shape == (2, 4, 130) and lse.dtype == jnp.float32
+
+
+def test_64k_tokens_causal_sampled_rows():
+    import torch
+
+    s, h, d = 65536, 8, 128
+    q, k, v = (randn((1, s, h, d), torch.bfloat16, 30 + i) for i in range(3))
+    out = cuflash.flash_attn_func(q, k, v, causal=True)
+    rows = torch.tensor([0, 1, 127, 128, 4095, 30000, 65407, 65535], device="cuda")
+    # Reference for the sampled rows: row i sees keys 0..i.
+    qs = q[:, rows].double()
+    sc = torch.einsum("bqhd,bkhd->bhqk", qs, k.double()) / d**0.5
+    mask = torch.arange(s, device="cuda")[None, :] > rows[:, None]
+    sc = sc.masked_fill(mask, float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1), v.double())
+    qh = q[:, rows].transpose(1, 2)
+    sl = (qh @ k.transpose(1, 2).transpose(-1, -2)) / d**0.5
+    sl = sl.masked_fill(mask, float("-inf"))
+    plain = (torch.softmax(sl, -1) @ v.transpose(1, 2)).transpose(1, 2)
+    assert_close_2x(out[:, rows], ref, plain)
+
+
+def test_past_2_to_the_31_elements():
+    import torch
+
+    # q, k, v, out each hold 2^31 elements (4 GiB in bf16): offsets must be 64-bit.
+    b, s, h, d = 16384, 1024, 1, 128
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    q, k, v = (torch.empty((b, s, h, d), dtype=torch.bfloat16, device="cuda").normal_() for _ in range(3))
+    out = cuflash.flash_attn_func(q, k, v)
+    for bi in (0, b // 2, b - 1):
+        ref, _ = reference(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], False)
+        assert_close_2x(out[bi:bi + 1], ref, plain_attention(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], False))

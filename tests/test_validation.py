@@ -1,0 +1,129 @@
+"""Every argument check fires before any launch, with a message naming the argument. No GPU needed:
+checks run on DeviceArray metadata."""
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash._bridge import DeviceArray
+from cuflash.api import check_fwd_args
+
+
+def arr(shape, dtype="float16", strides=None, device=0, framework="cupy", ptr=4096):
+    if strides is None:
+        strides = tuple(int(s) for s in np.cumprod((1,) + tuple(shape[::-1]))[:-1][::-1])
+    return DeviceArray(ptr, tuple(shape), tuple(strides), dtype, device, framework)
+
+
+def qkv(b=2, sq=17, sk=33, h=4, hk=4, d=64, **kw):
+    return arr((b, sq, h, d), **kw), arr((b, sk, hk, d), **kw), arr((b, sk, hk, d), **kw)
+
+
+def test_valid_problem():
+    p = check_fwd_args(*qkv(), None)
+    assert (p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim) == (2, 17, 33, 4, 4, 64)
+    assert p.softmax_scale == pytest.approx(1 / 8)
+
+
+def test_gqa_shapes_accepted():
+    assert check_fwd_args(*qkv(h=8, hk=2), 0.5).nheads_k == 2
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(dtype="float64"), TypeError, r"q\.dtype must be float16 or bfloat16"),
+        (dict(dtype="int8"), TypeError, "float16 or bfloat16"),
+        (dict(device=None), TypeError, "q must be on a CUDA device"),
+    ],
+)
+def test_bad_dtype_or_device(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        check_fwd_args(*qkv(**kw), None)
+
+
+def test_mixed_dtypes():
+    q, k, v = qkv()
+    v.dtype = "bfloat16"
+    with pytest.raises(TypeError, match="one dtype"):
+        check_fwd_args(q, k, v, None)
+
+
+def test_mixed_devices_and_frameworks():
+    q, k, v = qkv()
+    k.device = 1
+    with pytest.raises(ValueError, match="one device"):
+        check_fwd_args(q, k, v, None)
+    q, k, v = qkv()
+    v.framework = "torch"
+    with pytest.raises(TypeError, match="one framework"):
+        check_fwd_args(q, k, v, None)
+
+
+def test_rank():
+    q, k, v = qkv()
+    q = arr((2, 17, 64))
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions"):
+        check_fwd_args(q, k, v, None)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((2, 17, 4, 64), (3, 33, 4, 64), (3, 33, 4, 64)), r"k must have shape \(batch=2"),
+        (((2, 17, 4, 64), (2, 33, 4, 32), (2, 33, 4, 32)), r"headdim=64"),
+        (((2, 17, 4, 64), (2, 33, 4, 64), (2, 34, 4, 64)), r"v must have the shape of k"),
+        (((2, 17, 4, 64), (2, 33, 3, 64), (2, 33, 3, 64)), r"k's nheads \(3\) must divide q's nheads \(4\)"),
+        (((2, 17, 4, 12), (2, 33, 4, 12), (2, 33, 4, 12)), r"headdim must be a multiple of 8"),
+        (((2, 17, 4, 264), (2, 33, 4, 264), (2, 33, 4, 264)), r"from 8 to 256, got 264"),
+    ],
+)
+def test_shape_mismatch(shapes, match):
+    with pytest.raises(ValueError, match=match):
+        check_fwd_args(*(arr(s) for s in shapes), None)
+
+
+def test_last_dim_must_be_contiguous():
+    q, k, v = qkv()
+    v.strides = (v.strides[0], v.strides[1], 1, 4)
+    with pytest.raises(ValueError, match=r"v's last dimension must be contiguous"):
+        check_fwd_args(q, k, v, None)
+
+
+def test_alignment():
+    q, k, v = qkv()
+    k.strides = (k.strides[0], 260, 65, 1)
+    with pytest.raises(ValueError, match=r"k must be 16-byte aligned"):
+        check_fwd_args(q, k, v, None)
+    q, k, v = qkv()
+    q.ptr += 2
+    with pytest.raises(ValueError, match=r"q must be 16-byte aligned"):
+        check_fwd_args(q, k, v, None)
+
+
+@pytest.mark.parametrize("scale, exc", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), ("0.1", TypeError), (True, TypeError)])
+def test_bad_scale(scale, exc):
+    with pytest.raises(exc, match="softmax_scale"):
+        check_fwd_args(*qkv(), scale)
+
+
+def test_host_arrays_rejected_by_public_api():
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(TypeError, match=r"q must be a CUDA array .* got numpy\.ndarray"):
+        cuflash.flash_attn_func(x, x, x)
+
+
+@pytest.mark.parametrize(
+    "kw, feature",
+    [
+        (dict(dropout_p=0.1), "dropout"),
+        (dict(window_size=(16, 0)), "sliding-window"),
+        (dict(softcap=30.0), "softcapping"),
+        (dict(alibi_slopes=object()), "ALiBi"),
+        (dict(block_mask=object()), "block-sparse"),
+    ],
+)
+def test_later_features_name_themselves(kw, feature):
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(NotImplementedError, match=feature):
+        cuflash.flash_attn_func(x, x, x, **kw)
