@@ -6,8 +6,6 @@ Prints TFLOP/s per candidate (block_m, block_n, warps) and the ratio to SDPA FLA
 into cuflash._dispatch.FWD_TILES.
 """
 import argparse
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 
 CANDIDATES = {
     32: [(128, 128, 4), (128, 64, 4), (128, 128, 8)],
@@ -19,12 +17,6 @@ CANDIDATES = {
     224: [(128, 64, 8), (128, 32, 8), (64, 32, 4)],
     256: [(128, 64, 8), (128, 32, 8), (64, 32, 4), (64, 64, 4)],
 }
-
-
-def _compile(job):
-    from cuflash import _compile
-
-    _compile.cached_cubin(*job)
 
 
 def median_ms(fn, reps=30):
@@ -57,10 +49,13 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     arch = _compile.device_arch()
-    jobs = [(v.source, v.name, arch) for d in args.headdims for t in CANDIDATES[d] for c in (False, True)
-            for v in [_dispatch.choose_fwd(args.dtype, d, c, t)]]
-    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_compile, jobs))
+    variants = [_dispatch.choose_fwd(args.dtype, d, c, t) for d in args.headdims for t in CANDIDATES[d]
+                for c in (False, True)]
+    list(_compile.precompile(variants, arch))
+    for v in variants:  # this NVRTC's resource report: a spilling candidate may not be chosen
+        r = _compile.resource_report(v.source, v.name, arch, v.smem_bytes)
+        print(f"{v.head_dim:3d} {(v.block_m, v.block_n, v.warps)} causal={v.causal!s:5} regs={r.registers} "
+              f"spill={r.spill_store_bytes}{' SPILLS' if r.spills else ''}", flush=True)
     dt = getattr(torch, args.dtype)
     for d in args.headdims:
         for causal in (False, True):

@@ -17,29 +17,22 @@ def _compile_check(argv) -> int:
     return 1 if _compile.compile_check(tuple(args.arch), args.jobs) else 0
 
 
-def _warmup_job(job):
-    from . import _compile
-
-    _compile.cached_cubin(*job)
-    return job[1]
-
-
 def _warmup(argv) -> int:
     """Compile, in parallel, every variant the present GPU can use into the on-disk cache."""
-    import multiprocessing
     import time
-    from concurrent.futures import ProcessPoolExecutor
 
     from . import _compile, _dispatch
 
-    argparse.ArgumentParser(prog="python -m cuflash warmup", description=_warmup.__doc__).parse_args(argv)
-    arch = _compile.device_arch()
-    jobs = [(v.source, v.name, arch) for v in _dispatch.all_variants()]
+    ap = argparse.ArgumentParser(prog="python -m cuflash warmup", description=_warmup.__doc__)
+    ap.add_argument("--arch", help="compile for this arch instead of the present GPU's (e.g. sm_90a)")
+    ap.add_argument("--jobs", type=int, default=None)
+    args = ap.parse_args(argv)
+    arch = args.arch or _compile.device_arch()
+    variants = _dispatch.all_variants()
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
-        for name in pool.map(_warmup_job, jobs):
-            print(f"  {name}")
-    print(f"{len(jobs)} variants for {arch} ready in {_compile.cache_dir()} ({time.perf_counter() - t0:.1f} s)")
+    for name in _compile.precompile(variants, arch, args.jobs):
+        print(f"  {name}")
+    print(f"{len(variants)} variants for {arch} ready in {_compile.cache_dir()} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -87,6 +87,30 @@ def _describe(x, argname: str) -> DeviceArray:
     )
 
 
+class _RawStream:
+    """A cudaStream_t handle in the CUDA stream protocol (what cupy.cuda.Stream.from_external takes)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_external_streams: dict[tuple[int, int], object] = {}
+
+
+def external_stream(ptr: int, device: int):
+    """A CuPy stream object for a stream another framework owns (cached: frameworks reuse streams)."""
+    stream = _external_streams.get((ptr, device))
+    if stream is None:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            stream = _external_streams[(ptr, device)] = cupy.cuda.Stream.from_external(_RawStream(ptr))
+    return stream
+
+
 def current_stream(a: DeviceArray):
     """The stream the caller's framework is using now, as a CuPy stream object."""
     import cupy
@@ -94,7 +118,7 @@ def current_stream(a: DeviceArray):
     if a.framework == "torch":
         import torch
 
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(a.device).cuda_stream, a.device)
+        return external_stream(torch.cuda.current_stream(a.device).cuda_stream, a.device)
     return cupy.cuda.get_current_stream(a.device)
 
 

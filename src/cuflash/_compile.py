@@ -177,6 +177,21 @@ def get_kernel(source: str, name: str, smem_bytes: int, device_id: int):
     return kernel
 
 
+def _cache_job(job) -> str:
+    cached_cubin(*job)
+    return job[1]
+
+
+def precompile(variants, arch: str, processes: int | None = None):
+    """Fill the disk cache for (variant, arch) pairs in parallel processes; yields each name when done."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    jobs = [(v.source, v.name, arch) for v in variants]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_cache_job, jobs)
+
+
 # ---- the no-GPU compile check -------------------------------------------------------------------
 
 _PTXAS_FUNC = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from . import _dispatch, api
-from ._bridge import DeviceArray
+from ._bridge import DeviceArray, external_stream
 
 
 def _meta(x, name: str) -> DeviceArray:
@@ -54,12 +54,10 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
         ) from e
 
     def launch(ctx, outs, q, k, v):
-        import cupy
-
         out, lse = outs
         qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
         la = _buffer(lse, "float32")
-        api.run_fwd(problem, qa, ka, va, oa, la, causal, cupy.cuda.ExternalStream(ctx.stream, qa.device))
+        api.run_fwd(problem, qa, ka, va, oa, la, causal, external_stream(ctx.stream, qa.device))
 
     out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
     lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")
