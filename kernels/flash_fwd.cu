@@ -3,8 +3,7 @@
 // One thread block owns BM query rows of one (batch, head); each warp owns MT = BM / (16 * WARPS)
 // tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
-// and finally writes O / l and the log-sum-exp. Loads of the next K tile and of the current V tile
-// overlap the two matrix products (cp.async), so one K buffer and one V buffer suffice.
+// and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
 #include "mma.cuh"
 #include "tile_io.cuh"
 #include "softmax.cuh"
@@ -94,7 +93,25 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
       }
 }
 
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL>
+// Thread block -> (query tile, batch, head); query tiles of one head are neighbours in launch order.
+// Causal: the heaviest query tiles of a head start first. blockIdx is read through a volatile asm so
+// that a second instance recomputes the coordinates instead of keeping them live (and spilled).
+template <bool CAUSAL>
+struct BlockCoords {
+  int m_block, b, h;
+  long long bh;
+  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
+    unsigned block;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+    bh = block / num_m_blocks;
+    m_block = block % num_m_blocks;
+    if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
+    b = static_cast<int>(bh / nheads);
+    h = static_cast<int>(bh % nheads);
+  }
+};
+
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -103,23 +120,27 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  int head_dim, int num_m_blocks, float softmax_scale) {
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   constexpr int MT = Tile::m_tiles;
+  static_assert(STAGES >= 2, "the K/V ring needs at least two slots");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * Tile::pitch;
-  T* sV = sK + BN * Tile::pitch;
+  T* sK = sQ + BM * Tile::pitch;           // STAGES slots of BN rows
+  T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
 
-  // Block -> (query tile, batch, head). Causal: heaviest query tiles of a head start first.
-  const long long bh = blockIdx.x / num_m_blocks;
-  int m_block = blockIdx.x % num_m_blocks;
-  if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
-  const int b = static_cast<int>(bh / nheads), h = static_cast<int>(bh % nheads), hk = h / kv_group;
-  const int m0 = m_block * BM;
-  const T* q_tile = q + b * q_sb + h * q_sh + m0 * q_ss;
-  const T* k_head = k + b * k_sb + hk * k_sh;
-  const T* v_head = v + b * v_sb + hk * v_sh;
+  const BlockCoords<CAUSAL> blk(num_m_blocks, nheads);
+  const int m0 = blk.m_block * BM;
+  const T* q_tile = q + blk.b * q_sb + blk.h * q_sh + m0 * q_ss;
+  // Key/value rows n0.. of this block's (batch, kv head); recomputed per tile to save registers.
+  auto k_tile = [&](int n0) {
+    const BlockCoords<CAUSAL> c(num_m_blocks, nheads);
+    return k + c.b * k_sb + (c.h / kv_group) * k_sh + n0 * k_ss;
+  };
+  auto v_tile = [&](int n0) {
+    const BlockCoords<CAUSAL> c(num_m_blocks, nheads);
+    return v + c.b * v_sb + (c.h / kv_group) * v_sh + n0 * v_ss;
+  };
 
   // Key tiles this query tile can see.
   const int diag = seqlen_k - seqlen_q;
@@ -139,20 +160,28 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       for (int c = 0; c < 4; ++c) acc_o[mt][dt][c] = 0.f;
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
 
-  if (n_blocks > 0) {
-    load_tile_async<BM, D, Tile::threads>(sQ, q_tile, q_ss, seqlen_q - m0, head_dim, tid);
-    const int n0 = (n_blocks - 1) * BN;
-    load_tile_async<BN, D, Tile::threads>(sK, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim, tid);
-    cp_async_commit();
+  // K/V tiles go through a ring of STAGES shared-memory slots: tile `it` (counting from the last key
+  // tile down) is loaded STAGES - 1 iterations ahead of its use, so its latency hides behind whole
+  // iterations of tensor-core work; one barrier per iteration frees the slot the next load reuses.
+  auto load_kv = [&](int it) {
+    const int n0 = (n_blocks - 1 - it) * BN, slot = it % STAGES;
+    load_tile_async<BN, D, Tile::threads>(sK + slot * BN * Tile::pitch, k_tile(n0), k_ss, seqlen_k - n0, head_dim);
+    load_tile_async<BN, D, Tile::threads>(sV + slot * BN * Tile::pitch, v_tile(n0), v_ss, seqlen_k - n0, head_dim);
+  };
+  if (n_blocks > 0) load_tile_async<BM, D, Tile::threads>(sQ, q_tile, q_ss, seqlen_q - m0, head_dim);
+#pragma unroll
+  for (int it = 0; it < STAGES - 1; ++it) {
+    if (it < n_blocks) load_kv(it);
+    cp_async_commit();  // one group per stage, empty or not, so wait_group counts stay uniform
   }
 
-  for (int nb = n_blocks - 1; nb >= 0; --nb) {
-    const int n0 = nb * BN;
-    cp_async_wait<0>();
-    __syncthreads();  // K[nb] is in; every warp is done with V[nb + 1]
-    load_tile_async<BN, D, Tile::threads>(sV, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim, tid);
+  for (int it = 0; it < n_blocks; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile `it` is in; every warp is done with the slot of tile it - 1
+    if (it + STAGES - 1 < n_blocks) load_kv(it + STAGES - 1);
     cp_async_commit();
 
+    const int n0 = (n_blocks - 1 - it) * BN, slot = it % STAGES;
     float acc_s[MT][Tile::s_tiles][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -160,33 +189,30 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       for (int nt = 0; nt < Tile::s_tiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc_s[mt][nt][c] = 0.f;
-    mma_qk<T, D, BM, BN, WARPS>(acc_s, sQ, sK, warp_row, lane);
+    mma_qk<T, D, BM, BN, WARPS>(acc_s, sQ, sK + slot * BN * Tile::pitch, warp_row, lane);
 
     const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
     if (needs_mask) mask_scores<MT, Tile::s_tiles, CAUSAL>(acc_s, m0 + warp_row, n0, seqlen_k, diag, lane);
 
-    cp_async_wait<0>();
-    __syncthreads();  // V[nb] is in; every warp is done with K[nb]
-    if (nb > 0) {
-      const int n_prev = n0 - BN;
-      load_tile_async<BN, D, Tile::threads>(sK, k_head + n_prev * k_ss, k_ss, seqlen_k - n_prev, head_dim, tid);
-      cp_async_commit();
-    }
-
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
-    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, sV, lane);
+    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, sV + slot * BN * Tile::pitch, lane);
   }
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
+  // The block's coordinates are derived again rather than kept in registers through the main loop.
+  const BlockCoords<CAUSAL> out_blk(num_m_blocks, nheads);
+  const int out_m0 = out_blk.m_block * BM;
+  T* o_head = o + out_blk.b * o_sb + out_blk.h * o_sh;
+  float* lse_head = lse + out_blk.bh * seqlen_q;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_sum_total(mt, half);
       const float inv_l = l > 0.f ? 1.f / l : 0.f;
-      const int row = m0 + warp_row + mt * 16 + lane / 4 + half * 8;
+      const int row = out_m0 + warp_row + mt * 16 + lane / 4 + half * 8;
       if (row >= seqlen_q) continue;
-      T* o_row = o + b * o_sb + h * o_sh + row * o_ss;
+      T* o_row = o_head + row * o_ss;
 #pragma unroll
       for (int dt = 0; dt < Tile::o_tiles; ++dt) {
         const int col = dt * 8 + (lane % 4) * 2;
@@ -195,7 +221,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
               ElemTraits<T>::pack2(acc_o[mt][dt][2 * half] * inv_l, acc_o[mt][dt][2 * half + 1] * inv_l);
       }
       if (lane % 4 == 0)
-        lse[bh * seqlen_q + row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
+        lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
     }
 }
 

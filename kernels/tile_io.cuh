@@ -14,9 +14,18 @@ struct SmemTile {
 
 // Asynchronously copy a ROWS x D tile (row stride `row_stride` elements) into shared memory.
 // Rows >= rows_valid and columns >= cols_valid are filled with zeros and never read.
+// threadIdx.x through a volatile asm: address arithmetic built on it is redone at each use instead of
+// being hoisted out of the main loop into long-lived (64-bit) registers.
+__device__ __forceinline__ int thread_index_uncached() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  return tid;
+}
+
 template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long long row_stride, int rows_valid,
-                                                int cols_valid, int tid) {
+                                                int cols_valid) {
+  const int tid = thread_index_uncached();
   constexpr int chunks_per_row = D / 8;
   if constexpr (THREADS % chunks_per_row != 0) {  // e.g. D = 96: chunk i of the tile is (i / cpr, i % cpr)
 #pragma unroll

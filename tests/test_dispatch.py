@@ -21,7 +21,8 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory():
 
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, True)
-    assert v.name == f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, true>"
+    assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
+                      f"{v.stages}, true>")
 
 
 def test_launch_args_are_64_bit_and_grid_is_one_dimensional():

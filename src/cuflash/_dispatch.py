@@ -15,18 +15,19 @@ _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
-# Forward tile per head-dim bucket: (block_m, block_n, warps). Each warp owns block_m / warps rows.
-# Chosen to fit 255 registers with no spill (checked by `python -m cuflash compile-check`) and
-# tuned on an H100 with benchmarks/tune_fwd.py.
+# Forward tile per head-dim bucket: (block_m, block_n, warps, stages). Each warp owns block_m / warps
+# query rows; K/V tiles of block_n rows stream through `stages` shared-memory slots. Chosen to fit
+# 255 registers with no spill (checked by `python -m cuflash compile-check`) and tuned on an H100
+# with benchmarks/tune_fwd.py.
 FWD_TILES = {
-    32: (128, 128, 4),
-    64: (128, 64, 4),
-    96: (128, 32, 4),
-    128: (128, 32, 4),
-    160: (128, 64, 8),
-    192: (128, 64, 8),
-    224: (128, 64, 8),
-    256: (128, 64, 8),
+    32: (128, 128, 4, 2),
+    64: (128, 64, 4, 2),
+    96: (128, 48, 4, 2),
+    128: (128, 32, 4, 2),
+    160: (128, 64, 8, 2),
+    192: (128, 64, 8, 2),
+    224: (128, 32, 8, 2),
+    256: (128, 32, 8, 2),
 }
 
 
@@ -47,6 +48,7 @@ class FwdVariant:
     block_m: int
     block_n: int
     warps: int
+    stages: int
     causal: bool
     source: str = "flash_fwd.cu"
 
@@ -54,7 +56,7 @@ class FwdVariant:
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {'true' if self.causal else 'false'}>"
+            f"{self.block_n}, {self.warps}, {self.stages}, {'true' if self.causal else 'false'}>"
         )
 
     @property
@@ -64,13 +66,13 @@ class FwdVariant:
     @property
     def smem_bytes(self) -> int:
         pitch = self.head_dim + 8  # padded shared-memory rows (kernels/tile_io.cuh)
-        return (self.block_m + 2 * self.block_n) * pitch * 2
+        return (self.block_m + 2 * self.stages * self.block_n) * pitch * 2
 
 
-def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int] | None = None) -> FwdVariant:
+def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None) -> FwdVariant:
     bucket = head_dim_bucket(head_dim)
-    block_m, block_n, warps = tile or FWD_TILES[bucket]
-    return FwdVariant(dtype, bucket, block_m, block_n, warps, bool(causal))
+    block_m, block_n, warps, stages = tile or FWD_TILES[bucket]
+    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
 
 
 def all_variants() -> list[FwdVariant]:
