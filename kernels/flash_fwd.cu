@@ -98,16 +98,15 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
 // that a second instance recomputes the coordinates instead of keeping them live (and spilled).
 template <bool CAUSAL>
 struct BlockCoords {
-  int m_block, b, h;
-  long long bh;
+  int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
   __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
     unsigned block;
     asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
     bh = block / num_m_blocks;
-    m_block = block % num_m_blocks;
+    m_block = block - bh * num_m_blocks;
     if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
-    b = static_cast<int>(bh / nheads);
-    h = static_cast<int>(bh % nheads);
+    b = bh / nheads;
+    h = bh - b * nheads;
   }
 };
 
@@ -132,15 +131,19 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const BlockCoords<CAUSAL> blk(num_m_blocks, nheads);
   const int m0 = blk.m_block * BM;
   const T* q_tile = q + blk.b * q_sb + blk.h * q_sh + m0 * q_ss;
-  // Key/value rows n0.. of this block's (batch, kv head); recomputed per tile to save registers.
-  auto k_tile = [&](int n0) {
-    const BlockCoords<CAUSAL> c(num_m_blocks, nheads);
-    return k + c.b * k_sb + (c.h / kv_group) * k_sh + n0 * k_ss;
-  };
-  auto v_tile = [&](int n0) {
-    const BlockCoords<CAUSAL> c(num_m_blocks, nheads);
-    return v + c.b * v_sb + (c.h / kv_group) * v_sh + n0 * v_ss;
-  };
+  // This block's K and V heads. Kept in shared memory, not registers: the main loop needs every
+  // register for accumulators, and a shared-memory load per tile is cheap.
+  __shared__ const T* kv_heads[2];
+  {
+    const int hk = blk.h / kv_group;
+    if (threadIdx.x == 0) {
+      kv_heads[0] = k + blk.b * k_sb + hk * k_sh;
+      kv_heads[1] = v + blk.b * v_sb + hk * v_sh;
+    }
+  }
+  __syncthreads();
+  auto k_tile = [&](int n0) { return kv_heads[0] + n0 * k_ss; };
+  auto v_tile = [&](int n0) { return kv_heads[1] + n0 * v_ss; };
 
   // Key tiles this query tile can see.
   const int diag = seqlen_k - seqlen_q;

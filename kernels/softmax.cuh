@@ -21,11 +21,20 @@ struct OnlineSoftmax {
       }
   }
 
-  // Fold a new tile of scores into the statistics: rescale O by exp(m_old - m_new) and replace the
-  // scores with exp(s - m_new) (scale folded into log2(e), so exp is one exp2).
+  // Fold a new tile of scores into the statistics and replace the scores with exp(s - m) (the scale
+  // is folded into log2(e), so each exp is one exp2).
+  //
+  // The reference point m is moved (and O and the sums rescaled by exp(m_old - m_new)) only when some
+  // row of the warp saw its max grow by more than 2^kMaxGrowthLog2; otherwise the old m is kept and
+  // P stays below 2^kMaxGrowthLog2, well inside fp16/bf16 range. Any m gives the same exact result
+  // (the final O / l and LSE use the same m), and most tiles of a long row skip the O rescale.
+  static constexpr float kMaxGrowthLog2 = 8.f;
+
   template <int NTILES, int OTILES>
   __device__ __forceinline__ void update(float (&s)[MT][NTILES][4], float (&acc_o)[MT][OTILES][4],
                                          float scale_log2, int lane) {
+    float tile_max[MT][2];
+    bool grow = false;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -35,16 +44,35 @@ struct OnlineSoftmax {
         for (int nt = 0; nt < NTILES; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // A row with every score masked so far keeps max -inf; subtract 0 so exp(-inf) = 0, not NaN.
-        const float m_scaled = mx == kNegInf ? 0.f : mx * scale_log2;
-        const float correction = fast_exp2(row_max[mt][half] * scale_log2 - m_scaled);
-        row_max[mt][half] = mx;
-        float sum = row_sum[mt][half] * correction;
+        tile_max[mt][half] = mx;
+        // -inf - -inf is NaN and compares false: a row with nothing seen yet needs no rescale.
+        grow |= (mx - row_max[mt][half]) * scale_log2 > kMaxGrowthLog2;
+      }
+    if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-        for (int ot = 0; ot < OTILES; ++ot) {
-          acc_o[mt][ot][2 * half] *= correction;
-          acc_o[mt][ot][2 * half + 1] *= correction;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float m_new = tile_max[mt][half];
+          // exp(-inf) = 0 when the row had no finite score before; 1 when it still has none.
+          const float correction =
+              m_new == kNegInf ? 1.f : fast_exp2((row_max[mt][half] - m_new) * scale_log2);
+          row_max[mt][half] = m_new;
+          row_sum[mt][half] *= correction;
+#pragma unroll
+          for (int ot = 0; ot < OTILES; ++ot) {
+            acc_o[mt][ot][2 * half] *= correction;
+            acc_o[mt][ot][2 * half + 1] *= correction;
+          }
         }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // A row with every score masked so far keeps max -inf; subtract 0 so exp(-inf) = 0, not NaN.
+        const float m_scaled = row_max[mt][half] == kNegInf ? 0.f : row_max[mt][half] * scale_log2;
+        float sum = row_sum[mt][half];
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
