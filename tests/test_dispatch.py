@@ -1,5 +1,6 @@
 """Variant choice and launch parameters (pure Python)."""
-import numpy as np
+import struct
+
 import pytest
 
 from cuflash import _dispatch
@@ -31,11 +32,12 @@ def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
     p = FwdProblem(batch=7000, seqlen_q=300, seqlen_k=300, nheads=10, nheads_k=5, head_dim=128, softmax_scale=0.1)
     big = 3 * 2**31  # strides past 2^31 elements must survive
     t = (0x7F0000000000, (big, 1280, 128))
-    grid, block, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000)
-    assert grid == (-(-300 // v.block_m) * 70000,) and block == (v.threads,)
-    assert args[5].dtype == np.int64 and int(args[5]) == big
-    assert int(args[-4]) == 2  # query heads per K/V head
-    assert args[-1].dtype == np.float32
+    blocks, threads, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000)
+    assert blocks == -(-300 // v.block_m) * 70000 and threads == v.threads
+    assert len(args) == len(_dispatch.FWD_PARAM_FORMAT)
+    packed = struct.Struct("@" + _dispatch.FWD_PARAM_FORMAT).pack(*args)  # fits the C types
+    assert struct.unpack_from("@q", packed, 40)[0] == big
+    assert args[_dispatch.FWD_PARAM_FORMAT.index("i") + 3] == 2  # query heads per K/V head
 
 
 def test_grid_limit_is_checked():

@@ -52,18 +52,36 @@ def _dlpack_device_type(x) -> int | None:
 def describe(x, argname: str) -> DeviceArray:
     """Metadata of a CUDA array; TypeError naming `argname` for anything else."""
     d = _describe(x, argname)
-    # The stride of a dimension of size 1 is never used to address anything; frameworks leave
-    # arbitrary values there (after expand or transpose), so make it 0.
-    d.strides = tuple(0 if n == 1 and i < d.ndim - 1 else s for i, (n, s) in enumerate(zip(d.shape, d.strides)))
+    if 1 in d.shape[:-1]:
+        # The stride of a dimension of size 1 never addresses anything; frameworks leave arbitrary
+        # values there (after expand or transpose), so make it 0.
+        d.strides = tuple(0 if n == 1 and i < d.ndim - 1 else s for i, (n, s) in enumerate(zip(d.shape, d.strides)))
     return d
+
+
+_torch_dtype_names: dict = {}
+
+
+def _torch_dtype_name(dtype) -> str:
+    name = _torch_dtype_names.get(dtype)
+    if name is None:
+        name = _torch_dtype_names[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
 
 
 def _describe(x, argname: str) -> DeviceArray:
     fw = framework_of(x)
     if fw == "torch":
         dev = x.device.index if x.device.type == "cuda" else None
-        return DeviceArray(x.data_ptr(), tuple(x.shape), tuple(x.stride()), str(x.dtype).removeprefix("torch."), dev,
-                           fw, x)
+        return DeviceArray(x.data_ptr(), tuple(x.shape), x.stride(), _torch_dtype_name(x.dtype), dev, fw, x)
     if fw == "cupy":
         return DeviceArray(x.data.ptr, x.shape, tuple(s // x.itemsize for s in x.strides), x.dtype.name,
                            x.device.id, fw, x)
@@ -87,39 +105,15 @@ def _describe(x, argname: str) -> DeviceArray:
     )
 
 
-class _RawStream:
-    """A cudaStream_t handle in the CUDA stream protocol (what cupy.cuda.Stream.from_external takes)."""
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def __cuda_stream__(self):
-        return (0, self.ptr)
-
-
-_external_streams: dict[tuple[int, int], object] = {}
-
-
-def external_stream(ptr: int, device: int):
-    """A CuPy stream object for a stream another framework owns (cached: frameworks reuse streams)."""
-    stream = _external_streams.get((ptr, device))
-    if stream is None:
-        import cupy
-
-        with cupy.cuda.Device(device):
-            stream = _external_streams[(ptr, device)] = cupy.cuda.Stream.from_external(_RawStream(ptr))
-    return stream
-
-
-def current_stream(a: DeviceArray):
-    """The stream the caller's framework is using now, as a CuPy stream object."""
-    import cupy
-
+def current_stream(a: DeviceArray) -> int:
+    """The CUDA stream (cudaStream_t as an int) the caller's framework is using now."""
     if a.framework == "torch":
         import torch
 
-        return external_stream(torch.cuda.current_stream(a.device).cuda_stream, a.device)
-    return cupy.cuda.get_current_stream(a.device)
+        return torch.cuda.current_stream(a.device).cuda_stream
+    import cupy
+
+    return cupy.cuda.get_current_stream(a.device).ptr
 
 
 # Tests set this to fill every new output with NaN, so that an element the kernel fails to write shows.
@@ -134,11 +128,11 @@ def empty(like: DeviceArray, shape: tuple[int, ...], dtype: str):
         t = torch.empty(shape, dtype=getattr(torch, dtype), device=like.obj.device)
         if poison_outputs:
             t.fill_(float("nan"))
-        return t, describe(t, "out")
+        return t, DeviceArray(t.data_ptr(), shape, contiguous_strides(shape), dtype, like.device, "torch", t)
     import cupy
 
     with cupy.cuda.Device(like.device):
         x = cupy.empty(shape, dtype=dtype)
         if poison_outputs:
             x.fill(float("nan"))
-    return x, describe(x, "out")
+    return x, DeviceArray(x.data.ptr, shape, contiguous_strides(shape), dtype, like.device, "cupy", x)

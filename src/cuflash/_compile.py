@@ -157,18 +157,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-_loaded: dict[tuple[str, str, str, int], object] = {}
+_loaded: dict[tuple[str, str, int], object] = {}
 
 
 def get_kernel(source: str, name: str, smem_bytes: int, device_id: int):
     """A launchable cupy.RawKernel for the current device, compiled or loaded once per process."""
-    import cupy
-
-    arch = device_arch(device_id)
-    key = (source, name, arch, device_id)
+    key = (source, name, device_id)
     kernel = _loaded.get(key)
     if kernel is None:
-        cubin_path, lowered = cached_cubin(source, name, arch)
+        import cupy
+
+        cubin_path, lowered = cached_cubin(source, name, device_arch(device_id))
         with cupy.cuda.Device(device_id):
             kernel = cupy.RawModule(path=str(cubin_path)).get_function(lowered)
             if smem_bytes > 48 * 1024:

@@ -6,9 +6,8 @@ Hopper-specific forward (wgmma/TMA) can slot in beside the mma.sync one without 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-
-import numpy as np
 
 DTYPES = ("float16", "bfloat16")
 _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -52,7 +51,7 @@ class FwdVariant:
     causal: bool
     source: str = "flash_fwd.cu"
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
@@ -69,7 +68,9 @@ class FwdVariant:
         return (self.block_m + 2 * self.stages * self.block_n) * pitch * 2
 
 
+@functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None) -> FwdVariant:
+    """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES)."""
     bucket = head_dim_bucket(head_dim)
     block_m, block_n, warps, stages = tile or FWD_TILES[bucket]
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
@@ -91,8 +92,14 @@ class FwdProblem:
     softmax_scale: float
 
 
-def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int):
-    """Grid, block and argument tuple for flash_fwd_kernel.
+# flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
+# batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
+# softmax_scale.
+FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f"
+
+
+def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int) -> tuple[int, int, tuple]:
+    """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
     the log-sum-exp is a contiguous float32 (batch, nheads, seqlen_q) buffer.
@@ -103,11 +110,10 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int):
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks >= 2**31:
         raise ValueError(f"problem too large: {blocks} thread blocks exceed the grid limit 2^31 - 1")
-    args = [np.uint64(q[0]), np.uint64(k[0]), np.uint64(v[0]), np.uint64(o[0]), np.uint64(lse_ptr)]
-    for _, strides in (q, k, v, o):
-        args += [np.int64(strides[0]), np.int64(strides[1]), np.int64(strides[2])]
-    args += [
-        np.int32(p.seqlen_q), np.int32(p.seqlen_k), np.int32(p.nheads), np.int32(p.nheads // p.nheads_k),
-        np.int32(p.head_dim), np.int32(num_m_blocks), np.float32(p.softmax_scale),
-    ]
-    return (blocks,), (variant.threads,), tuple(args)
+    args = (
+        q[0], k[0], v[0], o[0], lse_ptr,
+        *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
+        p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
+        p.softmax_scale,
+    )
+    return blocks, variant.threads, args

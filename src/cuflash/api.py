@@ -7,6 +7,7 @@ import math
 
 from . import _bridge, _compile, _dispatch
 from ._bridge import DeviceArray
+from ._launch import Launcher
 
 # Features whose kernels are still to come: the argument names them, the error names the feature.
 _LATER = {
@@ -116,16 +117,31 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream) -> None:
-    """Launch the forward kernel on `stream`, writing out and lse (a contiguous float32 buffer)."""
+            lse: DeviceArray, causal: bool, stream_ptr: int) -> None:
+    """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
+    float32 buffer)."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal)
-    grid, block, args = _dispatch.fwd_launch(
+    blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr
     )
-    kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, q.device)
+    launch = _launcher(variant, q.device)
     import cupy
 
-    with cupy.cuda.Device(q.device):
-        kernel(grid, block, args, shared_mem=variant.smem_bytes, stream=stream)
+    if cupy.cuda.runtime.getDevice() == q.device:
+        launch(blocks, threads, variant.smem_bytes, stream_ptr, args)
+    else:
+        with cupy.cuda.Device(q.device):
+            launch(blocks, threads, variant.smem_bytes, stream_ptr, args)
+
+
+_launchers: dict = {}
+
+
+def _launcher(variant, device: int) -> Launcher:
+    launcher = _launchers.get((variant, device))
+    if launcher is None:
+        kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
+        launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.FWD_PARAM_FORMAT)
+    return launcher

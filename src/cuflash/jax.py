@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from . import _dispatch, api
-from ._bridge import DeviceArray, external_stream
+from ._bridge import DeviceArray, contiguous_strides
 
 
 def _meta(x, name: str) -> DeviceArray:
@@ -19,11 +19,8 @@ def _meta(x, name: str) -> DeviceArray:
     except Exception:  # a tracer under jit: it will live on the default backend
         platforms = {jax.default_backend()}
     on_gpu = platforms <= {"gpu", "cuda"}
-    strides, acc = [], 1
-    for n in reversed(x.shape):
-        strides.append(acc)
-        acc *= n
-    return DeviceArray(0, tuple(x.shape), tuple(reversed(strides)), str(x.dtype), 0 if on_gpu else None, "jax", x)
+    shape = tuple(x.shape)
+    return DeviceArray(0, shape, contiguous_strides(shape), str(x.dtype), 0 if on_gpu else None, "jax", x)
 
 
 def _buffer(buf, dtype: str) -> DeviceArray:
@@ -33,12 +30,8 @@ def _buffer(buf, dtype: str) -> DeviceArray:
 
     ptr = buf.__cuda_array_interface__["data"][0]
     shape = tuple(buf.shape)
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
     device = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else cupy.cuda.runtime.getDevice()
-    return DeviceArray(ptr, shape, tuple(reversed(strides)), dtype, device, "jax", buf)
+    return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,7 +50,7 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
         out, lse = outs
         qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
         la = _buffer(lse, "float32")
-        api.run_fwd(problem, qa, ka, va, oa, la, causal, external_stream(ctx.stream, qa.device))
+        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream)
 
     out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
     lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")

@@ -1,0 +1,42 @@
+"""Kernel launches straight through the CUDA driver (cuLaunchKernel) with the parameters packed by
+`struct` in C layout. CuPy's RawKernel call converts every argument to a NumPy scalar first, which
+costs more host time than a small attention problem takes on the GPU."""
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+
+
+class Launcher:
+    """Launches one compiled kernel whose parameters follow `param_format` (struct codes with native
+    alignment: Q = pointer, q = int64, i = int32, f = float32)."""
+
+    def __init__(self, kernel, param_format: str):
+        from cupy_backends.cuda.api import driver
+
+        self._launch = driver.launchKernel
+        self._func = kernel.kernel.ptr  # the CUfunction inside the cupy.RawKernel
+        self._kernel = kernel  # keeps its module loaded
+        self._struct = struct.Struct("@" + param_format)
+        self._offsets = [struct.calcsize("@" + param_format[: i + 1]) - struct.calcsize("@" + code)
+                         for i, code in enumerate(param_format)]
+        self._local = threading.local()
+
+    def _buffers(self):
+        """This thread's parameter block: a table of pointers (what cuLaunchKernel reads), then the
+        packed values it points into. Reused call after call: the driver copies it at launch."""
+        local = self._local
+        if not hasattr(local, "block"):
+            table = 8 * len(self._offsets)
+            block = np.zeros(table + self._struct.size, np.uint8)
+            base = block.ctypes.data
+            block[:table].view(np.uint64)[:] = [base + table + off for off in self._offsets]
+            local.block, local.table_ptr, local.values_at = block, base, table
+        return local.block, local.table_ptr, local.values_at
+
+    def __call__(self, grid: int, block: int, shared_mem: int, stream_ptr: int, args) -> None:
+        buf, table_ptr, values_at = self._buffers()
+        self._struct.pack_into(buf, values_at, *args)
+        self._launch(self._func, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, table_ptr, 0)
