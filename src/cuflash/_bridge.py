@@ -110,7 +110,8 @@ def current_stream(a: DeviceArray) -> int:
     if a.framework == "torch":
         import torch
 
-        return torch.cuda.current_stream(a.device).cuda_stream
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # skips building a Stream object
+        return raw(a.device) if raw else torch.cuda.current_stream(a.device).cuda_stream
     import cupy
 
     return cupy.cuda.get_current_stream(a.device).ptr
