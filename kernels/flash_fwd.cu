@@ -20,22 +20,24 @@ struct FwdTile {
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
 };
 
-// acc_s[mt][nt] += Q[warp rows] K[tile]^T over the head dimension.
+// acc_s[mt][nt] += Q[warp rows] K[tile]^T over the head dimension. sQ and sK are shared-window
+// addresses of the tiles.
 template <typename T, int D, int BM, int BN, int WARPS>
 __device__ __forceinline__ void mma_qk(float (&acc_s)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
-                                       const T* sQ, const T* sK, int warp_row, int lane) {
+                                       unsigned sQ, unsigned sK, int warp_row, int lane) {
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
-  constexpr int P = Tile::pitch;
+  constexpr int P = Tile::pitch * sizeof(T);  // bytes per shared row
+  const unsigned q_lane = sQ + (warp_row + lane % 16) * P + (lane / 16) * 16;
+  const unsigned k_lane = sK + (lane % 8 + (lane / 16) * 8) * P + ((lane / 8) % 2) * 16;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     unsigned qa[Tile::m_tiles][4];
 #pragma unroll
-    for (int mt = 0; mt < Tile::m_tiles; ++mt)
-      ldmatrix_x4(qa[mt], sQ + (warp_row + mt * 16 + lane % 16) * P + kk * 16 + (lane / 16) * 8);
+    for (int mt = 0; mt < Tile::m_tiles; ++mt) ldmatrix_x4(qa[mt], q_lane + mt * 16 * P + kk * 32);
 #pragma unroll
     for (int np = 0; np < BN / 16; ++np) {
       unsigned kb[4];
-      ldmatrix_x4(kb, sK + (np * 16 + lane % 8 + (lane / 16) * 8) * P + kk * 16 + ((lane / 8) % 2) * 8);
+      ldmatrix_x4(kb, k_lane + np * 16 * P + kk * 32);
 #pragma unroll
       for (int mt = 0; mt < Tile::m_tiles; ++mt) {
         mma_16816<T>(acc_s[mt][2 * np], qa[mt], kb[0], kb[1]);
@@ -50,9 +52,10 @@ __device__ __forceinline__ void mma_qk(float (&acc_s)[FwdTile<T, D, BM, BN, WARP
 template <typename T, int D, int BM, int BN, int WARPS>
 __device__ __forceinline__ void mma_pv(float (&acc_o)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][D / 8][4],
                                        const float (&p)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
-                                       const T* sV, int lane) {
+                                       unsigned sV, int lane) {
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
-  constexpr int P = Tile::pitch;
+  constexpr int P = Tile::pitch * sizeof(T);
+  const unsigned v_lane = sV + (lane % 8 + ((lane / 8) % 2) * 8) * P + (lane / 16) * 16;
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) {
     unsigned pa[Tile::m_tiles][4];
@@ -66,7 +69,7 @@ __device__ __forceinline__ void mma_pv(float (&acc_o)[FwdTile<T, D, BM, BN, WARP
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       unsigned vb[4];
-      ldmatrix_x4_trans(vb, sV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * P + dn * 16 + (lane / 16) * 8);
+      ldmatrix_x4_trans(vb, v_lane + kk * 16 * P + dn * 32);
 #pragma unroll
       for (int mt = 0; mt < Tile::m_tiles; ++mt) {
         mma_16816<T>(acc_o[mt][2 * dn], pa[mt], vb[0], vb[1]);
@@ -124,6 +127,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * Tile::pitch;           // STAGES slots of BN rows
   T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
+  constexpr unsigned kv_slot_bytes = BN * Tile::pitch * sizeof(T);
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
@@ -192,13 +196,13 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       for (int nt = 0; nt < Tile::s_tiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc_s[mt][nt][c] = 0.f;
-    mma_qk<T, D, BM, BN, WARPS>(acc_s, sQ, sK + slot * BN * Tile::pitch, warp_row, lane);
+    mma_qk<T, D, BM, BN, WARPS>(acc_s, smem_addr(sQ), smem_addr(sK) + slot * kv_slot_bytes, warp_row, lane);
 
     const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
     if (needs_mask) mask_scores<MT, Tile::s_tiles, CAUSAL>(acc_s, m0 + warp_row, n0, seqlen_k, diag, lane);
 
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
-    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, sV + slot * BN * Tile::pitch, lane);
+    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);
   }
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.

@@ -20,15 +20,17 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Four 8x8 matrices of 16-bit elements; lane i supplies the row address of matrix i/8, row i%8.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+// Addresses are 32-bit shared-window addresses: a per-lane base plus a compile-time offset, which
+// ptxas folds into the instruction instead of keeping one register per address.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem)));
+               : "r"(smem));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem)));
+               : "r"(smem));
 }
 
 // D = A(16x16, row) * B(16x8, col) + D, fp32 accumulators.
