@@ -209,27 +209,35 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // The block's coordinates are derived again rather than kept in registers through the main loop.
   const BlockCoords<CAUSAL> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
-  T* o_head = o + out_blk.b * o_sb + out_blk.h * o_sh;
-  float* lse_head = lse + out_blk.bh * seqlen_q;
+  float* lse_head = lse + static_cast<long long>(out_blk.bh) * seqlen_q;
+  // O goes through this warp's own rows of the Q tile (only this warp reads them), so that global
+  // stores are whole 16-byte chunks of rows rather than scattered 4-byte pairs.
+  T* sO = sQ + warp_row * Tile::pitch;
+  __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_sum_total(mt, half);
       const float inv_l = l > 0.f ? 1.f / l : 0.f;
-      const int row = out_m0 + warp_row + mt * 16 + lane / 4 + half * 8;
-      if (row >= seqlen_q) continue;
-      T* o_row = o_head + row * o_ss;
+      const int r = mt * 16 + lane / 4 + half * 8;
 #pragma unroll
-      for (int dt = 0; dt < Tile::o_tiles; ++dt) {
-        const int col = dt * 8 + (lane % 4) * 2;
-        if (col < head_dim)
-          *reinterpret_cast<unsigned*>(o_row + col) =
-              ElemTraits<T>::pack2(acc_o[mt][dt][2 * half] * inv_l, acc_o[mt][dt][2 * half + 1] * inv_l);
-      }
-      if (lane % 4 == 0)
+      for (int dt = 0; dt < Tile::o_tiles; ++dt)
+        *reinterpret_cast<unsigned*>(sO + r * Tile::pitch + dt * 8 + (lane % 4) * 2) =
+            ElemTraits<T>::pack2(acc_o[mt][dt][2 * half] * inv_l, acc_o[mt][dt][2 * half + 1] * inv_l);
+      const int row = out_m0 + warp_row + r;
+      if (lane % 4 == 0 && row < seqlen_q)
         lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
     }
+  __syncwarp();
+  T* o_rows = o + out_blk.b * o_sb + out_blk.h * o_sh + (out_m0 + warp_row) * o_ss;
+  constexpr int chunks_per_row = D / 8, warp_rows = MT * 16;
+#pragma unroll
+  for (int i = lane; i < warp_rows * chunks_per_row; i += 32) {
+    const int r = i / chunks_per_row, c = (i % chunks_per_row) * 8;
+    if (out_m0 + warp_row + r < seqlen_q && c < head_dim)
+      *reinterpret_cast<uint4*>(o_rows + r * o_ss + c) = *reinterpret_cast<const uint4*>(sO + r * Tile::pitch + c);
+  }
 }
 
 }  // namespace cuflash
