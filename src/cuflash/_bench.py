@@ -363,6 +363,9 @@ def format_table(results):
 
 
 def _git_commit():
+    """HEAD of the checkout, or $CUFLASH_COMMIT where the tree has no .git (a copied tree)."""
+    if os.environ.get("CUFLASH_COMMIT"):
+        return os.environ["CUFLASH_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     for cwd in (here, os.getcwd()):
         try:
