@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     arch = _compile.device_arch()
-    variants = [_dispatch.choose_fwd(args.dtype, d, c, t) for d in args.headdims for t in CANDIDATES[d]
+    variants = [_dispatch.choose_fwd(args.dtype, d, c, t, arch) for d in args.headdims for t in CANDIDATES[d]
                 for c in (False, True)]
     list(_compile.precompile(variants, arch))
     for v in variants:  # this NVRTC's resource report: a spilling candidate may not be chosen
@@ -69,6 +69,7 @@ def main():
                 row = [f"d={d} causal={causal!s:5} s={s:5}  flash {flops / ref_ms / 1e9:6.1f}"]
                 for t in CANDIDATES[d]:
                     _dispatch.FWD_TILES[_dispatch.head_dim_bucket(d)] = t
+                    _dispatch.FWD_TILES_BY_ARCH.get(arch, {}).pop(_dispatch.head_dim_bucket(d), None)
                     _dispatch.choose_fwd.cache_clear()
                     ms = median_ms(lambda: cuflash.flash_attn_func(q, k, v, causal=causal))
                     err = (cuflash.flash_attn_func(q, k, v, causal=causal).float() - ref.float()).abs().max().item()

@@ -28,7 +28,7 @@ def _warmup(argv) -> int:
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
     arch = args.arch or _compile.device_arch()
-    variants = _dispatch.all_variants()
+    variants = _dispatch.all_variants(arch)
     t0 = time.perf_counter()
     for name in _compile.precompile(variants, arch, args.jobs):
         print(f"  {name}")

@@ -60,6 +60,7 @@ def cuda_include_dir() -> str:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device_id: int | None = None) -> str:
     """The -arch value for a CUDA device: sm_<major><minor>, with 'a' on Hopper."""
     import cupy
@@ -253,7 +254,7 @@ def compile_check(archs=("sm_80", "sm_90a"), jobs: int | None = None, out=sys.st
 
     from . import _dispatch
 
-    work = [(v.source, v.name, arch, v.smem_bytes) for arch in archs for v in _dispatch.all_variants()]
+    work = [(v.source, v.name, arch, v.smem_bytes) for arch in archs for v in _dispatch.all_variants(arch)]
     jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
     failures = 0
     print(f"compiling {len(work)} kernel variants with NVRTC {_nvrtc_version()} ({jobs} processes)", file=out)

@@ -21,13 +21,18 @@ MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 FWD_TILES = {
     32: (128, 128, 4, 2),
     64: (128, 128, 4, 2),
-    96: (128, 48, 4, 2),
+    96: (128, 64, 4, 2),
     128: (128, 48, 4, 2),
-    160: (128, 64, 8, 2),
-    192: (128, 64, 8, 2),
+    160: (128, 32, 4, 2),
+    192: (128, 48, 8, 2),
     224: (128, 32, 8, 2),
     256: (128, 32, 8, 2),
 }
+# Where an arch has more shared memory than sm_80's 163 KiB, a larger tile can win.
+FWD_TILES_BY_ARCH = {
+    "sm_90a": {224: (128, 64, 8, 2), 256: (128, 48, 8, 2)},  # 174 and 169 KiB
+}
+ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -69,16 +74,17 @@ class FwdVariant:
 
 
 @functools.lru_cache(maxsize=None)
-def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None) -> FwdVariant:
+def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
+               arch: str = "sm_80") -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES)."""
     bucket = head_dim_bucket(head_dim)
-    block_m, block_n, warps, stages = tile or FWD_TILES[bucket]
+    block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
 
 
-def all_variants() -> list[FwdVariant]:
-    """Every variant the dispatcher can choose (what compile-check and warmup build)."""
-    return [choose_fwd(dt, d, c) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
+def all_variants(arch: str = "sm_80") -> list[FwdVariant]:
+    """Every variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
+    return [choose_fwd(dt, d, c, arch=arch) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
 
 
 @dataclass(frozen=True)

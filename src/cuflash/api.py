@@ -122,7 +122,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
     float32 buffer)."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
-    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal)
+    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device))
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr
     )
