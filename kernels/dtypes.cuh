@@ -16,6 +16,9 @@ template <> struct ElemTraits<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&h);
   }
+  static __device__ __forceinline__ float2 unpack2(unsigned x) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  }
   static constexpr bool is_bf16 = false;
 };
 
@@ -23,6 +26,9 @@ template <> struct ElemTraits<__nv_bfloat16> {
   static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&h);
+  }
+  static __device__ __forceinline__ float2 unpack2(unsigned x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
   }
   static constexpr bool is_bf16 = true;
 };

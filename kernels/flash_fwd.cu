@@ -5,8 +5,9 @@
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
 #include "mma.cuh"
-#include "tile_io.cuh"
 #include "softmax.cuh"
+#include "tile_io.cuh"
+#include "warp_mma.cuh"
 
 namespace cuflash {
 
@@ -19,65 +20,6 @@ struct FwdTile {
   static constexpr int pitch = SmemTile<D>::pitch;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
 };
-
-// acc_s[mt][nt] += Q[warp rows] K[tile]^T over the head dimension. sQ and sK are shared-window
-// addresses of the tiles.
-template <typename T, int D, int BM, int BN, int WARPS>
-__device__ __forceinline__ void mma_qk(float (&acc_s)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
-                                       unsigned sQ, unsigned sK, int warp_row, int lane) {
-  using Tile = FwdTile<T, D, BM, BN, WARPS>;
-  constexpr int P = Tile::pitch * sizeof(T);  // bytes per shared row
-  const unsigned q_lane = sQ + (warp_row + lane % 16) * P + (lane / 16) * 16;
-  const unsigned k_lane = sK + (lane % 8 + (lane / 16) * 8) * P + ((lane / 8) % 2) * 16;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    unsigned qa[Tile::m_tiles][4];
-#pragma unroll
-    for (int mt = 0; mt < Tile::m_tiles; ++mt) ldmatrix_x4(qa[mt], q_lane + mt * 16 * P + kk * 32);
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      unsigned kb[4];
-      ldmatrix_x4(kb, k_lane + np * 16 * P + kk * 32);
-#pragma unroll
-      for (int mt = 0; mt < Tile::m_tiles; ++mt) {
-        mma_16816<T>(acc_s[mt][2 * np], qa[mt], kb[0], kb[1]);
-        mma_16816<T>(acc_s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
-      }
-    }
-  }
-}
-
-// acc_o[mt][dt] += P V[tile], with P taken from the softmax registers (S's accumulator layout is
-// the A-operand layout of the next mma once two 8-column tiles are packed into 16-bit pairs).
-template <typename T, int D, int BM, int BN, int WARPS>
-__device__ __forceinline__ void mma_pv(float (&acc_o)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][D / 8][4],
-                                       const float (&p)[FwdTile<T, D, BM, BN, WARPS>::m_tiles][BN / 8][4],
-                                       unsigned sV, int lane) {
-  using Tile = FwdTile<T, D, BM, BN, WARPS>;
-  constexpr int P = Tile::pitch * sizeof(T);
-  const unsigned v_lane = sV + (lane % 8 + ((lane / 8) % 2) * 8) * P + (lane / 16) * 16;
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    unsigned pa[Tile::m_tiles][4];
-#pragma unroll
-    for (int mt = 0; mt < Tile::m_tiles; ++mt) {
-      pa[mt][0] = ElemTraits<T>::pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]);
-      pa[mt][1] = ElemTraits<T>::pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]);
-      pa[mt][2] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
-      pa[mt][3] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
-    }
-#pragma unroll
-    for (int dn = 0; dn < D / 16; ++dn) {
-      unsigned vb[4];
-      ldmatrix_x4_trans(vb, v_lane + kk * 16 * P + dn * 32);
-#pragma unroll
-      for (int mt = 0; mt < Tile::m_tiles; ++mt) {
-        mma_16816<T>(acc_o[mt][2 * dn], pa[mt], vb[0], vb[1]);
-        mma_16816<T>(acc_o[mt][2 * dn + 1], pa[mt], vb[2], vb[3]);
-      }
-    }
-  }
-}
 
 // Set S to -inf where key j may not be seen by query i: j >= seqlen_k, or (causal) j > i + diag,
 // diag = seqlen_k - seqlen_q (the causal mask is aligned to the bottom-right corner).
@@ -127,7 +69,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * Tile::pitch;           // STAGES slots of BN rows
   T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
-  constexpr unsigned kv_slot_bytes = BN * Tile::pitch * sizeof(T);
+  constexpr int kPitchBytes = Tile::pitch * sizeof(T);
+  constexpr unsigned kv_slot_bytes = BN * kPitchBytes;
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
@@ -158,13 +101,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   }
 
   float acc_o[MT][Tile::o_tiles][4];
+  zero(acc_o);
   OnlineSoftmax<MT> softmax;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int dt = 0; dt < Tile::o_tiles; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc_o[mt][dt][c] = 0.f;
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
 
   // K/V tiles go through a ring of STAGES shared-memory slots: tile `it` (counting from the last key
@@ -190,19 +128,15 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     const int n0 = (n_blocks - 1 - it) * BN, slot = it % STAGES;
     float acc_s[MT][Tile::s_tiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < Tile::s_tiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc_s[mt][nt][c] = 0.f;
-    mma_qk<T, D, BM, BN, WARPS>(acc_s, smem_addr(sQ), smem_addr(sK) + slot * kv_slot_bytes, warp_row, lane);
+    zero(acc_s);
+    warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
+                                           smem_addr(sK) + slot * kv_slot_bytes, lane);
 
     const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
     if (needs_mask) mask_scores<MT, Tile::s_tiles, CAUSAL>(acc_s, m0 + warp_row, n0, seqlen_k, diag, lane);
 
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
-    mma_pv<T, D, BM, BN, WARPS>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);
+    warp_mma_pb<T, MT, BN, D, kPitchBytes>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);
   }
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.

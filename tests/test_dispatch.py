@@ -16,10 +16,12 @@ def test_head_dim_buckets(d, bucket):
 @pytest.mark.parametrize("arch, limit_kib", [("sm_80", 163), ("sm_90a", 227)])
 def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
     variants = _dispatch.all_variants(arch)
-    for v in variants:
+    fwd = [v for v in variants if isinstance(v, _dispatch.FwdVariant)]
+    for v in fwd:
         assert v.block_m % (16 * v.warps) == 0 and v.block_n % 16 == 0
-        assert v.smem_bytes <= limit_kib * 1024
-    assert len(variants) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2
+    for v in variants:
+        assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
+    assert len(fwd) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2
 
 
 def test_variant_name_is_a_template_instance():

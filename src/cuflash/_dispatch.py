@@ -82,9 +82,10 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
 
 
-def all_variants(arch: str = "sm_80") -> list[FwdVariant]:
-    """Every variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
-    return [choose_fwd(dt, d, c, arch=arch) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
+def all_variants(arch: str = "sm_80") -> list:
+    """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
+    fwd = [choose_fwd(dt, d, c, arch=arch) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
+    return fwd + all_bwd_variants()
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,144 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int) -> 
         p.softmax_scale,
     )
     return blocks, variant.threads, args
+
+
+# ---- backward ----------------------------------------------------------------------------------
+
+# dK/dV kernel per head-dim bucket: (block_n keys, query tile rows, warps, column splits). Heads
+# above 128 are split in two column halves (two blocks per key tile) so that the dK and dV
+# accumulators fit in registers; every tile fits sm_80's 163 KiB of shared memory.
+BWD_DKDV_TILES = {
+    32: (128, 64, 8, 1),
+    64: (128, 64, 8, 1),
+    96: (128, 64, 8, 1),
+    128: (128, 64, 8, 1),
+    160: (64, 64, 4, 2),
+    192: (64, 64, 4, 2),
+    224: (64, 32, 4, 2),
+    256: (64, 32, 4, 2),
+}
+# dQ kernel: (block_m queries, block_n keys, warps).
+BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
+                160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
+
+BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f"
+BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f"
+
+
+@dataclass(frozen=True)
+class BwdPreprocessVariant:
+    dtype: str
+    source: str = "flash_bwd.cu"
+    threads: int = 128
+    smem_bytes: int = 0
+
+    @functools.cached_property
+    def name(self) -> str:
+        return f"cuflash::flash_bwd_preprocess_kernel<{_CUDA_TYPE[self.dtype]}>"
+
+
+@dataclass(frozen=True)
+class BwdDkdvVariant:
+    dtype: str
+    head_dim: int
+    block_n: int
+    block_q: int
+    warps: int
+    splits: int
+    causal: bool
+    source: str = "flash_bwd.cu"
+
+    @functools.cached_property
+    def name(self) -> str:
+        return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
+                f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
+                f"{'true' if self.causal else 'false'}>")
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:  # K, V tiles and two slots each of Q and dO (the small stats are static)
+        return (2 * self.block_n + 4 * self.block_q) * (self.head_dim + 8) * 2
+
+
+@dataclass(frozen=True)
+class BwdDqVariant:
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    warps: int
+    causal: bool
+    source: str = "flash_bwd.cu"
+
+    @functools.cached_property
+    def name(self) -> str:
+        return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
+                f"{self.block_n}, {self.warps}, {'true' if self.causal else 'false'}>")
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
+        return (2 * self.block_m + 4 * self.block_n) * (self.head_dim + 8) * 2
+
+
+@functools.lru_cache(maxsize=None)
+def choose_bwd(dtype: str, head_dim: int, causal: bool):
+    """(preprocess, dK/dV, dQ) variants for a backward call."""
+    bucket = head_dim_bucket(head_dim)
+    return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, *BWD_DKDV_TILES[bucket], bool(causal)),
+            BwdDqVariant(dtype, bucket, *BWD_DQ_TILES[bucket], bool(causal)))
+
+
+def all_bwd_variants() -> list:
+    out = []
+    for dt in DTYPES:
+        for d in HEAD_DIM_BUCKETS:
+            for c in (False, True):
+                out += [v for v in choose_bwd(dt, d, c) if v not in out]
+    return out
+
+
+def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv):
+    """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
+
+    Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
+    delta are contiguous float32 (batch, nheads, seqlen_q) buffers.
+    """
+    pre, dkdv, dqv = variants
+    group = p.nheads // p.nheads_k
+    rows = p.batch * p.nheads * p.seqlen_q
+    launches = []
+    if rows:
+        launches.append((pre, -(-rows // 4), pre.threads,
+                         (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], p.seqlen_q, p.nheads, p.head_dim, rows)))
+    num_n_blocks = -(-p.seqlen_k // dkdv.block_n)
+    blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
+    common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
+    if blocks:
+        launches.append((dkdv, blocks, dkdv.threads,
+                         (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
+                          *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
+                          *common, num_n_blocks, p.softmax_scale)))
+    num_m_blocks = -(-p.seqlen_q // dqv.block_m)
+    blocks = num_m_blocks * p.batch * p.nheads
+    if blocks:
+        launches.append((dqv, blocks, dqv.threads,
+                         (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
+                          *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
+                          *common, num_m_blocks, p.softmax_scale)))
+    for _, n, _, _ in launches:
+        if n >= 2**31:
+            raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")
+    return launches
+
+
+PARAM_FORMATS = {BwdPreprocessVariant: BWD_PREPROCESS_PARAM_FORMAT, BwdDkdvVariant: BWD_DKDV_PARAM_FORMAT,
+                 BwdDqVariant: BWD_DQ_PARAM_FORMAT, FwdVariant: FWD_PARAM_FORMAT}

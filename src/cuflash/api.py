@@ -38,15 +38,34 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
         return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                       return_attn_probs=return_attn_probs)
+    if _needs_torch_autograd(q, k, v):
+        from . import torch as cf_torch
+
+        # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
+        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal)
+        return (out, lse, None) if return_attn_probs else out
+    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def forward_arrays(q, k, v, softmax_scale, causal):
+    """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     problem = check_fwd_args(qa, ka, va, softmax_scale)
-    _reject_autograd(qa, ka, va)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
     run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa))
     if qa.framework == "dlpack":  # hand back what the caller can consume
         out, lse = out_a.obj, lse_a.obj
-    return (out, lse, None) if return_attn_probs else out
+    return out, lse, problem
+
+
+def _needs_torch_autograd(q, k, v) -> bool:
+    if _bridge.framework_of(q) != "torch":
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
 
 
 def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes, block_mask) -> None:
@@ -60,18 +79,6 @@ def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes, block_
     for name, is_unset in unset.items():
         if not is_unset:
             raise NotImplementedError(f"{name}: {_LATER[name]} is not implemented yet in cuflash")
-
-
-def _reject_autograd(*arrays: DeviceArray) -> None:
-    for a, name in zip(arrays, "qkv"):
-        if a.framework == "torch" and a.obj.requires_grad:
-            import torch
-
-            if torch.is_grad_enabled():
-                raise NotImplementedError(
-                    f"{name} requires grad: the cuflash backward pass is not implemented yet; "
-                    "call under torch.no_grad() or detach the inputs"
-                )
 
 
 def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale) -> _dispatch.FwdProblem:
@@ -107,13 +114,19 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
                 f"{name} must be 16-byte aligned: its address and its batch, seqlen and head strides must be "
                 f"multiples of 8 elements, got strides {a.strides}"
             )
+    return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
+                                resolve_scale(softmax_scale, head_dim))
+
+
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    """softmax_scale, or 1/sqrt(head_dim) when None; TypeError/ValueError for anything unusable."""
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
-    return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, float(softmax_scale))
+    return float(softmax_scale)
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
@@ -126,14 +139,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr
     )
-    launch = _launcher(variant, q.device)
-    import cupy
-
-    if cupy.cuda.runtime.getDevice() == q.device:
-        launch(blocks, threads, variant.smem_bytes, stream_ptr, args)
-    else:
-        with cupy.cuda.Device(q.device):
-            launch(blocks, threads, variant.smem_bytes, stream_ptr, args)
+    _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
 
 _launchers: dict = {}
@@ -143,5 +149,80 @@ def _launcher(variant, device: int) -> Launcher:
     launcher = _launchers.get((variant, device))
     if launcher is None:
         kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
-        launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.FWD_PARAM_FORMAT)
+        launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.PARAM_FORMATS[type(variant)])
     return launcher
+
+
+def _launch_on(device: int, launches, stream_ptr: int) -> None:
+    import cupy
+
+    def run():
+        for variant, blocks, threads, args in launches:
+            _launcher(variant, device)(blocks, threads, variant.smem_bytes, stream_ptr, args)
+
+    if cupy.cuda.runtime.getDevice() == device:
+        run()
+    else:
+        with cupy.cuda.Device(device):
+            run()
+
+
+def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False):
+    """Gradients (dq, dk, dv) of flash_attn_func's output, from the saved output and log-sum-exp.
+
+    dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
+    flash_attn_func(..., return_attn_probs=True). dk and dv have k's shape (summed over the query
+    heads of each K/V head for GQA). No buffer grows with seqlen_q x seqlen_k, and the result is
+    bitwise reproducible (no atomics), so `deterministic` costs nothing.
+    """
+    _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                           alibi_slopes=alibi_slopes, block_mask=None)
+    if _bridge.framework_of(q) == "jax":
+        raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
+    qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
+    problem = check_fwd_args(qa, ka, va, softmax_scale)
+    check_bwd_args(problem, qa, doa, oa, la)
+    dq, dqa = _bridge.empty(qa, qa.shape, qa.dtype)
+    dk, dka = _bridge.empty(qa, ka.shape, qa.dtype)
+    dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
+    delta, delta_a = _bridge.empty(qa, la.shape, "float32")
+    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa))
+    if qa.framework == "dlpack":
+        dq, dk, dv = dqa.obj, dka.obj, dva.obj
+    return dq, dk, dv
+
+
+def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, out: DeviceArray,
+                   lse: DeviceArray) -> None:
+    """Validate the backward's extra arguments against the problem; errors name the argument."""
+    for a, name in ((dout, "dout"), (out, "out")):
+        if a.framework != q.framework or a.device != q.device:
+            raise ValueError(f"{name} must be a {q.framework} array on cuda:{q.device} like q")
+        if a.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must be {q.dtype} like q, got {a.dtype}")
+        if a.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {q.shape}, got {a.shape}")
+        if a.strides[3] != 1 and a.shape[3] != 1 or any(s % 8 for s in a.strides[:3]) or a.ptr % 16:
+            raise ValueError(f"{name} must have a contiguous last dimension and 16-byte aligned rows, got strides "
+                             f"{a.strides}")
+    expected = (p.batch, p.nheads, p.seqlen_q)
+    if lse.framework != q.framework or lse.device != q.device:
+        raise ValueError(f"softmax_lse must be a {q.framework} array on cuda:{q.device} like q")
+    if lse.dtype != "float32":
+        raise TypeError(f"softmax_lse.dtype must be float32, got {lse.dtype}")
+    if lse.shape != expected:
+        raise ValueError(f"softmax_lse must have shape (batch, nheads, seqlen_q) = {expected}, got {lse.shape}")
+    if lse.strides != _bridge.contiguous_strides(lse.shape) and 1 not in lse.shape:
+        raise ValueError(f"softmax_lse must be contiguous, got strides {lse.strides}")
+
+
+def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int) -> None:
+    """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse."""
+    variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal)
+    launches = _dispatch.bwd_launches(
+        variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
+        *((a.ptr, a.strides) for a in (dq, dk, dv)),
+    )
+    _launch_on(q.device, launches, stream_ptr)

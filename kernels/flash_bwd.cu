@@ -1,0 +1,296 @@
+// FlashAttention backward pass: gradients recomputed tile by tile from Q, K, V, dO and the saved
+// log-sum-exp, never reading or writing an N x N matrix. Three kernels, none with atomics, so the
+// gradients are bitwise reproducible:
+//   flash_bwd_preprocess_kernel  delta_i = rowsum(dO_i * O_i)                       (fp32)
+//   flash_bwd_dkdv_kernel        a block owns BN keys and walks the query tiles (and, for GQA, every
+//                                query head of its K/V head): Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ - lse),
+//                                dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q
+//   flash_bwd_dq_kernel          a block owns BM queries and walks the key tiles:
+//                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
+// dK and dQ carry the softmax scale. Working on Sᵀ (keys as rows) lets every product of the dK/dV
+// kernel use the same two warp-level shapes as the forward pass.
+#include "mma.cuh"
+#include "tile_io.cuh"
+#include "warp_mma.cuh"
+
+namespace cuflash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// One warp per row of (batch, head, query): delta = sum_d dO * O in fp32.
+template <typename T>
+__global__ void __launch_bounds__(128)
+flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
+                            long long do_sb, long long do_ss, long long do_sh, long long o_sb, long long o_ss,
+                            long long o_sh, int seqlen_q, int nheads, int head_dim, long long rows) {
+  const long long row = static_cast<long long>(blockIdx.x) * 4 + threadIdx.x / 32;  // (b * nheads + h) * seqlen_q + i
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int i = static_cast<int>(row % seqlen_q);
+  const long long bh = row / seqlen_q;
+  const int h = static_cast<int>(bh % nheads), b = static_cast<int>(bh / nheads);
+  const T* do_row = dout + b * do_sb + h * do_sh + i * do_ss;
+  const T* o_row = out + b * o_sb + h * o_sh + i * o_ss;
+  float acc = 0.f;
+  for (int c = lane * 8; c < head_dim; c += 32 * 8) {  // 16-byte chunks
+    const uint4 x = *reinterpret_cast<const uint4*>(do_row + c);
+    const uint4 y = *reinterpret_cast<const uint4*>(o_row + c);
+    const unsigned xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = ElemTraits<T>::unpack2(xs[j]), o = ElemTraits<T>::unpack2(ys[j]);
+      acc = fmaf(a.x, o.x, fmaf(a.y, o.y, acc));
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[row] = acc;
+}
+
+// p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf).
+__device__ __forceinline__ float recompute_p(float s, float scale_log2, float lse, bool visible) {
+  return visible && lse != kNegInf ? fast_exp2(fmaf(s, scale_log2, -lse * kLog2e)) : 0.f;
+}
+
+// Write a 16 MT x N fp32 register tile (times `scale`) as T into rows row0.. of a strided matrix,
+// keeping rows < rows_valid and columns < cols_valid.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* base, long long row_stride, int row0,
+                                           int rows_valid, int col0, int cols_valid, float scale, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = row0 + mt * 16 + lane / 4 + half * 8;
+      if (r >= rows_valid) continue;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int c = col0 + nt * 8 + (lane % 4) * 2;
+        if (c < cols_valid)
+          *reinterpret_cast<unsigned*>(base + r * row_stride + c) =
+              ElemTraits<T>::pack2(acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
+      }
+    }
+}
+
+// ---- dK, dV ------------------------------------------------------------------------------------
+// Block: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
+// D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
+// (of every query head sharing this K/V head) stream through a two-slot cp.async ring.
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL>
+__global__ void __launch_bounds__(WARPS * 32)
+flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                      const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                      T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
+                      long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
+                      long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
+                      long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
+                      int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale) {
+  constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
+  constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
+  static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * PITCH;
+  T* sQ = sV + BN * PITCH;     // 2 slots of BMQ rows
+  T* sdO = sQ + 2 * BMQ * PITCH;  // 2 slots
+  __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
+
+  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
+  const int nheads_k = nheads / kv_group;
+  int block = blockIdx.x;
+  const int n_block = block % num_n_blocks;
+  block /= num_n_blocks;
+  const int c0 = (block % SPLITS) * DV;
+  block /= SPLITS;
+  const int b = block / nheads_k, hk = block % nheads_k;
+  const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
+
+  // Query tiles that can see these keys: all of them, or (causal) those with a row i >= n0 - diag.
+  const int num_m_blocks = (seqlen_q + BMQ - 1) / BMQ;
+  const int m_first = CAUSAL ? min(num_m_blocks, max(0, n0 - diag) / BMQ) : 0;
+  const int tiles_per_head = num_m_blocks - m_first, n_iters = tiles_per_head * kv_group;
+
+  auto load_q_tile = [&](int it) {  // tile `it` = (query head of the group, query tile)
+    const int h = hk * kv_group + it / tiles_per_head, m0 = (m_first + it % tiles_per_head) * BMQ;
+    const int slot = it % 2;
+    load_tile_async<BMQ, D, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + m0 * q_ss, q_ss,
+                                     seqlen_q - m0, head_dim);
+    load_tile_async<BMQ, D, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + m0 * do_ss, do_ss,
+                                     seqlen_q - m0, head_dim);
+  };
+  // lse and delta of a tile: one value per thread (or none), loaded early, stored to shared late.
+  auto load_stats = [&](int it, float& l, float& d) {
+    const int h = hk * kv_group + it / tiles_per_head, m0 = (m_first + it % tiles_per_head) * BMQ;
+    const int i = m0 + static_cast<int>(threadIdx.x);
+    const long long at = (static_cast<long long>(b) * nheads + h) * seqlen_q + i;
+    l = threadIdx.x < BMQ && i < seqlen_q ? lse[at] : kNegInf;
+    d = threadIdx.x < BMQ && i < seqlen_q ? delta[at] : 0.f;
+  };
+  static_assert(BMQ <= THREADS, "one thread per query row of a tile");
+
+  load_tile_async<BN, D, THREADS>(sK, k + b * k_sb + hk * k_sh + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
+  load_tile_async<BN, D, THREADS>(sV, v + b * v_sb + hk * v_sh + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
+  if (n_iters > 0) load_q_tile(0);
+  cp_async_commit();
+  if (n_iters > 0) {
+    float l, d;
+    load_stats(0, l, d);
+    if (threadIdx.x < BMQ) s_lse[0][threadIdx.x] = l, s_delta[0][threadIdx.x] = d;
+  }
+
+  float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+  const float scale_log2 = softmax_scale * kLog2e;
+
+  for (int it = 0; it < n_iters; ++it) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile `it` is in; every warp is done with tile it - 1
+    float next_l = kNegInf, next_d = 0.f;
+    if (it + 1 < n_iters) {
+      load_q_tile(it + 1);
+      load_stats(it + 1, next_l, next_d);
+    }
+    cp_async_commit();
+
+    const int slot = it % 2, m0 = (m_first + it % tiles_per_head) * BMQ;
+    const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
+
+    // Pᵀ (keys x queries).
+    float p[MT][BMQ / 8][4];
+    zero(p);
+    warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
+    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int j = n0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;  // key
+          const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = m0 + col;  // query
+          const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!CAUSAL || j <= i + diag));
+          p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, s_lse[slot][col], visible);
+        }
+    warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dv, p, do_tile + c0 * sizeof(T), lane);
+
+    // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
+    float ds[MT][BMQ / 8][4];
+    zero(ds);
+    warp_mma_abt<T, MT, BMQ, D, PB>(ds, smem_addr(sV) + warp_row * PB, do_tile, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2]);
+    warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dk, ds, q_tile + c0 * sizeof(T), lane);
+
+    if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
+  }
+
+  const int rows_valid = seqlen_k - n0 - warp_row;
+  store_tile<T, MT, DV / 8>(acc_dk, dk + b * dk_sb + hk * dk_sh + (n0 + warp_row) * dk_ss, dk_ss, 0, rows_valid, c0,
+                            head_dim, softmax_scale, lane);
+  store_tile<T, MT, DV / 8>(acc_dv, dv + b * dv_sb + hk * dv_sh + (n0 + warp_row) * dv_ss, dv_ss, 0, rows_valid, c0,
+                            head_dim, 1.f, lane);
+}
+
+// ---- dQ ----------------------------------------------------------------------------------------
+// Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
+// K/V tiles of BN rows stream through a two-slot ring.
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                    T* __restrict__ dq, long long q_sb, long long q_ss, long long q_sh, long long k_sb, long long k_ss,
+                    long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
+                    long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q, int seqlen_k,
+                    int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale) {
+  constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
+  constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
+  static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * PITCH;
+  T* sK = sdO + BM * PITCH;   // 2 slots of BN rows
+  T* sV = sK + 2 * BN * PITCH;  // 2 slots
+
+  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
+  const int bh = blockIdx.x / num_m_blocks;
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);  // heaviest first
+  const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
+  const int m0 = m_block * BM, diag = seqlen_k - seqlen_q;
+  int n_blocks = (seqlen_k + BN - 1) / BN;
+  if (CAUSAL) {
+    const int last_key = m0 + BM - 1 + diag;
+    n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
+  }
+  const T* k_head = k + b * k_sb + hk * k_sh;
+  const T* v_head = v + b * v_sb + hk * v_sh;
+  auto load_kv = [&](int nb) {
+    const int n0 = nb * BN, slot = nb % 2;
+    load_tile_async<BN, D, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
+    load_tile_async<BN, D, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
+  };
+  load_tile_async<BM, D, THREADS>(sQ, q + b * q_sb + h * q_sh + m0 * q_ss, q_ss, seqlen_q - m0, head_dim);
+  load_tile_async<BM, D, THREADS>(sdO, dout + b * do_sb + h * do_sh + m0 * do_ss, do_ss, seqlen_q - m0, head_dim);
+  if (n_blocks > 0) load_kv(0);
+  cp_async_commit();
+
+  // This thread's rows: lse and delta in registers.
+  float row_lse[MT][2], row_delta[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = m0 + warp_row + mt * 16 + lane / 4 + half * 8;
+      const long long at = static_cast<long long>(bh) * seqlen_q + i;
+      row_lse[mt][half] = i < seqlen_q ? lse[at] : kNegInf;
+      row_delta[mt][half] = i < seqlen_q ? delta[at] : 0.f;
+    }
+
+  float acc_dq[MT][D / 8][4];
+  zero(acc_dq);
+  const float scale_log2 = softmax_scale * kLog2e;
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (nb + 1 < n_blocks) load_kv(nb + 1);
+    cp_async_commit();
+    const int n0 = nb * BN, slot = nb % 2;
+    const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
+
+    float p[MT][BN / 8][4];
+    zero(p);
+    warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
+    const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int i = m0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;
+          const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
+          const bool visible = !needs_mask || (j < seqlen_k && (!CAUSAL || j <= i + diag));
+          p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, row_lse[mt][c / 2], visible);
+        }
+    float ds[MT][BN / 8][4];
+    zero(ds);
+    warp_mma_abt<T, MT, BN, D, PB>(ds, smem_addr(sdO) + warp_row * PB, v_tile, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
+    warp_mma_pb<T, MT, BN, D, PB>(acc_dq, ds, k_tile, lane);
+  }
+  store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (m0 + warp_row) * dq_ss, dq_ss, 0,
+                           seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);
+}
+
+}  // namespace cuflash

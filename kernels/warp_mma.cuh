@@ -1,0 +1,78 @@
+// Warp-level matrix products on shared-memory tiles (row-major, padded rows of PITCH bytes) and
+// register tiles in the mma accumulator layout. These two shapes are all FlashAttention needs:
+//   warp_mma_abt: acc += A Bᵀ   (S = Q Kᵀ, dP = dO Vᵀ, and their transposes in the backward)
+//   warp_mma_pb:  acc += P B    (O += P V, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K)
+// A warp owns 16 * MT rows of the result. Shared addresses are 32-bit: a per-lane base plus
+// compile-time offsets, which ptxas folds into the ldmatrix instructions.
+#pragma once
+#include "mma.cuh"
+
+namespace cuflash {
+
+// acc[mt][nt] += A[16 MT rows from a_rows] · B[N rows from b_rows]ᵀ, both K wide.
+template <typename T, int MT, int N, int K, int PITCH>
+__device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigned a_rows, unsigned b_rows,
+                                             int lane) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
+  const unsigned a_lane = a_rows + (lane % 16) * PITCH + (lane / 16) * 16;
+  const unsigned b_lane = b_rows + (lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 16;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_lane + mt * 16 * PITCH + kk * 32);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      unsigned b[4];
+      ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mt][nt] += P · B[K rows from b_rows, N wide], P (16 MT x K, fp32) in the accumulator layout of
+// a previous warp_mma_abt: two 8-column accumulator tiles packed into 16-bit pairs are exactly one
+// A fragment of the next mma.
+template <typename T, int MT, int K, int N, int PITCH>
+__device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                            unsigned b_rows, int lane) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
+  const unsigned b_lane = b_rows + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 16;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = ElemTraits<T>::pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      a[mt][1] = ElemTraits<T>::pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      a[mt][2] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      a[mt][3] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, b_lane + kk * 16 * PITCH + np * 32);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+}
+
+}  // namespace cuflash

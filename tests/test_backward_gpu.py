@@ -1,0 +1,196 @@
+"""The backward pass on the GPU: gradients against float64 autograd with FlashAttention's 2x rule,
+PyTorch autograd (custom op, torch.compile), CuPy's explicit backward, determinism, long sequences."""
+import math
+
+import pytest
+
+import cuflash
+from cuflash import _bridge
+
+from gpu_helpers import plain_attention, randn
+
+pytestmark = pytest.mark.gpu
+
+SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048)]
+HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(_bridge, "poison_outputs", True)
+
+
+def grads(fn, q, k, v, dout):
+    import torch
+
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out, dq, dk, dv
+
+
+def check_grads(q, k, v, causal, dout=None):
+    """cuflash's dq, dk, dv against float64 autograd, within 2x of plain same-dtype autograd."""
+    import torch
+
+    dout = randn(q.shape, q.dtype, 99) if dout is None else dout
+    ref = grads(lambda a, b, c: plain_attention(a, b, c, causal), *(x.double() for x in (q, k, v)), dout.double())
+    plain = grads(lambda a, b, c: plain_attention(a, b, c, causal), q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal), q, k, v, dout)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, plain, ref):
+        assert o.shape == r.shape and o.dtype == q.dtype
+        assert not torch.isnan(o).any(), f"{name} has NaN"
+        err = (o.double() - r).abs().max().item() if o.numel() else 0.0
+        base = (p.double() - r).abs().max().item() if o.numel() else 0.0
+        assert err <= 2 * base + 1e-5, f"{name}: max error {err:.3g} > 2 x baseline {base:.3g} + 1e-5"
+    return ours
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_grid(dtype, causal, headdim, seqlens):
+    import torch
+
+    sq, sk = seqlens
+    batch, nheads = (2, 3) if sq * sk < 2**21 else (1, 2)
+    dt = getattr(torch, dtype)
+    seed = hash((dtype, causal, headdim, seqlens, "bwd")) % 2**31
+    q = randn((batch, sq, nheads, headdim), dt, seed)
+    k = randn((batch, sk, nheads, headdim), dt, seed + 1)
+    v = randn((batch, sk, nheads, headdim), dt, seed + 2)
+    check_grads(q, k, v, causal)
+
+
+@pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
+def test_backward_strided(layout):
+    import torch
+
+    b, s, h, d = 2, 300, 4, 64
+    dt = torch.bfloat16
+    if layout == "qkv_packed":
+        q, k, v = randn((b, s, 3, h, d), dt, 1).unbind(2)
+    elif layout == "bhsd_transposed":
+        q, k, v = (randn((b, h, s, d), dt, i).transpose(1, 2) for i in range(3))
+    else:
+        q, k = randn((b, s, h, d), dt, 1), randn((b, s, h, d), dt, 2)
+        v = randn((b, 2 * s, h, d), dt, 3)[:, ::2]
+    check_grads(q, k, v, True, dout=randn((b, h, s, d), dt, 4).transpose(1, 2))
+
+
+@pytest.mark.parametrize("nheads, nheads_k, causal", [(8, 2, True), (6, 1, False)])
+def test_backward_gqa(nheads, nheads_k, causal):
+    import torch
+
+    q = randn((2, 257, nheads, 128), torch.float16, 5)
+    k = randn((2, 190, nheads_k, 128), torch.float16, 6)
+    v = randn((2, 190, nheads_k, 128), torch.float16, 7)
+    check_grads(q, k, v, causal)
+
+
+def test_rows_that_see_no_key_get_zero_gradients():
+    import torch
+
+    q = randn((1, 150, 2, 64), torch.bfloat16, 11)
+    k = randn((1, 50, 2, 64), torch.bfloat16, 12)
+    v = randn((1, 50, 2, 64), torch.bfloat16, 13)
+    out, dq, dk, dv = check_grads(q, k, v, True)
+    assert (dq[:, :100] == 0).all()
+
+
+def test_cupy_explicit_backward_matches_torch_and_is_deterministic():
+    import cupy
+    import torch
+
+    q, k, v, dout = (randn((2, 333, 4, 96), torch.float16, 20 + i) for i in range(4))
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    g1 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    g2 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)  # bitwise reproducible
+    c = [cupy.from_dlpack(x) for x in (dout, q, k, v, out, lse)]
+    gc = cuflash.flash_attn_backward(*c, causal=True, deterministic=True)
+    for a, b in zip(gc, g1):
+        assert isinstance(a, cupy.ndarray)
+        torch.cuda.synchronize()
+        assert torch.equal(torch.from_dlpack(a), b)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
+    for a, b in zip(ours[1:], g1):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile():
+    import torch
+
+    q, k, v, dout = (randn((2, 256, 4, 64), torch.bfloat16, 30 + i) for i in range(4))
+
+    def loss_fn(q, k, v):
+        return (cuflash.flash_attn_func(q, k, v, causal=True) * dout).sum()
+
+    compiled = torch.compile(loss_fn)
+    qs = [x.detach().requires_grad_() for x in (q, k, v)]
+    compiled(*qs).backward()
+    eager = [x.detach().requires_grad_() for x in (q, k, v)]
+    loss_fn(*eager).backward()
+    for a, b in zip(qs, eager):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_custom_op_opcheck():
+    import torch
+
+    q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
+    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _sampled_row_grads(q, k, v, dout, rows, causal, chunk=2048):
+    """float32 reference of dq[rows], dk[rows], dv[rows] for one batch element, in chunks."""
+    import torch
+
+    q, k, v, dout = (x[0].float().transpose(0, 1) for x in (q, k, v, dout))  # (h, s, d)
+    h, sq, d = q.shape
+    sk = k.shape[1]
+    scale = 1 / math.sqrt(d)
+    lse, delta = torch.empty(h, sq, device=q.device), torch.empty(h, sq, device=q.device)
+    for i0 in range(0, sq, chunk):  # lse and delta = rowsum(dO * O) for every query
+        s = (q[:, i0:i0 + chunk] @ k.transpose(1, 2)) * scale
+        if causal:
+            i = torch.arange(i0, min(i0 + chunk, sq), device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(sk, device=q.device)[None] > i + sk - sq, float("-inf"))
+        lse[:, i0:i0 + chunk] = torch.logsumexp(s, -1)
+        o = torch.softmax(s, -1) @ v
+        delta[:, i0:i0 + chunk] = (o * dout[:, i0:i0 + chunk]).sum(-1)
+
+    def p_and_ds(qi, kj, vj, doi, li, di, i, j):
+        s = (qi @ kj.transpose(1, 2)) * scale
+        if causal:
+            s = s.masked_fill(j[None, :] > i[:, None] + sk - sq, float("-inf"))
+        p = torch.exp(s - li[..., None])
+        return p, p * (doi @ vj.transpose(1, 2) - di[..., None])
+
+    all_k = torch.arange(sk, device=q.device)
+    p, ds = p_and_ds(q[:, rows], k, v, dout[:, rows], lse[:, rows], delta[:, rows], rows, all_k)
+    dq = (ds @ k) * scale
+    dk, dv = torch.zeros(h, len(rows), d, device=q.device), torch.zeros(h, len(rows), d, device=q.device)
+    for i0 in range(0, sq, chunk):
+        i = torch.arange(i0, min(i0 + chunk, sq), device=q.device)
+        p, ds = p_and_ds(q[:, i], k[:, rows], v[:, rows], dout[:, i], lse[:, i], delta[:, i], i, rows)
+        dv += p.transpose(1, 2) @ dout[:, i]
+        dk += (ds.transpose(1, 2) @ q[:, i]) * scale
+    return [x.transpose(0, 1)[None] for x in (dq, dk, dv)]
+
+
+@pytest.mark.parametrize("seqlen", [16384, 65536])
+def test_long_backward_sampled_rows(seqlen):
+    import torch
+
+    h, d = 4 if seqlen > 16384 else 8, 128
+    q, k, v, dout = (randn((1, seqlen, h, d), torch.bfloat16, 50 + i) for i in range(4))
+    _, dq, dk, dv = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
+    rows = torch.tensor([0, 1, 127, 4095, seqlen // 2 + 3, seqlen - 2, seqlen - 1], device="cuda")
+    for name, ours, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), _sampled_row_grads(q, k, v, dout, rows, True)):
+        got = ours[:, rows].float()
+        err = (got - ref).abs().max().item()
+        assert err <= 2e-2 * ref.abs().max().item() + 1e-3, f"{name}: error {err:.3g} vs scale {ref.abs().max():.3g}"
