@@ -78,7 +78,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring.
 template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                       T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,

@@ -194,3 +194,26 @@ def test_long_backward_sampled_rows(seqlen):
         got = ours[:, rows].float()
         err = (got - ref).abs().max().item()
         assert err <= 2e-2 * ref.abs().max().item() + 1e-3, f"{name}: error {err:.3g} vs scale {ref.abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_jax_grad_eager_and_jit(dtype):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    dt = getattr(torch, dtype)
+    q, k, v, dout = (randn((2, 130, 4, 64), dt, 60 + i) for i in range(4))
+    _, dq, dk, dv = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
+    qj, kj, vj, doj = (jnp.asarray(x.float().cpu().numpy()).astype(dtype) for x in (q, k, v, dout))
+
+    def loss(a, b, c):
+        return (cuflash.flash_attn_func(a, b, c, causal=True).astype(jnp.float32) * doj.astype(jnp.float32)).sum()
+
+    for fn in (jax.grad(loss, argnums=(0, 1, 2)), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
+        gq, gk, gv = fn(qj, kj, vj)
+        for ours, expected in ((gq, dq), (gk, dk), (gv, dv)):
+            np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), expected.float().cpu().numpy())

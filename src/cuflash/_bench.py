@@ -16,8 +16,8 @@ size 2048 (nheads = 2048 / headdim).  Each timing is the median of many
 individually event-timed calls.  FLOPs use FlashAttention's count
 (4 * batch * seqlen_q * seqlen_k * nheads * headdim, halved when causal).
 
-Only the forward pass ("fwd") is implemented; the ``pass`` field of each
-result and ``flops(..., pass_=...)`` are there so "bwd" / "fwd_bwd" can be added.
+Passes: "fwd" (forward, no autograd), "bwd" (the backward of a forward done outside the timed
+region) and "fwd_bwd" (both); FLOPs of the backward are 2.5x the forward's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ QUADRATIC_IMPLS = ("sdpa_math", "standard")
 
 # FLOPs of each pass relative to the forward pass (FlashAttention's convention).
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-IMPLEMENTED_PASSES = ("fwd",)
+IMPLEMENTED_PASSES = ("fwd", "bwd", "fwd_bwd")
 
 DTYPE_ALIASES = {
     "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
@@ -197,62 +197,78 @@ def get_impl(name):
 # Timing and memory
 # ----------------------------------------------------------------------------
 
-def _timed_calls(call, input_sets, n, offset=0):
-    """Run call n times back to back, each between its own event pair; return ms list."""
+def _timed_calls(call, n_sets, n, offset=0):
+    """Run call(set_index) n times back to back, each between its own event pair; return ms list."""
     import torch
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        q, k, v = input_sets[(offset + i) % len(input_sets)]
         starts[i].record()
-        call(q, k, v)
+        call((offset + i) % n_sets)
         ends[i].record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def time_fn(call, input_sets, timing):
+def time_fn(call, n_sets, timing):
     """Warm up, then time many individual calls; return (median ms, number of samples)."""
     warm = []
     t0 = time.perf_counter()
     while (len(warm) < timing.warmup_calls
            or (time.perf_counter() - t0) * 1e3 < timing.warmup_ms):
-        warm += _timed_calls(call, input_sets, 1, offset=len(warm))
+        warm += _timed_calls(call, n_sets, 1, offset=len(warm))
     if timing.fixed_reps:
         reps = timing.fixed_reps
     else:
         est_ms = max(statistics.median(warm[1:] or warm), 1e-3)
         reps = math.ceil(timing.target_ms / est_ms)
         reps = min(max(reps, timing.min_reps), timing.max_reps)
-    samples = _timed_calls(call, input_sets, reps)
+    samples = _timed_calls(call, n_sets, reps)
     return statistics.median(samples), reps
 
 
-def measure_peak_mib(call, q, k, v):
-    """Peak memory allocated by torch during one call (output included), in MiB."""
+def measure_peak_mib(call):
+    """Peak memory allocated by torch during one call (outputs included), in MiB."""
     import torch
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = call(q, k, v)
+    out = call(0)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     del out
     return peak / 2**20
 
 
-def run_impl(fn, context_factory, input_sets, causal, timing, pass_="fwd"):
-    """Time one implementation on one shape; return dict(ms, peak_mib, reps)."""
+def make_pass_call(fn, input_sets, causal, pass_):
+    """call(set_index) running one pass: the forward (no autograd), the backward of a forward done
+    beforehand (outside the timed region), or forward and backward together."""
     import torch
-    if pass_ not in IMPLEMENTED_PASSES:
-        raise NotImplementedError(f"pass {pass_!r} is not implemented yet")
+    if pass_ == "fwd":
+        def call(i):
+            with torch.no_grad():
+                return fn(*input_sets[i], causal)
+        return call
+    leaves = [tuple(x.detach().requires_grad_() for x in qkv) for qkv in input_sets]
+    douts = [torch.randn_like(qkv[0]) for qkv in input_sets]
+    if pass_ == "bwd":
+        outs = [fn(*qkv, causal) for qkv in leaves]
 
-    def call(q, k, v):
-        return fn(q, k, v, causal)
+        def call(i):
+            return torch.autograd.grad(outs[i], leaves[i], douts[i], retain_graph=True)
+        return call
 
-    with context_factory(), torch.no_grad():
-        peak_mib = measure_peak_mib(call, *input_sets[0])  # also the very first call
-        ms, reps = time_fn(call, input_sets, timing)
+    def call(i):
+        return torch.autograd.grad(fn(*leaves[i], causal), leaves[i], douts[i])
+    return call
+
+
+def run_impl(fn, context_factory, input_sets, causal, timing, pass_="fwd"):
+    """Time one implementation on one shape and pass; return dict(ms, peak_mib, reps)."""
+    with context_factory():
+        call = make_pass_call(fn, input_sets, causal, pass_)
+        peak_mib = measure_peak_mib(call)  # also the very first call
+        ms, reps = time_fn(call, len(input_sets), timing)
     return {"ms": ms, "peak_mib": peak_mib, "reps": reps}
 
 
@@ -329,7 +345,7 @@ def format_table(results):
     for r in results:
         key = (r["pass"], r["dtype"], r["headdim"], r["causal"], r["seqlen_q"])
         rows.setdefault(key, {})[r["impl"]] = r
-    header = f"{'pass':<4} {'dtype':<5} {'hd':>4} {'causal':<6} {'seqlen':>6} |"
+    header = f"{'pass':<7} {'dtype':<5} {'hd':>4} {'causal':<6} {'seqlen':>6} |"
     header += "".join(f"{SHORT_NAMES[i]:>8}" for i in impls) + " |"
     header += "".join(f"{'vs ' + SHORT_NAMES[p]:>9}" for p in peers)
     if "cuflash" in impls:
@@ -338,7 +354,7 @@ def format_table(results):
     for key in sorted(rows):
         pass_, dtype, hd, causal, seqlen = key
         row = rows[key]
-        line = f"{pass_:<4} {SHORT_DTYPE.get(dtype, dtype):<5} {hd:>4} {str(causal):<6} {seqlen:>6} |"
+        line = f"{pass_:<7} {SHORT_DTYPE.get(dtype, dtype):<5} {hd:>4} {str(causal):<6} {seqlen:>6} |"
         line += "".join(
             f"{row[i]['tflops']:>8.1f}" if i in row else f"{'-':>8}" for i in impls) + " |"
         ours = row.get("cuflash", {}).get("tflops")
@@ -442,6 +458,8 @@ def parse_args(argv):
                    help=f"sequence lengths (default {DEFAULT_SEQLENS})")
     p.add_argument("--causal", nargs="+", type=_parse_bool, default=None,
                    help="false and/or true (default both)")
+    p.add_argument("--passes", nargs="+", choices=IMPLEMENTED_PASSES, default=None,
+                   help="fwd, bwd (backward alone, its forward untimed) and/or fwd_bwd (default all)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="implementations to time (default all)")
     p.add_argument("--reps", type=int, default=None,
@@ -484,7 +502,7 @@ def main(argv):
     seqlens = list(dict.fromkeys(args.seqlens or (QUICK_SEQLENS if args.quick else DEFAULT_SEQLENS)))
     causals = list(dict.fromkeys(args.causal if args.causal is not None else [False, True]))
     timing = dataclasses.replace(QUICK_TIMING if args.quick else Timing(), fixed_reps=args.reps)
-    pass_ = "fwd"
+    passes = list(dict.fromkeys(args.passes or IMPLEMENTED_PASSES))
 
     impls = {}
     failed = False
@@ -510,7 +528,7 @@ def main(argv):
                     for seqlen in seqlens:
                         batch = max(1, args.total_tokens // seqlen)
                         _free_memory()
-                        _log(f"\n[{pass_} {dtype_name} headdim={headdim} causal={causal} "
+                        _log(f"\n[{'/'.join(passes)} {dtype_name} headdim={headdim} causal={causal} "
                              f"seqlen={seqlen} batch={batch} nheads={nheads}]")
                         try:
                             input_sets = make_inputs(batch, seqlen, nheads, headdim, dtype)
@@ -520,58 +538,59 @@ def main(argv):
                             continue
                         quad_ok, quad_why = quadratic_allowed(
                             batch, nheads, seqlen, seqlen, args.quadratic_max_seqlen)
-                        n_flops = flops(batch, seqlen, seqlen, nheads, headdim, causal, pass_)
-                        for name, (fn, ctx) in impls.items():
-                            if name in QUADRATIC_IMPLS and not quad_ok:
-                                _log(f"  {name:<15} skipped: {quad_why}")
-                                continue
-                            extra = {}
-                            if name == "cuflash":
+                        for pass_ in passes:
+                            n_flops = flops(batch, seqlen, seqlen, nheads, headdim, causal, pass_)
+                            for name, (fn, ctx) in impls.items():
+                                if name in QUADRATIC_IMPLS and not quad_ok:
+                                    _log(f"  {name:<15} skipped: {quad_why}")
+                                    continue
+                                extra = {}
+                                if name == "cuflash" and pass_ == "fwd":
+                                    try:
+                                        diff, ref_name, ok = check_correctness(
+                                            fn, *input_sets[0], causal, quad_ok)
+                                    except Exception as exc:
+                                        diff, ref_name, ok = None, None, False
+                                        _log(f"!!! cuflash raised during the check: {_first_line(exc)}")
+                                    extra = {"max_abs_diff": diff, "reference": ref_name, "correct": ok}
+                                    if not ok:
+                                        failed = True
+                                        _log("!" * 78)
+                                        _log(f"!!! CUFLASH CORRECTNESS CHECK FAILED: max_abs_diff={diff} "
+                                             f"(tol {MAX_ABS_DIFF_TOL}) vs {ref_name}")
+                                        _log("!" * 78)
+                                    _free_memory()
                                 try:
-                                    diff, ref_name, ok = check_correctness(
-                                        fn, *input_sets[0], causal, quad_ok)
+                                    with warnings.catch_warnings(record=True) as caught:
+                                        warnings.simplefilter("always")
+                                        res = run_impl(fn, ctx, input_sets, causal, timing, pass_)
+                                except oom:
+                                    _free_memory()
+                                    _log(f"  {name:<15} skipped: out of memory")
+                                    continue
                                 except Exception as exc:
-                                    diff, ref_name, ok = None, None, False
-                                    _log(f"!!! cuflash raised during the check: {_first_line(exc)}")
-                                extra = {"max_abs_diff": diff, "reference": ref_name, "correct": ok}
-                                if not ok:
-                                    failed = True
-                                    _log("!" * 78)
-                                    _log(f"!!! CUFLASH CORRECTNESS CHECK FAILED: max_abs_diff={diff} "
-                                         f"(tol {MAX_ABS_DIFF_TOL}) vs {ref_name}")
-                                    _log("!" * 78)
-                                _free_memory()
-                            try:
-                                with warnings.catch_warnings(record=True) as caught:
-                                    warnings.simplefilter("always")
-                                    res = run_impl(fn, ctx, input_sets, causal, timing, pass_)
-                            except oom:
-                                _free_memory()
-                                _log(f"  {name:<15} skipped: out of memory")
-                                continue
-                            except Exception as exc:
-                                why = _first_line(exc)
-                                if caught:
-                                    why += f" ({str(caught[0].message).strip()[:160]})"
-                                _log(f"  {name:<15} skipped: {why}")
-                                if name == "cuflash":
-                                    failed = True
-                                    _log("!!! cuflash FAILED to run on this shape")
-                                _free_memory()
-                                continue
-                            res["tflops"] = tflops_per_s(n_flops, res["ms"])
-                            results.append({
-                                "pass": pass_, "impl": name, "dtype": dtype_name,
-                                "headdim": headdim, "causal": causal, "batch": batch,
-                                "nheads": nheads, "seqlen_q": seqlen, "seqlen_k": seqlen,
-                                "mask": "causal" if causal else "none",
-                                "ms": res["ms"], "tflops": res["tflops"],
-                                "peak_mib": res["peak_mib"], "reps": res["reps"], **extra,
-                            })
-                            line = _describe_run(name, res)
-                            if name == "cuflash" and extra.get("max_abs_diff") is not None:
-                                line += f"  max_abs_diff {extra['max_abs_diff']:.2e}"
-                            _log(line)
+                                    why = _first_line(exc)
+                                    if caught:
+                                        why += f" ({str(caught[0].message).strip()[:160]})"
+                                    _log(f"  {name:<15} skipped: {why}")
+                                    if name == "cuflash":
+                                        failed = True
+                                        _log("!!! cuflash FAILED to run on this shape")
+                                    _free_memory()
+                                    continue
+                                res["tflops"] = tflops_per_s(n_flops, res["ms"])
+                                results.append({
+                                    "pass": pass_, "impl": name, "dtype": dtype_name,
+                                    "headdim": headdim, "causal": causal, "batch": batch,
+                                    "nheads": nheads, "seqlen_q": seqlen, "seqlen_k": seqlen,
+                                    "mask": "causal" if causal else "none",
+                                    "ms": res["ms"], "tflops": res["tflops"],
+                                    "peak_mib": res["peak_mib"], "reps": res["reps"], **extra,
+                                })
+                                line = _describe_run(name, res)
+                                if name == "cuflash" and extra.get("max_abs_diff") is not None:
+                                    line += f"  max_abs_diff {extra['max_abs_diff']:.2e}"
+                                _log(line)
                         del input_sets
     except KeyboardInterrupt:
         _log("\ninterrupted -- reporting what was measured so far")

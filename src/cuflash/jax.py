@@ -1,5 +1,6 @@
-"""JAX glue: the forward kernel launched from jax.experimental.buffer_callback, on XLA's stream,
-writing straight into XLA's output buffers, so it works eagerly and inside jax.jit."""
+"""JAX glue: the kernels launched from jax.experimental.buffer_callback, on XLA's stream, writing
+straight into XLA's output buffers, so they work eagerly and inside jax.jit; jax.custom_vjp makes
+the attention differentiable."""
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,56 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
     return buffer_callback.buffer_callback(launch, (out_shape, lse_shape))
 
 
+@functools.lru_cache(maxsize=256)
+def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
+    import jax
+    from jax.experimental import buffer_callback
+
+    def launch(ctx, outs, dout, q, k, v, out, lse):
+        dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
+        arrays = [_buffer(b, dtype) for b in (q, k, v, dout, out)]
+        la, delta_a = _buffer(lse, "float32"), _buffer(delta, "float32")
+        grads = [_buffer(b, dtype) for b in (dq, dk, dv)]
+        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream)
+
+    p = problem
+    shapes = [(p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
+              (p.batch, p.seqlen_k, p.nheads_k, p.head_dim)]
+    results = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    results.append(jax.ShapeDtypeStruct((p.batch, p.nheads, p.seqlen_q), "float32"))
+    return buffer_callback.buffer_callback(launch, tuple(results))
+
+
+@functools.lru_cache(maxsize=256)
+def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
+    """(q, k, v) -> (out, lse) with a custom VJP running the backward kernels. The log-sum-exp is an
+    output for callers who want it; gradients do not flow through it."""
+    import jax
+
+    fwd = _fwd_callable(problem, dtype, causal)
+    bwd = _bwd_callable(problem, dtype, causal)
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return fwd(q, k, v)
+
+    def attention_fwd(q, k, v):
+        out, lse = fwd(q, k, v)
+        return (out, lse), (q, k, v, out, lse)
+
+    def attention_bwd(res, cotangents):
+        q, k, v, out, lse = res
+        dout, _ = cotangents
+        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse)
+        return dq, dk, dv
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention
+
+
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
-    """cuflash.flash_attn_func for JAX arrays; usable inside jax.jit."""
+    """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
     problem = api.check_fwd_args(qa, ka, va, softmax_scale)
-    out, lse = _fwd_callable(problem, qa.dtype, bool(causal))(q, k, v)
+    out, lse = _differentiable(problem, qa.dtype, bool(causal))(q, k, v)
     return (out, lse, None) if return_attn_probs else out
