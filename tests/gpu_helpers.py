@@ -1,6 +1,7 @@
 """Shared pieces of the GPU tests: random inputs, the float64 reference, the same-dtype baseline and
 FlashAttention's tolerance rule."""
 import math
+import zlib
 
 import numpy as np
 
@@ -69,3 +70,36 @@ def assert_lse_close(lse, ref_lse):
 
 def np_to(x, dtype):
     return np.asarray(x, dtype=dtype)
+
+
+SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048)]
+HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
+
+
+def grid_inputs(dtype: str, causal: bool, headdim: int, seqlens, tag: str):
+    """q, k, v for one point of the test grid; a stable seed per point (hash() is salted per run)."""
+    import torch
+
+    sq, sk = seqlens
+    batch, nheads = (2, 3) if sq * sk < 2**21 else (1, 2)
+    dt = getattr(torch, dtype)
+    seed = zlib.crc32(repr((dtype, causal, headdim, seqlens, tag)).encode())
+    return (randn((batch, sq, nheads, headdim), dt, seed), randn((batch, sk, nheads, headdim), dt, seed + 1),
+            randn((batch, sk, nheads, headdim), dt, seed + 2))
+
+
+def strided_inputs(layout: str, b=2, s=300, h=4, d=64):
+    """q, k, v as non-contiguous views: packed QKV, (b, h, s, d) transposed, padded rows, or every
+    other row of a longer V."""
+    import torch
+
+    dt = torch.bfloat16
+    if layout == "qkv_packed":
+        return randn((b, s, 3, h, d), dt, 1).unbind(2)
+    if layout == "bhsd_transposed":
+        return tuple(randn((b, h, s, d), dt, i).transpose(1, 2) for i in range(3))
+    if layout == "padded_rows":
+        return tuple(randn((b, s, h, d + 24), dt, i)[..., :d] for i in range(3))
+    assert layout == "noncontiguous_v"
+    return randn((b, s, h, d), dt, 1), randn((b, s, h, d), dt, 2), randn((b, 2 * s, h, d), dt, 3)[:, ::2]
+

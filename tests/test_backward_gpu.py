@@ -7,12 +7,9 @@ import pytest
 import cuflash
 from cuflash import _bridge
 
-from gpu_helpers import plain_attention, randn
+from gpu_helpers import HEADDIMS, SEQLENS, grid_inputs, plain_attention, randn, strided_inputs
 
 pytestmark = pytest.mark.gpu
-
-SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048)]
-HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
 
 
 @pytest.fixture(autouse=True)
@@ -51,32 +48,16 @@ def check_grads(q, k, v, causal, dout=None):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_backward_grid(dtype, causal, headdim, seqlens):
-    import torch
-
-    sq, sk = seqlens
-    batch, nheads = (2, 3) if sq * sk < 2**21 else (1, 2)
-    dt = getattr(torch, dtype)
-    seed = hash((dtype, causal, headdim, seqlens, "bwd")) % 2**31
-    q = randn((batch, sq, nheads, headdim), dt, seed)
-    k = randn((batch, sk, nheads, headdim), dt, seed + 1)
-    v = randn((batch, sk, nheads, headdim), dt, seed + 2)
-    check_grads(q, k, v, causal)
+    check_grads(*grid_inputs(dtype, causal, headdim, seqlens, "bwd"), causal)
 
 
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
 def test_backward_strided(layout):
     import torch
 
-    b, s, h, d = 2, 300, 4, 64
-    dt = torch.bfloat16
-    if layout == "qkv_packed":
-        q, k, v = randn((b, s, 3, h, d), dt, 1).unbind(2)
-    elif layout == "bhsd_transposed":
-        q, k, v = (randn((b, h, s, d), dt, i).transpose(1, 2) for i in range(3))
-    else:
-        q, k = randn((b, s, h, d), dt, 1), randn((b, s, h, d), dt, 2)
-        v = randn((b, 2 * s, h, d), dt, 3)[:, ::2]
-    check_grads(q, k, v, True, dout=randn((b, h, s, d), dt, 4).transpose(1, 2))
+    q, k, v = strided_inputs(layout)
+    b, s, h, d = q.shape
+    check_grads(q, k, v, True, dout=randn((b, h, s, d), torch.bfloat16, 4).transpose(1, 2))
 
 
 @pytest.mark.parametrize("nheads, nheads_k, causal", [(8, 2, True), (6, 1, False)])

@@ -4,12 +4,10 @@ import pytest
 import cuflash
 from cuflash import _bridge
 
-from gpu_helpers import assert_close_2x, assert_lse_close, plain_attention, randn, reference
+from gpu_helpers import (HEADDIMS, SEQLENS, assert_close_2x, assert_lse_close, grid_inputs, plain_attention, randn,
+                         reference, strided_inputs)
 
 pytestmark = pytest.mark.gpu
-
-SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023), (2048, 2048)]
-HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
 
 
 @pytest.fixture(autouse=True)
@@ -38,33 +36,13 @@ def check(q, k, v, causal, scale=None):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_forward_grid(dtype, causal, headdim, seqlens):
-    sq, sk = seqlens
-    batch, nheads = (2, 3) if sq * sk < 2**21 else (1, 2)
-    dt = torch_dtype(dtype)
-    seed = hash((dtype, causal, headdim, seqlens)) % 2**31
-    q = randn((batch, sq, nheads, headdim), dt, seed)
-    k = randn((batch, sk, nheads, headdim), dt, seed + 1)
-    v = randn((batch, sk, nheads, headdim), dt, seed + 2)
-    check(q, k, v, causal)
+    check(*grid_inputs(dtype, causal, headdim, seqlens, "fwd"), causal)
 
 
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "padded_rows", "noncontiguous_v"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_strided_views(layout, causal):
-    import torch
-
-    b, s, h, d = 2, 300, 4, 64
-    dt = torch.bfloat16
-    if layout == "qkv_packed":
-        qkv = randn((b, s, 3, h, d), dt, 1)
-        q, k, v = qkv.unbind(2)
-    elif layout == "bhsd_transposed":
-        q, k, v = (randn((b, h, s, d), dt, i).transpose(1, 2) for i in range(3))
-    elif layout == "padded_rows":
-        q, k, v = (randn((b, s, h, d + 24), dt, i)[..., :d] for i in range(3))
-    else:
-        q, k = randn((b, s, h, d), dt, 1), randn((b, s, h, d), dt, 2)
-        v = randn((b, 2 * s, h, d), dt, 3)[:, ::2]
+    q, k, v = strided_inputs(layout)
     assert not (q.is_contiguous() and v.is_contiguous())
     check(q, k, v, causal)
 
@@ -143,7 +121,6 @@ def test_jax_inputs_eager_and_jit(dtype):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
