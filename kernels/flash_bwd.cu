@@ -7,10 +7,6 @@
 //                                dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q
 //   flash_bwd_dq_kernel          a block owns BM queries and walks the key tiles:
 //                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
-// That split recomputes S and dP twice but has no atomics, so the gradients are bitwise
-// reproducible (deterministic=True). The default path saves the recomputation: the dK/dV kernel
-// (DQ_ATOMIC) also adds each tile's dQ share, dS K, into an fp32 workspace with atomics, and
-// flash_bwd_convert_dq_kernel scales and converts it.
 // dK and dQ carry the softmax scale. Working on Sᵀ (keys as rows) lets every product of the dK/dV
 // kernel use the same two warp-level shapes as the forward pass.
 #include "mma.cuh"
@@ -77,100 +73,19 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
     }
 }
 
-// dQ[tile rows, DV columns] += dS K for one (key block, query tile): the block's dSᵀ goes through
-// shared memory (each warp holds it for its own keys only), then each warp multiplies a 16-query
-// share of dS (ldmatrix.trans of dSᵀ) with K's columns and adds the result to the fp32 workspace.
-template <typename T, int PB, int DV, int BN, int BMQ, int WARPS, int MT>
-__device__ __forceinline__ void add_dq_share(const float (&ds)[MT][BMQ / 8][4], T* sdS, unsigned k_cols,
-                                             float* dqa, long long dqa_ss, int rows_valid, int cols_valid,
-                                             int warp_row, int lane) {
-  constexpr int PS = BMQ + 8, PSB = PS * sizeof(T);  // dSᵀ rows, padded to an odd number of 16 B chunks
-  constexpr int M_TILES = BMQ / 16, WN = WARPS / M_TILES, NB = DV / 16, NJ = (NB + WN - 1) / WN;
-  static_assert(WARPS % M_TILES == 0, "the warps must split the query tile evenly");
-  static_assert((PS / 8) % 2 == 1, "dSᵀ rows must be an odd number of 16-byte chunks");
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-      for (int nt = 0; nt < BMQ / 8; ++nt)
-        *reinterpret_cast<unsigned*>(sdS + (warp_row + mt * 16 + lane / 4 + half * 8) * PS + nt * 8 + (lane % 4) * 2) =
-            ElemTraits<T>::pack2(ds[mt][nt][2 * half], ds[mt][nt][2 * half + 1]);
-  __syncthreads();
-
-  const int warp = threadIdx.x / 32, wm = warp % M_TILES, wn = warp / M_TILES;
-  float acc[NJ][2][4];
-  zero(acc);
-  const unsigned s_lane = smem_addr(sdS) + (lane % 8 + (lane / 16) * 8) * PSB + (wm * 16 + ((lane / 8) % 2) * 8) * 2;
-  const unsigned k_lane = k_cols + (lane % 8 + ((lane / 8) % 2) * 8) * PB + (lane / 16) * 16;
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    unsigned a[4];
-    ldmatrix_x4_trans(a, s_lane + kk * 16 * PSB);
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      const int nb = wn + j * WN;
-      if (nb < NB) {
-        unsigned b[4];
-        ldmatrix_x4_trans(b, k_lane + kk * 16 * PB + nb * 32);
-        mma_16816<T>(acc[j][0], a, b[0], b[1]);
-        mma_16816<T>(acc[j][1], a, b[2], b[3]);
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < NJ; ++j) {
-    const int nb = wn + j * WN;
-    if (nb >= NB) continue;
-#pragma unroll
-    for (int n8 = 0; n8 < 2; ++n8)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = wm * 16 + lane / 4 + half * 8, col = nb * 16 + n8 * 8 + (lane % 4) * 2;
-        if (r < rows_valid && col < cols_valid) {  // cols_valid is even, so col + 1 is valid too
-          atomicAdd(dqa + r * dqa_ss + col, acc[j][n8][2 * half]);
-          atomicAdd(dqa + r * dqa_ss + col + 1, acc[j][n8][2 * half + 1]);
-        }
-      }
-  }
-}
-
-// dq = scale * dq_accum, one warp per row of (batch, head, query), in 16-byte chunks.
-template <typename T>
-__global__ void __launch_bounds__(128)
-flash_bwd_convert_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, long long a_sb, long long a_ss,
-                            long long a_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q,
-                            int nheads, int head_dim, long long rows, float scale) {
-  const long long row = static_cast<long long>(blockIdx.x) * 4 + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const int i = static_cast<int>(row % seqlen_q);
-  const long long bh = row / seqlen_q;
-  const int h = static_cast<int>(bh % nheads), b = static_cast<int>(bh / nheads);
-  const float* src = dq_accum + b * a_sb + h * a_sh + i * a_ss;
-  T* dst = dq + b * dq_sb + h * dq_sh + i * dq_ss;
-  for (int c = lane * 8; c < head_dim; c += 32 * 8) {
-    const float4 x = *reinterpret_cast<const float4*>(src + c), y = *reinterpret_cast<const float4*>(src + c + 4);
-    *reinterpret_cast<uint4*>(dst + c) =
-        make_uint4(ElemTraits<T>::pack2(x.x * scale, x.y * scale), ElemTraits<T>::pack2(x.z * scale, x.w * scale),
-                   ElemTraits<T>::pack2(y.x * scale, y.y * scale), ElemTraits<T>::pack2(y.z * scale, y.w * scale));
-  }
-}
-
 // ---- dK, dV ------------------------------------------------------------------------------------
 // Block: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool DQ_ATOMIC>
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                      T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ dq_accum, long long q_sb,
-                      long long q_ss, long long q_sh, long long k_sb, long long k_ss, long long k_sh, long long v_sb,
-                      long long v_ss, long long v_sh, long long do_sb, long long do_ss, long long do_sh,
-                      long long dk_sb, long long dk_ss, long long dk_sh, long long dv_sb, long long dv_ss,
-                      long long dv_sh, long long dqa_sb, long long dqa_ss, long long dqa_sh, int seqlen_q,
-                      int seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale) {
+                      T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
+                      long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
+                      long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
+                      long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
+                      int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale) {
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
@@ -179,7 +94,6 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   T* sV = sK + BN * PITCH;
   T* sQ = sV + BN * PITCH;     // 2 slots of BMQ rows
   T* sdO = sQ + 2 * BMQ * PITCH;  // 2 slots
-  T* sdS = sdO + 2 * BMQ * PITCH;  // DQ_ATOMIC: this tile's dSᵀ (BN keys x BMQ queries)
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
@@ -273,12 +187,6 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         for (int c = 0; c < 4; ++c)
           ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2]);
     warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dk, ds, q_tile + c0 * sizeof(T), lane);
-    if constexpr (DQ_ATOMIC) {
-      const int h = hk * kv_group + it / tiles_per_head;
-      add_dq_share<T, PB, DV, BN, BMQ, WARPS, MT>(ds, sdS, smem_addr(sK) + c0 * sizeof(T),
-                                              dq_accum + b * dqa_sb + h * dqa_sh + m0 * dqa_ss + c0, dqa_ss,
-                                              seqlen_q - m0, head_dim - c0, warp_row, lane);
-    }
 
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
   }

@@ -26,15 +26,14 @@ def grads(fn, q, k, v, dout):
     return out, dq, dk, dv
 
 
-def check_grads(q, k, v, causal, dout=None, deterministic=False):
+def check_grads(q, k, v, causal, dout=None):
     """cuflash's dq, dk, dv against float64 autograd, within 2x of plain same-dtype autograd."""
     import torch
 
     dout = randn(q.shape, q.dtype, 99) if dout is None else dout
     ref = grads(lambda a, b, c: plain_attention(a, b, c, causal), *(x.double() for x in (q, k, v)), dout.double())
     plain = grads(lambda a, b, c: plain_attention(a, b, c, causal), q, k, v, dout)
-    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, deterministic=deterministic),
-                 q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal), q, k, v, dout)
     for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, plain, ref):
         assert o.shape == r.shape and o.dtype == q.dtype
         assert not torch.isnan(o).any(), f"{name} has NaN"
@@ -48,9 +47,8 @@ def check_grads(q, k, v, causal, dout=None, deterministic=False):
 @pytest.mark.parametrize("headdim", HEADDIMS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
-def test_backward_grid(deterministic, dtype, causal, headdim, seqlens):
-    check_grads(*grid_inputs(dtype, causal, headdim, seqlens, "bwd"), causal, deterministic=deterministic)
+def test_backward_grid(dtype, causal, headdim, seqlens):
+    check_grads(*grid_inputs(dtype, causal, headdim, seqlens, "bwd"), causal)
 
 
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
@@ -88,8 +86,8 @@ def test_cupy_explicit_backward_matches_torch_and_is_deterministic():
 
     q, k, v, dout = (randn((2, 333, 4, 96), torch.float16, 20 + i) for i in range(4))
     out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    g1 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
-    g2 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    g1 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    g2 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)  # bitwise reproducible
     c = [cupy.from_dlpack(x) for x in (dout, q, k, v, out, lse)]
@@ -98,13 +96,9 @@ def test_cupy_explicit_backward_matches_torch_and_is_deterministic():
         assert isinstance(a, cupy.ndarray)
         torch.cuda.synchronize()
         assert torch.equal(torch.from_dlpack(a), b)
-    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True, deterministic=True), q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
     for a, b in zip(ours[1:], g1):
         assert torch.equal(a, b)
-    # The atomic path adds the same terms in another order: equal up to fp32 rounding.
-    fast = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
-    for a, b in zip(fast, g1):
-        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
 
 
 def test_torch_compile():
@@ -113,7 +107,7 @@ def test_torch_compile():
     q, k, v, dout = (randn((2, 256, 4, 64), torch.bfloat16, 30 + i) for i in range(4))
 
     def loss_fn(q, k, v):
-        return (cuflash.flash_attn_func(q, k, v, causal=True, deterministic=True) * dout).sum()
+        return (cuflash.flash_attn_func(q, k, v, causal=True) * dout).sum()
 
     compiled = torch.compile(loss_fn)
     qs = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -128,7 +122,7 @@ def test_custom_op_opcheck():
     import torch
 
     q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
-    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True, True),
+    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -194,8 +188,7 @@ def test_jax_grad_eager_and_jit(dtype):
         pytest.skip("JAX has no GPU backend here")
     dt = getattr(torch, dtype)
     q, k, v, dout = (randn((2, 130, 4, 64), dt, 60 + i) for i in range(4))
-    _, dq, dk, dv = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True, deterministic=True),
-                          q, k, v, dout)
+    _, dq, dk, dv = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
     qj, kj, vj, doj = (jnp.asarray(x.float().cpu().numpy()).astype(dtype) for x in (q, k, v, dout))
 
     def loss(a, b, c):

@@ -146,8 +146,7 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_CONVERT_DQ_PARAM_FORMAT = "QQ" + "q" * 6 + "iii" + "q" + "f"
-BWD_DKDV_PARAM_FORMAT = "Q" * 9 + "q" * 21 + "i" * 6 + "f"
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f"
 BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f"
 
 
@@ -164,18 +163,6 @@ class BwdPreprocessVariant:
 
 
 @dataclass(frozen=True)
-class BwdConvertDqVariant:
-    dtype: str
-    source: str = "flash_bwd.cu"
-    threads: int = 128
-    smem_bytes: int = 0
-
-    @functools.cached_property
-    def name(self) -> str:
-        return f"cuflash::flash_bwd_convert_dq_kernel<{_CUDA_TYPE[self.dtype]}>"
-
-
-@dataclass(frozen=True)
 class BwdDkdvVariant:
     dtype: str
     head_dim: int
@@ -184,25 +171,21 @@ class BwdDkdvVariant:
     warps: int
     splits: int
     causal: bool
-    dq_atomic: bool  # also add dQ shares into an fp32 workspace (the non-deterministic fast path)
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
-        flag = lambda b: "true" if b else "false"  # noqa: E731
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{flag(self.causal)}, {flag(self.dq_atomic)}>")
+                f"{'true' if self.causal else 'false'}>")
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
     @property
-    def smem_bytes(self) -> int:
-        # K, V tiles, two slots each of Q and dO, and (dq_atomic) the dSᵀ tile; the stats are static.
-        tiles = (2 * self.block_n + 4 * self.block_q) * (self.head_dim + 8) * 2
-        return tiles + (self.block_n * (self.block_q + 8) * 2 if self.dq_atomic else 0)
+    def smem_bytes(self) -> int:  # K, V tiles and two slots each of Q and dO (the small stats are static)
+        return (2 * self.block_n + 4 * self.block_q) * (self.head_dim + 8) * 2
 
 
 @dataclass(frozen=True)
@@ -230,13 +213,11 @@ class BwdDqVariant:
 
 
 @functools.lru_cache(maxsize=None)
-def choose_bwd(dtype: str, head_dim: int, causal: bool, deterministic: bool = False):
-    """The backward's kernels, in launch order: (preprocess, dK/dV, dQ) when deterministic, else
-    (preprocess, dK/dV with atomic dQ shares, dQ conversion)."""
+def choose_bwd(dtype: str, head_dim: int, causal: bool):
+    """(preprocess, dK/dV, dQ) variants for a backward call."""
     bucket = head_dim_bucket(head_dim)
-    dkdv = BwdDkdvVariant(dtype, bucket, *BWD_DKDV_TILES[bucket], bool(causal), not deterministic)
-    last = BwdDqVariant(dtype, bucket, *BWD_DQ_TILES[bucket], bool(causal)) if deterministic else BwdConvertDqVariant(dtype)
-    return BwdPreprocessVariant(dtype), dkdv, last
+    return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, *BWD_DKDV_TILES[bucket], bool(causal)),
+            BwdDqVariant(dtype, bucket, *BWD_DQ_TILES[bucket], bool(causal)))
 
 
 def all_bwd_variants() -> list:
@@ -244,47 +225,38 @@ def all_bwd_variants() -> list:
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
             for c in (False, True):
-                for det in (False, True):
-                    out += [v for v in choose_bwd(dt, d, c, det) if v not in out]
+                out += [v for v in choose_bwd(dt, d, c) if v not in out]
     return out
 
 
-def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
-                 dq_accum=(0, (0, 0, 0))):
-    """[(variant, blocks, threads, args)] for the backward kernels, in launch order.
+def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv):
+    """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
-    delta are contiguous float32 (batch, nheads, seqlen_q) buffers; dq_accum is the zeroed float32
-    workspace of the atomic path.
+    delta are contiguous float32 (batch, nheads, seqlen_q) buffers.
     """
-    pre, dkdv, last = variants
+    pre, dkdv, dqv = variants
     group = p.nheads // p.nheads_k
     rows = p.batch * p.nheads * p.seqlen_q
-    common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
     launches = []
     if rows:
         launches.append((pre, -(-rows // 4), pre.threads,
                          (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], p.seqlen_q, p.nheads, p.head_dim, rows)))
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
+    common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
     if blocks:
         launches.append((dkdv, blocks, dkdv.threads,
-                         (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0], dq_accum[0],
-                          *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3], *dq_accum[1][:3],
+                         (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
+                          *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
                           *common, num_n_blocks, p.softmax_scale)))
-    if isinstance(last, BwdConvertDqVariant):
-        if rows:
-            launches.append((last, -(-rows // 4), last.threads,
-                             (dq_accum[0], dq[0], *dq_accum[1][:3], *dq[1][:3], p.seqlen_q, p.nheads, p.head_dim,
-                              rows, p.softmax_scale)))
-    else:
-        num_m_blocks = -(-p.seqlen_q // last.block_m)
-        blocks = num_m_blocks * p.batch * p.nheads
-        if blocks:
-            launches.append((last, blocks, last.threads,
-                             (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
-                              *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                              *common, num_m_blocks, p.softmax_scale)))
+    num_m_blocks = -(-p.seqlen_q // dqv.block_m)
+    blocks = num_m_blocks * p.batch * p.nheads
+    if blocks:
+        launches.append((dqv, blocks, dqv.threads,
+                         (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
+                          *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
+                          *common, num_m_blocks, p.softmax_scale)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")
@@ -292,5 +264,4 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
 
 
 PARAM_FORMATS = {BwdPreprocessVariant: BWD_PREPROCESS_PARAM_FORMAT, BwdDkdvVariant: BWD_DKDV_PARAM_FORMAT,
-                 BwdDqVariant: BWD_DQ_PARAM_FORMAT, BwdConvertDqVariant: BWD_CONVERT_DQ_PARAM_FORMAT,
-                 FwdVariant: FWD_PARAM_FORMAT}
+                 BwdDqVariant: BWD_DQ_PARAM_FORMAT, FwdVariant: FWD_PARAM_FORMAT}

@@ -42,7 +42,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
-        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, deterministic)
+        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal)
         return (out, lse, None) if return_attn_probs else out
     out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal)
     return (out, lse, None) if return_attn_probs else out
@@ -173,9 +173,8 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
 
     dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
     flash_attn_func(..., return_attn_probs=True). dk and dv have k's shape (summed over the query
-    heads of each K/V head for GQA). No buffer grows with seqlen_q x seqlen_k. By default dQ is
-    accumulated with fp32 atomics (fast; the summation order varies run to run);
-    deterministic=True computes it in a separate pass, bitwise reproducible.
+    heads of each K/V head for GQA). No buffer grows with seqlen_q x seqlen_k, and the result is
+    bitwise reproducible (no atomics), so `deterministic` costs nothing.
     """
     _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
                            alibi_slopes=alibi_slopes, block_mask=None)
@@ -189,9 +188,7 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     dk, dka = _bridge.empty(qa, ka.shape, qa.dtype)
     dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
     delta, delta_a = _bridge.empty(qa, la.shape, "float32")
-    dq_accum = None if deterministic else _bridge.empty(qa, (qa.shape[0], qa.shape[1], qa.shape[2], qa.shape[3]), "float32")
-    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa),
-            dq_accum[1] if dq_accum else None)
+    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa))
     if qa.framework == "dlpack":
         dq, dk, dv = dqa.obj, dka.obj, dva.obj
     return dq, dk, dv
@@ -221,19 +218,11 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
         raise ValueError(f"softmax_lse must be contiguous, got strides {lse.strides}")
 
 
-def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, dq_accum=None) -> None:
-    """Launch the backward kernels on `stream_ptr`; delta is a float32 workspace like lse. With a
-    dq_accum workspace (float32, q's shape, contiguous) dQ is accumulated with atomics in the dK/dV
-    kernel (faster, not bitwise reproducible); without, a separate kernel computes it."""
-    variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, deterministic=dq_accum is None)
-    accum = (0, (0, 0, 0)) if dq_accum is None else (dq_accum.ptr, dq_accum.strides)
+def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int) -> None:
+    """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse."""
+    variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal)
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
-        *((a.ptr, a.strides) for a in (dq, dk, dv)), dq_accum=accum,
+        *((a.ptr, a.strides) for a in (dq, dk, dv)),
     )
-    if dq_accum is not None and launches:
-        import cupy
-
-        with cupy.cuda.Device(q.device):
-            cupy.cuda.runtime.memsetAsync(dq_accum.ptr, 0, 4 * p.batch * p.seqlen_q * p.nheads * p.head_dim, stream_ptr)
     _launch_on(q.device, launches, stream_ptr)
