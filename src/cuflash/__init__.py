@@ -1,6 +1,7 @@
 """cuflash: FlashAttention as raw CUDA kernels compiled at run time by NVRTC through CuPy."""
 from .api import flash_attn_backward, flash_attn_func
+from .masks import BlockMask
 from .reference import attention_reference
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "flash_attn_backward", "attention_reference", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_backward", "BlockMask", "attention_reference", "__version__"]
