@@ -15,7 +15,7 @@ _LATER = {
     "window_size": "sliding-window attention",
     "softcap": "softcapping",
     "alibi_slopes": "ALiBi",
-    "block_mask": "block-sparse attention (cuflash.BlockMask builds masks; the kernels that read them are next)",
+    "block_mask": "block-sparse attention",
 }
 
 
