@@ -9,6 +9,7 @@
 //                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
 // dK and dQ carry the softmax scale. Working on Sᵀ (keys as rows) lets every product of the dK/dV
 // kernel use the same two warp-level shapes as the forward pass.
+#include "block_sparse.cuh"
 #include "mma.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
@@ -76,8 +77,9 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // ---- dK, dV ------------------------------------------------------------------------------------
 // Block: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
-// (of every query head sharing this K/V head) stream through a two-slot cp.async ring.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL>
+// (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
+// the query tiles that the block mask's key-major list names for this key block.
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -85,7 +87,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
-                      int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale) {
+                      int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
+                      const BlockLists lists) {
+  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
@@ -106,14 +110,38 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int b = block / nheads_k, hk = block % nheads_k;
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
 
-  // Query tiles that can see these keys: all of them, or (causal) those with a row i >= n0 - diag.
+  // Query tiles that can see these keys: all of them, or (causal) those with a row i >= n0 - diag,
+  // or (SPARSE) the listed ones.
   const int num_m_blocks = (seqlen_q + BMQ - 1) / BMQ;
   const int m_first = CAUSAL ? min(num_m_blocks, max(0, n0 - diag) / BMQ) : 0;
-  const int tiles_per_head = num_m_blocks - m_first, n_iters = tiles_per_head * kv_group;
+  const int tiles_per_head = num_m_blocks - m_first;
+  int n_iters = tiles_per_head * kv_group;
+  __shared__ long long list_entries;
+  __shared__ int list_count;
+  if constexpr (SPARSE) {
+    if (threadIdx.x == 0) {
+      const long long row = lists.row(b, hk, n0 / lists.block_n);
+      list_entries = row * lists.cap;
+      list_count = __ldg(lists.count + row);
+    }
+    __syncthreads();
+    n_iters = list_count * (lists.block_m / BMQ);
+  }
+  // Tile `it` in the mask (SPARSE), its query head (the group member g) and first row.
+  auto mask_tile = [&](int it) {
+    return SPARSE ? sparse_tile(lists, list_entries, it, lists.block_m / BMQ, BMQ) : SparseTile{0, -1, 0};
+  };
+  auto group_member = [&](int it, const SparseTile& at) {
+    return SPARSE ? at.block / lists.group_stride : it / tiles_per_head;
+  };
+  auto first_query = [&](int it, const SparseTile& at, int g) {
+    return SPARSE ? (at.block - g * lists.group_stride) * lists.block_m + at.offset
+                  : (m_first + it % tiles_per_head) * BMQ;
+  };
 
-  auto load_q_tile = [&](int it) {  // tile `it` = (query head of the group, query tile)
-    const int h = hk * kv_group + it / tiles_per_head, m0 = (m_first + it % tiles_per_head) * BMQ;
-    const int slot = it % 2;
+  auto load_q_tile = [&](int it) {
+    const SparseTile at = mask_tile(it);
+    const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g), slot = it % 2;
     load_tile_async<BMQ, D, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + m0 * q_ss, q_ss,
                                      seqlen_q - m0, head_dim);
     load_tile_async<BMQ, D, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + m0 * do_ss, do_ss,
@@ -121,11 +149,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   };
   // lse and delta of a tile: one value per thread (or none), loaded early, stored to shared late.
   auto load_stats = [&](int it, float& l, float& d) {
-    const int h = hk * kv_group + it / tiles_per_head, m0 = (m_first + it % tiles_per_head) * BMQ;
+    const SparseTile at = mask_tile(it);
+    const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g);
     const int i = m0 + static_cast<int>(threadIdx.x);
-    const long long at = (static_cast<long long>(b) * nheads + h) * seqlen_q + i;
-    l = threadIdx.x < BMQ && i < seqlen_q ? lse[at] : kNegInf;
-    d = threadIdx.x < BMQ && i < seqlen_q ? delta[at] : 0.f;
+    const long long at_row = (static_cast<long long>(b) * nheads + h) * seqlen_q + i;
+    l = threadIdx.x < BMQ && i < seqlen_q ? lse[at_row] : kNegInf;
+    d = threadIdx.x < BMQ && i < seqlen_q ? delta[at_row] : 0.f;
   };
   static_assert(BMQ <= THREADS, "one thread per query row of a tile");
 
@@ -154,23 +183,28 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     }
     cp_async_commit();
 
-    const int slot = it % 2, m0 = (m_first + it % tiles_per_head) * BMQ;
+    const SparseTile at = mask_tile(it);
+    const int slot = it % 2, m0 = first_query(it, at, group_member(it, at));
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
     float p[MT][BMQ / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
-    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
+    bool partial = false;
+    if constexpr (SPARSE) partial = at.slot >= 0;
+    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag) || partial;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int j = n0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;  // key
+          const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
           const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = m0 + col;  // query
-          const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!CAUSAL || j <= i + diag));
+          bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!CAUSAL || j <= i + diag));
+          if constexpr (SPARSE)  // element bits of a partial block: rows are queries, columns keys
+            visible = visible && (!partial || lists.visible(at.slot, at.offset + col, n0 % lists.block_n + key));
           p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, s_lse[slot][col], visible);
         }
     warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dv, p, do_tile + c0 * sizeof(T), lane);
@@ -200,15 +234,17 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
-// K/V tiles of BN rows stream through a two-slot ring.
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL>
+// K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ dq, long long q_sb, long long q_ss, long long q_sh, long long k_sb, long long k_ss,
                     long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
                     long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q, int seqlen_k,
-                    int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale) {
+                    int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
+                    const BlockLists lists) {
+  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
@@ -228,10 +264,26 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const int last_key = m0 + BM - 1 + diag;
     n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
   }
+  __shared__ long long list_entries;
+  __shared__ int list_count;
+  if constexpr (SPARSE) {
+    if (threadIdx.x == 0) {
+      const long long row = lists.row(b, h, m0 / lists.block_m);
+      list_entries = row * lists.cap;
+      list_count = __ldg(lists.count + row);
+    }
+    __syncthreads();
+    n_blocks = list_count * (lists.block_n / BN);
+  }
+  // Tile `nb` in the mask (SPARSE), and its first key.
+  auto mask_tile = [&](int nb) {
+    return SPARSE ? sparse_tile(lists, list_entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+  };
+  auto first_key = [&](int nb, const SparseTile& at) { return SPARSE ? at.block * lists.block_n + at.offset : nb * BN; };
   const T* k_head = k + b * k_sb + hk * k_sh;
   const T* v_head = v + b * v_sb + hk * v_sh;
   auto load_kv = [&](int nb) {
-    const int n0 = nb * BN, slot = nb % 2;
+    const int n0 = first_key(nb, mask_tile(nb)), slot = nb % 2;
     load_tile_async<BN, D, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
     load_tile_async<BN, D, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
   };
@@ -260,12 +312,16 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     __syncthreads();
     if (nb + 1 < n_blocks) load_kv(nb + 1);
     cp_async_commit();
-    const int n0 = nb * BN, slot = nb % 2;
+    const SparseTile at = mask_tile(nb);
+    const int n0 = first_key(nb, at), slot = nb % 2;
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
     float p[MT][BN / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
+    if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
+      if (at.slot >= 0)
+        mask_partial_block(p, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
     const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

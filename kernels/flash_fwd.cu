@@ -4,6 +4,7 @@
 // tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
+#include "block_sparse.cuh"
 #include "mma.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
@@ -21,11 +22,10 @@ struct FwdTile {
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
 };
 
-// Set S to -inf where key j may not be seen by query i: j >= seqlen_k, or (causal) j > i + diag,
-// diag = seqlen_k - seqlen_q (the causal mask is aligned to the bottom-right corner).
-template <int MT, int NTILES, bool CAUSAL>
-__device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int row0, int col0, int seqlen_k,
-                                            int diag, int lane) {
+// Set S to -inf where visible(i, j) is false for query i and key j (rows from row0, keys from col0).
+template <int MT, int NTILES, typename Visible>
+__device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int row0, int col0, int lane,
+                                            const Visible& visible) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -34,7 +34,7 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
       for (int c = 0; c < 4; ++c) {
         const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;
         const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
-        if (j >= seqlen_k || (CAUSAL && j > i + diag)) acc_s[mt][nt][c] = kNegInf;
+        if (!visible(i, j)) acc_s[mt][nt][c] = kNegInf;
       }
 }
 
@@ -55,13 +55,16 @@ struct BlockCoords {
   }
 };
 
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL>
-__global__ void __launch_bounds__(WARPS * 32)
+// SPARSE: visit only the key tiles a block mask lists for this query tile (see block_sparse.cuh);
+// otherwise every key tile (up to the diagonal when CAUSAL), from the last to the first.
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE>
+__global__ void __launch_bounds__(WARPS * 32, SPARSE ? 1 : 0)  // 0: no minimum (the tuned dense tiles)
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
                  long long o_ss, long long o_sh, int seqlen_q, int seqlen_k, int nheads, int kv_group,
-                 int head_dim, int num_m_blocks, float softmax_scale) {
+                 int head_dim, int num_m_blocks, float softmax_scale, const BlockLists lists) {
+  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   constexpr int MT = Tile::m_tiles;
   static_assert(STAGES >= 2, "the K/V ring needs at least two slots");
@@ -81,11 +84,18 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // This block's K and V heads. Kept in shared memory, not registers: the main loop needs every
   // register for accumulators, and a shared-memory load per tile is cheap.
   __shared__ const T* kv_heads[2];
+  __shared__ long long list_entries;  // SPARSE: where this query tile's list starts, and its length
+  __shared__ int list_count;
   {
     const int hk = blk.h / kv_group;
     if (threadIdx.x == 0) {
       kv_heads[0] = k + blk.b * k_sb + hk * k_sh;
       kv_heads[1] = v + blk.b * v_sb + hk * v_sh;
+      if (SPARSE) {
+        const long long row = lists.row(blk.b, blk.h, m0 / lists.block_m);
+        list_entries = row * lists.cap;
+        list_count = __ldg(lists.count + row);
+      }
     }
   }
   __syncthreads();
@@ -99,6 +109,14 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int last_key = m0 + BM - 1 + diag;  // last key visible to the block's last row
     n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
   }
+  if (SPARSE) n_blocks = list_count * (lists.block_n / BN);
+  // Tile `it` in the mask (SPARSE), and its first key.
+  auto mask_tile = [&](int it) {
+    return SPARSE ? sparse_tile(lists, list_entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+  };
+  auto first_key = [&](int it, const SparseTile& at) {
+    return SPARSE ? at.block * lists.block_n + at.offset : (n_blocks - 1 - it) * BN;
+  };
 
   float acc_o[MT][Tile::o_tiles][4];
   zero(acc_o);
@@ -109,7 +127,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // tile down) is loaded STAGES - 1 iterations ahead of its use, so its latency hides behind whole
   // iterations of tensor-core work; one barrier per iteration frees the slot the next load reuses.
   auto load_kv = [&](int it) {
-    const int n0 = (n_blocks - 1 - it) * BN, slot = it % STAGES;
+    const int n0 = first_key(it, mask_tile(it)), slot = it % STAGES;
     load_tile_async<BN, D, Tile::threads>(sK + slot * BN * Tile::pitch, k_tile(n0), k_ss, seqlen_k - n0, head_dim);
     load_tile_async<BN, D, Tile::threads>(sV + slot * BN * Tile::pitch, v_tile(n0), v_ss, seqlen_k - n0, head_dim);
   };
@@ -126,14 +144,22 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     if (it + STAGES - 1 < n_blocks) load_kv(it + STAGES - 1);
     cp_async_commit();
 
-    const int n0 = (n_blocks - 1 - it) * BN, slot = it % STAGES;
+    const SparseTile at = mask_tile(it);
+    const int n0 = first_key(it, at), slot = it % STAGES;
     float acc_s[MT][Tile::s_tiles][4];
     zero(acc_s);
     warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
                                            smem_addr(sK) + slot * kv_slot_bytes, lane);
 
-    const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
-    if (needs_mask) mask_scores<MT, Tile::s_tiles, CAUSAL>(acc_s, m0 + warp_row, n0, seqlen_k, diag, lane);
+    auto in_range = [&](int i, int j) { return j < seqlen_k && (!CAUSAL || j <= i + diag); };
+    if constexpr (SPARSE) {
+      if (at.slot >= 0)  // a partial block: its element bits decide
+        mask_partial_block(acc_s, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
+      else if (n0 + BN > seqlen_k)
+        mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
+    } else if (n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag)) {
+      mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
+    }
 
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
     warp_mma_pb<T, MT, BN, D, kPitchBytes>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);

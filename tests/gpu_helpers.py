@@ -5,6 +5,8 @@ import zlib
 
 import numpy as np
 
+import cuflash
+
 
 def randn(shape, dtype, seed, device="cuda"):
     import torch
@@ -13,20 +15,22 @@ def randn(shape, dtype, seed, device="cuda"):
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
-def reference(q, k, v, causal, scale=None):
-    """float64 (out, lse) for torch tensors, through CuPy."""
+def reference(q, k, v, causal, scale=None, mask=None):
+    """float64 (out, lse) for torch tensors, through CuPy; mask: an element mask (see plain_attention)."""
     import cupy
     import torch
 
     from cuflash.reference import attention_reference
 
     out, lse = attention_reference(*(cupy.from_dlpack(x.detach().double().contiguous()) for x in (q, k, v)),
-                                   causal=causal, softmax_scale=scale)
+                                   causal=causal, softmax_scale=scale,
+                                   mask=None if mask is None else cupy.asarray(mask))
     return torch.from_dlpack(out), torch.from_dlpack(lse)
 
 
-def plain_attention(q, k, v, causal, scale=None):
-    """The same math done plainly in the input dtype (scores, softmax and products in q.dtype)."""
+def plain_attention(q, k, v, causal, scale=None, mask=None):
+    """The same math done plainly in the input dtype (scores, softmax and products in q.dtype).
+    mask: bool (B', H', seqlen_q, seqlen_k) NumPy array, True where a query sees a key."""
     import torch
 
     d = q.shape[-1]
@@ -40,6 +44,8 @@ def plain_attention(q, k, v, causal, scale=None):
         i = torch.arange(sq, device=q.device)[:, None]
         j = torch.arange(sk, device=q.device)[None, :]
         s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~torch.as_tensor(mask, device=q.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return (p @ vh).transpose(1, 2)
 
@@ -66,6 +72,33 @@ def assert_lse_close(lse, ref_lse):
     if finite.any():
         err = (lse[finite] - ref_lse[finite]).abs().max().item()
         assert err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {err}"
+
+
+def grads(fn, q, k, v, dout):
+    """(out, dq, dk, dv) of fn through torch autograd."""
+    import torch
+
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out, dq, dk, dv
+
+
+def check_grads(q, k, v, causal, dout=None, mask=None, **kwargs):
+    """cuflash's out, dq, dk, dv (called with **kwargs, e.g. block_mask) against float64 autograd,
+    within 2x of plain same-dtype autograd; mask is the equivalent element mask."""
+    dout = randn(q.shape, q.dtype, 99) if dout is None else dout
+
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal, mask=mask)
+
+    ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
+    base = grads(plain, q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, **kwargs), q, k, v, dout)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, base, ref):
+        assert o.shape == r.shape and o.dtype == q.dtype
+        assert_close_2x(o, r, p, name)
+    return ours
 
 
 def np_to(x, dtype):

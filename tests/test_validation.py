@@ -120,7 +120,6 @@ def test_host_arrays_rejected_by_public_api():
         (dict(window_size=(16, 0)), "sliding-window"),
         (dict(softcap=30.0), "softcapping"),
         (dict(alibi_slopes=object()), "ALiBi"),
-        (dict(block_mask=object()), "block-sparse"),
     ],
 )
 def test_later_features_name_themselves(kw, feature):

@@ -1,4 +1,4 @@
-"""python -m cuflash {compile-check, warmup, bench, info}"""
+"""python -m cuflash {compile-check, warmup, bench, bench-sparse, info}"""
 from __future__ import annotations
 
 import argparse
@@ -58,13 +58,18 @@ def _info(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"compile-check": _compile_check, "warmup": _warmup, "info": _info}
-    if not argv or argv[0] not in commands and argv[0] != "bench":
-        print(f"usage: python -m cuflash {{{', '.join([*commands, 'bench'])}}} [options]", file=sys.stderr)
+    if not argv or argv[0] not in commands and argv[0] not in ("bench", "bench-sparse"):
+        print(f"usage: python -m cuflash {{{', '.join([*commands, 'bench', 'bench-sparse'])}}} [options]",
+              file=sys.stderr)
         return 2
     if argv[0] == "bench":
         from . import _bench
 
         return _bench.main(argv[1:])
+    if argv[0] == "bench-sparse":
+        from . import _bench_sparse
+
+        return _bench_sparse.main(argv[1:])
     return commands[argv[0]](argv[1:])
 
 

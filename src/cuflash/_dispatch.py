@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ._sparse import BLOCK_LISTS_FORMAT, NO_LISTS
+
 DTYPES = ("float16", "bfloat16")
 _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
@@ -54,13 +56,14 @@ class FwdVariant:
     warps: int
     stages: int
     causal: bool
+    sparse: bool = False  # reads a block mask's lists (kernels/block_sparse.cuh)
     source: str = "flash_fwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {self.stages}, {'true' if self.causal else 'false'}>"
+            f"{self.block_n}, {self.warps}, {self.stages}, {_cpp(self.causal)}, {_cpp(self.sparse)}>"
         )
 
     @property
@@ -73,18 +76,40 @@ class FwdVariant:
         return (self.block_m + 2 * self.stages * self.block_n) * pitch * 2
 
 
+def _cpp(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+# Block-sparse variants: kernel tiles must divide the mask's blocks (multiples of 64), so a tile
+# shrinks to the largest size that does (64 rows; 128, 64 or 32 keys), with no more warps than rows
+# allow. A causal block mask is intersected on the host, so sparse variants are never causal.
+MASK_BLOCKS = ((64, 64), (64, 128), (128, 64), (128, 128))  # what compile-check builds for
+
+
+def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
+    return tile if block % tile == 0 else max(s for s in smaller if s <= tile and block % s == 0)
+
+
 @functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
-               arch: str = "sm_80") -> FwdVariant:
-    """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES)."""
+               arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None) -> FwdVariant:
+    """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
+    mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant."""
     bucket = head_dim_bucket(head_dim)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
-    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
+    if mask_blocks is None:
+        return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
+    block_m = _divides(block_m, mask_blocks[0])
+    block_n = _divides(min(block_n, 64), mask_blocks[1])  # 128 keys and a partial-block test spill
+    return FwdVariant(dtype, bucket, block_m, block_n, min(warps, block_m // 16), stages, False, True)
 
 
 def all_variants(arch: str = "sm_80") -> list:
     """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
     fwd = [choose_fwd(dt, d, c, arch=arch) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
+    for blocks in MASK_BLOCKS:
+        fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks) for dt in DTYPES
+                            for d in HEAD_DIM_BUCKETS) if v not in fwd]
     return fwd + all_bwd_variants()
 
 
@@ -101,11 +126,12 @@ class FwdProblem:
 
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
 # batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
-# softmax_scale.
-FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f"
+# softmax_scale; the block mask's lists (zeros for dense variants).
+FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f" + BLOCK_LISTS_FORMAT
 
 
-def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int) -> tuple[int, int, tuple]:
+def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
+               lists: tuple = NO_LISTS) -> tuple[int, int, tuple]:
     """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
@@ -121,7 +147,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int) -> 
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
-        p.softmax_scale,
+        p.softmax_scale, *lists,
     )
     return blocks, variant.threads, args
 
@@ -146,8 +172,8 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f"
-BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f"
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f" + BLOCK_LISTS_FORMAT
+BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f" + BLOCK_LISTS_FORMAT
 
 
 @dataclass(frozen=True)
@@ -171,13 +197,14 @@ class BwdDkdvVariant:
     warps: int
     splits: int
     causal: bool
+    sparse: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{'true' if self.causal else 'false'}>")
+                f"{_cpp(self.causal)}, {_cpp(self.sparse)}>")
 
     @property
     def threads(self) -> int:
@@ -196,12 +223,13 @@ class BwdDqVariant:
     block_n: int
     warps: int
     causal: bool
+    sparse: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-                f"{self.block_n}, {self.warps}, {'true' if self.causal else 'false'}>")
+                f"{self.block_n}, {self.warps}, {_cpp(self.causal)}, {_cpp(self.sparse)}>")
 
     @property
     def threads(self) -> int:
@@ -213,11 +241,21 @@ class BwdDqVariant:
 
 
 @functools.lru_cache(maxsize=None)
-def choose_bwd(dtype: str, head_dim: int, causal: bool):
-    """(preprocess, dK/dV, dQ) variants for a backward call."""
+def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None):
+    """(preprocess, dK/dV, dQ) variants for a backward call; mask_blocks as for choose_fwd."""
     bucket = head_dim_bucket(head_dim)
-    return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, *BWD_DKDV_TILES[bucket], bool(causal)),
-            BwdDqVariant(dtype, bucket, *BWD_DQ_TILES[bucket], bool(causal)))
+    block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
+    dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
+    if mask_blocks is None:
+        return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal)),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal)))
+    mask_m, mask_n = mask_blocks
+    block_n = _divides(block_n, mask_n)
+    dq_m = _divides(dq_m, mask_m)
+    return (BwdPreprocessVariant(dtype),
+            BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16), splits,
+                           False, True),
+            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True))
 
 
 def all_bwd_variants() -> list:
@@ -226,10 +264,13 @@ def all_bwd_variants() -> list:
         for d in HEAD_DIM_BUCKETS:
             for c in (False, True):
                 out += [v for v in choose_bwd(dt, d, c) if v not in out]
+            for blocks in MASK_BLOCKS:
+                out += [v for v in choose_bwd(dt, d, False, blocks) if v not in out]
     return out
 
 
-def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv):
+def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
+                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
@@ -249,14 +290,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, p.softmax_scale)))
+                          *common, num_n_blocks, p.softmax_scale, *key_lists)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, p.softmax_scale)))
+                          *common, num_m_blocks, p.softmax_scale, *query_lists)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

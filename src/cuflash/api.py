@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from . import _bridge, _compile, _dispatch
+from . import _bridge, _compile, _dispatch, _sparse
 from ._bridge import DeviceArray
 from ._launch import Launcher
 
@@ -15,7 +15,6 @@ _LATER = {
     "window_size": "sliding-window attention",
     "softcap": "softcapping",
     "alibi_slopes": "ALiBi",
-    "block_mask": "block-sparse attention",
 }
 
 
@@ -27,34 +26,40 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     dividing nheads (GQA/MQA). float16 or bfloat16; headdim a multiple of 8 up to 256; the last
     dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
     causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
+    block_mask: a cuflash.BlockMask (block sizes multiples of 64) built for (seqlen_q, seqlen_k):
+    only its listed blocks are computed, partial blocks through their exact element bits; with
+    causal=True the two masks intersect.
     Returns out like q, in the caller's array type; with return_attn_probs=True returns
     (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
     can see no key gives zeros and a log-sum-exp of -inf.
     """
     _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                           alibi_slopes=alibi_slopes, block_mask=block_mask)
+                           alibi_slopes=alibi_slopes)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
         return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                      return_attn_probs=return_attn_probs)
+                                      return_attn_probs=return_attn_probs, block_mask=block_mask)
     if _needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
-        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal)
+        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, block_mask)
         return (out, lse, None) if return_attn_probs else out
-    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal)
+    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask)
     return (out, lse, None) if return_attn_probs else out
 
 
-def forward_arrays(q, k, v, softmax_scale, causal):
-    """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd."""
+def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None):
+    """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd. A block mask
+    comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout)."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     problem = check_fwd_args(qa, ka, va, softmax_scale)
+    if block_mask is not None:
+        lists = mask_lists(block_mask, causal, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
-    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa))
+    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists)
     if qa.framework == "dlpack":  # hand back what the caller can consume
         out, lse = out_a.obj, lse_a.obj
     return out, lse, problem
@@ -68,13 +73,20 @@ def _needs_torch_autograd(q, k, v) -> bool:
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
 
 
-def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes, block_mask) -> None:
+def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceArray):
+    """(pointer, layout) of block_mask's kernel lists (intersected with causal) on like's device."""
+    _sparse.check_mask(block_mask, p.batch, p.nheads, p.seqlen_q, p.seqlen_k)
+    buffer, layout = _sparse.device_lists(block_mask, bool(causal), p.nheads // p.nheads_k, like.device,
+                                          "torch" if like.framework == "torch" else "cupy")
+    return _bridge.describe(buffer, "block_mask").ptr, layout
+
+
+def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes) -> None:
     unset = {
         "dropout_p": dropout_p == 0,
         "window_size": tuple(window_size) == (-1, -1),
         "softcap": softcap == 0,
         "alibi_slopes": alibi_slopes is None,
-        "block_mask": block_mask is None,
     }
     for name, is_unset in unset.items():
         if not is_unset:
@@ -130,14 +142,17 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream_ptr: int) -> None:
+            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
-    float32 buffer)."""
+    float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`)."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
-    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device))
+    mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
+    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device),
+                                   mask_blocks=mask_blocks)
     blocks, threads, args = _dispatch.fwd_launch(
-        variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr
+        variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
+        _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
     )
     _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
@@ -168,27 +183,35 @@ def _launch_on(device: int, launches, stream_ptr: int) -> None:
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False):
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, block_mask=None):
     """Gradients (dq, dk, dv) of flash_attn_func's output, from the saved output and log-sum-exp.
 
     dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
-    flash_attn_func(..., return_attn_probs=True). dk and dv have k's shape (summed over the query
-    heads of each K/V head for GQA). No buffer grows with seqlen_q x seqlen_k, and the result is
-    bitwise reproducible (no atomics), so `deterministic` costs nothing.
+    flash_attn_func(..., return_attn_probs=True); the other arguments as given to the forward.
+    dk and dv have k's shape (summed over the query heads of each K/V head for GQA). No buffer grows
+    with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
+    `deterministic` costs nothing.
     """
     _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                           alibi_slopes=alibi_slopes, block_mask=None)
+                           alibi_slopes=alibi_slopes)
+    return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask)
+
+
+def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None):
+    """flash_attn_backward's work (a block mask as block_mask, or as lists like forward_arrays)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
     problem = check_fwd_args(qa, ka, va, softmax_scale)
     check_bwd_args(problem, qa, doa, oa, la)
+    if block_mask is not None:
+        lists = mask_lists(block_mask, causal, problem, qa)
     dq, dqa = _bridge.empty(qa, qa.shape, qa.dtype)
     dk, dka = _bridge.empty(qa, ka.shape, qa.dtype)
     dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
     delta, delta_a = _bridge.empty(qa, la.shape, "float32")
-    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa))
+    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa), lists)
     if qa.framework == "dlpack":
         dq, dk, dv = dqa.obj, dka.obj, dva.obj
     return dq, dk, dv
@@ -218,11 +241,17 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
         raise ValueError(f"softmax_lse must be contiguous, got strides {lse.strides}")
 
 
-def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int) -> None:
-    """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse."""
-    variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal)
+def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None) -> None:
+    """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
+    lists as for run_fwd."""
+    if lists is None:
+        variants, sparse_args = _dispatch.choose_bwd(q.dtype, p.head_dim, causal), ()
+    else:
+        ptr, layout = lists
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n))
+        sparse_args = (layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True))
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
-        *((a.ptr, a.strides) for a in (dq, dk, dv)),
+        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args,
     )
     _launch_on(q.device, launches, stream_ptr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from . import _dispatch, api
+from . import _dispatch, _sparse, api
 from ._bridge import DeviceArray, contiguous_strides
 
 
@@ -35,8 +35,13 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
+def _lists(buffers, layout):
+    """(pointer, layout) of the packed block-mask lists among a callback's operands, or None."""
+    return None if layout is None else (_buffer(buffers[0], "int32").ptr, layout)
+
+
 @functools.lru_cache(maxsize=256)
-def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
+def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
     import jax
 
     try:
@@ -47,11 +52,11 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
             f"this JAX is {jax.__version__}"
         ) from e
 
-    def launch(ctx, outs, q, k, v):
+    def launch(ctx, outs, q, k, v, *lists):
         out, lse = outs
         qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
         la = _buffer(lse, "float32")
-        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream)
+        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream, _lists(lists, layout))
 
     out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
     lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")
@@ -59,16 +64,16 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
+def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
     import jax
     from jax.experimental import buffer_callback
 
-    def launch(ctx, outs, dout, q, k, v, out, lse):
+    def launch(ctx, outs, dout, q, k, v, out, lse, *lists):
         dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
         arrays = [_buffer(b, dtype) for b in (q, k, v, dout, out)]
         la, delta_a = _buffer(lse, "float32"), _buffer(delta, "float32")
         grads = [_buffer(b, dtype) for b in (dq, dk, dv)]
-        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream)
+        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream, _lists(lists, layout))
 
     p = problem
     shapes = [(p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
@@ -79,35 +84,52 @@ def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool):
-    """(q, k, v) -> (out, lse) with a custom VJP running the backward kernels. The log-sum-exp is an
-    output for callers who want it; gradients do not flow through it."""
+def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
+    """(q, k, v, *lists) -> (out, lse) with a custom VJP running the backward kernels; lists is the
+    packed block mask (int32, no gradient) when layout is not None. The log-sum-exp is an output for
+    callers who want it; gradients do not flow through it."""
     import jax
+    import numpy as np
 
-    fwd = _fwd_callable(problem, dtype, causal)
-    bwd = _bwd_callable(problem, dtype, causal)
+    fwd = _fwd_callable(problem, dtype, causal, layout)
+    bwd = _bwd_callable(problem, dtype, causal, layout)
 
     @jax.custom_vjp
-    def attention(q, k, v):
-        return fwd(q, k, v)
+    def attention(q, k, v, *lists):
+        return fwd(q, k, v, *lists)
 
-    def attention_fwd(q, k, v):
-        out, lse = fwd(q, k, v)
-        return (out, lse), (q, k, v, out, lse)
+    def attention_fwd(q, k, v, *lists):
+        out, lse = fwd(q, k, v, *lists)
+        return (out, lse), (q, k, v, out, lse, lists)
 
     def attention_bwd(res, cotangents):
-        q, k, v, out, lse = res
+        q, k, v, out, lse, lists = res
         dout, _ = cotangents
-        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse)
-        return dq, dk, dv
+        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *lists)
+        return (dq, dk, dv, *(np.zeros(x.shape, jax.dtypes.float0) for x in lists))
 
     attention.defvjp(attention_fwd, attention_bwd)
     return attention
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None):
     """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
     problem = api.check_fwd_args(qa, ka, va, softmax_scale)
-    out, lse = _differentiable(problem, qa.dtype, bool(causal))(q, k, v)
+    lists, layout = (), None
+    if block_mask is not None:
+        _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
+        buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
+                                              _device_id(q), "jax")
+        lists = (buffer,)
+    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout)(q, k, v, *lists)
     return (out, lse, None) if return_attn_probs else out
+
+
+def _device_id(x) -> int:
+    try:
+        return next(iter(x.devices())).id
+    except Exception:  # a tracer under jit: the default device
+        import jax
+
+        return jax.devices()[0].id

@@ -187,6 +187,47 @@ class BlockMask:
         return cls.from_block_states(states[None, None], seqlen_q, seqlen_k, block_m, block_n, coords,
                                      _pack_bits(visible))
 
+    # ---- combining -----------------------------------------------------------------------------
+
+    def __and__(self, other: "BlockMask") -> "BlockMask":
+        """The intersection: an element is visible iff both masks show it (how `causal=True` composes
+        with a block mask). Both need the same seqlens and blocks; batch and heads broadcast."""
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        if (self.seqlen_q, self.seqlen_k, self.block_m, self.block_n) != (
+                other.seqlen_q, other.seqlen_k, other.block_m, other.block_n):
+            raise ValueError(f"cannot intersect masks of seqlens ({self.seqlen_q}, {self.seqlen_k}) and blocks "
+                             f"({self.block_m}, {self.block_n}) with seqlens ({other.seqlen_q}, {other.seqlen_k}) "
+                             f"and blocks ({other.block_m}, {other.block_n})")
+        a, b = np.broadcast_arrays(self.to_dense(), other.to_dense())
+        states = np.minimum(a, b)  # skip (0) wins, then partial (1), full (2) only if both are full
+        coords = np.argwhere(states == 1)
+        words = self.block_words(coords) & other.block_words(coords)
+        empty = ~words.reshape(len(words), -1).any(axis=1)
+        states[tuple(coords[empty].T)] = 0  # partial blocks whose elements all vanished
+        return BlockMask.from_block_states(states, self.seqlen_q, self.seqlen_k, self.block_m, self.block_n,
+                                           coords[~empty], words[~empty])
+
+    def block_words(self, coords: np.ndarray) -> np.ndarray:
+        """Element bits (n, block_m, block_n / 32) of the blocks at coords (n, 4) = (b, h, q block,
+        k block) (b and h broadcast): all ones for a full block, zeros for a skipped one."""
+        coords = np.asarray(coords, np.int64).reshape(-1, 4)
+        b = np.where(self.shape[0] == 1, 0, coords[:, 0])
+        h = np.where(self.shape[1] == 1, 0, coords[:, 1])
+        where = (b, h, coords[:, 2], coords[:, 3])
+        slots = self.slot_matrix()[where]
+        words = np.zeros((len(coords), self.block_m, self.block_n // 32), np.uint32)
+        words[self.to_dense()[where] == 2] = 0xFFFFFFFF
+        words[slots >= 0] = self.partial_bits[slots[slots >= 0]]
+        return words
+
+    def slot_matrix(self) -> np.ndarray:
+        """int32 (B', H', nq, nk): each partial block's slot in partial_bits, -1 elsewhere."""
+        slots = np.full(self.shape, -1, np.int32)
+        b, h, q, s = np.nonzero(np.arange(self.partial_index.shape[-1]) < self.partial_count[..., None])
+        slots[b, h, q, self.partial_index[b, h, q, s]] = self.partial_slot[b, h, q, s]
+        return slots
+
     # ---- reading -------------------------------------------------------------------------------
 
     @property

@@ -26,9 +26,11 @@ def causal_mask(seqlen_q: int, seqlen_k: int, xp=np):
     return j <= i + (seqlen_k - seqlen_q)
 
 
-def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | None = None):
+def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | None = None, mask=None):
     """(out, lse) in float64: out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q).
 
+    mask: optional boolean array broadcastable to (batch, nheads, seqlen_q, seqlen_k), True where a
+    query may see a key (e.g. BlockMask.to_element_mask()); it combines with causal.
     A row that sees no key gives out = 0 and lse = -inf.
     """
     xp = _xp(q)
@@ -42,6 +44,8 @@ def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | No
     s = xp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
         s = xp.where(causal_mask(seqlen_q, seqlen_k, xp), s, -xp.inf)
+    if mask is not None:
+        s = xp.where(xp.asarray(mask, dtype=bool), s, -xp.inf)
     m = s.max(axis=-1, keepdims=True) if seqlen_k else xp.full(s.shape[:-1] + (1,), -xp.inf)
     m_safe = xp.where(xp.isfinite(m), m, 0.0)
     p = xp.exp(s - m_safe)

@@ -1,56 +1,75 @@
 """PyTorch autograd for cuflash: the forward and backward as torch.library custom ops with a
 registered autograd formula and fake (meta) implementations, so they work under torch.compile and
-with torch.autograd.gradcheck-style checks. Imported lazily by cuflash.flash_attn_func."""
+with torch.autograd.gradcheck-style checks. Imported lazily by cuflash.flash_attn_func.
+
+A block mask travels as its packed kernel lists (an int32 tensor, see cuflash._sparse) plus their
+layout as a list of ints, both plain custom-op arguments."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
-from . import api
+from . import _sparse, api
+
+
+def _lists(lists: Optional[torch.Tensor], layout: Optional[list[int]]):
+    return None if lists is None else (lists.data_ptr(), _sparse.PackedLayout.from_ints(layout))
 
 
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal)
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                   lists: Optional[torch.Tensor], layout: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout))
     return out, lse
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal):
+def _(q, k, v, softmax_scale, causal, lists, layout):
     batch, seqlen_q, nheads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("cuflash::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return api.flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
+                   lse: torch.Tensor, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
+                   layout: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout))
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal = inputs
+    q, k, v, softmax_scale, causal, lists, layout = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.save_for_backward(q, k, v, out, lse, lists)
+    ctx.softmax_scale, ctx.causal, ctx.layout = softmax_scale, causal, layout
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, lists = ctx.saved_tensors
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None
+    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout)
+    return dq, dk, dv, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attn_func(q, k, v, softmax_scale: float, causal: bool):
+def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None):
     """(out, lse), differentiable in q, k and v."""
-    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal))
+    lists = layout = None
+    if block_mask is not None:
+        batch, seqlen_q, nheads, _ = q.shape
+        seqlen_k, nheads_k = k.shape[1], k.shape[2]
+        if nheads_k < 1 or nheads % nheads_k:
+            raise ValueError(f"k's nheads ({nheads_k}) must divide q's nheads ({nheads})")
+        _sparse.check_mask(block_mask, batch, nheads, seqlen_q, seqlen_k)
+        lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
+        layout = packed.to_ints()
+    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout)

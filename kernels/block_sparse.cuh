@@ -1,0 +1,75 @@
+// Block-sparse schedules: the lists of a cuflash.BlockMask as the kernels read them.
+//
+// A row (one query block for the forward and dQ kernels, one key block of one K/V head for the
+// dK/dV kernel) lists the blocks it visits: `count` entries of (block index, bit slot), partial
+// blocks first. A slot >= 0 points at the partial block's element bits (block_m rows of
+// block_n / 32 words; bit c % 32 of word c / 32 set when key c of the row is visible); -1 marks a
+// full block, which needs no element test. Kernel tiles divide the mask's blocks, so a block is
+// visited as block_n / BN (or block_m / BMQ) consecutive kernel tiles.
+#pragma once
+#include "dtypes.cuh"
+
+namespace cuflash {
+
+struct BlockLists {
+  const int* count;       // (rows)
+  const int* index;       // (rows, cap): key block (query-major lists) or g * group_stride + query block
+  const int* slot;        // (rows, cap)
+  const unsigned* bits;   // (slots, block_m, block_n / 32)
+  long long b_stride;     // rows between batches (0: the mask broadcasts over batch)
+  long long h_stride;     // rows between heads (0: broadcasts over heads)
+  int cap;                // entries per row
+  int block_m, block_n;   // the mask's block shape
+  int group_stride;       // key-major lists: query blocks per query head of a GQA group
+
+  __device__ __forceinline__ long long row(int b, int h, int block) const {
+    return b * b_stride + h * h_stride + block;
+  }
+  // Is key c (0 <= c < block_n, relative to its block) visible to query r of a partial block?
+  __device__ __forceinline__ bool visible(int slot_, int r, int c) const {
+    const int words = block_n / 32;
+    return (__ldg(bits + (static_cast<long long>(slot_) * block_m + r) * words + c / 32) >> (c % 32)) & 1u;
+  }
+};
+
+// Where a kernel tile lies in the mask: the listed block's index and bit slot (-1: a full block),
+// and the tile's offset inside the block, for tile `it` of the row whose entries start at `entries`
+// (sub = kernel tiles per block, each `tile` wide).
+struct SparseTile {
+  int block, slot, offset;
+};
+
+__device__ __forceinline__ SparseTile sparse_tile(const BlockLists& lists, long long entries, int it, int sub,
+                                                  int tile) {
+  const int e = it / sub;
+  return {__ldg(lists.index + entries + e), __ldg(lists.slot + entries + e), (it - e * sub) * tile};
+}
+
+// Set scores to -inf where a partial block hides them, for a warp's 16 MT x NT*8 tile in the mma
+// accumulator layout whose rows are queries (from r0 inside the block) and columns keys (from c0
+// inside the block, a multiple of 32; keys from keys_left on are past the sequence's end).
+template <int MT, int NT>
+__device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], const BlockLists& lists, int slot,
+                                                   int r0, int c0, int keys_left, int lane) {
+  static_assert(NT % 4 == 0, "tiles span whole 32-key words");
+  const int words = lists.block_n / 32;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + mt * 16 + lane / 4 + half * 8;
+      const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.block_m + r) * words + c0 / 32;
+      unsigned word[NT / 4];
+#pragma unroll
+      for (int w = 0; w < NT / 4; ++w) word[w] = __ldg(row_bits + w);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = nt * 8 + (lane % 4) * 2 + cc;  // col / 32 == nt / 4
+          if (col >= keys_left || !((word[nt / 4] >> (col % 32)) & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
+        }
+    }
+}
+
+}  // namespace cuflash

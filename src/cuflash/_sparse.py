@@ -1,0 +1,167 @@
+"""Block masks as the kernels read them (kernels/block_sparse.cuh).
+
+A cuflash.BlockMask is packed, once per device, GQA group size and framework, into one int32 buffer:
+
+- query-major lists (forward and dQ kernels): per (batch', head', query block) the key blocks to
+  visit, partial ones first, each with its bit slot (-1 for a full block);
+- key-major lists (dK/dV kernel): per (batch', K/V head', key block) the (query head of the group,
+  query block) pairs that visit it, encoded g * n_query_blocks + query block;
+- the partial blocks' element bits.
+
+`causal=True` with a block mask runs the intersection of the two, built here and cached, so the
+kernels only ever see one mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .masks import BlockMask
+
+KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192, 256, ...
+
+# Launch fields of a BlockLists struct (count, index, slot, bits pointers; batch and head row
+# strides; entries per row, block_m, block_n, group stride), in _launch.Launcher's struct codes.
+BLOCK_LISTS_FORMAT = "QQQQ" + "qq" + "iiii"
+NO_LISTS = (0,) * 10  # what the dense kernels get
+
+
+@dataclass(frozen=True)
+class ListsLayout:
+    """Where one direction's lists live in the packed buffer (offsets in int32 elements)."""
+
+    count: int
+    index: int
+    slot: int
+    b_stride: int
+    h_stride: int
+    cap: int
+    group_stride: int
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    query: ListsLayout
+    key: ListsLayout
+    bits: int
+    block_m: int
+    block_n: int
+
+    def to_ints(self) -> list[int]:
+        """A flat list (a torch custom op argument)."""
+        return [*vars(self.query).values(), *vars(self.key).values(), self.bits, self.block_m, self.block_n]
+
+    @classmethod
+    def from_ints(cls, ints) -> "PackedLayout":
+        ints = [int(i) for i in ints]
+        return cls(ListsLayout(*ints[:7]), ListsLayout(*ints[7:14]), *ints[14:])
+
+    def lists_args(self, ptr: int, key_major: bool) -> tuple:
+        """The BlockLists launch fields for the packed buffer at `ptr`."""
+        lay = self.key if key_major else self.query
+        return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * self.bits,
+                lay.b_stride, lay.h_stride, lay.cap, self.block_m, self.block_n, lay.group_stride)
+
+
+def check_mask(mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int) -> None:
+    """TypeError/ValueError naming block_mask unless the kernels can run it on this problem."""
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"block_mask must be a cuflash.BlockMask, got {type(mask).__module__}.{type(mask).__name__}")
+    try:
+        mask.check(batch, nheads, seqlen_q, seqlen_k)
+    except ValueError as e:
+        raise ValueError(f"block_mask: {e}") from None
+    for name, size in (("block_m", mask.block_m), ("block_n", mask.block_n)):
+        if size % KERNEL_BLOCK_MULTIPLE:
+            raise ValueError(f"block_mask.{name} must be a multiple of {KERNEL_BLOCK_MULTIPLE} for the kernels "
+                             f"(their tiles divide 64), got {size}")
+
+
+def effective_mask(mask: BlockMask, causal: bool) -> BlockMask:
+    """The mask the kernels run: `mask`, or its intersection with the causal mask (cached on it)."""
+    if not causal:
+        return mask
+    cache = _cache_of(mask)
+    if "causal" not in cache:
+        cache["causal"] = mask & BlockMask.causal(mask.seqlen_q, mask.seqlen_k, mask.block_m, mask.block_n)
+    return cache["causal"]
+
+
+def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:
+    """(int32 buffer, layout) for a problem whose K/V heads serve `kv_group` query heads each."""
+    states = mask.to_dense()
+    slots = mask.slot_matrix()
+    mb, mh, nq, nk = states.shape
+    q_count, q_index, q_slot = _entries(states, slots)
+
+    t_states, t_slots = states.transpose(0, 1, 3, 2), slots.transpose(0, 1, 3, 2)  # (B', H', nk, nq)
+    if mh == 1:  # every query head of a group visits the same lists
+        t_states, t_slots = np.tile(t_states, (1, 1, 1, kv_group)), np.tile(t_slots, (1, 1, 1, kv_group))
+    else:  # merge the group's heads: row (b, K/V head, key block), entry g * nq + query block
+        hk = mh // kv_group
+
+        def merge(x):
+            return x.reshape(mb, hk, kv_group, nk, nq).transpose(0, 1, 3, 2, 4).reshape(mb, hk, nk, kv_group * nq)
+
+        t_states, t_slots = merge(t_states), merge(t_slots)
+    k_count, k_index, k_slot = _entries(t_states, t_slots)
+
+    parts = [q_count, q_index, q_slot, k_count, k_index, k_slot, mask.partial_bits.view(np.int32)]
+    offsets = [int(o) for o in np.cumsum([0] + [p.size for p in parts])]
+    # Row strides: 0 where the mask broadcasts over batch or heads.
+    query = ListsLayout(*offsets[:3], mh * nq if mb > 1 else 0, nq if mh > 1 else 0, nk, 1)
+    key_heads = t_states.shape[1]
+    key = ListsLayout(*offsets[3:6], key_heads * nk if mb > 1 else 0, nk if mh > 1 else 0, t_states.shape[-1],
+                      max(nq, 1))
+    buffer = np.concatenate([p.reshape(-1) for p in parts] + [np.zeros(1, np.int32)])  # never empty
+    return buffer, PackedLayout(query, key, offsets[6], mask.block_m, mask.block_n)
+
+
+def device_lists(mask: BlockMask, causal: bool, kv_group: int, device: int, framework: str):
+    """(array holding the packed lists on `device` in `framework`'s type, layout), built once."""
+    mask = effective_mask(mask, causal)
+    cache = _cache_of(mask)
+    key = (device, kv_group, framework)
+    if key not in cache:
+        buffer, layout = pack(mask, kv_group)
+        cache[key] = (_upload(buffer, device, framework), layout)
+    return cache[key]
+
+
+def _upload(buffer: np.ndarray, device: int, framework: str):
+    if framework == "torch":
+        import torch
+
+        return torch.from_numpy(buffer).to(f"cuda:{device}")
+    if framework == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.id == device]
+        return jax.device_put(buffer, gpus[0] if gpus else None)
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(buffer)
+
+
+def _cache_of(mask: BlockMask) -> dict:
+    cache = mask.__dict__.get("_kernel_cache")
+    if cache is None:
+        cache = {}
+        object.__setattr__(mask, "_kernel_cache", cache)  # BlockMask is frozen; this is derived data
+    return cache
+
+
+def _entries(states: np.ndarray, slots: np.ndarray):
+    """Per row of (..., rows, cols) block states: (count, index, slot) with partial blocks first, then
+    full ones, each ascending; padded with -1."""
+    cols = states.shape[-1]
+    pos = np.arange(cols)
+    order_key = np.where(states == 1, pos, np.where(states == 2, cols + pos, 2 * cols + pos))
+    order = np.argsort(order_key, axis=-1, kind="stable").astype(np.int32)
+    count = (states > 0).sum(axis=-1).astype(np.int32)
+    valid = pos < count[..., None]
+    index = np.where(valid, order, -1).astype(np.int32)
+    slot = np.where(valid, np.take_along_axis(slots, order, axis=-1), -1).astype(np.int32)
+    return count, index, slot

@@ -1,0 +1,106 @@
+"""The kernels' view of a block mask (cuflash._sparse): packed lists decode to the mask's block states
+for every (batch, head) and GQA grouping, the causal intersection is exact, and bad masks are named."""
+import numpy as np
+import pytest
+
+from cuflash import _dispatch, _sparse
+from cuflash.masks import BlockMask
+
+
+def random_mask(mb, mh, sq, sk, bm, bn, seed):
+    rng = np.random.default_rng(seed)
+    nq, nk = -(-sq // bm), -(-sk // bn)
+    states = rng.choice(3, size=(mb, mh, nq, nk))
+    elements = np.repeat(np.repeat(states, bm, axis=2), bn, axis=3)
+    elements = np.where(elements == 1, rng.random(elements.shape) < 0.5, elements == 2)
+    return BlockMask.from_predicate(lambda b, h, q, kv: elements[b, h, q, kv], mb, mh, sq, sk, bm, bn)
+
+
+def decode(buffer, lay: _sparse.ListsLayout, rows_b, rows_h, rows, bits_at, block_words):
+    """{(b, h, row): {entry index: bits or None (full)}} from a packed buffer."""
+    out = {}
+    for b in range(rows_b):
+        for h in range(rows_h):
+            for r in range(rows):
+                row = b * lay.b_stride + h * lay.h_stride + r
+                n = buffer[lay.count + row]
+                idx = buffer[lay.index + row * lay.cap:][:n]
+                slot = buffer[lay.slot + row * lay.cap:][:n]
+                out[b, h, r] = {int(i): (None if s < 0 else buffer[bits_at + s * block_words:][:block_words].copy())
+                                for i, s in zip(idx, slot)}
+                # partial entries come first
+                assert all(s >= 0 for s in slot[:np.sum(slot >= 0)])
+    return out
+
+
+@pytest.mark.parametrize("mb, mh, kv_group", [(1, 1, 1), (1, 1, 3), (2, 4, 2), (2, 4, 1), (1, 6, 6)])
+def test_packed_lists_decode_to_the_mask(mb, mh, kv_group):
+    mask = random_mask(mb, mh, 300, 450, 64, 128, seed=mb * 10 + mh + kv_group)
+    buffer, layout = _sparse.pack(mask, kv_group)
+    states, slots = mask.to_dense(), mask.slot_matrix()
+    _, _, nq, nk = states.shape
+    words = mask.block_m * mask.block_n // 32
+    bits = mask.partial_bits.reshape(len(mask.partial_bits), -1).view(np.int32)
+
+    def expected_bits(b, h, qb, kb):
+        return None if states[b, h, qb, kb] == 2 else bits[slots[b, h, qb, kb]]
+
+    query = decode(buffer, layout.query, mb, mh, nq, layout.bits, words)
+    for (b, h, qb), entries in query.items():
+        assert set(entries) == set(np.flatnonzero(states[b, h, qb]))
+        for kb, got in entries.items():
+            exp = expected_bits(b, h, qb, kb)
+            assert (got is None and exp is None) or np.array_equal(got, exp)
+
+    heads_k = mh // kv_group if mh > 1 else 1
+    key = decode(buffer, layout.key, mb, heads_k, nk, layout.bits, words)
+    for (b, hk, kb), entries in key.items():
+        want = {}
+        for g in range(kv_group):
+            h = hk * kv_group + g if mh > 1 else 0
+            for qb in np.flatnonzero(states[b, h, :, kb]):
+                want[g * nq + qb] = expected_bits(b, h, qb, kb)
+        assert set(entries) == set(want)
+        for e, got in entries.items():
+            assert (got is None and want[e] is None) or np.array_equal(got, want[e])
+
+
+@pytest.mark.parametrize("sq, sk", [(300, 300), (200, 450), (450, 200)])
+def test_causal_intersection_is_exact(sq, sk):
+    mask = random_mask(2, 1, sq, sk, 64, 64, seed=sq + sk)
+    both = _sparse.effective_mask(mask, causal=True)
+    i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+    assert np.array_equal(both.to_element_mask(), mask.to_element_mask() & (j <= i + sk - sq))
+    assert _sparse.effective_mask(mask, causal=True) is both  # cached
+    assert _sparse.effective_mask(mask, causal=False) is mask
+
+
+def test_check_mask_names_the_problem():
+    with pytest.raises(TypeError, match="block_mask must be a cuflash.BlockMask"):
+        _sparse.check_mask(np.ones((2, 2)), 1, 1, 128, 128)
+    with pytest.raises(ValueError, match="block_mask: .*seqlens"):
+        _sparse.check_mask(BlockMask.causal(128, 256), 1, 1, 128, 128)
+    with pytest.raises(ValueError, match="block_mask.block_m must be a multiple of 64"):
+        _sparse.check_mask(BlockMask.causal(128, 128, 32, 64), 1, 1, 128, 128)
+    with pytest.raises(ValueError, match="heads"):
+        _sparse.check_mask(BlockMask.from_dense(np.ones((1, 3, 1, 1), bool), 128, 128), 1, 2, 128, 128)
+
+
+@pytest.mark.parametrize("blocks", _dispatch.MASK_BLOCKS)
+def test_sparse_tiles_divide_the_mask_blocks(blocks):
+    for dtype in _dispatch.DTYPES:
+        for d in _dispatch.HEAD_DIM_BUCKETS:
+            for arch in _dispatch.ARCHS:
+                f = _dispatch.choose_fwd(dtype, d, True, arch=arch, mask_blocks=blocks)
+                assert f.sparse and not f.causal and blocks[0] % f.block_m == 0 and blocks[1] % f.block_n == 0
+                assert f.block_m % (16 * f.warps) == 0
+            _, dkdv, dq = _dispatch.choose_bwd(dtype, d, True, blocks)
+            assert dkdv.sparse and dq.sparse and not (dkdv.causal or dq.causal)
+            assert blocks[1] % dkdv.block_n == 0 and blocks[0] % dkdv.block_q == 0
+            assert blocks[0] % dq.block_m == 0 and blocks[1] % dq.block_n == 0
+
+
+def test_layout_round_trips_through_ints():
+    _, layout = _sparse.pack(random_mask(1, 2, 200, 200, 64, 64, 0), 2)
+    assert _sparse.PackedLayout.from_ints(layout.to_ints()) == layout
+    assert all(type(i) is int for i in layout.to_ints())
