@@ -165,3 +165,30 @@ def test_long_local_global_64k_forward_backward():
         p = torch.softmax(s.masked_fill(~keys, float("-inf")), -1)
         expected = (p[:, :, None] * v[0].float().transpose(0, 1)).sum(1)
         assert (out[0, r].float() - expected).abs().max().item() < 2e-2
+
+
+def band(sq, sk, left, right):
+    i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+    d = sk - sq
+    return ((left < 0) | (j >= i + d - left)) & ((right < 0) | (j <= i + d + right))
+
+
+@pytest.mark.parametrize("window", [(100, 0), (50, 70), (-1, 30), (0, 0), (300, -1)])
+@pytest.mark.parametrize("seqlens", [(300, 300), (200, 517), (517, 200), (1, 129)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_forward_and_grads(causal, seqlens, window):
+    import torch
+
+    sq, sk = seqlens
+    q = randn((2, sq, 4, 64), torch.bfloat16, 80)
+    k, v = randn((2, sk, 2, 64), torch.bfloat16, 81), randn((2, sk, 2, 64), torch.bfloat16, 82)  # GQA
+    check_grads(q, k, v, causal, mask=band(sq, sk, *window)[None, None], window_size=window)
+
+
+def test_window_with_block_mask_and_head_dim_128():
+    import torch
+
+    mask, elements = random_mask(1, 2, 700, 700, 64, 64, seed=9, empty_rows=False)
+    q, k, v = (randn((1, 700, 2, 128), torch.float16, 90 + i) for i in range(3))
+    check_grads(q, k, v, False, mask=elements & band(700, 700, 256, 0)[None, None], window_size=(256, 0),
+                block_mask=mask)

@@ -117,7 +117,6 @@ def test_host_arrays_rejected_by_public_api():
     "kw, feature",
     [
         (dict(dropout_p=0.1), "dropout"),
-        (dict(window_size=(16, 0)), "sliding-window"),
         (dict(softcap=30.0), "softcapping"),
         (dict(alibi_slopes=object()), "ALiBi"),
     ],
@@ -126,3 +125,10 @@ def test_later_features_name_themselves(kw, feature):
     x = np.zeros((1, 4, 1, 8), np.float16)
     with pytest.raises(NotImplementedError, match=feature):
         cuflash.flash_attn_func(x, x, x, **kw)
+
+
+@pytest.mark.parametrize("window", [(1,), (-2, 0), (1.5, 0), "ab", None])
+def test_bad_window_size_is_named(window):
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(ValueError, match="window_size"):
+        cuflash.flash_attn_func(x, x, x, window_size=window)

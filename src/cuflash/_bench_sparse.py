@@ -420,6 +420,7 @@ def parse_args(argv):
     p.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS), help="mask patterns of the cases")
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
                    help="passes of the cases and sweep (default %(default)s)")
+    p.add_argument("--no-cases", action="store_true", help="skip the mask-pattern cases")
     p.add_argument("--no-sweep", action="store_true", help="skip the density sweep")
     p.add_argument("--no-long", action="store_true", help="skip the long-sequence run")
     p.add_argument("--long-seqlens", nargs="+", type=int, default=list(LONG_SEQLENS),
@@ -451,7 +452,7 @@ def main(argv):
     torch.manual_seed(0)
     results, ok = [], True
     try:
-        for headdim in dict.fromkeys(args.headdims):
+        for headdim in dict.fromkeys(args.headdims) if not args.no_cases else ():
             for pattern in dict.fromkeys(args.masks):
                 ok &= run_case("cases", pattern, args.seqlen, 1, HIDDEN // headdim, headdim, passes,
                                IMPLS, timing, results)

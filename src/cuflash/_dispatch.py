@@ -100,8 +100,10 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     if mask_blocks is None:
         return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
     block_m = _divides(block_m, mask_blocks[0])
-    block_n = _divides(min(block_n, 64), mask_blocks[1])  # 128 keys and a partial-block test spill
-    return FwdVariant(dtype, bucket, block_m, block_n, min(warps, block_m // 16), stages, False, True)
+    warps = min(warps, block_m // 16)
+    if block_m > 16 * warps:  # warps of 32 rows: 128 keys plus the partial-block test would spill
+        block_n = min(block_n, 64)
+    return FwdVariant(dtype, bucket, block_m, _divides(block_n, mask_blocks[1]), warps, stages, False, True)
 
 
 def all_variants(arch: str = "sm_80") -> list:

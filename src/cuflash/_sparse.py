@@ -13,6 +13,7 @@ kernels only ever see one mask.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,40 @@ def effective_mask(mask: BlockMask, causal: bool) -> BlockMask:
     if "causal" not in cache:
         cache["causal"] = mask & BlockMask.causal(mask.seqlen_q, mask.seqlen_k, mask.block_m, mask.block_n)
     return cache["causal"]
+
+
+def window_mask(block_mask, window_size, q, k):
+    """The block mask that runs window_size = (left, right) (FlashAttention-2's sliding window:
+    query i sees key j iff i + d - left <= j <= i + d + right, d = seqlen_k - seqlen_q, -1 unbounded),
+    intersected with block_mask when there is one; block_mask itself when the window is (-1, -1)."""
+    try:
+        left, right = (int(w) for w in window_size)
+        ok = all(w == x and w >= -1 for w, x in zip((left, right), window_size))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    if (left, right) == (-1, -1):
+        return block_mask
+    for x, name in ((q, "q"), (k, "k")):
+        if len(getattr(x, "shape", ())) != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), got "
+                             f"shape {getattr(x, 'shape', None)}")
+    seqlen_q, seqlen_k = int(q.shape[1]), int(k.shape[1])
+    if block_mask is None:
+        return _window(seqlen_q, seqlen_k, left, right, 128, 128)
+    mask_bh = block_mask.shape[:2] if isinstance(block_mask, BlockMask) else (1, 1)
+    check_mask(block_mask, *mask_bh, seqlen_q, seqlen_k)  # batch and heads are checked with the problem
+    cache = _cache_of(block_mask)
+    key = ("window", left, right)
+    if key not in cache:
+        cache[key] = block_mask & _window(seqlen_q, seqlen_k, left, right, block_mask.block_m, block_mask.block_n)
+    return cache[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _window(seqlen_q, seqlen_k, left, right, block_m, block_n) -> BlockMask:
+    return BlockMask.sliding_window(seqlen_q, seqlen_k, left, right, block_m, block_n)
 
 
 def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:

@@ -12,7 +12,6 @@ from ._launch import Launcher
 # Features whose kernels are still to come: the argument names them, the error names the feature.
 _LATER = {
     "dropout_p": "dropout",
-    "window_size": "sliding-window attention",
     "softcap": "softcapping",
     "alibi_slopes": "ALiBi",
 }
@@ -26,6 +25,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     dividing nheads (GQA/MQA). float16 or bfloat16; headdim a multiple of 8 up to 256; the last
     dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
     causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
+    window_size=(left, right): query i sees key j iff i + d - left <= j <= i + d + right,
+    d = seqlen_k - seqlen_q (-1: unbounded on that side); key tiles outside the window are skipped.
     block_mask: a cuflash.BlockMask (block sizes multiples of 64) built for (seqlen_q, seqlen_k):
     only its listed blocks are computed, partial blocks through their exact element bits; with
     causal=True the two masks intersect.
@@ -33,8 +34,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
     can see no key gives zeros and a log-sum-exp of -inf.
     """
-    _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                           alibi_slopes=alibi_slopes)
+    _reject_later_features(dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes)
+    block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
@@ -81,10 +82,9 @@ def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceAr
     return _bridge.describe(buffer, "block_mask").ptr, layout
 
 
-def _reject_later_features(dropout_p, window_size, softcap, alibi_slopes) -> None:
+def _reject_later_features(dropout_p, softcap, alibi_slopes) -> None:
     unset = {
         "dropout_p": dropout_p == 0,
-        "window_size": tuple(window_size) == (-1, -1),
         "softcap": softcap == 0,
         "alibi_slopes": alibi_slopes is None,
     }
@@ -192,8 +192,8 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
     `deterministic` costs nothing.
     """
-    _reject_later_features(dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                           alibi_slopes=alibi_slopes)
+    _reject_later_features(dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes)
+    block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask)
 
 
