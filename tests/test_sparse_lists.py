@@ -104,3 +104,11 @@ def test_layout_round_trips_through_ints():
     _, layout = _sparse.pack(random_mask(1, 2, 200, 200, 64, 64, 0), 2)
     assert _sparse.PackedLayout.from_ints(layout.to_ints()) == layout
     assert all(type(i) is int for i in layout.to_ints())
+
+
+def test_intersection_of_masks_without_partial_blocks():
+    full = BlockMask.from_dense(np.ones((1, 2), bool), 1, 129)
+    both = full & BlockMask.sliding_window(1, 129, -1, 30)
+    i, j = np.arange(1)[:, None], np.arange(129)[None, :]
+    assert np.array_equal(both.to_element_mask()[0, 0], j <= i + 128 + 30)
+    assert np.array_equal((full & full).to_dense(), full.to_dense())

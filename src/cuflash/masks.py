@@ -203,7 +203,7 @@ class BlockMask:
         states = np.minimum(a, b)  # skip (0) wins, then partial (1), full (2) only if both are full
         coords = np.argwhere(states == 1)
         words = self.block_words(coords) & other.block_words(coords)
-        empty = ~words.reshape(len(words), -1).any(axis=1)
+        empty = ~words.any(axis=(1, 2))
         states[tuple(coords[empty].T)] = 0  # partial blocks whose elements all vanished
         return BlockMask.from_block_states(states, self.seqlen_q, self.seqlen_k, self.block_m, self.block_n,
                                            coords[~empty], words[~empty])
