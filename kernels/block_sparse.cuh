@@ -32,6 +32,21 @@ struct BlockLists {
   }
 };
 
+// One row's list as a thread block reads it: where its entries start and how many there are. Thread
+// 0 fills it in shared memory (the caller then synchronises), so no register holds it through the
+// main loop.
+struct ListRow {
+  long long entries;
+  int count;
+};
+
+__device__ __forceinline__ void read_list_row(const BlockLists& lists, long long row, ListRow& shared_row) {
+  if (threadIdx.x == 0) {
+    shared_row.entries = row * lists.cap;
+    shared_row.count = __ldg(lists.count + row);
+  }
+}
+
 // Where a kernel tile lies in the mask: the listed block's index and bit slot (-1: a full block),
 // and the tile's offset inside the block, for tile `it` of the row whose entries start at `entries`
 // (sub = kernel tiles per block, each `tile` wide).

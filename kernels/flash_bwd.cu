@@ -116,20 +116,15 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int m_first = CAUSAL ? min(num_m_blocks, max(0, n0 - diag) / BMQ) : 0;
   const int tiles_per_head = num_m_blocks - m_first;
   int n_iters = tiles_per_head * kv_group;
-  __shared__ long long list_entries;
-  __shared__ int list_count;
+  __shared__ ListRow list;
   if constexpr (SPARSE) {
-    if (threadIdx.x == 0) {
-      const long long row = lists.row(b, hk, n0 / lists.block_n);
-      list_entries = row * lists.cap;
-      list_count = __ldg(lists.count + row);
-    }
+    read_list_row(lists, lists.row(b, hk, n0 / lists.block_n), list);
     __syncthreads();
-    n_iters = list_count * (lists.block_m / BMQ);
+    n_iters = list.count * (lists.block_m / BMQ);
   }
   // Tile `it` in the mask (SPARSE), its query head (the group member g) and first row.
   auto mask_tile = [&](int it) {
-    return SPARSE ? sparse_tile(lists, list_entries, it, lists.block_m / BMQ, BMQ) : SparseTile{0, -1, 0};
+    return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_m / BMQ, BMQ) : SparseTile{0, -1, 0};
   };
   auto group_member = [&](int it, const SparseTile& at) {
     return SPARSE ? at.block / lists.group_stride : it / tiles_per_head;
@@ -264,20 +259,15 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const int last_key = m0 + BM - 1 + diag;
     n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
   }
-  __shared__ long long list_entries;
-  __shared__ int list_count;
+  __shared__ ListRow list;
   if constexpr (SPARSE) {
-    if (threadIdx.x == 0) {
-      const long long row = lists.row(b, h, m0 / lists.block_m);
-      list_entries = row * lists.cap;
-      list_count = __ldg(lists.count + row);
-    }
+    read_list_row(lists, lists.row(b, h, m0 / lists.block_m), list);
     __syncthreads();
-    n_blocks = list_count * (lists.block_n / BN);
+    n_blocks = list.count * (lists.block_n / BN);
   }
   // Tile `nb` in the mask (SPARSE), and its first key.
   auto mask_tile = [&](int nb) {
-    return SPARSE ? sparse_tile(lists, list_entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+    return SPARSE ? sparse_tile(lists, list.entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
   };
   auto first_key = [&](int nb, const SparseTile& at) { return SPARSE ? at.block * lists.block_n + at.offset : nb * BN; };
   const T* k_head = k + b * k_sb + hk * k_sh;

@@ -84,19 +84,14 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // This block's K and V heads. Kept in shared memory, not registers: the main loop needs every
   // register for accumulators, and a shared-memory load per tile is cheap.
   __shared__ const T* kv_heads[2];
-  __shared__ long long list_entries;  // SPARSE: where this query tile's list starts, and its length
-  __shared__ int list_count;
+  __shared__ ListRow list;  // SPARSE: this query tile's list of key blocks
   {
     const int hk = blk.h / kv_group;
     if (threadIdx.x == 0) {
       kv_heads[0] = k + blk.b * k_sb + hk * k_sh;
       kv_heads[1] = v + blk.b * v_sb + hk * v_sh;
-      if (SPARSE) {
-        const long long row = lists.row(blk.b, blk.h, m0 / lists.block_m);
-        list_entries = row * lists.cap;
-        list_count = __ldg(lists.count + row);
-      }
     }
+    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.block_m), list);
   }
   __syncthreads();
   auto k_tile = [&](int n0) { return kv_heads[0] + n0 * k_ss; };
@@ -109,10 +104,10 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int last_key = m0 + BM - 1 + diag;  // last key visible to the block's last row
     n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
   }
-  if (SPARSE) n_blocks = list_count * (lists.block_n / BN);
+  if (SPARSE) n_blocks = list.count * (lists.block_n / BN);
   // Tile `it` in the mask (SPARSE), and its first key.
   auto mask_tile = [&](int it) {
-    return SPARSE ? sparse_tile(lists, list_entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+    return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
   };
   auto first_key = [&](int it, const SparseTile& at) {
     return SPARSE ? at.block * lists.block_n + at.offset : (n_blocks - 1 - it) * BN;
