@@ -11,6 +11,7 @@
 // kernel use the same two warp-level shapes as the forward pass.
 #include "block_sparse.cuh"
 #include "mma.cuh"
+#include "score_mods.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
 
@@ -79,7 +80,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE>
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -88,7 +89,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
                       int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
-                      const BlockLists lists) {
+                      const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -179,13 +180,15 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     cp_async_commit();
 
     const SparseTile at = mask_tile(it);
-    const int slot = it % 2, m0 = first_query(it, at, group_member(it, at));
+    const int g = group_member(it, at), slot = it % 2, m0 = first_query(it, at, g);
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
     float p[MT][BMQ / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
+    if constexpr (ALIBI)  // keys are rows here, hence -diag
+      add_alibi(p, n0 + warp_row, m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + g] / softmax_scale, lane);
     bool partial = false;
     if constexpr (SPARSE) partial = at.slot >= 0;
     const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag) || partial;
@@ -230,7 +233,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE>
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -238,7 +241,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
                     long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q, int seqlen_k,
                     int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
-                    const BlockLists lists) {
+                    const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -294,6 +297,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       row_delta[mt][half] = i < seqlen_q ? delta[at] : 0.f;
     }
 
+  const float alibi_slope = ALIBI ? alibi_slopes[b * alibi_sb + h] / softmax_scale : 0.f;
   float acc_dq[MT][D / 8][4];
   zero(acc_dq);
   const float scale_log2 = softmax_scale * kLog2e;
@@ -309,6 +313,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float p[MT][BN / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
+    if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
     if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
       if (at.slot >= 0)
         mask_partial_block(p, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);

@@ -6,6 +6,7 @@
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
 #include "block_sparse.cuh"
 #include "mma.cuh"
+#include "score_mods.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
@@ -57,13 +58,15 @@ struct BlockCoords {
 
 // SPARSE: visit only the key tiles a block mask lists for this query tile (see block_sparse.cuh);
 // otherwise every key tile (up to the diagonal when CAUSAL), from the last to the first.
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE>
+// ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE ? 1 : 0)  // 0: no minimum (the tuned dense tiles)
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
                  long long o_ss, long long o_sh, int seqlen_q, int seqlen_k, int nheads, int kv_group,
-                 int head_dim, int num_m_blocks, float softmax_scale, const BlockLists lists) {
+                 int head_dim, int num_m_blocks, float softmax_scale, const float* __restrict__ alibi_slopes,
+                 long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   constexpr int MT = Tile::m_tiles;
@@ -113,6 +116,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     return SPARSE ? at.block * lists.block_n + at.offset : (n_blocks - 1 - it) * BN;
   };
 
+  const float alibi_slope = ALIBI ? alibi_slopes[blk.b * alibi_sb + blk.h] / softmax_scale : 0.f;
   float acc_o[MT][Tile::o_tiles][4];
   zero(acc_o);
   OnlineSoftmax<MT> softmax;
@@ -146,6 +150,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
                                            smem_addr(sK) + slot * kv_slot_bytes, lane);
 
+    if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
     auto in_range = [&](int i, int j) { return j < seqlen_k && (!CAUSAL || j <= i + diag); };
     if constexpr (SPARSE) {
       if (at.slot >= 0)  // a partial block: its element bits decide

@@ -15,7 +15,7 @@ def randn(shape, dtype, seed, device="cuda"):
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
-def reference(q, k, v, causal, scale=None, mask=None):
+def reference(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
     """float64 (out, lse) for torch tensors, through CuPy; mask: an element mask (see plain_attention)."""
     import cupy
     import torch
@@ -24,13 +24,15 @@ def reference(q, k, v, causal, scale=None, mask=None):
 
     out, lse = attention_reference(*(cupy.from_dlpack(x.detach().double().contiguous()) for x in (q, k, v)),
                                    causal=causal, softmax_scale=scale,
-                                   mask=None if mask is None else cupy.asarray(mask))
+                                   mask=None if mask is None else cupy.asarray(mask),
+                                   alibi_slopes=None if alibi_slopes is None else cupy.from_dlpack(alibi_slopes))
     return torch.from_dlpack(out), torch.from_dlpack(lse)
 
 
-def plain_attention(q, k, v, causal, scale=None, mask=None):
+def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
     """The same math done plainly in the input dtype (scores, softmax and products in q.dtype).
-    mask: bool (B', H', seqlen_q, seqlen_k) NumPy array, True where a query sees a key."""
+    mask: bool (B', H', seqlen_q, seqlen_k) NumPy array, True where a query sees a key;
+    alibi_slopes: a float32 tensor (nheads,) or (batch, nheads)."""
     import torch
 
     d = q.shape[-1]
@@ -39,6 +41,14 @@ def plain_attention(q, k, v, causal, scale=None, mask=None):
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     s = (qh @ kh.transpose(-1, -2)) * scale
+    if alibi_slopes is not None:
+        from cuflash.reference import alibi_bias
+
+        # Biases reach hundreds: added and soft-maxed in float32 (as the kernels do), or the baseline's
+        # rounding would make the 2x rule meaningless.
+        bias = alibi_bias(alibi_slopes.cpu().numpy(), q.shape[0], q.shape[1], k.shape[1])
+        wide = torch.promote_types(s.dtype, torch.float32)  # float64 for the float64 reference
+        s = s.to(wide) + torch.as_tensor(bias, device=q.device, dtype=wide)
     if causal:
         sq, sk = q.shape[1], k.shape[1]
         i = torch.arange(sq, device=q.device)[:, None]
@@ -46,7 +56,7 @@ def plain_attention(q, k, v, causal, scale=None, mask=None):
         s = s.masked_fill(j > i + sk - sq, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~torch.as_tensor(mask, device=q.device), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(vh.dtype)
     return (p @ vh).transpose(1, 2)
 
 
@@ -84,17 +94,18 @@ def grads(fn, q, k, v, dout):
     return out, dq, dk, dv
 
 
-def check_grads(q, k, v, causal, dout=None, mask=None, **kwargs):
+def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, **kwargs):
     """cuflash's out, dq, dk, dv (called with **kwargs, e.g. block_mask) against float64 autograd,
     within 2x of plain same-dtype autograd; mask is the equivalent element mask."""
     dout = randn(q.shape, q.dtype, 99) if dout is None else dout
 
     def plain(a, b, c):
-        return plain_attention(a, b, c, causal, mask=mask)
+        return plain_attention(a, b, c, causal, mask=mask, alibi_slopes=alibi_slopes)
 
     ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
     base = grads(plain, q, k, v, dout)
-    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, **kwargs), q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, alibi_slopes=alibi_slopes, **kwargs),
+                 q, k, v, dout)
     for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, base, ref):
         assert o.shape == r.shape and o.dtype == q.dtype
         assert_close_2x(o, r, p, name)

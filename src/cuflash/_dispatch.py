@@ -57,13 +57,15 @@ class FwdVariant:
     stages: int
     causal: bool
     sparse: bool = False  # reads a block mask's lists (kernels/block_sparse.cuh)
+    alibi: bool = False  # adds ALiBi biases (kernels/score_mods.cuh)
     source: str = "flash_fwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {self.stages}, {_cpp(self.causal)}, {_cpp(self.sparse)}>"
+            f"{self.block_n}, {self.warps}, {self.stages}, {_cpp(self.causal)}, {_cpp(self.sparse)}, "
+            f"{_cpp(self.alibi)}>"
         )
 
     @property
@@ -92,26 +94,31 @@ def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
 
 @functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
-               arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None) -> FwdVariant:
+               arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False) -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
     mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant."""
     bucket = head_dim_bucket(head_dim)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
-    if mask_blocks is None:
-        return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal))
-    block_m = _divides(block_m, mask_blocks[0])
-    warps = min(warps, block_m // 16)
-    if block_m > 16 * warps:  # warps of 32 rows: 128 keys plus the partial-block test would spill
-        block_n = min(block_n, 64)
-    return FwdVariant(dtype, bucket, block_m, _divides(block_n, mask_blocks[1]), warps, stages, False, True)
+    sparse = mask_blocks is not None
+    if sparse:
+        block_m = _divides(block_m, mask_blocks[0])
+        warps = min(warps, block_m // 16)
+    if (sparse or alibi) and block_m > 16 * warps:
+        block_n = min(block_n, 64)  # warps of 32 rows: 128 keys plus a mask or bias test would spill
+    if sparse:
+        block_n = _divides(block_n, mask_blocks[1])
+    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi))
 
 
 def all_variants(arch: str = "sm_80") -> list:
     """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
-    fwd = [choose_fwd(dt, d, c, arch=arch) for dt in DTYPES for d in HEAD_DIM_BUCKETS for c in (False, True)]
-    for blocks in MASK_BLOCKS:
-        fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks) for dt in DTYPES
-                            for d in HEAD_DIM_BUCKETS) if v not in fwd]
+    fwd = []
+    for alibi in (False, True):
+        fwd += [choose_fwd(dt, d, c, arch=arch, alibi=alibi) for dt in DTYPES for d in HEAD_DIM_BUCKETS
+                for c in (False, True)]
+        for blocks in MASK_BLOCKS:
+            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, alibi=alibi) for dt in DTYPES
+                                for d in HEAD_DIM_BUCKETS) if v not in fwd]
     return fwd + all_bwd_variants()
 
 
@@ -128,12 +135,14 @@ class FwdProblem:
 
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
 # batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
-# softmax_scale; the block mask's lists (zeros for dense variants).
-FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f" + BLOCK_LISTS_FORMAT
+# softmax_scale; ALiBi slopes pointer and batch stride; the block mask's lists (zeros for dense variants).
+ALIBI_FORMAT = "Qq"
+NO_ALIBI = (0, 0)
+FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
 
 
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
-               lists: tuple = NO_LISTS) -> tuple[int, int, tuple]:
+               lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI) -> tuple[int, int, tuple]:
     """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
@@ -149,7 +158,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
-        p.softmax_scale, *lists,
+        p.softmax_scale, *alibi, *lists,
     )
     return blocks, variant.threads, args
 
@@ -174,8 +183,8 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f" + BLOCK_LISTS_FORMAT
-BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f" + BLOCK_LISTS_FORMAT
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
 
 
 @dataclass(frozen=True)
@@ -200,13 +209,14 @@ class BwdDkdvVariant:
     splits: int
     causal: bool
     sparse: bool = False
+    alibi: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{_cpp(self.causal)}, {_cpp(self.sparse)}>")
+                f"{_cpp(self.causal)}, {_cpp(self.sparse)}, {_cpp(self.alibi)}>")
 
     @property
     def threads(self) -> int:
@@ -226,12 +236,13 @@ class BwdDqVariant:
     warps: int
     causal: bool
     sparse: bool = False
+    alibi: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-                f"{self.block_n}, {self.warps}, {_cpp(self.causal)}, {_cpp(self.sparse)}>")
+                f"{self.block_n}, {self.warps}, {_cpp(self.causal)}, {_cpp(self.sparse)}, {_cpp(self.alibi)}>")
 
     @property
     def threads(self) -> int:
@@ -243,36 +254,40 @@ class BwdDqVariant:
 
 
 @functools.lru_cache(maxsize=None)
-def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None):
-    """(preprocess, dK/dV, dQ) variants for a backward call; mask_blocks as for choose_fwd."""
+def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
+               alibi: bool = False):
+    """(preprocess, dK/dV, dQ) variants for a backward call; mask_blocks and alibi as for choose_fwd."""
     bucket = head_dim_bucket(head_dim)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
+    alibi = bool(alibi)
     if mask_blocks is None:
-        return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal)),
-                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal)))
+        return (BwdPreprocessVariant(dtype),
+                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, alibi),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, alibi))
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
     return (BwdPreprocessVariant(dtype),
             BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16), splits,
-                           False, True),
-            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True))
+                           False, True, alibi),
+            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, alibi))
 
 
 def all_bwd_variants() -> list:
     out = []
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
-            for c in (False, True):
-                out += [v for v in choose_bwd(dt, d, c) if v not in out]
-            for blocks in MASK_BLOCKS:
-                out += [v for v in choose_bwd(dt, d, False, blocks) if v not in out]
+            for alibi in (False, True):
+                for c in (False, True):
+                    out += [v for v in choose_bwd(dt, d, c, alibi=alibi) if v not in out]
+                for blocks in MASK_BLOCKS:
+                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi) if v not in out]
     return out
 
 
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
-                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS):
+                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
@@ -292,14 +307,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, p.softmax_scale, *key_lists)))
+                          *common, num_n_blocks, p.softmax_scale, *alibi, *key_lists)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, p.softmax_scale, *query_lists)))
+                          *common, num_m_blocks, p.softmax_scale, *alibi, *query_lists)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from . import _bridge, _compile, _dispatch, _sparse
+from . import _bridge, _compile, _dispatch, _headdim, _sparse
 from ._bridge import DeviceArray
 from ._launch import Launcher
 
@@ -13,7 +13,6 @@ from ._launch import Launcher
 _LATER = {
     "dropout_p": "dropout",
     "softcap": "softcapping",
-    "alibi_slopes": "ALiBi",
 }
 
 
@@ -22,11 +21,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Exact attention softmax(q k^T * scale) v, computed without materialising the score matrix.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
-    dividing nheads (GQA/MQA). float16 or bfloat16; headdim a multiple of 8 up to 256; the last
-    dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
+    dividing nheads (GQA/MQA). float16 or bfloat16; any headdim from 1 to 256 (one that is not a
+    multiple of 8 is zero-padded, a copy, as FlashAttention-2 does); the last dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
     causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
     window_size=(left, right): query i sees key j iff i + d - left <= j <= i + d + right,
     d = seqlen_k - seqlen_q (-1: unbounded on that side); key tiles outside the window are skipped.
+    alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + d - j| to the scaled scores.
     block_mask: a cuflash.BlockMask (block sizes multiples of 64) built for (seqlen_q, seqlen_k):
     only its listed blocks are computed, partial blocks through their exact element bits; with
     causal=True the two masks intersect.
@@ -34,33 +34,43 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
     can see no key gives zeros and a log-sum-exp of -inf.
     """
-    _reject_later_features(dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes)
+    _reject_later_features(dropout_p=dropout_p, softcap=softcap)
+    padded = _headdim.needs_padding(q, k, v)
+    if padded:
+        d = q.shape[-1]
+        res = flash_attn_func(*(_headdim.pad(x, padded) for x in (q, k, v)), dropout_p, resolve_scale(softmax_scale, d),
+                              causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                              block_mask=block_mask)
+        return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
     block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
         return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                      return_attn_probs=return_attn_probs, block_mask=block_mask)
+                                      return_attn_probs=return_attn_probs, block_mask=block_mask,
+                                      alibi_slopes=alibi_slopes)
     if _needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
-        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, block_mask)
+        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, block_mask,
+                                            alibi_slopes)
         return (out, lse, None) if return_attn_probs else out
-    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask)
+    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask, alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
-def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None):
+def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None):
     """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd. A block mask
     comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout)."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     problem = check_fwd_args(qa, ka, va, softmax_scale)
+    alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
-    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists)
+    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists, alibi)
     if qa.framework == "dlpack":  # hand back what the caller can consume
         out, lse = out_a.obj, lse_a.obj
     return out, lse, problem
@@ -74,6 +84,25 @@ def _needs_torch_autograd(q, k, v) -> bool:
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, k, v))
 
 
+def check_alibi(alibi_slopes, p: _dispatch.FwdProblem, q: DeviceArray):
+    """(pointer, batch stride) of float32 ALiBi slopes of shape (nheads,) or (batch, nheads), or None."""
+    if alibi_slopes is None:
+        return None
+    if _bridge.framework_of(alibi_slopes) == "jax":
+        raise TypeError("alibi_slopes: JAX slopes go with JAX q, k, v")
+    a = _bridge.describe(alibi_slopes, "alibi_slopes")
+    if a.framework != q.framework or a.device != q.device:
+        raise ValueError(f"alibi_slopes must be a {q.framework} array on cuda:{q.device} like q")
+    if a.dtype != "float32":
+        raise TypeError(f"alibi_slopes.dtype must be float32, got {a.dtype}")
+    if a.shape not in ((p.nheads,), (p.batch, p.nheads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({p.nheads},) or (batch, nheads) = "
+                         f"({p.batch}, {p.nheads}), got {a.shape}")
+    if a.strides[-1] != 1 and p.nheads > 1:
+        raise ValueError(f"alibi_slopes' last dimension must be contiguous, got strides {a.strides}")
+    return a.ptr, (a.strides[0] if a.ndim == 2 and p.batch > 1 else 0)
+
+
 def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceArray):
     """(pointer, layout) of block_mask's kernel lists (intersected with causal) on like's device."""
     _sparse.check_mask(block_mask, p.batch, p.nheads, p.seqlen_q, p.seqlen_k)
@@ -82,11 +111,10 @@ def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceAr
     return _bridge.describe(buffer, "block_mask").ptr, layout
 
 
-def _reject_later_features(dropout_p, softcap, alibi_slopes) -> None:
+def _reject_later_features(dropout_p, softcap) -> None:
     unset = {
         "dropout_p": dropout_p == 0,
         "softcap": softcap == 0,
-        "alibi_slopes": alibi_slopes is None,
     }
     for name, is_unset in unset.items():
         if not is_unset:
@@ -116,8 +144,9 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if nheads_k < 1 or nheads % nheads_k:
         raise ValueError(f"k's nheads ({nheads_k}) must divide q's nheads ({nheads})")
-    if head_dim % 8 or not 8 <= head_dim <= _dispatch.MAX_HEAD_DIM:
-        raise ValueError(f"headdim must be a multiple of 8 from 8 to {_dispatch.MAX_HEAD_DIM}, got {head_dim}")
+    if head_dim % 8 or not 8 <= head_dim <= _dispatch.MAX_HEAD_DIM:  # flash_attn_func pads other dims first
+        raise ValueError(f"headdim must be from 1 to {_dispatch.MAX_HEAD_DIM} (the kernels take multiples of 8), "
+                         f"got {head_dim}")
     for a, name in ((q, "q"), (k, "k"), (v, "v")):
         if a.strides[3] != 1:
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {a.strides}")
@@ -142,17 +171,19 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None) -> None:
+            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
-    float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`)."""
+    float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`);
+    alibi: (pointer, batch stride) of the slopes."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
     variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device),
-                                   mask_blocks=mask_blocks)
+                                   mask_blocks=mask_blocks, alibi=alibi is not None)
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
+        alibi or _dispatch.NO_ALIBI,
     )
     _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
@@ -192,12 +223,21 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
     `deterministic` costs nothing.
     """
-    _reject_later_features(dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes)
+    _reject_later_features(dropout_p=dropout_p, softcap=softcap)
+    padded = _headdim.needs_padding(q, k, v, dout, out)
+    if padded:
+        d = q.shape[-1]
+        grads = flash_attn_backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
+                                    softmax_scale=resolve_scale(softmax_scale, d), causal=causal,
+                                    window_size=window_size, alibi_slopes=alibi_slopes, block_mask=block_mask)
+        return tuple(_headdim.unpad(g, d) for g in grads)
     block_mask = _sparse.window_mask(block_mask, window_size, q, k)
-    return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask)
+    return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask,
+                           alibi_slopes=alibi_slopes)
 
 
-def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None):
+def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None,
+                    alibi_slopes=None):
     """flash_attn_backward's work (a block mask as block_mask, or as lists like forward_arrays)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
@@ -205,13 +245,15 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, bloc
     doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
     problem = check_fwd_args(qa, ka, va, softmax_scale)
     check_bwd_args(problem, qa, doa, oa, la)
+    alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
     dq, dqa = _bridge.empty(qa, qa.shape, qa.dtype)
     dk, dka = _bridge.empty(qa, ka.shape, qa.dtype)
     dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
     delta, delta_a = _bridge.empty(qa, la.shape, "float32")
-    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa), lists)
+    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa), lists,
+            alibi)
     if qa.framework == "dlpack":
         dq, dk, dv = dqa.obj, dka.obj, dva.obj
     return dq, dk, dv
@@ -241,17 +283,19 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
         raise ValueError(f"softmax_lse must be contiguous, got strides {lse.strides}")
 
 
-def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None) -> None:
+def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None,
+            alibi=None) -> None:
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
-    lists as for run_fwd."""
+    lists and alibi as for run_fwd."""
     if lists is None:
-        variants, sparse_args = _dispatch.choose_bwd(q.dtype, p.head_dim, causal), ()
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, alibi=alibi is not None)
+        sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
     else:
         ptr, layout = lists
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n))
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n), alibi is not None)
         sparse_args = (layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True))
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
-        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args,
+        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI,
     )
     _launch_on(q.device, launches, stream_ptr)

@@ -35,13 +35,17 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
-def _lists(buffers, layout):
-    """(pointer, layout) of the packed block-mask lists among a callback's operands, or None."""
-    return None if layout is None else (_buffer(buffers[0], "int32").ptr, layout)
+def _extras(buffers, layout, alibi_sb):
+    """(lists, alibi) from a callback's extra operands: the packed block-mask lists (int32, when
+    layout is not None), then the ALiBi slopes (float32, when alibi_sb is not None)."""
+    buffers = list(buffers)
+    lists = None if layout is None else (_buffer(buffers.pop(0), "int32").ptr, layout)
+    alibi = None if alibi_sb is None else (_buffer(buffers.pop(0), "float32").ptr, alibi_sb)
+    return lists, alibi
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
+def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
     import jax
 
     try:
@@ -52,11 +56,11 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
             f"this JAX is {jax.__version__}"
         ) from e
 
-    def launch(ctx, outs, q, k, v, *lists):
+    def launch(ctx, outs, q, k, v, *extras):
         out, lse = outs
         qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
         la = _buffer(lse, "float32")
-        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream, _lists(lists, layout))
+        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream, *_extras(extras, layout, alibi_sb))
 
     out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
     lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")
@@ -64,16 +68,16 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
+def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
     import jax
     from jax.experimental import buffer_callback
 
-    def launch(ctx, outs, dout, q, k, v, out, lse, *lists):
+    def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
         dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
         arrays = [_buffer(b, dtype) for b in (q, k, v, dout, out)]
         la, delta_a = _buffer(lse, "float32"), _buffer(delta, "float32")
         grads = [_buffer(b, dtype) for b in (dq, dk, dv)]
-        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream, _lists(lists, layout))
+        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream, *_extras(extras, layout, alibi_sb))
 
     p = problem
     shapes = [(p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
@@ -84,45 +88,55 @@ def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout):
-    """(q, k, v, *lists) -> (out, lse) with a custom VJP running the backward kernels; lists is the
-    packed block mask (int32, no gradient) when layout is not None. The log-sum-exp is an output for
-    callers who want it; gradients do not flow through it."""
+def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
+    """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras are the
+    packed block mask (int32) and the ALiBi slopes, which get zero cotangents. The log-sum-exp is an
+    output for callers who want it; gradients do not flow through it."""
     import jax
     import numpy as np
 
-    fwd = _fwd_callable(problem, dtype, causal, layout)
-    bwd = _bwd_callable(problem, dtype, causal, layout)
+    fwd = _fwd_callable(problem, dtype, causal, layout, alibi_sb)
+    bwd = _bwd_callable(problem, dtype, causal, layout, alibi_sb)
 
     @jax.custom_vjp
-    def attention(q, k, v, *lists):
-        return fwd(q, k, v, *lists)
+    def attention(q, k, v, *extras):
+        return fwd(q, k, v, *extras)
 
-    def attention_fwd(q, k, v, *lists):
-        out, lse = fwd(q, k, v, *lists)
-        return (out, lse), (q, k, v, out, lse, lists)
+    def attention_fwd(q, k, v, *extras):
+        out, lse = fwd(q, k, v, *extras)
+        return (out, lse), (q, k, v, out, lse, extras)
 
     def attention_bwd(res, cotangents):
-        q, k, v, out, lse, lists = res
+        q, k, v, out, lse, extras = res
         dout, _ = cotangents
-        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *lists)
-        return (dq, dk, dv, *(np.zeros(x.shape, jax.dtypes.float0) for x in lists))
+        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *extras)
+        zeros = [np.zeros(x.shape, jax.dtypes.float0) if x.dtype == np.int32 else jax.numpy.zeros_like(x)
+                 for x in extras]
+        return (dq, dk, dv, *zeros)
 
     attention.defvjp(attention_fwd, attention_bwd)
     return attention
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None,
+                    alibi_slopes=None):
     """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
     problem = api.check_fwd_args(qa, ka, va, softmax_scale)
-    lists, layout = (), None
+    extras, layout, alibi_sb = [], None, None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
         buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
                                               _device_id(q), "jax")
-        lists = (buffer,)
-    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout)(q, k, v, *lists)
+        extras.append(buffer)
+    if alibi_slopes is not None:
+        slopes = _meta(alibi_slopes, "alibi_slopes")
+        if slopes.dtype != "float32" or slopes.shape not in ((problem.nheads,), (problem.batch, problem.nheads)):
+            raise ValueError(f"alibi_slopes must be float32 of shape (nheads,) or (batch, nheads), got "
+                             f"{slopes.dtype} {slopes.shape}")
+        alibi_sb = problem.nheads if len(slopes.shape) == 2 and problem.batch > 1 else 0
+        extras.append(alibi_slopes)
+    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb)(q, k, v, *extras)
     return (out, lse, None) if return_attn_probs else out
 
 

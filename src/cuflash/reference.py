@@ -26,11 +26,23 @@ def causal_mask(seqlen_q: int, seqlen_k: int, xp=np):
     return j <= i + (seqlen_k - seqlen_q)
 
 
-def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | None = None, mask=None):
+def alibi_bias(slopes, batch: int, seqlen_q: int, seqlen_k: int, xp=np):
+    """(batch or 1, nheads, seqlen_q, seqlen_k) float64 bias -slope * |i + seqlen_k - seqlen_q - j|
+    (FlashAttention-2's ALiBi) from slopes of shape (nheads,) or (batch, nheads)."""
+    slopes = xp.asarray(slopes, dtype=xp.float64)
+    slopes = slopes.reshape((1 if slopes.ndim == 1 else batch), -1)[:, :, None, None]
+    i = xp.arange(seqlen_q)[:, None]
+    j = xp.arange(seqlen_k)[None, :]
+    return -slopes * xp.abs(i + seqlen_k - seqlen_q - j)
+
+
+def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | None = None, mask=None,
+                        alibi_slopes=None):
     """(out, lse) in float64: out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q).
 
     mask: optional boolean array broadcastable to (batch, nheads, seqlen_q, seqlen_k), True where a
     query may see a key (e.g. BlockMask.to_element_mask()); it combines with causal.
+    alibi_slopes: (nheads,) or (batch, nheads); adds alibi_bias to the scaled scores.
     A row that sees no key gives out = 0 and lse = -inf.
     """
     xp = _xp(q)
@@ -42,6 +54,8 @@ def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | No
     k = xp.repeat(k, group, axis=2)
     v = xp.repeat(v, group, axis=2)
     s = xp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, batch, seqlen_q, seqlen_k, xp)
     if causal:
         s = xp.where(causal_mask(seqlen_q, seqlen_k, xp), s, -xp.inf)
     if mask is not None:
