@@ -91,6 +91,8 @@ def check_alibi(alibi_slopes, p: _dispatch.FwdProblem, q: DeviceArray):
     if _bridge.framework_of(alibi_slopes) == "jax":
         raise TypeError("alibi_slopes: JAX slopes go with JAX q, k, v")
     a = _bridge.describe(alibi_slopes, "alibi_slopes")
+    if a.device is None:
+        raise TypeError(f"alibi_slopes must be on a CUDA device, got a {a.framework} array in host memory")
     if a.framework != q.framework or a.device != q.device:
         raise ValueError(f"alibi_slopes must be a {q.framework} array on cuda:{q.device} like q")
     if a.dtype != "float32":
