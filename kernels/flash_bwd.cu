@@ -7,7 +7,8 @@
 //                                dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q
 //   flash_bwd_dq_kernel          a block owns BM queries and walks the key tiles:
 //                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
-// dK and dQ carry the softmax scale. Working on Sᵀ (keys as rows) lets every product of the dK/dV
+// dK and dQ carry the softmax scale. Score modifications (score_mods.cuh: ALiBi, softcap) apply to the
+// recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Working on Sᵀ (keys as rows) lets every product of the dK/dV
 // kernel use the same two warp-level shapes as the forward pass.
 #include "block_sparse.cuh"
 #include "mma.cuh"
@@ -80,7 +81,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI>
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -89,7 +90,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
                       int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
-                      const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
+                      float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -187,6 +188,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     float p[MT][BMQ / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
+    float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
+    if constexpr (SOFTCAP) apply_softcap(p, softcap_mult, dtanh);
     if constexpr (ALIBI)  // keys are rows here, hence -diag
       add_alibi(p, n0 + warp_row, m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + g] / softmax_scale, lane);
     bool partial = false;
@@ -216,8 +219,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 #pragma unroll
       for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
+        for (int c = 0; c < 4; ++c) {
           ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2]);
+          if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
+        }
     warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dk, ds, q_tile + c0 * sizeof(T), lane);
 
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
@@ -233,7 +238,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI>
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -241,7 +246,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
                     long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q, int seqlen_k,
                     int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
-                    const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
+                    float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -313,6 +318,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float p[MT][BN / 8][4];
     zero(p);
     warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
+    float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
+    if constexpr (SOFTCAP) apply_softcap(p, softcap_mult, dtanh);
     if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
     if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
       if (at.slot >= 0)
@@ -337,7 +344,10 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
+        for (int c = 0; c < 4; ++c) {
+          ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
+          if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
+        }
     warp_mma_pb<T, MT, BN, D, PB>(acc_dq, ds, k_tile, lane);
   }
   store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (m0 + warp_row) * dq_ss, dq_ss, 0,

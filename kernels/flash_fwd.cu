@@ -59,13 +59,15 @@ struct BlockCoords {
 // SPARSE: visit only the key tiles a block mask lists for this query tile (see block_sparse.cuh);
 // otherwise every key tile (up to the diagonal when CAUSAL), from the last to the first.
 // ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI>
-__global__ void __launch_bounds__(WARPS * 32, SPARSE ? 1 : 0)  // 0: no minimum (the tuned dense tiles)
+// SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
+__global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
                  long long o_ss, long long o_sh, int seqlen_q, int seqlen_k, int nheads, int kv_group,
-                 int head_dim, int num_m_blocks, float softmax_scale, const float* __restrict__ alibi_slopes,
+                 int head_dim, int num_m_blocks, float softmax_scale, float softcap_mult,
+                 const float* __restrict__ alibi_slopes,
                  long long alibi_sb, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
@@ -150,6 +152,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
                                            smem_addr(sK) + slot * kv_slot_bytes, lane);
 
+    if constexpr (SOFTCAP) apply_softcap(acc_s, softcap_mult);
     if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
     auto in_range = [&](int i, int j) { return j < seqlen_k && (!CAUSAL || j <= i + diag); };
     if constexpr (SPARSE) {

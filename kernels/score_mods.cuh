@@ -24,4 +24,40 @@ __device__ __forceinline__ void add_alibi(float (&acc)[MT][NT][4], int row0, int
       }
 }
 
+// tanh in one instruction (sm_75+; relative error about 2^-11, as FlashAttention-2's fast_tanh):
+// tanhf's software path needs registers the main loops do not have.
+__device__ __forceinline__ float fast_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Softcapping (FlashAttention-2's softcap, as in Gemma 2): the scaled score s becomes cap * tanh(s / cap).
+// The tile holds Q Kᵀ and mult = softmax_scale / cap, so the tile becomes tanh(Q Kᵀ * mult) and the
+// kernel runs its softmax with scale cap. The backward also keeps dtanh = mult * (1 - tanh²): dS times
+// dtanh, times cap when dQ and dK are stored, is the gradient with respect to Q Kᵀ * softmax_scale / scale.
+template <int MT, int NT>
+__device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = fast_tanh(acc[mt][nt][c] * mult);
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult, float (&dtanh)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float t = fast_tanh(acc[mt][nt][c] * mult);
+        acc[mt][nt][c] = t;
+        dtanh[mt][nt][c] = mult * (1.f - t * t);
+      }
+}
+
 }  // namespace cuflash

@@ -15,7 +15,7 @@ def randn(shape, dtype, seed, device="cuda"):
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
-def reference(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
+def reference(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, softcap=0.0):
     """float64 (out, lse) for torch tensors, through CuPy; mask: an element mask (see plain_attention)."""
     import cupy
     import torch
@@ -25,14 +25,15 @@ def reference(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
     out, lse = attention_reference(*(cupy.from_dlpack(x.detach().double().contiguous()) for x in (q, k, v)),
                                    causal=causal, softmax_scale=scale,
                                    mask=None if mask is None else cupy.asarray(mask),
-                                   alibi_slopes=None if alibi_slopes is None else cupy.from_dlpack(alibi_slopes))
+                                   alibi_slopes=None if alibi_slopes is None else cupy.from_dlpack(alibi_slopes),
+                                   softcap=softcap)
     return torch.from_dlpack(out), torch.from_dlpack(lse)
 
 
-def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
+def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, softcap=0.0):
     """The same math done plainly in the input dtype (scores, softmax and products in q.dtype).
     mask: bool (B', H', seqlen_q, seqlen_k) NumPy array, True where a query sees a key;
-    alibi_slopes: a float32 tensor (nheads,) or (batch, nheads)."""
+    alibi_slopes: a float32 tensor (nheads,) or (batch, nheads); softcap: FlashAttention-2's."""
     import torch
 
     d = q.shape[-1]
@@ -41,14 +42,17 @@ def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None):
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     s = (qh @ kh.transpose(-1, -2)) * scale
+    if softcap or alibi_slopes is not None:
+        # Score modifications and the softmax in float32, as the kernels do: ALiBi biases reach
+        # hundreds, and rounding them in bf16 would make the 2x rule meaningless.
+        s = s.to(torch.promote_types(s.dtype, torch.float32))  # float64 stays float64
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         from cuflash.reference import alibi_bias
 
-        # Biases reach hundreds: added and soft-maxed in float32 (as the kernels do), or the baseline's
-        # rounding would make the 2x rule meaningless.
         bias = alibi_bias(alibi_slopes.cpu().numpy(), q.shape[0], q.shape[1], k.shape[1])
-        wide = torch.promote_types(s.dtype, torch.float32)  # float64 for the float64 reference
-        s = s.to(wide) + torch.as_tensor(bias, device=q.device, dtype=wide)
+        s = s + torch.as_tensor(bias, device=q.device, dtype=s.dtype)
     if causal:
         sq, sk = q.shape[1], k.shape[1]
         i = torch.arange(sq, device=q.device)[:, None]
@@ -94,18 +98,18 @@ def grads(fn, q, k, v, dout):
     return out, dq, dk, dv
 
 
-def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, **kwargs):
+def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, softcap=0.0, **kwargs):
     """cuflash's out, dq, dk, dv (called with **kwargs, e.g. block_mask) against float64 autograd,
     within 2x of plain same-dtype autograd; mask is the equivalent element mask."""
     dout = randn(q.shape, q.dtype, 99) if dout is None else dout
 
     def plain(a, b, c):
-        return plain_attention(a, b, c, causal, mask=mask, alibi_slopes=alibi_slopes)
+        return plain_attention(a, b, c, causal, mask=mask, alibi_slopes=alibi_slopes, softcap=softcap)
 
     ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
     base = grads(plain, q, k, v, dout)
-    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, alibi_slopes=alibi_slopes, **kwargs),
-                 q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=causal, alibi_slopes=alibi_slopes,
+                                                         softcap=softcap, **kwargs), q, k, v, dout)
     for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, base, ref):
         assert o.shape == r.shape and o.dtype == q.dtype
         assert_close_2x(o, r, p, name)

@@ -96,7 +96,7 @@ def test_custom_op_opcheck():
     import torch
 
     q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
-    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True, None, None, None),
+    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True, None, None, None, 0.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -22,13 +22,13 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
     for v in variants:
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
-    assert len(dense) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2 * 2  # dtypes x dims x causal x alibi
+    assert len(dense) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2 * 4  # dtypes x dims x causal x score mods
 
 
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, True)
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
-                      f"{v.stages}, true, false, false>")
+                      f"{v.stages}, true, false, false, false>")
 
 
 def test_launch_args_are_64_bit_and_grid_is_one_dimensional():

@@ -140,3 +140,56 @@ def test_any_head_dim_cupy_explicit_backward_and_jax():
     out_j = jax.jit(cuflash.flash_attn_func)(qj, kj, vj)
     assert out_j.shape == (1, 70, 2, 20)
     np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), out.float().cpu().numpy())
+
+
+@pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_softcap_forward_and_grads(dtype, causal, headdim, seqlens):
+    import torch
+
+    sq, sk = seqlens
+    dt = getattr(torch, dtype)
+    # Scores of order 5-10 so that the cap (tanh) really bends them.
+    q = randn((2, sq, 3, headdim), dt, 70) * 3
+    k, v = randn((2, sk, 3, headdim), dt, 71), randn((2, sk, 3, headdim), dt, 72)
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=causal, softcap=5.0, return_attn_probs=True)
+    ref, ref_lse = reference(q, k, v, causal, softcap=5.0)
+    assert_close_2x(out, ref, plain_attention(q, k, v, causal, softcap=5.0))
+    assert_lse_close(lse, ref_lse)
+    check_grads(q, k, v, causal, softcap=5.0)
+
+
+def test_softcap_with_alibi_window_gqa_and_block_mask():
+    import torch
+
+    from test_blocksparse_gpu import band, random_mask
+
+    q = randn((2, 260, 4, 128), torch.bfloat16, 80) * 2
+    k, v = randn((2, 300, 2, 128), torch.bfloat16, 81), randn((2, 300, 2, 128), torch.bfloat16, 82)
+    check_grads(q, k, v, True, mask=band(260, 300, 100, 0)[None, None], alibi_slopes=alibi_slopes(4), softcap=8.0,
+                window_size=(100, 0))
+    mask, elements = random_mask(2, 1, 260, 300, 64, 64, seed=3)
+    check_grads(q, k, v, False, mask=elements, alibi_slopes=alibi_slopes(4, batch=2), softcap=8.0, block_mask=mask)
+
+
+def test_softcap_jax_matches_torch():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import torch
+
+    from gpu_helpers import grads
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    q, k, v, dout = (randn((1, 100, 2, 64), torch.float16, 90 + i) for i in range(4))
+    expected = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, softcap=4.0), q, k, v, dout)[1:]
+    qj, kj, vj, doj = (jnp.asarray(x.float().cpu().numpy()).astype(jnp.float16) for x in (q, k, v, dout))
+
+    def loss(a, b, c):
+        return (cuflash.flash_attn_func(a, b, c, softcap=4.0).astype(jnp.float32) * doj.astype(jnp.float32)).sum()
+
+    for ours, exp in zip(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(qj, kj, vj), expected):
+        np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), exp.float().cpu().numpy())

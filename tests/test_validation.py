@@ -117,7 +117,6 @@ def test_host_arrays_rejected_by_public_api():
     "kw, feature",
     [
         (dict(dropout_p=0.1), "dropout"),
-        (dict(softcap=30.0), "softcapping"),
     ],
 )
 def test_later_features_name_themselves(kw, feature):
@@ -146,3 +145,10 @@ def test_head_dim_padding_rule():
     assert _headdim.needs_padding(a(12), a(20), a(12)) == 0  # mismatch: left to the shape checks
     assert _headdim.needs_padding(a(264), a(264), a(264)) == 0
     assert _headdim.needs_padding(np.zeros((5, 12)), a(12), a(12)) == 0
+
+
+@pytest.mark.parametrize("softcap, exc", [(-1.0, ValueError), (float("inf"), ValueError), ("30", TypeError),
+                                          (True, TypeError)])
+def test_bad_softcap_is_named(softcap, exc):
+    with pytest.raises(exc, match="softcap"):
+        check_fwd_args(*qkv(), None, softcap)

@@ -58,14 +58,14 @@ class FwdVariant:
     causal: bool
     sparse: bool = False  # reads a block mask's lists (kernels/block_sparse.cuh)
     alibi: bool = False  # adds ALiBi biases (kernels/score_mods.cuh)
+    softcap: bool = False  # caps scores with tanh (kernels/score_mods.cuh)
     source: str = "flash_fwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {self.stages}, {_cpp(self.causal)}, {_cpp(self.sparse)}, "
-            f"{_cpp(self.alibi)}>"
+            f"{self.block_n}, {self.warps}, {self.stages}, {_flags(self.causal, self.sparse, self.alibi, self.softcap)}>"
         )
 
     @property
@@ -78,8 +78,11 @@ class FwdVariant:
         return (self.block_m + 2 * self.stages * self.block_n) * pitch * 2
 
 
-def _cpp(flag: bool) -> str:
-    return "true" if flag else "false"
+def _flags(*flags: bool) -> str:
+    return ", ".join("true" if f else "false" for f in flags)
+
+
+SCORE_MODS = ((False, False), (True, False), (False, True), (True, True))  # (alibi, softcap)
 
 
 # Block-sparse variants: kernel tiles must divide the mask's blocks (multiples of 64), so a tile
@@ -94,31 +97,38 @@ def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
 
 @functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
-               arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False) -> FwdVariant:
+               arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False,
+               softcap: bool = False) -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
-    mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant."""
+    mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant; alibi and softcap
+    the score modifications."""
     bucket = head_dim_bucket(head_dim)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
     sparse = mask_blocks is not None
     if sparse:
         block_m = _divides(block_m, mask_blocks[0])
         warps = min(warps, block_m // 16)
-    if (sparse or alibi) and block_m > 16 * warps:
-        block_n = min(block_n, 64)  # warps of 32 rows: 128 keys plus a mask or bias test would spill
+    if (sparse or alibi or softcap) and block_m > 16 * warps:
+        block_n = min(block_n, 64)  # warps of 32 rows: 128 keys plus a mask or score change would spill
+    if softcap and block_m > 16 * warps:  # tanh needs still more registers
+        block_n = 32
+        if bucket > 128:
+            warps = block_m // 16
     if sparse:
         block_n = _divides(block_n, mask_blocks[1])
-    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi))
+    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi),
+                      bool(softcap))
 
 
 def all_variants(arch: str = "sm_80") -> list:
     """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
     fwd = []
-    for alibi in (False, True):
-        fwd += [choose_fwd(dt, d, c, arch=arch, alibi=alibi) for dt in DTYPES for d in HEAD_DIM_BUCKETS
-                for c in (False, True)]
+    for alibi, softcap in SCORE_MODS:
+        fwd += [choose_fwd(dt, d, c, arch=arch, alibi=alibi, softcap=softcap) for dt in DTYPES
+                for d in HEAD_DIM_BUCKETS for c in (False, True)]
         for blocks in MASK_BLOCKS:
-            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, alibi=alibi) for dt in DTYPES
-                                for d in HEAD_DIM_BUCKETS) if v not in fwd]
+            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, alibi=alibi, softcap=softcap)
+                                for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
     return fwd + all_bwd_variants()
 
 
@@ -131,14 +141,22 @@ class FwdProblem:
     nheads_k: int
     head_dim: int
     softmax_scale: float
+    softcap: float = 0.0  # 0: off
+
+    def kernel_scales(self) -> tuple[float, float]:
+        """(softmax scale, softcap multiplier) as the kernels take them: with a softcap the kernels
+        compute tanh(Q Kᵀ * scale / cap) and run the softmax with scale cap."""
+        if self.softcap:
+            return self.softcap, self.softmax_scale / self.softcap
+        return self.softmax_scale, 0.0
 
 
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
 # batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
-# softmax_scale; ALiBi slopes pointer and batch stride; the block mask's lists (zeros for dense variants).
+# softmax scale and softcap multiplier (FwdProblem.kernel_scales); ALiBi slopes pointer and batch stride; the block mask's lists (zeros for dense variants).
 ALIBI_FORMAT = "Qq"
 NO_ALIBI = (0, 0)
-FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
 
 
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
@@ -158,7 +176,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
-        p.softmax_scale, *alibi, *lists,
+        *p.kernel_scales(), *alibi, *lists,
     )
     return blocks, variant.threads, args
 
@@ -183,8 +201,8 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
-BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "f" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
 
 
 @dataclass(frozen=True)
@@ -210,13 +228,14 @@ class BwdDkdvVariant:
     causal: bool
     sparse: bool = False
     alibi: bool = False
+    softcap: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{_cpp(self.causal)}, {_cpp(self.sparse)}, {_cpp(self.alibi)}>")
+                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap)}>")
 
     @property
     def threads(self) -> int:
@@ -237,12 +256,13 @@ class BwdDqVariant:
     causal: bool
     sparse: bool = False
     alibi: bool = False
+    softcap: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-                f"{self.block_n}, {self.warps}, {_cpp(self.causal)}, {_cpp(self.sparse)}, {_cpp(self.alibi)}>")
+                f"{self.block_n}, {self.warps}, {_flags(self.causal, self.sparse, self.alibi, self.softcap)}>")
 
     @property
     def threads(self) -> int:
@@ -255,34 +275,36 @@ class BwdDqVariant:
 
 @functools.lru_cache(maxsize=None)
 def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
-               alibi: bool = False):
-    """(preprocess, dK/dV, dQ) variants for a backward call; mask_blocks and alibi as for choose_fwd."""
+               alibi: bool = False, softcap: bool = False):
+    """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd."""
     bucket = head_dim_bucket(head_dim)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
-    alibi = bool(alibi)
+    mods = (bool(alibi), bool(softcap))
+    if softcap:  # the dK/dV kernel keeps tanh's derivative per score: half the query rows per tile
+        block_q = max(16, block_q // 2)
     if mask_blocks is None:
         return (BwdPreprocessVariant(dtype),
-                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, alibi),
-                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, alibi))
+                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, *mods),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, *mods))
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
     return (BwdPreprocessVariant(dtype),
             BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16), splits,
-                           False, True, alibi),
-            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, alibi))
+                           False, True, *mods),
+            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, *mods))
 
 
 def all_bwd_variants() -> list:
     out = []
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
-            for alibi in (False, True):
+            for alibi, softcap in SCORE_MODS:
                 for c in (False, True):
-                    out += [v for v in choose_bwd(dt, d, c, alibi=alibi) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, c, alibi=alibi, softcap=softcap) if v not in out]
                 for blocks in MASK_BLOCKS:
-                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap) if v not in out]
     return out
 
 
@@ -307,14 +329,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, p.softmax_scale, *alibi, *key_lists)))
+                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *key_lists)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, p.softmax_scale, *alibi, *query_lists)))
+                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *query_lists)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

@@ -12,7 +12,6 @@ from ._launch import Launcher
 # Features whose kernels are still to come: the argument names them, the error names the feature.
 _LATER = {
     "dropout_p": "dropout",
-    "softcap": "softcapping",
 }
 
 
@@ -27,6 +26,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_size=(left, right): query i sees key j iff i + d - left <= j <= i + d + right,
     d = seqlen_k - seqlen_q (-1: unbounded on that side); key tiles outside the window are skipped.
     alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + d - j| to the scaled scores.
+    softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) (before ALiBi), as in Gemma 2.
     block_mask: a cuflash.BlockMask (block sizes multiples of 64) built for (seqlen_q, seqlen_k):
     only its listed blocks are computed, partial blocks through their exact element bits; with
     causal=True the two masks intersect.
@@ -34,7 +34,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
     can see no key gives zeros and a log-sum-exp of -inf.
     """
-    _reject_later_features(dropout_p=dropout_p, softcap=softcap)
+    _reject_later_features(dropout_p=dropout_p)
     padded = _headdim.needs_padding(q, k, v)
     if padded:
         d = q.shape[-1]
@@ -48,23 +48,24 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
         return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                       return_attn_probs=return_attn_probs, block_mask=block_mask,
-                                      alibi_slopes=alibi_slopes)
+                                      alibi_slopes=alibi_slopes, softcap=softcap)
     if _needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
         out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, block_mask,
-                                            alibi_slopes)
+                                            alibi_slopes, resolve_softcap(softcap))
         return (out, lse, None) if return_attn_probs else out
-    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask, alibi_slopes=alibi_slopes)
+    out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask, alibi_slopes=alibi_slopes,
+                                 softcap=softcap)
     return (out, lse, None) if return_attn_probs else out
 
 
-def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None):
+def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None, softcap=0.0):
     """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd. A block mask
     comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout)."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    problem = check_fwd_args(qa, ka, va, softmax_scale)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap)
     alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
@@ -113,17 +114,16 @@ def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceAr
     return _bridge.describe(buffer, "block_mask").ptr, layout
 
 
-def _reject_later_features(dropout_p, softcap) -> None:
+def _reject_later_features(dropout_p) -> None:
     unset = {
         "dropout_p": dropout_p == 0,
-        "softcap": softcap == 0,
     }
     for name, is_unset in unset.items():
         if not is_unset:
             raise NotImplementedError(f"{name}: {_LATER[name]} is not implemented yet in cuflash")
 
 
-def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale) -> _dispatch.FwdProblem:
+def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale, softcap=0.0) -> _dispatch.FwdProblem:
     """Validate q, k, v and the scale; ValueError/TypeError naming the argument. Needs no GPU."""
     for a, name in ((q, "q"), (k, "k"), (v, "v")):
         if a.device is None:
@@ -158,7 +158,7 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
                 f"multiples of 8 elements, got strides {a.strides}"
             )
     return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
-                                resolve_scale(softmax_scale, head_dim))
+                                resolve_scale(softmax_scale, head_dim), resolve_softcap(softcap))
 
 
 def resolve_scale(softmax_scale, head_dim: int) -> float:
@@ -172,6 +172,15 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def resolve_softcap(softcap) -> float:
+    """softcap as a float >= 0 (0: off); TypeError/ValueError for anything unusable."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
             lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
@@ -181,7 +190,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
     variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device),
-                                   mask_blocks=mask_blocks, alibi=alibi is not None)
+                                   mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0)
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
@@ -225,27 +234,28 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
     `deterministic` costs nothing.
     """
-    _reject_later_features(dropout_p=dropout_p, softcap=softcap)
+    _reject_later_features(dropout_p=dropout_p)
     padded = _headdim.needs_padding(q, k, v, dout, out)
     if padded:
         d = q.shape[-1]
         grads = flash_attn_backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
                                     softmax_scale=resolve_scale(softmax_scale, d), causal=causal,
-                                    window_size=window_size, alibi_slopes=alibi_slopes, block_mask=block_mask)
+                                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                    block_mask=block_mask)
         return tuple(_headdim.unpad(g, d) for g in grads)
     block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask,
-                           alibi_slopes=alibi_slopes)
+                           alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None,
-                    alibi_slopes=None):
+                    alibi_slopes=None, softcap=0.0):
     """flash_attn_backward's work (a block mask as block_mask, or as lists like forward_arrays)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
-    problem = check_fwd_args(qa, ka, va, softmax_scale)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap)
     check_bwd_args(problem, qa, doa, oa, la)
     alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
@@ -290,11 +300,12 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
     lists and alibi as for run_fwd."""
     if lists is None:
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, alibi=alibi is not None)
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, alibi=alibi is not None, softcap=p.softcap > 0)
         sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
     else:
         ptr, layout = lists
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n), alibi is not None)
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n), alibi is not None,
+                                        p.softcap > 0)
         sparse_args = (layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True))
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,

@@ -119,10 +119,10 @@ def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, lay
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None,
-                    alibi_slopes=None):
+                    alibi_slopes=None, softcap=0.0):
     """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
-    problem = api.check_fwd_args(qa, ka, va, softmax_scale)
+    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap)
     extras, layout, alibi_sb = [], None, None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)

@@ -37,11 +37,12 @@ def alibi_bias(slopes, batch: int, seqlen_q: int, seqlen_k: int, xp=np):
 
 
 def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | None = None, mask=None,
-                        alibi_slopes=None):
+                        alibi_slopes=None, softcap: float = 0.0):
     """(out, lse) in float64: out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q).
 
     mask: optional boolean array broadcastable to (batch, nheads, seqlen_q, seqlen_k), True where a
     query may see a key (e.g. BlockMask.to_element_mask()); it combines with causal.
+    softcap > 0: scaled scores s become softcap * tanh(s / softcap) (before ALiBi, as in FlashAttention-2).
     alibi_slopes: (nheads,) or (batch, nheads); adds alibi_bias to the scaled scores.
     A row that sees no key gives out = 0 and lse = -inf.
     """
@@ -54,6 +55,8 @@ def attention_reference(q, k, v, causal: bool = False, softmax_scale: float | No
     k = xp.repeat(k, group, axis=2)
     v = xp.repeat(v, group, axis=2)
     s = xp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        s = softcap * xp.tanh(s / softcap)
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, batch, seqlen_q, seqlen_k, xp)
     if causal:

@@ -20,14 +20,14 @@ def _lists(lists: Optional[torch.Tensor], layout: Optional[list[int]]):
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]],
-                   alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor], softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout),
-                                     alibi_slopes=alibi_slopes)
+                                     alibi_slopes=alibi_slopes, softcap=softcap)
     return out, lse
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes):
+def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap):
     batch, seqlen_q, nheads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
@@ -36,21 +36,22 @@ def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes):
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
                    layout: Optional[list[int]],
-                   alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor],
+                   softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout),
-                               alibi_slopes=alibi_slopes)
+                               alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes):
+def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes = inputs
+    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, lists, alibi_slopes)
-    ctx.softmax_scale, ctx.causal, ctx.layout = softmax_scale, causal, layout
+    ctx.softmax_scale, ctx.causal, ctx.layout, ctx.softcap = softmax_scale, causal, layout, softcap
     ctx.mark_non_differentiable(lse)
 
 
@@ -59,14 +60,15 @@ def _backward(ctx, dout, _dlse):
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
     dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
-                                alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None
+                                alibi_slopes, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None, alibi_slopes=None):
+def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None, alibi_slopes=None,
+                    softcap: float = 0.0):
     """(out, lse), differentiable in q, k and v."""
     lists = layout = None
     if block_mask is not None:
@@ -77,4 +79,4 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
         _sparse.check_mask(block_mask, batch, nheads, seqlen_q, seqlen_k)
         lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
         layout = packed.to_ints()
-    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes)
+    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap))
