@@ -14,6 +14,7 @@
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "tile_io.cuh"
+#include "varlen.cuh"
 #include "warp_mma.cuh"
 
 namespace cuflash {
@@ -88,9 +89,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
                       long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
-                      long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int seqlen_q, int seqlen_k,
-                      int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
-                      float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
+                      long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int max_seqlen_q,
+                      int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
+                      float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
+                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                      long long lse_sh, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -110,7 +113,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int c0 = (block % SPLITS) * DV;
   block /= SPLITS;
   const int b = block / nheads_k, hk = block % nheads_k;
+  __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
+  if (threadIdx.x == 0) seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+  __syncthreads();
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
+  if (n0 >= seqlen_k) return;  // a packed sequence shorter than the longest
 
   // Query tiles that can see these keys: all of them, or (causal) those with a row i >= n0 - diag,
   // or (SPARSE) the listed ones.
@@ -139,9 +147,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   auto load_q_tile = [&](int it) {
     const SparseTile at = mask_tile(it);
     const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g), slot = it % 2;
-    load_tile_async<BMQ, D, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + m0 * q_ss, q_ss,
+    const int row = seq.q_start + m0;
+    load_tile_async<BMQ, D, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
                                      seqlen_q - m0, head_dim);
-    load_tile_async<BMQ, D, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + m0 * do_ss, do_ss,
+    load_tile_async<BMQ, D, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
                                      seqlen_q - m0, head_dim);
   };
   // lse and delta of a tile: one value per thread (or none), loaded early, stored to shared late.
@@ -149,14 +158,15 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     const SparseTile at = mask_tile(it);
     const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g);
     const int i = m0 + static_cast<int>(threadIdx.x);
-    const long long at_row = (static_cast<long long>(b) * nheads + h) * seqlen_q + i;
+    const long long at_row = b * lse_sb + h * lse_sh + seq.q_start + i;
     l = threadIdx.x < BMQ && i < seqlen_q ? lse[at_row] : kNegInf;
     d = threadIdx.x < BMQ && i < seqlen_q ? delta[at_row] : 0.f;
   };
   static_assert(BMQ <= THREADS, "one thread per query row of a tile");
 
-  load_tile_async<BN, D, THREADS>(sK, k + b * k_sb + hk * k_sh + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
-  load_tile_async<BN, D, THREADS>(sV, v + b * v_sb + hk * v_sh + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
+  const int key_row = seq.k_start + n0;
+  load_tile_async<BN, D, THREADS>(sK, k + b * k_sb + hk * k_sh + key_row * k_ss, k_ss, seqlen_k - n0, head_dim);
+  load_tile_async<BN, D, THREADS>(sV, v + b * v_sb + hk * v_sh + key_row * v_ss, v_ss, seqlen_k - n0, head_dim);
   if (n_iters > 0) load_q_tile(0);
   cp_async_commit();
   if (n_iters > 0) {
@@ -228,10 +238,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
   }
 
-  const int rows_valid = seqlen_k - n0 - warp_row;
-  store_tile<T, MT, DV / 8>(acc_dk, dk + b * dk_sb + hk * dk_sh + (n0 + warp_row) * dk_ss, dk_ss, 0, rows_valid, c0,
+  const int rows_valid = seq.seqlen_k - n0 - warp_row, out_row = seq.k_start + n0 + warp_row;
+  store_tile<T, MT, DV / 8>(acc_dk, dk + b * dk_sb + hk * dk_sh + out_row * dk_ss, dk_ss, 0, rows_valid, c0,
                             head_dim, softmax_scale, lane);
-  store_tile<T, MT, DV / 8>(acc_dv, dv + b * dv_sb + hk * dv_sh + (n0 + warp_row) * dv_ss, dv_ss, 0, rows_valid, c0,
+  store_tile<T, MT, DV / 8>(acc_dv, dv + b * dv_sb + hk * dv_sh + out_row * dv_ss, dv_ss, 0, rows_valid, c0,
                             head_dim, 1.f, lane);
 }
 
@@ -244,9 +254,12 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ dq, long long q_sb, long long q_ss, long long q_sh, long long k_sb, long long k_ss,
                     long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
-                    long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int seqlen_q, int seqlen_k,
+                    long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int max_seqlen_q,
+                    int max_seqlen_k,
                     int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
-                    float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb, const BlockLists lists) {
+                    float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
+                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                    long long lse_sh, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -261,7 +274,12 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int bh = blockIdx.x / num_m_blocks;
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);  // heaviest first
   const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
+  __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
+  if (threadIdx.x == 0) seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+  __syncthreads();
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int m0 = m_block * BM, diag = seqlen_k - seqlen_q;
+  if (m0 >= seqlen_q) return;  // a packed sequence shorter than the longest
   int n_blocks = (seqlen_k + BN - 1) / BN;
   if (CAUSAL) {
     const int last_key = m0 + BM - 1 + diag;
@@ -278,15 +296,16 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     return SPARSE ? sparse_tile(lists, list.entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
   };
   auto first_key = [&](int nb, const SparseTile& at) { return SPARSE ? at.block * lists.block_n + at.offset : nb * BN; };
-  const T* k_head = k + b * k_sb + hk * k_sh;
-  const T* v_head = v + b * v_sb + hk * v_sh;
+  const T* k_head = k + b * k_sb + hk * k_sh + seq.k_start * k_ss;
+  const T* v_head = v + b * v_sb + hk * v_sh + seq.k_start * v_ss;
   auto load_kv = [&](int nb) {
     const int n0 = first_key(nb, mask_tile(nb)), slot = nb % 2;
     load_tile_async<BN, D, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
     load_tile_async<BN, D, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
   };
-  load_tile_async<BM, D, THREADS>(sQ, q + b * q_sb + h * q_sh + m0 * q_ss, q_ss, seqlen_q - m0, head_dim);
-  load_tile_async<BM, D, THREADS>(sdO, dout + b * do_sb + h * do_sh + m0 * do_ss, do_ss, seqlen_q - m0, head_dim);
+  const int q_row = seq.q_start + m0;
+  load_tile_async<BM, D, THREADS>(sQ, q + b * q_sb + h * q_sh + q_row * q_ss, q_ss, seqlen_q - m0, head_dim);
+  load_tile_async<BM, D, THREADS>(sdO, dout + b * do_sb + h * do_sh + q_row * do_ss, do_ss, seqlen_q - m0, head_dim);
   if (n_blocks > 0) load_kv(0);
   cp_async_commit();
 
@@ -297,7 +316,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int i = m0 + warp_row + mt * 16 + lane / 4 + half * 8;
-      const long long at = static_cast<long long>(bh) * seqlen_q + i;
+      const long long at = b * lse_sb + h * lse_sh + seq.q_start + i;
       row_lse[mt][half] = i < seqlen_q ? lse[at] : kNegInf;
       row_delta[mt][half] = i < seqlen_q ? delta[at] : 0.f;
     }
@@ -350,8 +369,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         }
     warp_mma_pb<T, MT, BN, D, PB>(acc_dq, ds, k_tile, lane);
   }
-  store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (m0 + warp_row) * dq_ss, dq_ss, 0,
-                           seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);
+  store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (seq.q_start + m0 + warp_row) * dq_ss, dq_ss, 0,
+                           seq.seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);
 }
 
 }  // namespace cuflash

@@ -9,6 +9,7 @@
 #include "score_mods.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
+#include "varlen.cuh"
 #include "warp_mma.cuh"
 
 namespace cuflash {
@@ -65,10 +66,10 @@ __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP ? 1 : 0
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
-                 long long o_ss, long long o_sh, int seqlen_q, int seqlen_k, int nheads, int kv_group,
+                 long long o_ss, long long o_sh, int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group,
                  int head_dim, int num_m_blocks, float softmax_scale, float softcap_mult,
-                 const float* __restrict__ alibi_slopes,
-                 long long alibi_sb, const BlockLists lists) {
+                 const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
+                 const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   constexpr int MT = Tile::m_tiles;
@@ -85,20 +86,24 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   const BlockCoords<CAUSAL> blk(num_m_blocks, nheads);
   const int m0 = blk.m_block * BM;
-  const T* q_tile = q + blk.b * q_sb + blk.h * q_sh + m0 * q_ss;
-  // This block's K and V heads. Kept in shared memory, not registers: the main loop needs every
-  // register for accumulators, and a shared-memory load per tile is cheap.
+  // This block's sequences and K and V heads. Kept in shared memory, not registers: the main loop
+  // needs every register for accumulators, and a shared-memory load per tile is cheap.
   __shared__ const T* kv_heads[2];
+  __shared__ SeqRange seq;
   __shared__ ListRow list;  // SPARSE: this query tile's list of key blocks
   {
     const int hk = blk.h / kv_group;
     if (threadIdx.x == 0) {
-      kv_heads[0] = k + blk.b * k_sb + hk * k_sh;
-      kv_heads[1] = v + blk.b * v_sb + hk * v_sh;
+      seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+      kv_heads[0] = k + blk.b * k_sb + hk * k_sh + seq.k_start * k_ss;
+      kv_heads[1] = v + blk.b * v_sb + hk * v_sh + seq.k_start * v_ss;
     }
     if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.block_m), list);
   }
   __syncthreads();
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  if (m0 >= seqlen_q) return;  // a packed sequence shorter than the longest
+  const T* q_tile = q + blk.b * q_sb + blk.h * q_sh + (seq.q_start + m0) * q_ss;
   auto k_tile = [&](int n0) { return kv_heads[0] + n0 * k_ss; };
   auto v_tile = [&](int n0) { return kv_heads[1] + n0 * v_ss; };
 
@@ -172,7 +177,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // The block's coordinates are derived again rather than kept in registers through the main loop.
   const BlockCoords<CAUSAL> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
-  float* lse_head = lse + static_cast<long long>(out_blk.bh) * seqlen_q;
+  float* lse_head = lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start;
   // O goes through this warp's own rows of the Q tile (only this warp reads them), so that global
   // stores are whole 16-byte chunks of rows rather than scattered 4-byte pairs.
   T* sO = sQ + warp_row * Tile::pitch;
@@ -193,7 +198,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
     }
   __syncwarp();
-  T* o_rows = o + out_blk.b * o_sb + out_blk.h * o_sh + (out_m0 + warp_row) * o_ss;
+  T* o_rows = o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss;
   constexpr int chunks_per_row = D / 8, warp_rows = MT * 16;
 #pragma unroll
   for (int i = lane; i < warp_rows * chunks_per_row; i += 32) {

@@ -2,6 +2,8 @@
 from .api import flash_attn_backward, flash_attn_func
 from .masks import BlockMask
 from .reference import attention_reference
+from .varlen import flash_attn_varlen_backward, flash_attn_varlen_func, pad_input, unpad_input
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "flash_attn_backward", "BlockMask", "attention_reference", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_backward", "flash_attn_varlen_func", "flash_attn_varlen_backward",
+           "unpad_input", "pad_input", "BlockMask", "attention_reference", "__version__"]

@@ -154,13 +154,26 @@ class FwdProblem:
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
 # batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
 # softmax scale and softcap multiplier (FwdProblem.kernel_scales); ALiBi slopes pointer and batch stride; the block mask's lists (zeros for dense variants).
+# the sequences (cu_seqlens_q, cu_seqlens_k pointers, 0 for fixed lengths; the log-sum-exp's batch and
+# head strides, see seq_args); the block mask's lists (zeros for dense variants).
 ALIBI_FORMAT = "Qq"
 NO_ALIBI = (0, 0)
-FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+SEQ_FORMAT = "QQqq"
+FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+
+
+def seq_args(p: "FwdProblem", varlen=None) -> tuple:
+    """The SEQ_FORMAT launch fields. Fixed lengths: no cu_seqlens, log-sum-exp (batch, nheads,
+    seqlen_q). varlen = (cu_seqlens_q pointer, cu_seqlens_k pointer, total_q): packed sequences, whose
+    log-sum-exp is (nheads, total_q) as in FlashAttention-2."""
+    if varlen is None:
+        return 0, 0, p.nheads * p.seqlen_q, p.seqlen_q
+    cu_q, cu_k, total_q = varlen
+    return cu_q, cu_k, 0, total_q
 
 
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
-               lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI) -> tuple[int, int, tuple]:
+               lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None) -> tuple[int, int, tuple]:
     """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
@@ -176,7 +189,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
-        *p.kernel_scales(), *alibi, *lists,
+        *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists,
     )
     return blocks, variant.threads, args
 
@@ -201,8 +214,8 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
-BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
 
 
 @dataclass(frozen=True)
@@ -309,19 +322,23 @@ def all_bwd_variants() -> list:
 
 
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
-                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI):
+                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
-    delta are contiguous float32 (batch, nheads, seqlen_q) buffers.
+    delta are contiguous float32 (batch, nheads, seqlen_q) buffers, or (nheads, total_q) with varlen
+    (see seq_args; packed arrays come with batch stride 0).
     """
     pre, dkdv, dqv = variants
     group = p.nheads // p.nheads_k
-    rows = p.batch * p.nheads * p.seqlen_q
+    # delta_i = rowsum(dO_i * O_i) for every query row; packed sequences are one batch of total_q rows.
+    pre_seqlen, pre_batch = (p.seqlen_q, p.batch) if varlen is None else (varlen[2], 1)
+    rows = pre_batch * p.nheads * pre_seqlen
     launches = []
     if rows:
         launches.append((pre, -(-rows // 4), pre.threads,
-                         (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], p.seqlen_q, p.nheads, p.head_dim, rows)))
+                         (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], pre_seqlen, p.nheads, p.head_dim,
+                          rows)))
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
@@ -329,14 +346,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *key_lists)))
+                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *query_lists)))
+                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

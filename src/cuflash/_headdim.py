@@ -7,11 +7,11 @@ from __future__ import annotations
 from ._bridge import framework_of
 
 
-def needs_padding(*arrays) -> int:
-    """The padded head dim when every array is 4-D with one last dim d, 0 < d < 256, d % 8 != 0;
-    else 0 (and argument checking proceeds on the arrays as given)."""
+def needs_padding(*arrays, ndim: int = 4) -> int:
+    """The padded head dim when every array has `ndim` dimensions and one last dim d, 0 < d < 256,
+    d % 8 != 0; else 0 (and argument checking proceeds on the arrays as given)."""
     dims = {tuple(getattr(x, "shape", ()))[-1:] for x in arrays}
-    if any(len(getattr(x, "shape", ())) != 4 for x in arrays) or len(dims) != 1:
+    if any(len(getattr(x, "shape", ())) != ndim for x in arrays) or len(dims) != 1:
         return 0
     (d,) = dims.pop()
     return -(-d // 8) * 8 if 0 < d < 256 and d % 8 else 0

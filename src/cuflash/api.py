@@ -182,10 +182,10 @@ def resolve_softcap(softcap) -> float:
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None) -> None:
+            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None, varlen=None) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
     float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`);
-    alibi: (pointer, batch stride) of the slopes."""
+    alibi: (pointer, batch stride) of the slopes; varlen: as for _dispatch.seq_args."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
@@ -194,7 +194,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
-        alibi or _dispatch.NO_ALIBI,
+        alibi or _dispatch.NO_ALIBI, varlen,
     )
     _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
@@ -296,9 +296,9 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
 
 
 def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None,
-            alibi=None) -> None:
+            alibi=None, varlen=None) -> None:
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
-    lists and alibi as for run_fwd."""
+    lists, alibi and varlen as for run_fwd."""
     if lists is None:
         variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, alibi=alibi is not None, softcap=p.softcap > 0)
         sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
@@ -309,6 +309,6 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_
         sparse_args = (layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True))
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
-        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI,
+        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen,
     )
     _launch_on(q.device, launches, stream_ptr)

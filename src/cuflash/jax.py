@@ -35,17 +35,42 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
-def _extras(buffers, layout, alibi_sb):
-    """(lists, alibi) from a callback's extra operands: the packed block-mask lists (int32, when
-    layout is not None), then the ALiBi slopes (float32, when alibi_sb is not None)."""
+def _extras(buffers, layout, alibi_sb, totals):
+    """(lists, alibi, varlen) from a callback's extra operands: cu_seqlens_q and cu_seqlens_k (int32,
+    when totals = (total_q, total_k) is not None), the packed block-mask lists (int32, when layout is
+    not None), then the ALiBi slopes (float32, when alibi_sb is not None)."""
     buffers = list(buffers)
+    varlen = None
+    if totals is not None:
+        cu_q, cu_k = (_buffer(buffers.pop(0), "int32").ptr for _ in range(2))
+        varlen = (cu_q, cu_k, totals[0])
     lists = None if layout is None else (_buffer(buffers.pop(0), "int32").ptr, layout)
     alibi = None if alibi_sb is None else (_buffer(buffers.pop(0), "float32").ptr, alibi_sb)
-    return lists, alibi
+    return lists, alibi, varlen
+
+
+def _arrays(problem, totals, buffers, dtype, kinds):
+    """DeviceArrays of q-like ("q") or k-like ("k") buffers; packed (varlen) ones seen batched."""
+    from .varlen import _batched
+
+    arrays = [_buffer(b, dtype) for b in buffers]
+    if totals is None:
+        return arrays
+    lengths = {"q": problem.seqlen_q, "k": problem.seqlen_k}
+    return [_batched(a, problem.batch, lengths[kind]) for a, kind in zip(arrays, kinds)]
+
+
+def _shapes(problem, totals):
+    """Shapes of (q, k, lse): 4-D and (batch, nheads, seqlen_q), or packed and (nheads, total_q)."""
+    p = problem
+    if totals is None:
+        return ((p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
+                (p.batch, p.nheads, p.seqlen_q))
+    return (totals[0], p.nheads, p.head_dim), (totals[1], p.nheads_k, p.head_dim), (p.nheads, totals[0])
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
+def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
     import jax
 
     try:
@@ -58,45 +83,43 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
 
     def launch(ctx, outs, q, k, v, *extras):
         out, lse = outs
-        qa, ka, va, oa = (_buffer(b, dtype) for b in (q, k, v, out))
-        la = _buffer(lse, "float32")
-        api.run_fwd(problem, qa, ka, va, oa, la, causal, ctx.stream, *_extras(extras, layout, alibi_sb))
+        qa, ka, va, oa = _arrays(problem, totals, (q, k, v, out), dtype, "qkkq")
+        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), causal, ctx.stream,
+                    *_extras(extras, layout, alibi_sb, totals))
 
-    out_shape = jax.ShapeDtypeStruct((problem.batch, problem.seqlen_q, problem.nheads, problem.head_dim), dtype)
-    lse_shape = jax.ShapeDtypeStruct((problem.batch, problem.nheads, problem.seqlen_q), "float32")
-    return buffer_callback.buffer_callback(launch, (out_shape, lse_shape))
+    q_shape, _, lse_shape = _shapes(problem, totals)
+    return buffer_callback.buffer_callback(
+        launch, (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(lse_shape, "float32")))
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
+def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
     import jax
     from jax.experimental import buffer_callback
 
     def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
         dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
-        arrays = [_buffer(b, dtype) for b in (q, k, v, dout, out)]
-        la, delta_a = _buffer(lse, "float32"), _buffer(delta, "float32")
-        grads = [_buffer(b, dtype) for b in (dq, dk, dv)]
-        api.run_bwd(problem, *arrays, la, delta_a, *grads, causal, ctx.stream, *_extras(extras, layout, alibi_sb))
+        arrays = _arrays(problem, totals, (q, k, v, dout, out), dtype, "qkkqq")
+        grads = _arrays(problem, totals, (dq, dk, dv), dtype, "qkk")
+        api.run_bwd(problem, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, causal, ctx.stream,
+                    *_extras(extras, layout, alibi_sb, totals))
 
-    p = problem
-    shapes = [(p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
-              (p.batch, p.seqlen_k, p.nheads_k, p.head_dim)]
-    results = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-    results.append(jax.ShapeDtypeStruct((p.batch, p.nheads, p.seqlen_q), "float32"))
+    q_shape, k_shape, lse_shape = _shapes(problem, totals)
+    results = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
+    results.append(jax.ShapeDtypeStruct(lse_shape, "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb):
+def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
     """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras are the
     packed block mask (int32) and the ALiBi slopes, which get zero cotangents. The log-sum-exp is an
     output for callers who want it; gradients do not flow through it."""
     import jax
     import numpy as np
 
-    fwd = _fwd_callable(problem, dtype, causal, layout, alibi_sb)
-    bwd = _bwd_callable(problem, dtype, causal, layout, alibi_sb)
+    fwd = _fwd_callable(problem, dtype, causal, layout, alibi_sb, totals)
+    bwd = _bwd_callable(problem, dtype, causal, layout, alibi_sb, totals)
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
@@ -123,21 +146,50 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs
     """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
     problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap)
-    extras, layout, alibi_sb = [], None, None
+    extras, layout = [], None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
         buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
                                               _device_id(q), "jax")
         extras.append(buffer)
-    if alibi_slopes is not None:
-        slopes = _meta(alibi_slopes, "alibi_slopes")
-        if slopes.dtype != "float32" or slopes.shape not in ((problem.nheads,), (problem.batch, problem.nheads)):
-            raise ValueError(f"alibi_slopes must be float32 of shape (nheads,) or (batch, nheads), got "
-                             f"{slopes.dtype} {slopes.shape}")
-        alibi_sb = problem.nheads if len(slopes.shape) == 2 and problem.batch > 1 else 0
-        extras.append(alibi_slopes)
+    alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
     out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb)(q, k, v, *extras)
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                           causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0):
+    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad)."""
+    from .varlen import _batched
+
+    qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
+    cu_q, cu_k = _meta(cu_seqlens_q, "cu_seqlens_q"), _meta(cu_seqlens_k, "cu_seqlens_k")
+    for a, name in ((qa, "q"), (ka, "k"), (va, "v")):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_tokens, nheads, headdim), got shape {a.shape}")
+    for a, name in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
+        if a.dtype != "int32" or a.ndim != 1 or a.shape[0] < 2 or a.shape != cu_q.shape:
+            raise ValueError(f"{name} must be int32 of shape (batch + 1,) like cu_seqlens_q, got {a.dtype} {a.shape}")
+    batch = cu_q.shape[0] - 1
+    problem = api.check_fwd_args(_batched(qa, batch, int(max_seqlen_q)), _batched(ka, batch, int(max_seqlen_k)),
+                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap)
+    extras = [cu_seqlens_q, cu_seqlens_k]
+    alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
+    totals = (qa.shape[0], ka.shape[0])
+    out, lse = _differentiable(problem, qa.dtype, bool(causal), None, alibi_sb, totals)(q, k, v, *extras)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _alibi_stride(alibi_slopes, problem, extras):
+    """Checks JAX ALiBi slopes and appends them to the callback's extra operands; their batch stride."""
+    if alibi_slopes is None:
+        return None
+    slopes = _meta(alibi_slopes, "alibi_slopes")
+    if slopes.dtype != "float32" or slopes.shape not in ((problem.nheads,), (problem.batch, problem.nheads)):
+        raise ValueError(f"alibi_slopes must be float32 of shape (nheads,) or (batch, nheads), got "
+                         f"{slopes.dtype} {slopes.shape}")
+    extras.append(alibi_slopes)
+    return problem.nheads if len(slopes.shape) == 2 and problem.batch > 1 else 0
 
 
 def _device_id(x) -> int:

@@ -80,3 +80,65 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
         lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
         layout = packed.to_ints()
     return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap))
+
+
+# ---- packed variable-length batches (cuflash.varlen) -------------------------------------------
+
+@torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
+def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                          causal: bool, alibi_slopes: Optional[torch.Tensor],
+                          softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import varlen
+
+    return varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                 causal, alibi_slopes, softcap)
+
+
+@flash_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, alibi_slopes, softcap):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("cuflash::flash_attn_varlen_bwd", mutates_args=())
+def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                          max_seqlen_k: int, softmax_scale: float, causal: bool, alibi_slopes: Optional[torch.Tensor],
+                          softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import varlen
+
+    return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal, alibi_slopes, softcap)
+
+
+@flash_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      alibi_slopes, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, alibi_slopes, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    ctx.args = (max_q, max_k, softmax_scale, causal)
+    ctx.softcap = softcap
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+    if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
+        dout = dout.contiguous()
+    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes, ctx.softcap)
+    return dq, dk, dv, *([None] * 8)
+
+
+flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           softmax_scale: float, causal: bool, alibi_slopes=None, softcap: float = 0.0):
+    """(out, lse) of packed sequences, differentiable in q, k and v."""
+    return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
+                                 bool(causal), alibi_slopes, float(softcap))

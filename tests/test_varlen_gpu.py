@@ -1,0 +1,157 @@
+"""Packed variable-length batches on the GPU: each sequence equals attention over it alone (float64
+reference, the 2x rule, gradients), and the padded <-> packed helpers."""
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _bridge
+
+from gpu_helpers import assert_close_2x, assert_lse_close, grads, plain_attention, randn, reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(_bridge, "poison_outputs", True)
+
+
+def cu(lengths):
+    import torch
+
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+
+
+def per_sequence(fn, q, k, v, lens_q, lens_k):
+    """fn(q_b, k_b, v_b) on each sequence as a batch of one, outputs concatenated: (total_q, h, d)."""
+    import torch
+
+    outs, cq, ck = [], np.cumsum([0, *lens_q]), np.cumsum([0, *lens_k])
+    for b in range(len(lens_q)):
+        qs, ks, vs = (x[s:e][None] for x, s, e in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1])))
+        outs.append(fn(qs, ks, vs)[0])
+    return torch.cat(outs)
+
+
+LENGTHS = [([5, 0, 130, 1, 77], [9, 3, 130, 200, 1]), ([1000, 17, 300], [1000, 17, 300]), ([64], [64])]
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda l: f"{len(l[0])}seq")
+@pytest.mark.parametrize("headdim", [64, 128, 40])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_varlen_matches_each_sequence(dtype, causal, headdim, lengths):
+    import torch
+
+    lens_q, lens_k = lengths
+    dt = getattr(torch, dtype)
+    q = randn((sum(lens_q), 4, headdim), dt, 1)
+    k, v = randn((sum(lens_k), 2, headdim), dt, 2), randn((sum(lens_k), 2, headdim), dt, 3)  # GQA
+    dout = randn(q.shape, dt, 4)
+    args = (cu(lens_q), cu(lens_k), max(lens_q), max(lens_k))
+
+    out, lse, _ = cuflash.flash_attn_varlen_func(q, k, v, *args, causal=causal, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (4, sum(lens_q))
+    ref = per_sequence(lambda a, b, c: reference(a, b, c, causal)[0], q, k, v, lens_q, lens_k)
+    plain = per_sequence(lambda a, b, c: plain_attention(a, b, c, causal), q, k, v, lens_q, lens_k)
+    assert_close_2x(out, ref, plain)
+    ref_lse = torch.cat([reference(q[s:e][None], k[t:u][None], v[t:u][None], causal)[1][0]
+                         for s, e, t, u in zip(np.cumsum([0, *lens_q])[:-1], np.cumsum(lens_q),
+                                               np.cumsum([0, *lens_k])[:-1], np.cumsum(lens_k))], dim=1)
+    assert_lse_close(lse, ref_lse)
+
+    def packed_plain(a, b, c):
+        return per_sequence(lambda x, y, z: plain_attention(x, y, z, causal), a, b, c, lens_q, lens_k)
+
+    ours = grads(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, *args, causal=causal), q, k, v, dout)
+    base = grads(packed_plain, q, k, v, dout)
+    exact = grads(packed_plain, *(x.double() for x in (q, k, v)), dout.double())
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, base, exact):
+        assert_close_2x(o, r, p, name)
+
+
+def test_varlen_is_bitwise_each_sequence_alone_with_alibi_and_softcap():
+    import torch
+
+    lens = [300, 1, 129, 64]
+    q, k, v = (randn((sum(lens), 2, 64), torch.bfloat16, 10 + i) for i in range(3))
+    slopes = torch.tensor([0.5, 0.25], device="cuda")
+    packed = cuflash.flash_attn_varlen_func(q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal=True,
+                                            alibi_slopes=slopes, softcap=20.0)
+    alone = per_sequence(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True, alibi_slopes=slopes,
+                                                                 softcap=20.0), q, k, v, lens, lens)
+    assert torch.equal(packed, alone)
+
+
+def test_varlen_cupy_explicit_backward_matches_torch():
+    import cupy
+    import torch
+
+    lens = [33, 250, 8]
+    q, k, v, dout = (randn((sum(lens), 3, 96), torch.float16, 20 + i) for i in range(4))
+    args = (cu(lens), cu(lens), max(lens), max(lens))
+    _, dq, dk, dv = grads(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, *args), q, k, v, dout)
+    c = [cupy.from_dlpack(x) for x in (q, k, v, dout, args[0], args[1])]
+    out, lse, _ = cuflash.flash_attn_varlen_func(c[0], c[1], c[2], c[4], c[5], *args[2:], return_attn_probs=True)
+    g = cuflash.flash_attn_varlen_backward(c[3], c[0], c[1], c[2], out, lse, c[4], c[5], *args[2:])
+    torch.cuda.synchronize()
+    for ours, expected in zip(g, (dq, dk, dv)):
+        assert torch.equal(torch.from_dlpack(ours), expected)
+
+
+def test_unpad_and_pad_round_trip_and_match_padded_attention():
+    import torch
+
+    batch, seqlen = 3, 200
+    lengths = [200, 57, 1]
+    mask = torch.arange(seqlen, device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]
+    x = randn((batch, seqlen, 4, 64), torch.float16, 30)
+    packed, indices, cu_seqlens, max_seqlen = cuflash.unpad_input(x, mask)
+    assert packed.shape == (sum(lengths), 4, 64) and max_seqlen == 200
+    assert cu_seqlens.tolist() == [0, 200, 257, 258]
+    back = cuflash.pad_input(packed, indices, batch, seqlen)
+    assert torch.equal(back[mask], x[mask]) and (back[~mask] == 0).all()
+    out = cuflash.flash_attn_varlen_func(packed, packed, packed, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    for b, n in enumerate(lengths):
+        alone = cuflash.flash_attn_func(x[b:b + 1, :n], x[b:b + 1, :n], x[b:b + 1, :n])
+        assert torch.equal(cuflash.pad_input(out, indices, batch, seqlen)[b:b + 1, :n], alone)
+
+
+def test_varlen_argument_errors():
+    import torch
+
+    q = randn((10, 2, 64), torch.float16, 40)
+    good = cu([4, 6])
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a contiguous int32"):
+        cuflash.flash_attn_varlen_func(q, q, q, good.long(), good, 6, 6)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        cuflash.flash_attn_varlen_func(q[None], q, q, good, good, 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, -1)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, 6, window_size=(4, 0))
+
+
+def test_varlen_jax_grad_and_jit_match_torch():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import torch
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    lens = [70, 1, 130]
+    q, k, v, dout = (randn((sum(lens), 2, 64), torch.bfloat16, 50 + i) for i in range(4))
+    args = (cu(lens), cu(lens), max(lens), max(lens))
+    expected = grads(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, *args, causal=True), q, k, v, dout)
+    qj, kj, vj, doj = (jnp.asarray(x.float().cpu().numpy()).astype(jnp.bfloat16) for x in (q, k, v, dout))
+    cu_j = jnp.asarray(args[0].cpu().numpy())
+
+    def loss(a, b, c):
+        out = cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, max(lens), max(lens), causal=True)
+        return (out.astype(jnp.float32) * doj.astype(jnp.float32)).sum()
+
+    out_j = jax.jit(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, 130, 130, causal=True))(qj, kj, vj)
+    np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), expected[0].float().cpu().numpy())
+    for fn in (jax.grad(loss, argnums=(0, 1, 2)), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
+        for ours, exp in zip(fn(qj, kj, vj), expected[1:]):
+            np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), exp.float().cpu().numpy())
