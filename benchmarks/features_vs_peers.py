@@ -12,7 +12,6 @@ forward and forward+backward. Peers:
 FLOPs as FlashAttention counts them (halved when causal; for the window, visited pairs only).
 """
 import argparse
-import json
 import sys
 
 from cuflash import _bench
@@ -97,13 +96,7 @@ def main(argv):
                           f"  {peer_name} {row[peer_name]:7.3f} ms  speedup {row[peer_name] / row['cuflash']:.2f}x"
                           f"  maxdiff {diff:.1e}", flush=True)
     if args.json:
-        _bench.write_json(args.json, argv, results)
-        with open(args.json) as f:  # write_json names `python -m cuflash bench`; name this script instead
-            doc = json.load(f)
-        doc["command"] = "PYTHONPATH=src python3 benchmarks/features_vs_peers.py " + " ".join(argv)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        _bench.write_json(args.json, argv, results, program="PYTHONPATH=src python3 benchmarks/features_vs_peers.py")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ computes the padding: the usual cost of padding) and SDPA EFFICIENT with the key
 mask (the same result as cuflash on real rows). FLOPs count real tokens only (sum of len^2 terms).
 """
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -74,13 +73,7 @@ def main(argv):
                   f"{row['sdpa_flash_padded']:7.3f} ms  efficient(masked) {row['sdpa_efficient_masked']:7.3f} ms  "
                   f"maxdiff {diff:.1e}", flush=True)
     if args.json:
-        _bench.write_json(args.json, argv, results)
-        with open(args.json) as f:
-            doc = json.load(f)
-        doc["command"] = "PYTHONPATH=src python3 benchmarks/varlen_vs_padded.py " + " ".join(argv)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        _bench.write_json(args.json, argv, results, program="PYTHONPATH=src python3 benchmarks/varlen_vs_padded.py")
 
 
 if __name__ == "__main__":

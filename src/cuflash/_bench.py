@@ -402,12 +402,13 @@ def _cupy_version():
         return None
 
 
-def write_json(path, argv, results):
+def write_json(path, argv, results, program="python -m cuflash bench"):
+    """The results as JSON with the device, date, the command (`program` and argv), commit and versions."""
     import torch
     doc = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m cuflash bench " + " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join([program, *(shlex.quote(a) for a in argv)]),
         "commit": _git_commit(),
         "torch": torch.__version__,
         "cupy": _cupy_version(),

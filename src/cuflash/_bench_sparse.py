@@ -47,9 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
-import shlex
 import sys
 
 import numpy as np
@@ -393,17 +391,6 @@ def format_long(results):
     return "\n".join(lines)
 
 
-def write_json(path, argv, results):
-    """_bench.write_json's document, with this command's name."""
-    _bench.write_json(path, argv, results)
-    with open(path) as f:
-        doc = json.load(f)
-    doc["command"] = "python -m cuflash bench-sparse " + " ".join(shlex.quote(a) for a in argv)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-
-
 # ----------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------
@@ -472,7 +459,7 @@ def main(argv):
         if any(r["suite"] == suite for r in results):
             _log("\n" + table(results))
     if args.json:
-        write_json(args.json, argv, results)
+        _bench.write_json(args.json, argv, results, program="python -m cuflash bench-sparse")
         _log(f"wrote {args.json}")
     if not ok:
         _log("!!! cuflash failed to run or disagreed with flex (see above)")
