@@ -38,6 +38,7 @@ CASES = [  # (batch, nheads, nheads_k, mask batch, mask heads, seqlen_q, seqlen_
     (1, 2, 2, 1, 2, 1, 130, 40, 64, 64),       # one query row
     (1, 2, 2, 1, 1, 1000, 1000, 256, 128, 128),
     (1, 2, 2, 1, 1, 500, 700, 160, 64, 128),
+    (1, 2, 2, 1, 2, 300, 300, 160, 128, 128),  # 8 warps of 16 rows at d = 160
 ]
 
 

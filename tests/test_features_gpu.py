@@ -27,7 +27,7 @@ def alibi_slopes(nheads, batch=None):
 
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("headdim", [64, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_alibi_forward_and_grads(dtype, causal, headdim, seqlens):
@@ -56,14 +56,16 @@ def test_alibi_per_batch_with_gqa_and_window(window):
     check_grads(q, k, v, False, mask=mask, alibi_slopes=alibi_slopes(8, batch=3), window_size=window)
 
 
-def test_alibi_with_block_mask():
+@pytest.mark.parametrize("headdim, blocks, softcap", [(128, (64, 128), 0.0), (160, (128, 128), 0.0),
+                                                     (160, (128, 64), 10.0)])
+def test_alibi_with_block_mask(headdim, blocks, softcap):
     import torch
 
     from test_blocksparse_gpu import random_mask
 
-    mask, elements = random_mask(1, 2, 400, 400, 64, 128, seed=5)
-    q, k, v = (randn((2, 400, 2, 128), torch.float16, 20 + i) for i in range(3))
-    check_grads(q, k, v, True, mask=elements, alibi_slopes=alibi_slopes(2), block_mask=mask)
+    mask, elements = random_mask(1, 2, 400, 400, *blocks, seed=5)
+    q, k, v = (randn((2, 400, 2, headdim), torch.float16, 20 + i) for i in range(3))
+    check_grads(q, k, v, True, mask=elements, alibi_slopes=alibi_slopes(2), block_mask=mask, softcap=softcap)
 
 
 def test_alibi_cupy_and_jax_match_torch():
@@ -144,7 +146,7 @@ def test_any_head_dim_cupy_explicit_backward_and_jax():
 
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("headdim", [64, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_softcap_forward_and_grads(dtype, causal, headdim, seqlens):

@@ -109,11 +109,12 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
         block_m = _divides(block_m, mask_blocks[0])
         warps = min(warps, block_m // 16)
     if (sparse or alibi or softcap) and block_m > 16 * warps:
-        block_n = min(block_n, 64)  # warps of 32 rows: 128 keys plus a mask or score change would spill
-    if softcap and block_m > 16 * warps:  # tanh needs still more registers
-        block_n = 32
+        # Warps of 32 rows have no registers left for a mask or score change on wide tiles: fewer
+        # keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
         if bucket > 128:
             warps = block_m // 16
+        else:
+            block_n = min(block_n, 32 if softcap else 64)
     if sparse:
         block_n = _divides(block_n, mask_blocks[1])
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi),
