@@ -8,6 +8,7 @@ forward and forward+backward. Peers:
   softcap  FlexAttention with a tanh score_mod
   window   FlexAttention with a sliding-window block mask (window 1024 to the left, causal)
   gqa      SDPA FLASH with enable_gqa (4 K/V heads)
+  dropout  SDPA FLASH with dropout_p = 0.1 (each draws its own mask; max_abs_diff compares both at p = 0)
 `_bench.run_impl` warms every implementation up, then takes the median of CUDA-event-timed calls.
 FLOPs as FlashAttention counts them (halved when causal; for the window, visited pairs only).
 """
@@ -17,8 +18,8 @@ import sys
 from cuflash import _bench
 from cuflash._bench_sparse import compiled_flex
 
-FEATURES = ("alibi", "softcap", "gqa", "window")
-HEADS, D, TOKENS, WINDOW, SOFTCAP = 16, 128, 16384, 1024, 30.0
+FEATURES = ("alibi", "softcap", "gqa", "window", "dropout")
+HEADS, D, TOKENS, WINDOW, SOFTCAP, DROPOUT = 16, 128, 16384, 1024, 30.0, 0.1
 
 
 def main(argv):
@@ -49,17 +50,19 @@ def main(argv):
             for causal in ((True,) if feature == "window" else (False, True)):
                 heads_k = 4 if feature == "gqa" else HEADS
                 kw = {"alibi": dict(alibi_slopes=slopes), "softcap": dict(softcap=SOFTCAP),
-                      "window": dict(window_size=(WINDOW - 1, 0)), "gqa": {}}[feature]
+                      "window": dict(window_size=(WINDOW - 1, 0)), "gqa": {}, "dropout": dict(dropout_p=DROPOUT)}[feature]
 
-                def run_cuflash(q, k, v, _causal, kw=kw):
-                    return cuflash.flash_attn_func(q, k, v, causal=_causal, **kw)
+                def run_cuflash(q, k, v, _causal, kw=kw, p=None):
+                    return cuflash.flash_attn_func(q, k, v, causal=_causal, **(kw if p is None else dict(dropout_p=p)))
 
-                if feature == "gqa":
+                if feature in ("gqa", "dropout"):
                     peer_name = "sdpa_flash"
 
-                    def run_peer(q, k, v, _causal):
+                    def run_peer(q, k, v, _causal, p=None):
+                        p = (DROPOUT if feature == "dropout" else 0.0) if p is None else p
                         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                            return F.scaled_dot_product_attention(q, k, v, is_causal=_causal, enable_gqa=True)
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=_causal, dropout_p=p,
+                                                                  enable_gqa=feature == "gqa")
                 else:
                     peer_name = "flex"
                     if feature == "window":
@@ -69,14 +72,16 @@ def main(argv):
                     block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen) if causal else None
                     score_mod = {"alibi": alibi_mod, "softcap": softcap_mod}.get(feature)
 
-                    def run_peer(q, k, v, _causal, block_mask=block_mask, score_mod=score_mod):
+                    def run_peer(q, k, v, _causal, block_mask=block_mask, score_mod=score_mod, p=None):
                         return flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
                 shapes = [(batch, seqlen, HEADS, D), (batch, seqlen, heads_k, D), (batch, seqlen, heads_k, D)]
                 bshd = [tuple(torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes)]
                 bhsd = [tuple(x.transpose(1, 2).contiguous() for x in bshd[0])]
                 with torch.no_grad():
-                    diff = (run_cuflash(*bshd[0], causal) - run_peer(*bhsd[0], causal).transpose(1, 2)).abs().max()
+                    check_p = 0.0 if feature == "dropout" else None  # masks differ: compare without dropout
+                    diff = (run_cuflash(*bshd[0], causal, p=check_p)
+                            - run_peer(*bhsd[0], causal, p=check_p).transpose(1, 2)).abs().max()
                 diff = diff.item()
                 visited = 1.0
                 if feature == "window":  # pairs inside the causal window, over the causal count

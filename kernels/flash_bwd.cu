@@ -8,9 +8,11 @@
 //   flash_bwd_dq_kernel          a block owns BM queries and walks the key tiles:
 //                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
 // dK and dQ carry the softmax scale. Score modifications (score_mods.cuh: ALiBi, softcap) apply to the
-// recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Working on Sᵀ (keys as rows) lets every product of the dK/dV
+// recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Dropout
+// regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta). Working on Sᵀ (keys as rows) lets every product of the dK/dV
 // kernel use the same two warp-level shapes as the forward pass.
 #include "block_sparse.cuh"
+#include "dropout.cuh"
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "tile_io.cuh"
@@ -82,7 +84,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+          bool DROPOUT>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -93,7 +96,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
                       float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                       const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
-                      long long lse_sh, const BlockLists lists) {
+                      long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -114,7 +117,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   block /= SPLITS;
   const int b = block / nheads_k, hk = block % nheads_k;
   __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
-  if (threadIdx.x == 0) seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+  __shared__ DropoutRng rng;  // for query head 0 of batch b; bh is moved to each tile's head
+  if (threadIdx.x == 0) {
+    seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+    if (DROPOUT) rng = DropoutRng::make(dropout, b * nheads);
+  }
   __syncthreads();
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
@@ -218,7 +225,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
             visible = visible && (!partial || lists.visible(at.slot, at.offset + col, n0 % lists.block_n + key));
           p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, s_lse[slot][col], visible);
         }
-    warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dv, p, do_tile + c0 * sizeof(T), lane);
+    if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
+      DropoutRng head_rng = rng;
+      head_rng.bh += hk * kv_group + g;
+      head_rng.drop_rows_keys<true>(p, n0 + warp_row, m0, lane);
+    }
+    warp_mma_pb<T, MT, BMQ, DV, PB, DROPOUT>(acc_dv, p, do_tile + c0 * sizeof(T), lane);
 
     // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
     float ds[MT][BMQ / 8][4];
@@ -230,7 +242,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2]);
+          const float delta_i = s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2];
+          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], ds[mt][nt][c], delta_i, dropout.keep_scale)
+                                  : p[mt][nt][c] * (ds[mt][nt][c] - delta_i);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dk, ds, q_tile + c0 * sizeof(T), lane);
@@ -242,13 +256,14 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   store_tile<T, MT, DV / 8>(acc_dk, dk + b * dk_sb + hk * dk_sh + out_row * dk_ss, dk_ss, 0, rows_valid, c0,
                             head_dim, softmax_scale, lane);
   store_tile<T, MT, DV / 8>(acc_dv, dv + b * dv_sb + hk * dv_sh + out_row * dv_ss, dv_ss, 0, rows_valid, c0,
-                            head_dim, 1.f, lane);
+                            head_dim, DROPOUT ? dropout.keep_scale : 1.f, lane);
 }
 
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
+template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+          bool DROPOUT>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -259,7 +274,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
-                    long long lse_sh, const BlockLists lists) {
+                    long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
@@ -275,7 +290,11 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);  // heaviest first
   const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
   __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
-  if (threadIdx.x == 0) seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+  __shared__ DropoutRng rng;
+  if (threadIdx.x == 0) {
+    seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+    if (DROPOUT) rng = DropoutRng::make(dropout, bh);
+  }
   __syncthreads();
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int m0 = m_block * BM, diag = seqlen_k - seqlen_q;
@@ -355,6 +374,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           const bool visible = !needs_mask || (j < seqlen_k && (!CAUSAL || j <= i + diag));
           p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, row_lse[mt][c / 2], visible);
         }
+    if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
     float ds[MT][BN / 8][4];
     zero(ds);
     warp_mma_abt<T, MT, BN, D, PB>(ds, smem_addr(sdO) + warp_row * PB, v_tile, lane);
@@ -364,7 +384,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          ds[mt][nt][c] = p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
+          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], ds[mt][nt][c], row_delta[mt][c / 2], dropout.keep_scale)
+                                  : p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     warp_mma_pb<T, MT, BN, D, PB>(acc_dq, ds, k_tile, lane);

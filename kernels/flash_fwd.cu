@@ -5,6 +5,7 @@
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
 #include "block_sparse.cuh"
+#include "dropout.cuh"
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "softmax.cuh"
@@ -61,15 +62,19 @@ struct BlockCoords {
 // otherwise every key tile (up to the diagonal when CAUSAL), from the last to the first.
 // ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
 // SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP>
-__global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP ? 1 : 0)  // 0: the tuned dense tiles
+// DROPOUT: after the row sums have taken P, dropped entries of P are zeroed (dropout.cuh) and O is
+// scaled by 1 / keep probability; the log-sum-exp is that of the full softmax.
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+          bool DROPOUT>
+__global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
                  long long o_ss, long long o_sh, int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group,
                  int head_dim, int num_m_blocks, float softmax_scale, float softcap_mult,
                  const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
-                 const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists) {
+                 const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
+                 const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   constexpr int MT = Tile::m_tiles;
@@ -91,6 +96,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   __shared__ const T* kv_heads[2];
   __shared__ SeqRange seq;
   __shared__ ListRow list;  // SPARSE: this query tile's list of key blocks
+  __shared__ DropoutRng rng;
   {
     const int hk = blk.h / kv_group;
     if (threadIdx.x == 0) {
@@ -99,6 +105,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       kv_heads[1] = v + blk.b * v_sb + hk * v_sh + seq.k_start * v_ss;
     }
     if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.block_m), list);
+    if (DROPOUT && threadIdx.x == 0) rng = DropoutRng::make(dropout, blk.bh);
   }
   __syncthreads();
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
@@ -170,6 +177,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     }
 
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
+    if constexpr (DROPOUT) rng.drop_rows_queries<false>(acc_s, m0 + warp_row, n0, lane);
     warp_mma_pb<T, MT, BN, D, kPitchBytes>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);
   }
 
@@ -187,7 +195,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_sum_total(mt, half);
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const float inv_l = l > 0.f ? (DROPOUT ? dropout.keep_scale : 1.f) / l : 0.f;
       const int r = mt * 16 + lane / 4 + half * 8;
 #pragma unroll
       for (int dt = 0; dt < Tile::o_tiles; ++dt)

@@ -36,8 +36,8 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
 
 // acc[mt][nt] += P · B[K rows from b_rows, N wide], P (16 MT x K, fp32) in the accumulator layout of
 // a previous warp_mma_abt: two 8-column accumulator tiles packed into 16-bit pairs are exactly one
-// A fragment of the next mma.
-template <typename T, int MT, int K, int N, int PITCH>
+// A fragment of the next mma. POSITIVE: use max(P, 0) (P with dropped entries negated, dropout.cuh).
+template <typename T, int MT, int K, int N, int PITCH, bool POSITIVE = false>
 __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                             unsigned b_rows, int lane) {
   static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
@@ -47,10 +47,11 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
     unsigned a[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      a[mt][0] = ElemTraits<T>::pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]);
-      a[mt][1] = ElemTraits<T>::pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]);
-      a[mt][2] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
-      a[mt][3] = ElemTraits<T>::pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+      auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[mt][nt][c], 0.f) : p[mt][nt][c]; };
+      a[mt][0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
+      a[mt][1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
+      a[mt][2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
+      a[mt][3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
     }
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {

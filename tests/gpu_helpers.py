@@ -30,10 +30,12 @@ def reference(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, softcap
     return torch.from_dlpack(out), torch.from_dlpack(lse)
 
 
-def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, softcap=0.0):
+def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, softcap=0.0, dropout_mask=None,
+                    dropout_p=0.0):
     """The same math done plainly in the input dtype (scores, softmax and products in q.dtype).
     mask: bool (B', H', seqlen_q, seqlen_k) NumPy array, True where a query sees a key;
-    alibi_slopes: a float32 tensor (nheads,) or (batch, nheads); softcap: FlashAttention-2's."""
+    alibi_slopes: a float32 tensor (nheads,) or (batch, nheads); softcap: FlashAttention-2's;
+    dropout_mask: bool like mask, True where a probability is kept (reference.dropout_keep_mask)."""
     import torch
 
     d = q.shape[-1]
@@ -60,18 +62,21 @@ def plain_attention(q, k, v, causal, scale=None, mask=None, alibi_slopes=None, s
         s = s.masked_fill(j > i + sk - sq, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~torch.as_tensor(mask, device=q.device), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(vh.dtype)
-    return (p @ vh).transpose(1, 2)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if dropout_mask is not None:
+        keep = (65536 - cuflash._dispatch.dropout_threshold(dropout_p)) / 65536
+        p = torch.where(torch.as_tensor(dropout_mask, device=q.device), p / keep, 0.0)
+    return (p.to(vh.dtype) @ vh).transpose(1, 2)
 
 
-def assert_close_2x(out, ref, plain, what="out"):
-    """FlashAttention's rule: max error vs float64 at most 2x the same-dtype baseline's (+1e-5)."""
+def assert_close_2x(out, ref, plain, what="out", floor=1e-5):
+    """FlashAttention's rule: max error vs float64 at most 2x the same-dtype baseline's (+ floor)."""
     import torch
 
     assert not torch.isnan(out).any(), f"{what} has NaN (unwritten or bad masking)"
     err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
     base = (plain.double() - ref).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * base + 1e-5, f"{what}: max error {err:.3g} > 2 x baseline {base:.3g} + 1e-5"
+    assert err <= 2 * base + floor, f"{what}: max error {err:.3g} > 2 x baseline {base:.3g} + {floor:.3g}"
     return err, base
 
 
@@ -98,13 +103,23 @@ def grads(fn, q, k, v, dout):
     return out, dq, dk, dv
 
 
-def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, softcap=0.0, **kwargs):
+def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, softcap=0.0, dropout_p=0.0,
+                dropout_seed=None, floors=None, **kwargs):
     """cuflash's out, dq, dk, dv (called with **kwargs, e.g. block_mask) against float64 autograd,
-    within 2x of plain same-dtype autograd; mask is the equivalent element mask."""
+    within 2x of plain same-dtype autograd; mask is the equivalent element mask. With dropout_p, the
+    baselines drop what reference.dropout_keep_mask(dropout_seed, 0, ...) drops. floors: absolute
+    error allowances by output name (default 1e-5)."""
     dout = randn(q.shape, q.dtype, 99) if dout is None else dout
+    keep = None
+    if dropout_p:
+        from cuflash.reference import dropout_keep_mask
+
+        keep = dropout_keep_mask(dropout_seed, 0, q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p)
+        kwargs.update(dropout_p=dropout_p, dropout_seed=dropout_seed)
 
     def plain(a, b, c):
-        return plain_attention(a, b, c, causal, mask=mask, alibi_slopes=alibi_slopes, softcap=softcap)
+        return plain_attention(a, b, c, causal, mask=mask, alibi_slopes=alibi_slopes, softcap=softcap,
+                               dropout_mask=keep, dropout_p=dropout_p)
 
     ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
     base = grads(plain, q, k, v, dout)
@@ -112,7 +127,7 @@ def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, softca
                                                          softcap=softcap, **kwargs), q, k, v, dout)
     for name, o, p, r in zip(("out", "dq", "dk", "dv"), ours, base, ref):
         assert o.shape == r.shape and o.dtype == q.dtype
-        assert_close_2x(o, r, p, name)
+        assert_close_2x(o, r, p, name, (floors or {}).get(name, 1e-5))
     return ours
 
 

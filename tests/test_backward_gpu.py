@@ -96,8 +96,10 @@ def test_custom_op_opcheck():
     import torch
 
     q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
-    torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default, (q, k, v, 0.125, True, None, None, None, 0.0),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for dropout in ((0.0, None), (0.1, 5)):
+        torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
+                              (q, k, v, 0.125, True, None, None, None, 0.0, *dropout),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def _sampled_row_grads(q, k, v, dout, rows, causal, chunk=2048):

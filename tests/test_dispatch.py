@@ -5,6 +5,7 @@ import pytest
 
 from cuflash import _dispatch
 from cuflash._dispatch import FwdProblem, choose_fwd, fwd_launch, head_dim_bucket
+from cuflash._launch import flat, param_offsets
 
 
 @pytest.mark.parametrize("d, bucket", [(8, 32), (32, 32), (40, 64), (64, 64), (80, 96), (128, 128), (136, 160),
@@ -22,13 +23,13 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
     for v in variants:
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
-    assert len(dense) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2 * 4  # dtypes x dims x causal x score mods
+    assert len(dense) == 2 * len(_dispatch.HEAD_DIM_BUCKETS) * 2 * 4 * 2  # dtypes x dims x causal x mods x dropout
 
 
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, True)
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
-                      f"{v.stages}, true, false, false, false>")
+                      f"{v.stages}, true, false, false, false, false>")
 
 
 def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
@@ -39,8 +40,7 @@ def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
     t = (0x7F0000000000, (big, 1280, 128))
     blocks, threads, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000)
     assert blocks == -(-300 // v.block_m) * 70000 and threads == v.threads
-    assert len(args) == len(_dispatch.FWD_PARAM_FORMAT)
-    packed = struct.Struct("@" + _dispatch.FWD_PARAM_FORMAT).pack(*args)  # fits the C types
+    packed = struct.Struct("@" + flat(_dispatch.FWD_PARAM_FORMAT)).pack(*args)  # as many as, and fitting, the C types
     assert struct.unpack_from("@q", packed, 40)[0] == big
     assert args[_dispatch.FWD_PARAM_FORMAT.index("i") + 3] == 2  # query heads per K/V head
 
@@ -51,3 +51,23 @@ def test_grid_limit_is_checked():
     t = (0, (0, 0, 0))
     with pytest.raises(ValueError, match="grid limit"):
         fwd_launch(v, p, t, t, t, t, 0)
+
+
+def test_dropout_variants_and_launch_fields():
+    v = _dispatch.choose_fwd("bfloat16", 64, True, dropout=True)
+    assert v.dropout and v.name.endswith("false, false, false, true>")
+    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True)
+    assert dkdv.dropout and dq.dropout and "true>" in dkdv.name
+    assert _dispatch.dropout_threshold(0.1) == 6554 and _dispatch.dropout_threshold(0.99999999) == 65535
+    state, seed, offset, threshold, scale = _dispatch.dropout_args(0.5, 2**64 + 3, 8)
+    assert (state, seed, offset, threshold, scale) == (0, 3, 8, 32768, 2.0)
+    assert _dispatch.dropout_args(0.0) == _dispatch.NO_DROPOUT
+    # The two struct parameters are one kernel parameter each: the 32nd (block lists) and the 33rd (dropout).
+    fmt = _dispatch.FWD_PARAM_FORMAT
+    offsets = param_offsets(fmt)
+    assert len(offsets) == 33 and offsets[-2:] == [216, 280] and struct.calcsize("@" + flat(fmt)) == 312
+
+
+def test_param_offsets_group_structs():
+    assert param_offsets("iQ(QQi)f(Qif)") == [0, 8, 16, 40, 48]
+    assert param_offsets("QQ") == [0, 8] and flat("i(QQ)") == "i0QQQ0Q"

@@ -113,16 +113,33 @@ def test_host_arrays_rejected_by_public_api():
         cuflash.flash_attn_func(x, x, x)
 
 
-@pytest.mark.parametrize(
-    "kw, feature",
-    [
-        (dict(dropout_p=0.1), "dropout"),
-    ],
-)
-def test_later_features_name_themselves(kw, feature):
+@pytest.mark.parametrize("p, exc", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                                    ("0.1", TypeError), (True, TypeError)])
+def test_bad_dropout_p_is_named(p, exc):
     x = np.zeros((1, 4, 1, 8), np.float16)
-    with pytest.raises(NotImplementedError, match=feature):
-        cuflash.flash_attn_func(x, x, x, **kw)
+    with pytest.raises(exc, match="dropout_p"):
+        cuflash.flash_attn_func(x, x, x, dropout_p=p)
+
+
+def test_dropout_rng_checks():
+    from cuflash import api
+
+    p = check_fwd_args(*qkv(), None, 0.0, 0.1)
+    assert p.dropout_p == 0.1
+    with pytest.raises(ValueError, match="rng_state"):
+        api.dropout_launch_args(p, None)
+    with pytest.raises(TypeError, match="rng_state"):
+        api.dropout_launch_args(p, (1, 2, 3))
+    with pytest.raises(TypeError, match="dropout_seed"):
+        api.resolve_rng(0.1, -5, None)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        api.resolve_rng(0.1, 1.5, None)
+    assert api.resolve_rng(0.0, None, None) is None
+    assert api.resolve_rng(0.1, 2**64 - 1, None) == (2**64 - 1, 0)
+    np.random.seed(3)
+    a = api.resolve_rng(0.1, None, np.zeros(1))
+    np.random.seed(3)
+    assert api.resolve_rng(0.1, None, np.zeros(1)) == a  # NumPy's global generator: reproducible
 
 
 @pytest.mark.parametrize("window", [(1,), (-2, 0), (1.5, 0), "ab", None])

@@ -7,6 +7,7 @@ Hopper-specific forward (wgmma/TMA) can slot in beside the mma.sync one without 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 from ._sparse import BLOCK_LISTS_FORMAT, NO_LISTS
@@ -59,13 +60,15 @@ class FwdVariant:
     sparse: bool = False  # reads a block mask's lists (kernels/block_sparse.cuh)
     alibi: bool = False  # adds ALiBi biases (kernels/score_mods.cuh)
     softcap: bool = False  # caps scores with tanh (kernels/score_mods.cuh)
+    dropout: bool = False  # drops scores with the in-kernel RNG (kernels/dropout.cuh)
     source: str = "flash_fwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {self.stages}, {_flags(self.causal, self.sparse, self.alibi, self.softcap)}>"
+            f"{self.block_n}, {self.warps}, {self.stages}, "
+            f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>"
         )
 
     @property
@@ -98,37 +101,38 @@ def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
 @functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
                arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False,
-               softcap: bool = False) -> FwdVariant:
+               softcap: bool = False, dropout: bool = False) -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
     mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant; alibi and softcap
-    the score modifications."""
+    the score modifications; dropout the fused dropout."""
     bucket = head_dim_bucket(head_dim)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
     sparse = mask_blocks is not None
     if sparse:
         block_m = _divides(block_m, mask_blocks[0])
         warps = min(warps, block_m // 16)
-    if (sparse or alibi or softcap) and block_m > 16 * warps:
-        # Warps of 32 rows have no registers left for a mask or score change on wide tiles: fewer
-        # keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
+    if (sparse or alibi or softcap or dropout) and block_m > 16 * warps:
+        # Warps of 32 rows have no registers left for a mask, score change or RNG on wide tiles:
+        # fewer keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
         if bucket > 128:
             warps = block_m // 16
-        else:
-            block_n = min(block_n, 32 if softcap else 64)
+        else:  # the RNG's registers (dropout) tip d = 128 over at 48 keys
+            block_n = min(block_n, 32 if softcap or (dropout and bucket == 128) else 64)
     if sparse:
         block_n = _divides(block_n, mask_blocks[1])
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi),
-                      bool(softcap))
+                      bool(softcap), bool(dropout))
 
 
 def all_variants(arch: str = "sm_80") -> list:
     """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
     fwd = []
-    for alibi, softcap in SCORE_MODS:
-        fwd += [choose_fwd(dt, d, c, arch=arch, alibi=alibi, softcap=softcap) for dt in DTYPES
-                for d in HEAD_DIM_BUCKETS for c in (False, True)]
+    for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
+        mods = dict(alibi=alibi, softcap=softcap, dropout=dropout)
+        fwd += [choose_fwd(dt, d, c, arch=arch, **mods) for dt in DTYPES for d in HEAD_DIM_BUCKETS
+                for c in (False, True)]
         for blocks in MASK_BLOCKS:
-            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, alibi=alibi, softcap=softcap)
+            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, **mods)
                                 for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
     return fwd + all_bwd_variants()
 
@@ -143,6 +147,7 @@ class FwdProblem:
     head_dim: int
     softmax_scale: float
     softcap: float = 0.0  # 0: off
+    dropout_p: float = 0.0  # 0: off
 
     def kernel_scales(self) -> tuple[float, float]:
         """(softmax scale, softcap multiplier) as the kernels take them: with a softcap the kernels
@@ -154,13 +159,32 @@ class FwdProblem:
 
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
 # batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
-# softmax scale and softcap multiplier (FwdProblem.kernel_scales); ALiBi slopes pointer and batch stride; the block mask's lists (zeros for dense variants).
+# softmax scale and softcap multiplier (FwdProblem.kernel_scales); ALiBi slopes pointer and batch stride;
 # the sequences (cu_seqlens_q, cu_seqlens_k pointers, 0 for fixed lengths; the log-sum-exp's batch and
-# head strides, see seq_args); the block mask's lists (zeros for dense variants).
+# head strides, see seq_args); the block mask's lists (zeros for dense variants); the dropout RNG
+# (kernels/dropout.cuh DropoutArgs, see dropout_args).
 ALIBI_FORMAT = "Qq"
 NO_ALIBI = (0, 0)
 SEQ_FORMAT = "QQqq"
-FWD_PARAM_FORMAT = "QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+DROPOUT_FORMAT = "(QQQIf)"
+NO_DROPOUT = (0, 0, 0, 0, 1.0)
+FWD_PARAM_FORMAT = ("QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+                    + DROPOUT_FORMAT)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The kernels keep a score when its 16-bit random number is >= this (kernels/dropout.cuh):
+    dropout_p rounded to a multiple of 2^-16, at most 1 - 2^-16."""
+    return min(65535, round(dropout_p * 65536))
+
+
+def dropout_args(dropout_p: float, seed: int = 0, offset: int = 0, state_ptr: int = 0) -> tuple:
+    """The DROPOUT_FORMAT launch fields: the RNG's seed and offset (64-bit), or a device pointer to
+    four uint32 words (seed lo, seed hi, offset lo, offset hi) that replaces them."""
+    if not dropout_p:
+        return NO_DROPOUT
+    threshold = dropout_threshold(dropout_p)
+    return state_ptr, seed % 2**64, offset % 2**64, threshold, 65536.0 / (65536 - threshold)
 
 
 def seq_args(p: "FwdProblem", varlen=None) -> tuple:
@@ -174,7 +198,8 @@ def seq_args(p: "FwdProblem", varlen=None) -> tuple:
 
 
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
-               lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None) -> tuple[int, int, tuple]:
+               lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
+               dropout: tuple = NO_DROPOUT) -> tuple[int, int, tuple]:
     """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
@@ -190,7 +215,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
-        *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists,
+        *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists, *dropout,
     )
     return blocks, variant.threads, args
 
@@ -215,8 +240,10 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
-BWD_DKDV_PARAM_FORMAT = "Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
-BWD_DQ_PARAM_FORMAT = "Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+                         + DROPOUT_FORMAT)
+BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+                       + DROPOUT_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -243,13 +270,14 @@ class BwdDkdvVariant:
     sparse: bool = False
     alibi: bool = False
     softcap: bool = False
+    dropout: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap)}>")
+                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>")
 
     @property
     def threads(self) -> int:
@@ -271,12 +299,14 @@ class BwdDqVariant:
     sparse: bool = False
     alibi: bool = False
     softcap: bool = False
+    dropout: bool = False
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-                f"{self.block_n}, {self.warps}, {_flags(self.causal, self.sparse, self.alibi, self.softcap)}>")
+                f"{self.block_n}, {self.warps}, "
+                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>")
 
     @property
     def threads(self) -> int:
@@ -289,14 +319,16 @@ class BwdDqVariant:
 
 @functools.lru_cache(maxsize=None)
 def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
-               alibi: bool = False, softcap: bool = False):
+               alibi: bool = False, softcap: bool = False, dropout: bool = False):
     """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd."""
     bucket = head_dim_bucket(head_dim)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
-    mods = (bool(alibi), bool(softcap))
-    if softcap:  # the dK/dV kernel keeps tanh's derivative per score: half the query rows per tile
+    mods = (bool(alibi), bool(softcap), bool(dropout))
+    if softcap or (dropout and alibi):  # tanh's derivative per score, or the RNG: half the query rows per tile
         block_q = max(16, block_q // 2)
+    if dropout and (alibi or softcap):  # likewise in the dQ kernel: half the keys per tile
+        dq_n = min(dq_n, 32)
     if mask_blocks is None:
         return (BwdPreprocessVariant(dtype),
                 BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, *mods),
@@ -314,16 +346,17 @@ def all_bwd_variants() -> list:
     out = []
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
-            for alibi, softcap in SCORE_MODS:
+            for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
                 for c in (False, True):
-                    out += [v for v in choose_bwd(dt, d, c, alibi=alibi, softcap=softcap) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, c, None, alibi, softcap, dropout) if v not in out]
                 for blocks in MASK_BLOCKS:
-                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap, dropout) if v not in out]
     return out
 
 
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
-                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None):
+                 query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
+                 dropout: tuple = NO_DROPOUT):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
@@ -347,14 +380,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists)))
+                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists, *dropout)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists)))
+                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists, *dropout)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

@@ -9,9 +9,29 @@ import threading
 import numpy as np
 
 
+def flat(param_format: str) -> str:
+    """A parameter format as one struct-module format: a parenthesised group (a struct parameter)
+    starts and ends on an 8-byte boundary, as our structs do (their widest field is 8 bytes)."""
+    return param_format.replace("(", "0Q").replace(")", "0Q")
+
+
+def param_offsets(param_format: str) -> list[int]:
+    """Byte offset of each kernel parameter in the packed values: one per code, or per parenthesised
+    group (a struct passed by value)."""
+    offsets, depth = [], 0
+    for i, ch in enumerate(param_format):
+        if depth == 0 and ch != ")":
+            align = "0Q" if ch == "(" else "0" + ch
+            offsets.append(struct.calcsize("@" + flat(param_format[:i]) + align))
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+    return offsets
+
+
 class Launcher:
     """Launches one compiled kernel whose parameters follow `param_format` (struct codes with native
-    alignment: Q = pointer, q = int64, i = int32, f = float32)."""
+    alignment: Q = pointer, q = int64, i = int32, I = uint32, f = float32; a struct parameter's fields
+    in parentheses). cuLaunchKernel takes one pointer per kernel parameter, so a struct's fields
+    share one."""
 
     def __init__(self, kernel, param_format: str):
         from cupy_backends.cuda.api import driver
@@ -19,9 +39,8 @@ class Launcher:
         self._launch = driver.launchKernel
         self._func = kernel.kernel.ptr  # the CUfunction inside the cupy.RawKernel
         self._kernel = kernel  # keeps its module loaded
-        self._struct = struct.Struct("@" + param_format)
-        self._offsets = [struct.calcsize("@" + param_format[: i + 1]) - struct.calcsize("@" + code)
-                         for i, code in enumerate(param_format)]
+        self._struct = struct.Struct("@" + flat(param_format))
+        self._offsets = param_offsets(param_format)
         self._local = threading.local()
 
     def _buffers(self):

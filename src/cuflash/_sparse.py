@@ -24,7 +24,7 @@ KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192,
 
 # Launch fields of a BlockLists struct (count, index, slot, bits pointers; batch and head row
 # strides; entries per row, block_m, block_n, group stride), in _launch.Launcher's struct codes.
-BLOCK_LISTS_FORMAT = "QQQQ" + "qq" + "iiii"
+BLOCK_LISTS_FORMAT = "(QQQQqqiiii)"  # one struct parameter (see _launch.param_offsets)
 NO_LISTS = (0,) * 10  # what the dense kernels get
 
 

@@ -9,14 +9,9 @@ from . import _bridge, _compile, _dispatch, _headdim, _sparse
 from ._bridge import DeviceArray
 from ._launch import Launcher
 
-# Features whose kernels are still to come: the argument names them, the error names the feature.
-_LATER = {
-    "dropout_p": "dropout",
-}
-
-
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None,
+                    dropout_seed=None):
     """Exact attention softmax(q k^T * scale) v, computed without materialising the score matrix.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
@@ -30,17 +25,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     block_mask: a cuflash.BlockMask (block sizes multiples of 64) built for (seqlen_q, seqlen_k):
     only its listed blocks are computed, partial blocks through their exact element bits; with
     causal=True the two masks intersect.
+    dropout_p in [0, 1): each attention probability is dropped with this probability (rounded to a
+    multiple of 2^-16) and the kept ones scaled by 1 / (1 - dropout_p), with an in-kernel Philox RNG
+    that the backward regenerates. The RNG's seed: dropout_seed (an int; with JAX also a PRNG key),
+    or when None PyTorch's CUDA generator (seed and a running offset, so torch.manual_seed makes runs
+    reproducible), or for CuPy a 63-bit draw from NumPy's global generator (np.random.seed).
     Returns out like q, in the caller's array type; with return_attn_probs=True returns
-    (out, softmax_lse, None), softmax_lse float32 of shape (batch, nheads, seqlen_q). A query row that
-    can see no key gives zeros and a log-sum-exp of -inf.
+    (out, softmax_lse, rng_state), softmax_lse float32 of shape (batch, nheads, seqlen_q) and
+    rng_state the (seed, offset) the dropout used (None without dropout), which flash_attn_backward
+    takes. A query row that can see no key gives zeros and a log-sum-exp of -inf.
     """
-    _reject_later_features(dropout_p=dropout_p)
+    dropout_p = check_dropout(dropout_p)
     padded = _headdim.needs_padding(q, k, v)
     if padded:
         d = q.shape[-1]
         res = flash_attn_func(*(_headdim.pad(x, padded) for x in (q, k, v)), dropout_p, resolve_scale(softmax_scale, d),
                               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                              block_mask=block_mask)
+                              block_mask=block_mask, dropout_seed=dropout_seed)
         return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
     block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     if _bridge.framework_of(q) == "jax":
@@ -48,33 +49,86 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
         return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                       return_attn_probs=return_attn_probs, block_mask=block_mask,
-                                      alibi_slopes=alibi_slopes, softcap=softcap)
+                                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                                      dropout_seed=dropout_seed)
     if _needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
-        out, lse = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal, block_mask,
-                                            alibi_slopes, resolve_softcap(softcap))
-        return (out, lse, None) if return_attn_probs else out
+        out, lse, rng = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal,
+                                                 block_mask, alibi_slopes, resolve_softcap(softcap), dropout_p,
+                                                 dropout_seed)
+        if not return_attn_probs:
+            return out
+        return out, lse, (tuple(x % 2**64 for x in rng.tolist()) if dropout_p else None)
+    rng = resolve_rng(dropout_p, dropout_seed, q)
     out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask, alibi_slopes=alibi_slopes,
-                                 softcap=softcap)
-    return (out, lse, None) if return_attn_probs else out
+                                 softcap=softcap, dropout_p=dropout_p, rng=rng)
+    return (out, lse, rng) if return_attn_probs else out
 
 
-def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None, softcap=0.0):
+def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None, softcap=0.0,
+                   dropout_p=0.0, rng=None):
     """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd. A block mask
-    comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout)."""
+    comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout);
+    rng = (seed, offset) of the dropout."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
     alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
-    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists, alibi)
+    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists, alibi,
+            dropout=dropout_launch_args(problem, rng))
     if qa.framework == "dlpack":  # hand back what the caller can consume
         out, lse = out_a.obj, lse_a.obj
     return out, lse, problem
+
+
+def check_dropout(dropout_p) -> float:
+    """dropout_p as a float in [0, 1); TypeError/ValueError for anything else."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_seed(seed, name: str = "dropout_seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise TypeError(f"{name} must be an int in [0, 2^64), got {seed!r}")
+    return seed
+
+
+def resolve_rng(dropout_p: float, dropout_seed, like) -> tuple[int, int] | None:
+    """(seed, offset) of the dropout RNG (None without dropout): dropout_seed with offset 0, or drawn
+    from the framework's generator (see flash_attn_func)."""
+    if not dropout_p:
+        return None
+    if dropout_seed is not None:
+        return check_seed(dropout_seed), 0
+    if _bridge.framework_of(like) == "torch":
+        from . import torch as cf_torch
+
+        return cf_torch.generator_rng(like.device.index)
+    import numpy as np
+
+    return int(np.random.randint(0, 2**63, dtype=np.int64)), 0
+
+
+def dropout_launch_args(p: _dispatch.FwdProblem, rng, state_ptr: int = 0) -> tuple:
+    """The kernels' dropout fields for problem p: rng = (seed, offset), or state_ptr to them on the device."""
+    if not p.dropout_p:
+        return _dispatch.NO_DROPOUT
+    if state_ptr:
+        return _dispatch.dropout_args(p.dropout_p, state_ptr=state_ptr)
+    if rng is None:
+        raise ValueError("rng_state: dropout_p > 0 needs the (seed, offset) the forward used "
+                         "(flash_attn_func(..., return_attn_probs=True) returns it)")
+    if not (isinstance(rng, (tuple, list)) and len(rng) == 2):
+        raise TypeError(f"rng_state must be a (seed, offset) pair of ints, got {rng!r}")
+    return _dispatch.dropout_args(p.dropout_p, check_seed(rng[0], "rng_state[0]"), check_seed(rng[1], "rng_state[1]"))
 
 
 def _needs_torch_autograd(q, k, v) -> bool:
@@ -114,16 +168,8 @@ def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceAr
     return _bridge.describe(buffer, "block_mask").ptr, layout
 
 
-def _reject_later_features(dropout_p) -> None:
-    unset = {
-        "dropout_p": dropout_p == 0,
-    }
-    for name, is_unset in unset.items():
-        if not is_unset:
-            raise NotImplementedError(f"{name}: {_LATER[name]} is not implemented yet in cuflash")
-
-
-def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale, softcap=0.0) -> _dispatch.FwdProblem:
+def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale, softcap=0.0,
+                   dropout_p=0.0) -> _dispatch.FwdProblem:
     """Validate q, k, v and the scale; ValueError/TypeError naming the argument. Needs no GPU."""
     for a, name in ((q, "q"), (k, "k"), (v, "v")):
         if a.device is None:
@@ -158,7 +204,8 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
                 f"multiples of 8 elements, got strides {a.strides}"
             )
     return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
-                                resolve_scale(softmax_scale, head_dim), resolve_softcap(softcap))
+                                resolve_scale(softmax_scale, head_dim), resolve_softcap(softcap),
+                                check_dropout(dropout_p))
 
 
 def resolve_scale(softmax_scale, head_dim: int) -> float:
@@ -182,19 +229,22 @@ def resolve_softcap(softcap) -> float:
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None, varlen=None) -> None:
+            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None, varlen=None,
+            dropout: tuple = _dispatch.NO_DROPOUT) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
     float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`);
-    alibi: (pointer, batch stride) of the slopes; varlen: as for _dispatch.seq_args."""
+    alibi: (pointer, batch stride) of the slopes; varlen: as for _dispatch.seq_args; dropout: the
+    kernels' dropout fields (dropout_launch_args)."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
     variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device),
-                                   mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0)
+                                   mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
+                                   dropout=p.dropout_p > 0)
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
-        alibi or _dispatch.NO_ALIBI, varlen,
+        alibi or _dispatch.NO_ALIBI, varlen, dropout,
     )
     _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
@@ -225,38 +275,41 @@ def _launch_on(device: int, launches, stream_ptr: int) -> None:
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, block_mask=None):
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, block_mask=None,
+                        rng_state=None):
     """Gradients (dq, dk, dv) of flash_attn_func's output, from the saved output and log-sum-exp.
 
     dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
     flash_attn_func(..., return_attn_probs=True); the other arguments as given to the forward.
     dk and dv have k's shape (summed over the query heads of each K/V head for GQA). No buffer grows
     with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
-    `deterministic` costs nothing.
+    `deterministic` costs nothing. With dropout_p > 0, rng_state is the (seed, offset) that the
+    forward returned: the kernels regenerate its dropout mask.
     """
-    _reject_later_features(dropout_p=dropout_p)
+    dropout_p = check_dropout(dropout_p)
     padded = _headdim.needs_padding(q, k, v, dout, out)
     if padded:
         d = q.shape[-1]
         grads = flash_attn_backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
-                                    softmax_scale=resolve_scale(softmax_scale, d), causal=causal,
+                                    dropout_p=dropout_p, softmax_scale=resolve_scale(softmax_scale, d), causal=causal,
                                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                    block_mask=block_mask)
+                                    block_mask=block_mask, rng_state=rng_state)
         return tuple(_headdim.unpad(g, d) for g in grads)
     block_mask = _sparse.window_mask(block_mask, window_size, q, k)
     return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask,
-                           alibi_slopes=alibi_slopes, softcap=softcap)
+                           alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng_state)
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None,
-                    alibi_slopes=None, softcap=0.0):
+                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
     """flash_attn_backward's work (a block mask as block_mask, or as lists like forward_arrays)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
-    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
     check_bwd_args(problem, qa, doa, oa, la)
+    dropout = dropout_launch_args(problem, rng)
     alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
@@ -265,7 +318,7 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, bloc
     dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
     delta, delta_a = _bridge.empty(qa, la.shape, "float32")
     run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa), lists,
-            alibi)
+            alibi, dropout=dropout)
     if qa.framework == "dlpack":
         dq, dk, dv = dqa.obj, dka.obj, dva.obj
     return dq, dk, dv
@@ -296,19 +349,19 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
 
 
 def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None,
-            alibi=None, varlen=None) -> None:
+            alibi=None, varlen=None, dropout: tuple = _dispatch.NO_DROPOUT) -> None:
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
-    lists, alibi and varlen as for run_fwd."""
+    lists, alibi, varlen and dropout as for run_fwd."""
+    flags = dict(alibi=alibi is not None, softcap=p.softcap > 0, dropout=p.dropout_p > 0)
     if lists is None:
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, alibi=alibi is not None, softcap=p.softcap > 0)
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, **flags)
         sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
     else:
         ptr, layout = lists
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n), alibi is not None,
-                                        p.softcap > 0)
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, False, (layout.block_m, layout.block_n), **flags)
         sparse_args = (layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True))
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
-        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen,
+        *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen, dropout,
     )
     _launch_on(q.device, launches, stream_ptr)

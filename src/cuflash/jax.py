@@ -35,10 +35,11 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
-def _extras(buffers, layout, alibi_sb, totals):
-    """(lists, alibi, varlen) from a callback's extra operands: cu_seqlens_q and cu_seqlens_k (int32,
-    when totals = (total_q, total_k) is not None), the packed block-mask lists (int32, when layout is
-    not None), then the ALiBi slopes (float32, when alibi_sb is not None)."""
+def _extras(problem, buffers, layout, alibi_sb, totals):
+    """(lists, alibi, varlen, dropout) launch arguments from a callback's extra operands: cu_seqlens_q
+    and cu_seqlens_k (int32, when totals = (total_q, total_k) is not None), the packed block-mask lists
+    (int32, when layout is not None), the ALiBi slopes (float32, when alibi_sb is not None), then the
+    dropout RNG state (uint32 (4,), see _dropout_state, when the problem has dropout)."""
     buffers = list(buffers)
     varlen = None
     if totals is not None:
@@ -46,7 +47,28 @@ def _extras(buffers, layout, alibi_sb, totals):
         varlen = (cu_q, cu_k, totals[0])
     lists = None if layout is None else (_buffer(buffers.pop(0), "int32").ptr, layout)
     alibi = None if alibi_sb is None else (_buffer(buffers.pop(0), "float32").ptr, alibi_sb)
-    return lists, alibi, varlen
+    state = _buffer(buffers.pop(0), "uint32").ptr if problem.dropout_p else 0
+    return lists, alibi, varlen, api.dropout_launch_args(problem, None, state)
+
+
+def _dropout_state(dropout_seed, extras) -> None:
+    """Appends the dropout RNG state to the callback's extra operands: uint32 words (seed lo, seed hi,
+    offset lo, offset hi) from an int seed, or from jax.random.bits of a PRNG key (offset 0), so
+    the key can be traced under jit."""
+    import jax
+    import jax.numpy as jnp
+
+    if dropout_seed is None:
+        raise ValueError("dropout_seed: JAX has no global random generator; pass a PRNG key (jax.random.key(0)) "
+                         "or an int")
+    if isinstance(dropout_seed, int):
+        seed = api.check_seed(dropout_seed)
+        extras.append(jnp.array([seed & 0xFFFFFFFF, seed >> 32, 0, 0], dtype=jnp.uint32))
+        return
+    if not isinstance(dropout_seed, jax.Array):
+        raise TypeError(f"dropout_seed must be an int or a JAX PRNG key, got {type(dropout_seed).__name__}")
+    bits = jax.random.bits(dropout_seed, (2,), jnp.uint32)
+    extras.append(jnp.concatenate([bits, jnp.zeros((2,), jnp.uint32)]))
 
 
 def _arrays(problem, totals, buffers, dtype, kinds):
@@ -84,8 +106,9 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
     def launch(ctx, outs, q, k, v, *extras):
         out, lse = outs
         qa, ka, va, oa = _arrays(problem, totals, (q, k, v, out), dtype, "qkkq")
-        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), causal, ctx.stream,
-                    *_extras(extras, layout, alibi_sb, totals))
+        lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
+        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), causal, ctx.stream, lists, alibi, varlen,
+                    dropout)
 
     q_shape, _, lse_shape = _shapes(problem, totals)
     return buffer_callback.buffer_callback(
@@ -101,8 +124,9 @@ def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
         dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
         arrays = _arrays(problem, totals, (q, k, v, dout, out), dtype, "qkkqq")
         grads = _arrays(problem, totals, (dq, dk, dv), dtype, "qkk")
+        lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
         api.run_bwd(problem, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, causal, ctx.stream,
-                    *_extras(extras, layout, alibi_sb, totals))
+                    lists, alibi, varlen, dropout)
 
     q_shape, k_shape, lse_shape = _shapes(problem, totals)
     results = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
@@ -113,7 +137,7 @@ def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
 @functools.lru_cache(maxsize=256)
 def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
     """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras are the
-    packed block mask (int32) and the ALiBi slopes, which get zero cotangents. The log-sum-exp is an
+    packed block mask (int32), the ALiBi slopes and the dropout RNG state, which get zero cotangents. The log-sum-exp is an
     output for callers who want it; gradients do not flow through it."""
     import jax
     import numpy as np
@@ -133,7 +157,7 @@ def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, lay
         q, k, v, out, lse, extras = res
         dout, _ = cotangents
         dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *extras)
-        zeros = [np.zeros(x.shape, jax.dtypes.float0) if x.dtype == np.int32 else jax.numpy.zeros_like(x)
+        zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
         return (dq, dk, dv, *zeros)
 
@@ -142,10 +166,11 @@ def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, lay
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None,
-                    alibi_slopes=None, softcap=0.0):
-    """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad)."""
+                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, dropout_seed=None):
+    """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad).
+    Dropout needs dropout_seed: a PRNG key (traceable) or an int."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
-    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap)
+    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
     extras, layout = [], None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
@@ -153,12 +178,15 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs
                                               _device_id(q), "jax")
         extras.append(buffer)
     alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
+    if problem.dropout_p:
+        _dropout_state(dropout_seed, extras)
     out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb)(q, k, v, *extras)
     return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                           causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0):
+                           causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0, dropout_p=0.0,
+                           dropout_seed=None):
     """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad)."""
     from .varlen import _batched
 
@@ -172,9 +200,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"{name} must be int32 of shape (batch + 1,) like cu_seqlens_q, got {a.dtype} {a.shape}")
     batch = cu_q.shape[0] - 1
     problem = api.check_fwd_args(_batched(qa, batch, int(max_seqlen_q)), _batched(ka, batch, int(max_seqlen_k)),
-                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap)
+                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap, dropout_p)
     extras = [cu_seqlens_q, cu_seqlens_k]
     alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
+    if problem.dropout_p:
+        _dropout_state(dropout_seed, extras)
     totals = (qa.shape[0], ka.shape[0])
     out, lse = _differentiable(problem, qa.dtype, bool(causal), None, alibi_sb, totals)(q, k, v, *extras)
     return (out, lse, None) if return_attn_probs else out

@@ -3,7 +3,9 @@ registered autograd formula and fake (meta) implementations, so they work under 
 with torch.autograd.gradcheck-style checks. Imported lazily by cuflash.flash_attn_func.
 
 A block mask travels as its packed kernel lists (an int32 tensor, see cuflash._sparse) plus their
-layout as a list of ints, both plain custom-op arguments."""
+layout as a list of ints, both plain custom-op arguments. The dropout RNG's (seed, offset) comes out of
+the forward op as a CPU int64 tensor (drawn inside the op, so torch.compile replays the draw on every
+call) and goes into the backward op."""
 from __future__ import annotations
 
 from typing import Optional
@@ -17,59 +19,86 @@ def _lists(lists: Optional[torch.Tensor], layout: Optional[list[int]]):
     return None if lists is None else (lists.data_ptr(), _sparse.PackedLayout.from_ints(layout))
 
 
+def generator_rng(device: int) -> tuple[int, int]:
+    """(seed, offset) for one dropout call from PyTorch's CUDA generator of `device`, which it then
+    advances, as FlashAttention-2 does: torch.manual_seed makes runs reproducible."""
+    gen = torch.cuda.default_generators[device]
+    offset = gen.get_offset()
+    gen.set_offset(offset + 4)  # Philox offsets advance in steps of 4
+    return gen.initial_seed(), offset
+
+
+def _rng_out(q: torch.Tensor, dropout_p: float, dropout_seed: Optional[int]):
+    """(rng for the kernels, the CPU int64 tensor the op returns)."""
+    if not dropout_p:
+        return None, torch.zeros(2, dtype=torch.int64)
+    rng = (dropout_seed % 2**64, 0) if dropout_seed is not None else generator_rng(q.device.index)
+    return rng, torch.tensor([x - 2**64 if x >= 2**63 else x for x in rng], dtype=torch.int64)
+
+
+def _rng_in(rng: torch.Tensor):
+    return tuple(x % 2**64 for x in rng.tolist())
+
+
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]],
-                   alibi_slopes: Optional[torch.Tensor], softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                   dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout),
-                                     alibi_slopes=alibi_slopes, softcap=softcap)
-    return out, lse
+                                     alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng)
+    return out, lse, rng_tensor
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap):
+def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed):
     batch, seqlen_q, nheads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    return (q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32),
+            torch.empty(2, dtype=torch.int64))
 
 
 @torch.library.custom_op("cuflash::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
                    layout: Optional[list[int]],
-                   alibi_slopes: Optional[torch.Tensor],
-                   softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                   rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout),
-                               alibi_slopes=alibi_slopes, softcap=softcap)
+                               alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                               rng=_rng_in(rng) if dropout_p else None)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap):
+def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, lists, alibi_slopes)
-    ctx.softmax_scale, ctx.causal, ctx.layout, ctx.softcap = softmax_scale, causal, layout, softcap
-    ctx.mark_non_differentiable(lse)
+    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed = inputs
+    out, lse, rng = output
+    ctx.save_for_backward(q, k, v, out, lse, lists, alibi_slopes, rng)
+    ctx.softmax_scale, ctx.causal, ctx.layout, ctx.softcap, ctx.dropout_p = (softmax_scale, causal, layout, softcap,
+                                                                             dropout_p)
+    ctx.mark_non_differentiable(lse, rng)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, lists, alibi_slopes = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _drng):
+    q, k, v, out, lse, lists, alibi_slopes, rng = ctx.saved_tensors
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
     dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
-                                alibi_slopes, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None
+                                alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
+    return dq, dk, dv, *([None] * 8)
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None, alibi_slopes=None,
-                    softcap: float = 0.0):
-    """(out, lse), differentiable in q, k and v."""
+                    softcap: float = 0.0, dropout_p: float = 0.0, dropout_seed: Optional[int] = None):
+    """(out, lse, rng), differentiable in q, k and v; rng: the dropout's (seed, offset) as a CPU
+    int64 tensor."""
     lists = layout = None
     if block_mask is not None:
         batch, seqlen_q, nheads, _ = q.shape
@@ -79,7 +108,16 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
         _sparse.check_mask(block_mask, batch, nheads, seqlen_q, seqlen_k)
         lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
         layout = packed.to_ints()
-    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap))
+    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap),
+                          float(dropout_p), _int64_seed(dropout_seed))
+
+
+def _int64_seed(seed):
+    """A seed in [0, 2^64) as the custom ops' int64 argument (None stays None)."""
+    if seed is None:
+        return None
+    seed = api.check_seed(seed)
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 # ---- packed variable-length batches (cuflash.varlen) -------------------------------------------
@@ -87,58 +125,67 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
 @torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
 def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                          causal: bool, alibi_slopes: Optional[torch.Tensor],
-                          softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          causal: bool, alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                          dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import varlen
 
-    return varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                 causal, alibi_slopes, softcap)
+    rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
+    out, lse = varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     causal, alibi_slopes, softcap, dropout_p, rng)
+    return out, lse, rng_tensor
 
 
 @flash_attn_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, alibi_slopes, softcap):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, alibi_slopes, softcap,
+      dropout_p, dropout_seed):
+    return (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
+            torch.empty(2, dtype=torch.int64))
 
 
 @torch.library.custom_op("cuflash::flash_attn_varlen_bwd", mutates_args=())
 def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                           max_seqlen_k: int, softmax_scale: float, causal: bool, alibi_slopes: Optional[torch.Tensor],
-                          softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          softcap: float, dropout_p: float,
+                          rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import varlen
 
     return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, alibi_slopes, softcap)
+                                  softmax_scale, causal, alibi_slopes, softcap, dropout_p,
+                                  _rng_in(rng) if dropout_p else None)
 
 
 @flash_attn_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      alibi_slopes, softcap):
+      alibi_slopes, softcap, dropout_p, rng):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, alibi_slopes, softcap = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, alibi_slopes, softcap, dropout_p, _seed = inputs
+    out, lse, rng = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes, rng)
     ctx.args = (max_q, max_k, softmax_scale, causal)
-    ctx.softcap = softcap
-    ctx.mark_non_differentiable(lse)
+    ctx.softcap, ctx.dropout_p = softcap, dropout_p
+    ctx.mark_non_differentiable(lse, rng)
 
 
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+def _varlen_backward(ctx, dout, _dlse, _drng):
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes, rng = ctx.saved_tensors
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
-    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes, ctx.softcap)
-    return dq, dk, dv, *([None] * 8)
+    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes, ctx.softcap,
+                                       ctx.dropout_p, rng)
+    return dq, dk, dv, *([None] * 10)
 
 
 flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                           softmax_scale: float, causal: bool, alibi_slopes=None, softcap: float = 0.0):
-    """(out, lse) of packed sequences, differentiable in q, k and v."""
+                           softmax_scale: float, causal: bool, alibi_slopes=None, softcap: float = 0.0,
+                           dropout_p: float = 0.0, dropout_seed: Optional[int] = None):
+    """(out, lse, rng) of packed sequences, differentiable in q, k and v."""
     return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-                                 bool(causal), alibi_slopes, float(softcap))
+                                 bool(causal), alibi_slopes, float(softcap), float(dropout_p),
+                                 _int64_seed(dropout_seed))

@@ -17,13 +17,15 @@ from ._bridge import DeviceArray
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, *, block_mask=None):
+                           deterministic=False, return_attn_probs=False, *, block_mask=None, dropout_seed=None):
     """Attention over each packed sequence separately (see the module docstring); the other arguments
     as for flash_attn_func (causal is aligned to each sequence's bottom-right corner). max_seqlen_q
     and max_seqlen_k must be at least the longest sequence (they size the grid; they are not checked
     against cu_seqlens, which would need a device-to-host copy). CuPy arrays, PyTorch tensors and JAX
-    arrays (differentiable in both). Returns out (total_q, nheads, headdim), or (out, softmax_lse, None)."""
-    api._reject_later_features(dropout_p=dropout_p)
+    arrays (differentiable in both). Returns out (total_q, nheads, headdim), or (out, softmax_lse,
+    rng_state). Dropout numbers each sequence's scores from its own first row and key, with the
+    sequence's index as its batch index."""
+    dropout_p = api.check_dropout(dropout_p)
     _reject_unsupported(window_size, block_mask)
     padded = _headdim.needs_padding(q, k, v, ndim=3)
     if padded:
@@ -31,31 +33,38 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         res = flash_attn_varlen_func(*(_headdim.pad(x, padded) for x in (q, k, v)), cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, softmax_scale=api.resolve_scale(softmax_scale, d),
                                      causal=causal, softcap=softcap, alibi_slopes=alibi_slopes,
-                                     return_attn_probs=return_attn_probs)
+                                     return_attn_probs=return_attn_probs, dropout_p=dropout_p,
+                                     dropout_seed=dropout_seed)
         return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
         return cf_jax.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, return_attn_probs, alibi_slopes, softcap)
+                                             softmax_scale, causal, return_attn_probs, alibi_slopes, softcap,
+                                             dropout_p, dropout_seed)
     if api._needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
-        out, lse = cf_torch.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                                   int(max_seqlen_k), api.resolve_scale(softmax_scale, q.shape[-1]),
-                                                   bool(causal), alibi_slopes, api.resolve_softcap(softcap))
+        out, lse, rng = cf_torch.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                                        int(max_seqlen_k), api.resolve_scale(softmax_scale, q.shape[-1]),
+                                                        bool(causal), alibi_slopes, api.resolve_softcap(softcap),
+                                                        dropout_p, dropout_seed)
+        if return_attn_probs:
+            rng = tuple(x % 2**64 for x in rng.tolist()) if dropout_p else None
     else:
+        rng = api.resolve_rng(dropout_p, dropout_seed, q)
         out, lse = forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                  causal, alibi_slopes, softcap)
-    return (out, lse, None) if return_attn_probs else out
+                                  causal, alibi_slopes, softcap, dropout_p, rng)
+    return (out, lse, rng) if return_attn_probs else out
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, *, dropout_p=0.0, softmax_scale=None, causal=False,
                                window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                               block_mask=None):
-    """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (CuPy users)."""
-    api._reject_later_features(dropout_p=dropout_p)
+                               block_mask=None, rng_state=None):
+    """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (CuPy users); with
+    dropout, rng_state is the (seed, offset) the forward returned."""
+    dropout_p = api.check_dropout(dropout_p)
     _reject_unsupported(window_size, block_mask)
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=3)
     if padded:
@@ -63,29 +72,32 @@ def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu
         grads = flash_attn_varlen_backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            softmax_scale=api.resolve_scale(softmax_scale, d), causal=causal,
-                                           softcap=softcap, alibi_slopes=alibi_slopes)
+                                           softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                           rng_state=rng_state)
         return tuple(_headdim.unpad(g, d) for g in grads)
     return backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, causal, alibi_slopes, softcap)
+                           softmax_scale, causal, alibi_slopes, softcap, dropout_p, rng_state)
 
 
 def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   alibi_slopes=None, softcap=0.0):
-    """The packed forward on CuPy/PyTorch arrays: (out, lse), no autograd."""
+                   alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
+    """The packed forward on CuPy/PyTorch arrays: (out, lse), no autograd; rng = (seed, offset)."""
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                softmax_scale, softcap)
+                                                softmax_scale, softcap, dropout_p)
+    dropout = api.dropout_launch_args(problem, rng)
     alibi = api.check_alibi(alibi_slopes, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.nheads, qa.shape[0]), "float32")
     api.run_fwd(problem, q4, k4, v4, _batched(out_a, problem.batch, problem.seqlen_q), lse_a, bool(causal),
-                _bridge.current_stream(qa), None, alibi, varlen)
+                _bridge.current_stream(qa), None, alibi, varlen, dropout)
     return out, lse
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, causal, alibi_slopes=None, softcap=0.0):
+                    softmax_scale, causal, alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                softmax_scale, softcap)
+                                                softmax_scale, softcap, dropout_p)
+    dropout = api.dropout_launch_args(problem, rng)
     doa, oa, la = (_bridge.describe(x, n) for x, n in ((dout, "dout"), (out, "out"), (softmax_lse, "softmax_lse")))
     for a, name in ((doa, "dout"), (oa, "out")):
         if a.shape != qa.shape or a.dtype != qa.dtype or a.device != qa.device:
@@ -105,11 +117,11 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
                ((doa, problem.seqlen_q), (oa, problem.seqlen_q), (grads[0][1], problem.seqlen_q),
                 (grads[1][1], problem.seqlen_k), (grads[2][1], problem.seqlen_k))]
     api.run_bwd(problem, q4, k4, v4, batched[0], batched[1], la, delta_a, *batched[2:], bool(causal),
-                _bridge.current_stream(qa), None, alibi, varlen)
+                _bridge.current_stream(qa), None, alibi, varlen, dropout)
     return tuple(g for g, _ in grads)
 
 
-def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0):
     """Checks; the problem as batched views (batch stride 0, seqlen = the maximum) and the varlen
     launch fields."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
@@ -131,7 +143,7 @@ def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     batch = cu_q.shape[0] - 1
     q4, k4, v4 = _batched(qa, batch, max_seqlen_q), _batched(ka, batch, max_seqlen_k), _batched(va, batch, max_seqlen_k)
-    problem = api.check_fwd_args(q4, k4, v4, softmax_scale, softcap)
+    problem = api.check_fwd_args(q4, k4, v4, softmax_scale, softcap, dropout_p)
     return problem, (q4, k4, v4), (cu_q.ptr, cu_k.ptr, qa.shape[0]), qa
 
 
