@@ -114,7 +114,7 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     if (sparse or alibi or softcap or dropout) and block_m > 16 * warps:
         # Warps of 32 rows have no registers left for a mask, score change or RNG on wide tiles:
         # fewer keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
-        if bucket > 128:
+        if bucket > 128 or (softcap and dropout and bucket == 128):  # tanh and the RNG together, too
             warps = block_m // 16
         else:  # the RNG's registers (dropout) tip d = 128 over at 48 keys
             block_n = min(block_n, 32 if softcap or (dropout and bucket == 128) else 64)
