@@ -9,6 +9,7 @@ forward and forward+backward. Peers:
   window   FlexAttention with a sliding-window block mask (window 1024 to the left, causal)
   gqa      SDPA FLASH with enable_gqa (4 K/V heads)
   dropout  SDPA FLASH with dropout_p = 0.1 (each draws its own mask; max_abs_diff compares both at p = 0)
+  fp32     SDPA on float32 inputs, TF32 off (PyTorch picks its memory-efficient kernel), cuflash's 3xTF32
 `_bench.run_impl` warms every implementation up, then takes the median of CUDA-event-timed calls.
 FLOPs as FlashAttention counts them (halved when causal; for the window, visited pairs only).
 """
@@ -18,7 +19,7 @@ import sys
 from cuflash import _bench
 from cuflash._bench_sparse import compiled_flex
 
-FEATURES = ("alibi", "softcap", "gqa", "window", "dropout")
+FEATURES = ("alibi", "softcap", "gqa", "window", "dropout", "fp32")
 HEADS, D, TOKENS, WINDOW, SOFTCAP, DROPOUT = 16, 128, 16384, 1024, 30.0, 0.1
 
 
@@ -50,12 +51,20 @@ def main(argv):
             for causal in ((True,) if feature == "window" else (False, True)):
                 heads_k = 4 if feature == "gqa" else HEADS
                 kw = {"alibi": dict(alibi_slopes=slopes), "softcap": dict(softcap=SOFTCAP),
-                      "window": dict(window_size=(WINDOW - 1, 0)), "gqa": {}, "dropout": dict(dropout_p=DROPOUT)}[feature]
+                      "window": dict(window_size=(WINDOW - 1, 0)), "gqa": {}, "dropout": dict(dropout_p=DROPOUT),
+                      "fp32": {}}[feature]
+                dtype = torch.float32 if feature == "fp32" else torch.bfloat16
 
                 def run_cuflash(q, k, v, _causal, kw=kw, p=None):
                     return cuflash.flash_attn_func(q, k, v, causal=_causal, **(kw if p is None else dict(dropout_p=p)))
 
-                if feature in ("gqa", "dropout"):
+                if feature == "fp32":
+                    peer_name = "sdpa_fp32"
+                    torch.backends.cuda.matmul.allow_tf32 = False
+
+                    def run_peer(q, k, v, _causal, p=None):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=_causal)
+                elif feature in ("gqa", "dropout"):
                     peer_name = "sdpa_flash"
 
                     def run_peer(q, k, v, _causal, p=None):
@@ -76,7 +85,7 @@ def main(argv):
                         return flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
                 shapes = [(batch, seqlen, HEADS, D), (batch, seqlen, heads_k, D), (batch, seqlen, heads_k, D)]
-                bshd = [tuple(torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes)]
+                bshd = [tuple(torch.randn(s, device="cuda", dtype=dtype) for s in shapes)]
                 bhsd = [tuple(x.transpose(1, 2).contiguous() for x in bshd[0])]
                 with torch.no_grad():
                     check_p = 0.0 if feature == "dropout" else None  # masks differ: compare without dropout
@@ -93,7 +102,7 @@ def main(argv):
                         flops = _bench.flops(batch, seqlen, seqlen, HEADS, D, causal, pass_) * visited
                         row[name] = r["ms"]
                         results.append({"suite": "features", "feature": feature, "pass": pass_, "impl": name,
-                                        "dtype": "bfloat16", "headdim": D, "causal": causal, "batch": batch,
+                                        "dtype": str(dtype).removeprefix("torch."), "headdim": D, "causal": causal, "batch": batch,
                                         "nheads": HEADS, "nheads_k": heads_k, "seqlen_q": seqlen, "seqlen_k": seqlen,
                                         "ms": r["ms"], "tflops": _bench.tflops_per_s(flops, r["ms"]),
                                         "peak_mib": r["peak_mib"], "reps": r["reps"], "max_abs_diff": diff})

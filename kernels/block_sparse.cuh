@@ -62,27 +62,29 @@ __device__ __forceinline__ SparseTile sparse_tile(const BlockLists& lists, long 
 
 // Set scores to -inf where a partial block hides them, for a warp's 16 MT x NT*8 tile in the mma
 // accumulator layout whose rows are queries (from r0 inside the block) and columns keys (from c0
-// inside the block, a multiple of 32; keys from keys_left on are past the sequence's end).
+// inside the block, a multiple of the tile's width; keys from keys_left on are past the sequence's end).
+// Tiles of 32 keys or more span whole 32-bit words; a 16-key tile (fp32) is half of one.
 template <int MT, int NT>
 __device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], const BlockLists& lists, int slot,
                                                    int r0, int c0, int keys_left, int lane) {
-  static_assert(NT % 4 == 0, "tiles span whole 32-key words");
-  const int words = lists.block_n / 32;
+  static_assert(NT % 4 == 0 || NT == 2, "tiles span whole 32-key words, or half of one");
+  constexpr int W = NT % 4 == 0 ? NT / 4 : 1;
+  const int words = lists.block_n / 32, shift = c0 % 32;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r0 + mt * 16 + lane / 4 + half * 8;
       const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.block_m + r) * words + c0 / 32;
-      unsigned word[NT / 4];
+      unsigned word[W];
 #pragma unroll
-      for (int w = 0; w < NT / 4; ++w) word[w] = __ldg(row_bits + w);
+      for (int w = 0; w < W; ++w) word[w] = __ldg(row_bits + w);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
-          const int col = nt * 8 + (lane % 4) * 2 + cc;  // col / 32 == nt / 4
-          if (col >= keys_left || !((word[nt / 4] >> (col % 32)) & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
+          const int col = nt * 8 + (lane % 4) * 2 + cc, bit = shift + col;  // bit / 32 == nt / 4
+          if (col >= keys_left || !((word[bit / 32] >> (bit % 32)) & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
         }
     }
 }

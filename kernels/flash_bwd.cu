@@ -38,24 +38,18 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
   const T* do_row = dout + b * do_sb + h * do_sh + i * do_ss;
   const T* o_row = out + b * o_sb + h * o_sh + i * o_ss;
   float acc = 0.f;
-  for (int c = lane * 8; c < head_dim; c += 32 * 8) {  // 16-byte chunks
-    const uint4 x = *reinterpret_cast<const uint4*>(do_row + c);
-    const uint4 y = *reinterpret_cast<const uint4*>(o_row + c);
-    const unsigned xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 a = ElemTraits<T>::unpack2(xs[j]), o = ElemTraits<T>::unpack2(ys[j]);
-      acc = fmaf(a.x, o.x, fmaf(a.y, o.y, acc));
-    }
-  }
+  for (int c = lane * kChunk<T>; c < head_dim; c += 32 * kChunk<T>) acc += dot_chunk(do_row + c, o_row + c);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) delta[row] = acc;
 }
 
 // p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf).
-__device__ __forceinline__ float recompute_p(float s, float scale_log2, float lse, bool visible) {
-  return visible && lse != kNegInf ? fast_exp2(fmaf(s, scale_log2, -lse * kLog2e)) : 0.f;
+// PRECISE (fp32 inputs): expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e).
+template <bool PRECISE>
+__device__ __forceinline__ float recompute_p(float s, float scale, float lse, bool visible) {
+  if (!visible || lse == kNegInf) return 0.f;
+  return PRECISE ? expf(fmaf(s, scale, -lse)) : fast_exp2(fmaf(s, scale * kLog2e, -lse * kLog2e));
 }
 
 // Write a 16 MT x N fp32 register tile (times `scale`) as T into rows row0.. of a strided matrix,
@@ -73,8 +67,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
       for (int nt = 0; nt < NT; ++nt) {
         const int c = col0 + nt * 8 + (lane % 4) * 2;
         if (c < cols_valid)
-          *reinterpret_cast<unsigned*>(base + r * row_stride + c) =
-              ElemTraits<T>::pack2(acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
+          store2(base + r * row_stride + c, acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
       }
     }
 }
@@ -99,7 +92,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
-  constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
+  constexpr int PITCH = SmemTile<D, T>::pitch, PB = PITCH * sizeof(T);
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -185,7 +178,6 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
   zero(acc_dk);
   zero(acc_dv);
-  const float scale_log2 = softmax_scale * kLog2e;
 
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<0>();
@@ -223,7 +215,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
           bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!CAUSAL || j <= i + diag));
           if constexpr (SPARSE)  // element bits of a partial block: rows are queries, columns keys
             visible = visible && (!partial || lists.visible(at.slot, at.offset + col, n0 % lists.block_n + key));
-          p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, s_lse[slot][col], visible);
+          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[slot][col], visible);
         }
     if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
       DropoutRng head_rng = rng;
@@ -277,7 +269,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
-  constexpr int PITCH = SmemTile<D>::pitch, PB = PITCH * sizeof(T);
+  constexpr int PITCH = SmemTile<D, T>::pitch, PB = PITCH * sizeof(T);
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -343,7 +335,6 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const float alibi_slope = ALIBI ? alibi_slopes[b * alibi_sb + h] / softmax_scale : 0.f;
   float acc_dq[MT][D / 8][4];
   zero(acc_dq);
-  const float scale_log2 = softmax_scale * kLog2e;
   for (int nb = 0; nb < n_blocks; ++nb) {
     cp_async_wait<0>();
     __syncthreads();
@@ -372,7 +363,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           const int i = m0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;
           const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
           const bool visible = !needs_mask || (j < seqlen_k && (!CAUSAL || j <= i + diag));
-          p[mt][nt][c] = recompute_p(p[mt][nt][c], scale_log2, row_lse[mt][c / 2], visible);
+          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
     float ds[MT][BN / 8][4];

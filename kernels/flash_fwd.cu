@@ -21,7 +21,7 @@ struct FwdTile {
   static constexpr int m_tiles = BM / (16 * WARPS);  // 16-row tiles per warp
   static constexpr int s_tiles = BN / 8;             // 8-column tiles of S per warp row tile
   static constexpr int o_tiles = D / 8;              // 8-column tiles of O
-  static constexpr int pitch = SmemTile<D>::pitch;
+  static constexpr int pitch = SmemTile<D, T>::pitch;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
 };
 
@@ -133,7 +133,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const float alibi_slope = ALIBI ? alibi_slopes[blk.b * alibi_sb + blk.h] / softmax_scale : 0.f;
   float acc_o[MT][Tile::o_tiles][4];
   zero(acc_o);
-  OnlineSoftmax<MT> softmax;
+  OnlineSoftmax<MT, ElemTraits<T>::is_f32> softmax;
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
 
   // K/V tiles go through a ring of STAGES shared-memory slots: tile `it` (counting from the last key
@@ -199,18 +199,18 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       const int r = mt * 16 + lane / 4 + half * 8;
 #pragma unroll
       for (int dt = 0; dt < Tile::o_tiles; ++dt)
-        *reinterpret_cast<unsigned*>(sO + r * Tile::pitch + dt * 8 + (lane % 4) * 2) =
-            ElemTraits<T>::pack2(acc_o[mt][dt][2 * half] * inv_l, acc_o[mt][dt][2 * half + 1] * inv_l);
+        store2(sO + r * Tile::pitch + dt * 8 + (lane % 4) * 2, acc_o[mt][dt][2 * half] * inv_l,
+               acc_o[mt][dt][2 * half + 1] * inv_l);
       const int row = out_m0 + warp_row + r;
       if (lane % 4 == 0 && row < seqlen_q)
         lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
     }
   __syncwarp();
   T* o_rows = o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss;
-  constexpr int chunks_per_row = D / 8, warp_rows = MT * 16;
+  constexpr int chunks_per_row = D / kChunk<T>, warp_rows = MT * 16;
 #pragma unroll
   for (int i = lane; i < warp_rows * chunks_per_row; i += 32) {
-    const int r = i / chunks_per_row, c = (i % chunks_per_row) * 8;
+    const int r = i / chunks_per_row, c = (i % chunks_per_row) * kChunk<T>;
     if (out_m0 + warp_row + r < seqlen_q && c < head_dim)
       *reinterpret_cast<uint4*>(o_rows + r * o_ss + c) = *reinterpret_cast<const uint4*>(sO + r * Tile::pitch + c);
   }

@@ -6,7 +6,9 @@
 
 namespace cuflash {
 
-template <int MT>
+// PRECISE (fp32 inputs): exp2f of (s - m) * scale instead of one ex2.approx of s * scale - m * scale,
+// whose rounding of m * scale alone costs ~2^-24 |m * scale| of every probability.
+template <int MT, bool PRECISE = false>
 struct OnlineSoftmax {
   float row_max[MT][2];  // running max of the raw scores
   float row_sum[MT][2];  // this thread's share of the running sum of exp; see row_sum_total
@@ -56,7 +58,9 @@ struct OnlineSoftmax {
           const float m_new = tile_max[mt][half];
           // exp(-inf) = 0 when the row had no finite score before; 1 when it still has none.
           const float correction =
-              m_new == kNegInf ? 1.f : fast_exp2((row_max[mt][half] - m_new) * scale_log2);
+              m_new == kNegInf ? 1.f
+              : PRECISE        ? exp2f((row_max[mt][half] - m_new) * scale_log2)
+                               : fast_exp2((row_max[mt][half] - m_new) * scale_log2);
           row_max[mt][half] = m_new;
           row_sum[mt][half] *= correction;
 #pragma unroll
@@ -71,13 +75,15 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         // A row with every score masked so far keeps max -inf; subtract 0 so exp(-inf) = 0, not NaN.
-        const float m_scaled = row_max[mt][half] == kNegInf ? 0.f : row_max[mt][half] * scale_log2;
+        const float m = row_max[mt][half] == kNegInf ? 0.f : row_max[mt][half];
+        const float m_scaled = m * scale_log2;
         float sum = row_sum[mt][half];
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
           for (int c = 2 * half; c < 2 * half + 2; ++c) {
-            const float p = fast_exp2(fmaf(s[mt][nt][c], scale_log2, -m_scaled));
+            const float p = PRECISE ? exp2f((s[mt][nt][c] - m) * scale_log2)
+                                    : fast_exp2(fmaf(s[mt][nt][c], scale_log2, -m_scaled));
             s[mt][nt][c] = p;
             sum += p;
           }

@@ -1,15 +1,15 @@
 // Moving tiles between global and shared memory.
-// Shared tiles are row-major with rows padded by 8 elements (16 bytes): with a row pitch of an odd
+// Shared tiles are row-major with rows padded by one 16-byte chunk: with a row pitch of an odd
 // number of 16-byte chunks, the 8 row addresses of one ldmatrix fall in 8 different bank groups.
 #pragma once
 #include "mma.cuh"
 
 namespace cuflash {
 
-template <int D>
+template <int D, typename T>
 struct SmemTile {
-  static constexpr int pitch = D + 8;  // elements per padded row
-  static_assert((pitch / 8) % 2 == 1, "row pitch must be an odd number of 16-byte chunks");
+  static constexpr int pitch = D + kChunk<T>;  // elements per padded row
+  static_assert((pitch / kChunk<T>) % 2 == 1, "row pitch must be an odd number of 16-byte chunks");
 };
 
 // Asynchronously copy a ROWS x D tile (row stride `row_stride` elements) into shared memory.
@@ -26,23 +26,23 @@ template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long long row_stride, int rows_valid,
                                                 int cols_valid) {
   const int tid = thread_index_uncached();
-  constexpr int chunks_per_row = D / 8;
+  constexpr int chunks_per_row = D / kChunk<T>, pitch = SmemTile<D, T>::pitch;
   if constexpr (THREADS % chunks_per_row != 0) {  // e.g. D = 96: chunk i of the tile is (i / cpr, i % cpr)
 #pragma unroll
     for (int i = tid; i < ROWS * chunks_per_row; i += THREADS) {
-      const int r = i / chunks_per_row, c = (i % chunks_per_row) * 8;
+      const int r = i / chunks_per_row, c = (i % chunks_per_row) * kChunk<T>;
       const bool valid = r < rows_valid && c < cols_valid;
-      cp_async_16(smem + r * SmemTile<D>::pitch + c, valid ? gmem + r * row_stride + c : gmem, valid);
+      cp_async_16(smem + r * pitch + c, valid ? gmem + r * row_stride + c : gmem, valid);
     }
     return;
   }
   constexpr int rows_per_pass = THREADS / chunks_per_row;
-  const int c = (tid % chunks_per_row) * 8;
+  const int c = (tid % chunks_per_row) * kChunk<T>;
   int r = tid / chunks_per_row;
   // Advance pointers by addition (not base + i * stride) so the compiler does not keep one
   // precomputed 64-bit offset per chunk alive across the main loop.
   const T* src = gmem + r * row_stride + c;
-  T* dst = smem + r * SmemTile<D>::pitch + c;
+  T* dst = smem + r * pitch + c;
   const long long src_step = rows_per_pass * row_stride;
 #pragma unroll
   for (int pass = 0; pass < (ROWS + rows_per_pass - 1) / rows_per_pass; ++pass) {
@@ -52,7 +52,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long lon
     }
     r += rows_per_pass;
     src += src_step;
-    dst += rows_per_pass * SmemTile<D>::pitch;
+    dst += rows_per_pass * pitch;
   }
 }
 

@@ -4,6 +4,8 @@
 //   warp_mma_pb:  acc += P B    (O += P V, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K)
 // A warp owns 16 * MT rows of the result. Shared addresses are 32-bit: a per-lane base plus
 // compile-time offsets, which ptxas folds into the ldmatrix instructions.
+// fp16/bf16 tiles use mma m16n8k16; fp32 tiles use m16n8k8 on split TF32 parts (mma.cuh), whose fragments
+// ldmatrix loads the same way (an fp32 element is a pair of 16-bit ones), except P B's B operand.
 #pragma once
 #include "mma.cuh"
 
@@ -16,19 +18,37 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
   static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
   const unsigned a_lane = a_rows + (lane % 16) * PITCH + (lane / 16) * 16;
   const unsigned b_lane = b_rows + (lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 16;
+  if constexpr (ElemTraits<T>::is_f32) {
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned a[MT][4];
+    for (int kk = 0; kk < K / 8; ++kk) {  // 8 fp32 = 32 bytes per step
+      static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
+      unsigned a[4];
+      ldmatrix_x4(a, a_lane + kk * 32);
+      const Tf32Split<4> as(a);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_lane + mt * 16 * PITCH + kk * 32);
+      for (int np = 0; np < N / 16; ++np) {
+        unsigned b[4];  // (b0, b1) of column tiles 2 np and 2 np + 1
+        ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
+        const unsigned b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+        mma_1688_split_add(acc[0][2 * np], as, Tf32Split<2>(b_lo));
+        mma_1688_split_add(acc[0][2 * np + 1], as, Tf32Split<2>(b_hi));
+      }
+    }
+  } else {
 #pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      unsigned b[4];
-      ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
+    for (int kk = 0; kk < K / 16; ++kk) {
+      unsigned a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_lane + mt * 16 * PITCH + kk * 32);
+#pragma unroll
+      for (int np = 0; np < N / 16; ++np) {
+        unsigned b[4];
+        ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
   }
@@ -41,26 +61,47 @@ template <typename T, int MT, int K, int N, int PITCH, bool POSITIVE = false>
 __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                             unsigned b_rows, int lane) {
   static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
-  const unsigned b_lane = b_rows + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 16;
+  if constexpr (ElemTraits<T>::is_f32) {
+    // One accumulator tile of P (columns 2t, 2t + 1 of 8) is one A fragment (columns t, t + 4) if
+    // the k order is permuted: slot t is column 2t, slot t + 4 column 2t + 1. B's rows follow the
+    // same permutation, so B comes through plain 32-bit loads (ldmatrix cannot transpose 32-bit).
+    const int g = lane / 4, t = lane % 4;
+    const unsigned b_lane = b_rows + 2 * t * PITCH + g * 4;
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned a[MT][4];
+    for (int kb = 0; kb < K / 8; ++kb) {
+      static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
+      auto x = [&](int c) { return __float_as_uint(POSITIVE ? fmaxf(p[0][kb][c], 0.f) : p[0][kb][c]); };
+      const unsigned a[4] = {x(0), x(2), x(1), x(3)};
+      const Tf32Split<4> as(a);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[mt][nt][c], 0.f) : p[mt][nt][c]; };
-      a[mt][0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
-      a[mt][1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
-      a[mt][2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
-      a[mt][3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
+      for (int nt = 0; nt < N / 8; ++nt) {
+        const unsigned at = b_lane + kb * 8 * PITCH + nt * 32;
+        const unsigned b[2] = {lds32(at), lds32(at + PITCH)};
+        mma_1688_split_add(acc[0][nt], as, Tf32Split<2>(b));
+      }
     }
+  } else {
+    const unsigned b_lane = b_rows + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 16;
 #pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      unsigned b[4];
-      ldmatrix_x4_trans(b, b_lane + kk * 16 * PITCH + np * 32);
+    for (int kk = 0; kk < K / 16; ++kk) {
+      unsigned a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[mt][nt][c], 0.f) : p[mt][nt][c]; };
+        a[mt][0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
+        a[mt][1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
+        a[mt][2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
+        a[mt][3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
+      }
+#pragma unroll
+      for (int np = 0; np < N / 16; ++np) {
+        unsigned b[4];
+        ldmatrix_x4_trans(b, b_lane + kk * 16 * PITCH + np * 32);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
   }

@@ -31,8 +31,8 @@ def test_gqa_shapes_accepted():
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
-        (dict(dtype="float64"), TypeError, r"q\.dtype must be float16 or bfloat16"),
-        (dict(dtype="int8"), TypeError, "float16 or bfloat16"),
+        (dict(dtype="float64"), TypeError, r"q\.dtype must be float16, bfloat16 or float32"),
+        (dict(dtype="int8"), TypeError, "float16, bfloat16 or float32"),
         (dict(device=None), TypeError, "q must be on a CUDA device"),
     ],
 )

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 
 from ._sparse import BLOCK_LISTS_FORMAT, NO_LISTS
 
-DTYPES = ("float16", "bfloat16")
-_CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+DTYPES = ("float16", "bfloat16", "float32")
+_CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def row_bytes(dtype: str, head_dim: int) -> int:
+    """Bytes of one shared-memory tile row: head_dim elements plus one 16-byte chunk of padding
+    (kernels/tile_io.cuh)."""
+    return head_dim * ITEMSIZE[dtype] + 16
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
@@ -36,6 +43,19 @@ FWD_TILES_BY_ARCH = {
     "sm_90a": {224: (128, 64, 8, 2), 256: (128, 48, 8, 2)},  # 174 and 169 KiB
 }
 ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
+
+
+def spill_allowance(variant) -> int:
+    """Stack bytes compile-check accepts: none, except fp32 beyond d = 128, whose accumulators (O, or
+    dK and dV) plus split-TF32 fragments fill 255 registers; a few spilled words cost it little next
+    to its six tensor-core products per product."""
+    return 64 if variant.dtype == "float32" and getattr(variant, "head_dim", 0) > 128 else 0
+
+
+def fp32_fwd_tile(bucket: int) -> tuple[int, int, int, int]:
+    """fp32 tiles hold twice the bytes and the 3xTF32 products need more registers: 64 query rows in
+    warps of 16, 32 keys (16 beyond d = 128)."""
+    return 64, 32 if bucket <= 128 else 16, 4, 2
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -77,8 +97,7 @@ class FwdVariant:
 
     @property
     def smem_bytes(self) -> int:
-        pitch = self.head_dim + 8  # padded shared-memory rows (kernels/tile_io.cuh)
-        return (self.block_m + 2 * self.stages * self.block_n) * pitch * 2
+        return (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim)
 
 
 def _flags(*flags: bool) -> str:
@@ -106,6 +125,8 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant; alibi and softcap
     the score modifications; dropout the fused dropout."""
     bucket = head_dim_bucket(head_dim)
+    if dtype == "float32":
+        tile = tile or fp32_fwd_tile(bucket)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
     sparse = mask_blocks is not None
     if sparse:
@@ -285,7 +306,7 @@ class BwdDkdvVariant:
 
     @property
     def smem_bytes(self) -> int:  # K, V tiles and two slots each of Q and dO (the small stats are static)
-        return (2 * self.block_n + 4 * self.block_q) * (self.head_dim + 8) * 2
+        return (2 * self.block_n + 4 * self.block_q) * row_bytes(self.dtype, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -314,7 +335,7 @@ class BwdDqVariant:
 
     @property
     def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
-        return (2 * self.block_m + 4 * self.block_n) * (self.head_dim + 8) * 2
+        return (2 * self.block_m + 4 * self.block_n) * row_bytes(self.dtype, self.head_dim)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,6 +345,10 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
     bucket = head_dim_bucket(head_dim)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
+    if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
+        block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
+        warps, dq_m, dq_n = block_n // 16, block_n, 16
+        dq_warps = dq_m // 16
     mods = (bool(alibi), bool(softcap), bool(dropout))
     if softcap or (dropout and alibi):  # tanh's derivative per score, or the RNG: half the query rows per tile
         block_q = max(16, block_q // 2)

@@ -15,7 +15,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Exact attention softmax(q k^T * scale) v, computed without materialising the score matrix.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
-    dividing nheads (GQA/MQA). float16 or bfloat16; any headdim from 1 to 256 (one that is not a
+    dividing nheads (GQA/MQA). float16, bfloat16 or float32 (3xTF32 products); any headdim from 1 to 256 (one that is not a
     multiple of 8 is zero-padded, a copy, as FlashAttention-2 does); the last dimension contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
     causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
     window_size=(left, right): query i sees key j iff i + d - left <= j <= i + d + right,
@@ -175,7 +175,7 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
         if a.device is None:
             raise TypeError(f"{name} must be on a CUDA device, got a {a.framework} array in host memory")
         if a.dtype not in _dispatch.DTYPES:
-            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {a.dtype}")
+            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {a.dtype}")
         if a.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), got shape {a.shape}")
     if not (q.framework == k.framework == v.framework):
