@@ -23,7 +23,8 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
     for v in variants:
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
-    assert len(dense) == len(_dispatch.DTYPES) * len(_dispatch.HEAD_DIM_BUCKETS) * 2 * 4 * 2  # dtypes x dims x causal x mods x dropout
+    dims = 2 * len(_dispatch.HEAD_DIM_BUCKETS) + len(_dispatch.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
+    assert len(dense) == dims * 2 * 4 * 2  # dims x causal x mods x dropout
 
 
 def test_variant_name_is_a_template_instance():

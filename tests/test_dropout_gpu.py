@@ -79,6 +79,14 @@ def test_dropout_forward_and_grads(dtype, causal, headdim, seqlens):
     check_grads(q, k, v, causal, dropout_p=0.17, dropout_seed=1234 + headdim, floors=floors)
 
 
+def test_dropout_with_softcap_at_head_dim_128():
+    """The d = 128 forward with softcap and dropout runs 8 warps of 16 rows (registers)."""
+    import torch
+
+    q, k, v = (randn((1, 300, 4, 128), torch.bfloat16, 60 + i) for i in range(3))
+    check_grads(q, k, v, True, softcap=20.0, dropout_p=0.1, dropout_seed=8)
+
+
 @pytest.mark.parametrize("case", ["gqa_window", "alibi_softcap", "block_mask"])
 def test_dropout_with_other_features(case):
     import torch

@@ -46,10 +46,10 @@ ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses th
 
 
 def spill_allowance(variant) -> int:
-    """Stack bytes compile-check accepts: none, except fp32 beyond d = 128, whose accumulators (O, or
-    dK and dV) plus split-TF32 fragments fill 255 registers; a few spilled words cost it little next
-    to its six tensor-core products per product."""
-    return 64 if variant.dtype == "float32" and getattr(variant, "head_dim", 0) > 128 else 0
+    """Stack bytes compile-check accepts: none, except for fp32, whose accumulators plus split-TF32
+    fragments and per-slice partial sums (kernels/mma.cuh) overflow 255 registers in the backward and
+    beyond d = 128. That costs fp32 speed, not accuracy."""
+    return 512 if variant.dtype == "float32" else 0
 
 
 def fp32_fwd_tile(bucket: int) -> tuple[int, int, int, int]:
@@ -58,9 +58,12 @@ def fp32_fwd_tile(bucket: int) -> tuple[int, int, int, int]:
     return 64, 32 if bucket <= 128 else 16, 4, 2
 
 
-def head_dim_bucket(head_dim: int) -> int:
+FP32_HEAD_DIM_BUCKETS = (64, 128, 256)  # fewer fp32 instances: each compiles slowly and runs far from peak anyway
+
+
+def head_dim_bucket(head_dim: int, dtype: str = "float16") -> int:
     """Smallest compiled head dim >= head_dim."""
-    for bucket in HEAD_DIM_BUCKETS:
+    for bucket in FP32_HEAD_DIM_BUCKETS if dtype == "float32" else HEAD_DIM_BUCKETS:
         if head_dim <= bucket:
             return bucket
     raise ValueError(f"head dim {head_dim} exceeds the largest supported ({MAX_HEAD_DIM})")
@@ -124,7 +127,7 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
     mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant; alibi and softcap
     the score modifications; dropout the fused dropout."""
-    bucket = head_dim_bucket(head_dim)
+    bucket = head_dim_bucket(head_dim, dtype)
     if dtype == "float32":
         tile = tile or fp32_fwd_tile(bucket)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
@@ -155,7 +158,7 @@ def all_variants(arch: str = "sm_80") -> list:
         for blocks in MASK_BLOCKS:
             fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, **mods)
                                 for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
-    return fwd + all_bwd_variants()
+    return list(dict.fromkeys(fwd)) + all_bwd_variants()  # fp32's coarser buckets repeat variants
 
 
 @dataclass(frozen=True)
@@ -342,7 +345,7 @@ class BwdDqVariant:
 def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
                alibi: bool = False, softcap: bool = False, dropout: bool = False):
     """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd."""
-    bucket = head_dim_bucket(head_dim)
+    bucket = head_dim_bucket(head_dim, dtype)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)

@@ -1,5 +1,7 @@
+"""fp32 accuracy diagnosis: cuflash's error against float64 next to plain float32 autograd and a plain float32
+implementation of FlashAttention's backward formula, worst rows included (see benchmarks/NOTES.md)."""
 import sys, torch
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests")  # gpu_helpers: run from the repository root
 import cuflash
 from gpu_helpers import grid_inputs, reference, plain_attention, grads
 torch.backends.cuda.matmul.allow_tf32 = False
