@@ -198,7 +198,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     zero(p);
     warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
-    if constexpr (SOFTCAP) apply_softcap(p, softcap_mult, dtanh);
+    if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI)  // keys are rows here, hence -diag
       add_alibi(p, n0 + warp_row, m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + g] / softmax_scale, lane);
     bool partial = false;
@@ -348,7 +348,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     zero(p);
     warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
-    if constexpr (SOFTCAP) apply_softcap(p, softcap_mult, dtanh);
+    if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
     if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
       if (at.slot >= 0)

@@ -164,7 +164,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
                                            smem_addr(sK) + slot * kv_slot_bytes, lane);
 
-    if constexpr (SOFTCAP) apply_softcap(acc_s, softcap_mult);
+    if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(acc_s, softcap_mult);
     if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
     auto in_range = [&](int i, int j) { return j < seqlen_k && (!CAUSAL || j <= i + diag); };
     if constexpr (SPARSE) {

@@ -36,17 +36,23 @@ __device__ __forceinline__ float fast_tanh(float x) {
 // The tile holds Q Kᵀ and mult = softmax_scale / cap, so the tile becomes tanh(Q Kᵀ * mult) and the
 // kernel runs its softmax with scale cap. The backward also keeps dtanh = mult * (1 - tanh²): dS times
 // dtanh, times cap when dQ and dK are stored, is the gradient with respect to Q Kᵀ * softmax_scale / scale.
-template <int MT, int NT>
+// PRECISE (fp32 inputs): tanhf, since tanh.approx's 2^-11 would dominate fp32's error.
+template <bool PRECISE>
+__device__ __forceinline__ float softcap_tanh(float x) {
+  return PRECISE ? tanhf(x) : fast_tanh(x);
+}
+
+template <bool PRECISE, int MT, int NT>
 __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = fast_tanh(acc[mt][nt][c] * mult);
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult);
 }
 
-template <int MT, int NT>
+template <bool PRECISE, int MT, int NT>
 __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult, float (&dtanh)[MT][NT][4]) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -54,7 +60,7 @@ __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mul
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const float t = fast_tanh(acc[mt][nt][c] * mult);
+        const float t = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult);
         acc[mt][nt][c] = t;
         dtanh[mt][nt][c] = mult * (1.f - t * t);
       }
