@@ -8,9 +8,10 @@ if __name__ == "__main__":  # the compile pool spawns processes that import this
     for d in _dispatch.FP32_HEAD_DIM_BUCKETS:
         for causal in (False, True):
             variants += [_dispatch.choose_fwd("float32", d, causal, arch=arch), *_dispatch.choose_bwd("float32", d, causal)]
-    variants += [_dispatch.choose_fwd("float32", 64, True, arch=arch, alibi=True, softcap=True, dropout=True),
-                 *_dispatch.choose_bwd("float32", 64, True, None, True, True, True),
-                 _dispatch.choose_fwd("float32", 64, False, arch=arch, mask_blocks=(64, 64)),
+    for alibi, softcap, dropout in ((True, True, True), (True, False, True), (False, True, True), (True, True, False)):
+        variants += [_dispatch.choose_fwd("float32", 64, True, arch=arch, alibi=alibi, softcap=softcap, dropout=dropout),
+                     *_dispatch.choose_bwd("float32", 64, True, None, alibi, softcap, dropout)]
+    variants += [_dispatch.choose_fwd("float32", 64, False, arch=arch, mask_blocks=(64, 64)),
                  *_dispatch.choose_bwd("float32", 64, False, (64, 64))]
     variants = list(dict.fromkeys(variants))
     for _ in _compile.precompile(variants, arch):

@@ -36,7 +36,8 @@ def test_fp32_forward_and_grads(causal, headdim, seqlens):
     check_grads(q, k, v, causal)
 
 
-@pytest.mark.parametrize("case", ["gqa_alibi_softcap_dropout", "window", "block_mask", "odd_head_dim"])
+@pytest.mark.parametrize("case", ["gqa_alibi_softcap_dropout", "gqa_alibi_dropout", "gqa_softcap_dropout", "alibi_softcap",
+                                  "window", "block_mask", "odd_head_dim"])
 def test_fp32_with_other_features(case):
     import torch
 
@@ -45,8 +46,10 @@ def test_fp32_with_other_features(case):
 
     q = randn((2, 250, 8, 64), torch.float32, 10)
     k, v = randn((2, 270, 2, 64), torch.float32, 11), randn((2, 270, 2, 64), torch.float32, 12)
-    if case == "gqa_alibi_softcap_dropout":
-        check_grads(q, k, v, True, alibi_slopes=alibi_slopes(8), softcap=15.0, dropout_p=0.2, dropout_seed=4)
+    if case.startswith("gqa_") or case == "alibi_softcap":
+        kw = dict(dropout_p=0.2, dropout_seed=4) if "dropout" in case else {}
+        check_grads(q, k, v, True, alibi_slopes=alibi_slopes(8) if "alibi" in case else None,
+                    softcap=15.0 if "softcap" in case else 0.0, **kw)
     elif case == "window":
         check_grads(q, k, v, False, mask=band(250, 270, 64, 32)[None, None], window_size=(64, 32))
     elif case == "block_mask":
