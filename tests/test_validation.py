@@ -169,3 +169,17 @@ def test_head_dim_padding_rule():
 def test_bad_softcap_is_named(softcap, exc):
     with pytest.raises(exc, match="softcap"):
         check_fwd_args(*qkv(), None, softcap)
+
+
+def test_float32_inputs_are_accepted_and_bucketed():
+    from cuflash import _dispatch
+
+    p = check_fwd_args(*qkv(d=40, dtype="float32"), None)
+    assert p.head_dim == 40
+    v = _dispatch.choose_fwd("float32", 40, False)
+    assert v.head_dim == 64 and v.name.startswith("cuflash::flash_fwd_kernel<float, 64,")
+    assert _dispatch.choose_fwd("float32", 160, True).head_dim == 256
+    with pytest.raises(TypeError, match="one dtype"):
+        q, k, v = qkv(dtype="float32")
+        k.dtype = "bfloat16"
+        check_fwd_args(q, k, v, None)
