@@ -83,8 +83,10 @@ __device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], cons
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
-          const int col = nt * 8 + (lane % 4) * 2 + cc, bit = shift + col;  // bit / 32 == nt / 4
-          if (col >= keys_left || !((word[bit / 32] >> (bit % 32)) & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
+          const int col = nt * 8 + (lane % 4) * 2 + cc;
+          // Word and bit at compile-time indices (a runtime index would put `word` in local memory).
+          const unsigned w = NT % 4 == 0 ? word[nt / 4] >> (col % 32) : word[0] >> (shift + col);
+          if (col >= keys_left || !(w & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
         }
     }
 }
