@@ -9,15 +9,15 @@
 //                                S = Q Kᵀ, P = exp(S - lse), dP = dO Vᵀ, dS = P (dP - delta), dQ += dS K
 // dK and dQ carry the softmax scale. Score modifications (score_mods.cuh: ALiBi, softcap) apply to the
 // recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Dropout
-// regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta). Working on Sᵀ (keys as rows) lets every product of the dK/dV
-// kernel use the same two warp-level shapes as the forward pass.
+// regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta).
+// Working on Sᵀ (keys as rows) lets every product of the dK/dV kernel use the same two shapes as the
+// forward pass. WG: the products run as Hopper warpgroup wgmma on core-matrix tiles (tile_mma.cuh).
 #include "block_sparse.cuh"
 #include "dropout.cuh"
 #include "mma.cuh"
 #include "score_mods.cuh"
-#include "tile_io.cuh"
+#include "tile_mma.cuh"
 #include "varlen.cuh"
-#include "warp_mma.cuh"
 
 namespace cuflash {
 
@@ -78,7 +78,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* bas
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
 template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT>
+          bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -92,8 +92,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
-  constexpr int PITCH = SmemTile<D, T>::pitch, PB = PITCH * sizeof(T);
+  using Tile = Tiles<T, D, WG>;
+  constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
+  static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * PITCH;
@@ -148,10 +150,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     const SparseTile at = mask_tile(it);
     const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g), slot = it % 2;
     const int row = seq.q_start + m0;
-    load_tile_async<BMQ, D, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
-                                     seqlen_q - m0, head_dim);
-    load_tile_async<BMQ, D, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
-                                     seqlen_q - m0, head_dim);
+    Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
+                                      seqlen_q - m0, head_dim);
+    Tile::template load<BMQ, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
+                                      seqlen_q - m0, head_dim);
   };
   // lse and delta of a tile: one value per thread (or none), loaded early, stored to shared late.
   auto load_stats = [&](int it, float& l, float& d) {
@@ -165,8 +167,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   static_assert(BMQ <= THREADS, "one thread per query row of a tile");
 
   const int key_row = seq.k_start + n0;
-  load_tile_async<BN, D, THREADS>(sK, k + b * k_sb + hk * k_sh + key_row * k_ss, k_ss, seqlen_k - n0, head_dim);
-  load_tile_async<BN, D, THREADS>(sV, v + b * v_sb + hk * v_sh + key_row * v_ss, v_ss, seqlen_k - n0, head_dim);
+  Tile::template load<BN, THREADS>(sK, k + b * k_sb + hk * k_sh + key_row * k_ss, k_ss, seqlen_k - n0, head_dim);
+  Tile::template load<BN, THREADS>(sV, v + b * v_sb + hk * v_sh + key_row * v_ss, v_ss, seqlen_k - n0, head_dim);
   if (n_iters > 0) load_q_tile(0);
   cp_async_commit();
   if (n_iters > 0) {
@@ -181,6 +183,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<0>();
+    Tile::publish();
     __syncthreads();  // tile `it` is in; every warp is done with tile it - 1
     float next_l = kNegInf, next_d = 0.f;
     if (it + 1 < n_iters) {
@@ -196,7 +199,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     // Pᵀ (keys x queries).
     float p[MT][BMQ / 8][4];
     zero(p);
-    warp_mma_abt<T, MT, BMQ, D, PB>(p, smem_addr(sK) + warp_row * PB, q_tile, lane);
+    Tile::template mma_abt<MT, BMQ, D>(p, smem_addr(sK), warp_row, q_tile, lane);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI)  // keys are rows here, hence -diag
@@ -222,12 +225,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       head_rng.bh += hk * kv_group + g;
       head_rng.drop_rows_keys<true>(p, n0 + warp_row, m0, lane);
     }
-    warp_mma_pb<T, MT, BMQ, DV, PB, DROPOUT>(acc_dv, p, do_tile + c0 * sizeof(T), lane);
+    Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
 
     // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
     float ds[MT][BMQ / 8][4];
     zero(ds);
-    warp_mma_abt<T, MT, BMQ, D, PB>(ds, smem_addr(sV) + warp_row * PB, do_tile, lane);
+    Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -239,7 +242,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                                   : p[mt][nt][c] * (ds[mt][nt][c] - delta_i);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
-    warp_mma_pb<T, MT, BMQ, DV, PB>(acc_dk, ds, q_tile + c0 * sizeof(T), lane);
+    Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
 
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
   }
@@ -255,7 +258,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
 template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT>
+          bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -269,8 +272,10 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
-  constexpr int PITCH = SmemTile<D, T>::pitch, PB = PITCH * sizeof(T);
+  using Tile = Tiles<T, D, WG>;
+  constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
+  static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + BM * PITCH;
@@ -311,12 +316,12 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const T* v_head = v + b * v_sb + hk * v_sh + seq.k_start * v_ss;
   auto load_kv = [&](int nb) {
     const int n0 = first_key(nb, mask_tile(nb)), slot = nb % 2;
-    load_tile_async<BN, D, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
-    load_tile_async<BN, D, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
+    Tile::template load<BN, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
+    Tile::template load<BN, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
   };
   const int q_row = seq.q_start + m0;
-  load_tile_async<BM, D, THREADS>(sQ, q + b * q_sb + h * q_sh + q_row * q_ss, q_ss, seqlen_q - m0, head_dim);
-  load_tile_async<BM, D, THREADS>(sdO, dout + b * do_sb + h * do_sh + q_row * do_ss, do_ss, seqlen_q - m0, head_dim);
+  Tile::template load<BM, THREADS>(sQ, q + b * q_sb + h * q_sh + q_row * q_ss, q_ss, seqlen_q - m0, head_dim);
+  Tile::template load<BM, THREADS>(sdO, dout + b * do_sb + h * do_sh + q_row * do_ss, do_ss, seqlen_q - m0, head_dim);
   if (n_blocks > 0) load_kv(0);
   cp_async_commit();
 
@@ -337,6 +342,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   zero(acc_dq);
   for (int nb = 0; nb < n_blocks; ++nb) {
     cp_async_wait<0>();
+    Tile::publish();
     __syncthreads();
     if (nb + 1 < n_blocks) load_kv(nb + 1);
     cp_async_commit();
@@ -346,7 +352,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
     float p[MT][BN / 8][4];
     zero(p);
-    warp_mma_abt<T, MT, BN, D, PB>(p, smem_addr(sQ) + warp_row * PB, k_tile, lane);
+    Tile::template mma_abt<MT, BN, D>(p, smem_addr(sQ), warp_row, k_tile, lane);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
@@ -368,7 +374,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
     float ds[MT][BN / 8][4];
     zero(ds);
-    warp_mma_abt<T, MT, BN, D, PB>(ds, smem_addr(sdO) + warp_row * PB, v_tile, lane);
+    Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -379,7 +385,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                   : p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
-    warp_mma_pb<T, MT, BN, D, PB>(acc_dq, ds, k_tile, lane);
+    Tile::template mma_pb<MT, BN, D>(acc_dq, ds, k_tile, 0, lane);
   }
   store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (seq.q_start + m0 + warp_row) * dq_ss, dq_ss, 0,
                            seq.seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);

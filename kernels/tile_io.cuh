@@ -56,4 +56,30 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long lon
   }
 }
 
+// The same copy into the core-matrix layout of wgmma tiles (wgmma.cuh): 16-byte chunk c of row r at
+// chunk index (r / 8) * 8 * CPR + c * 8 + r % 8 (CPR chunks per row). Thread t fills chunk t of each
+// pass, so a warp writes 512 contiguous bytes (no bank conflicts) and reads 8 rows x 64 bytes.
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_async_core(T* smem, const T* gmem, long long row_stride, int rows_valid,
+                                                     int cols_valid) {
+  constexpr int CPR = D / kChunk<T>, ROWS_PER_PASS = THREADS / CPR;
+  static_assert(THREADS % (8 * CPR) == 0, "a pass fills whole 8-row groups");
+  const int tid = thread_index_uncached();
+  const int c = (tid / 8) % CPR * kChunk<T>;
+  int r = tid / (8 * CPR) * 8 + tid % 8;
+  const T* src = gmem + r * row_stride + c;
+  T* dst = smem + tid * kChunk<T>;
+  const long long src_step = ROWS_PER_PASS * row_stride;
+#pragma unroll
+  for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
+    if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
+      const bool valid = r < rows_valid && c < cols_valid;
+      cp_async_16(dst, valid ? src : gmem, valid);
+    }
+    r += ROWS_PER_PASS;
+    src += src_step;
+    dst += THREADS * kChunk<T>;
+  }
+}
+
 }  // namespace cuflash

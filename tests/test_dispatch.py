@@ -58,7 +58,9 @@ def test_dropout_variants_and_launch_fields():
     v = _dispatch.choose_fwd("bfloat16", 64, True, dropout=True)
     assert v.dropout and v.name.endswith("false, false, false, true>")
     _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True)
-    assert dkdv.dropout and dq.dropout and "true>" in dkdv.name
+    assert dkdv.dropout and dq.dropout and dkdv.name.endswith("true, false>")  # dropout on, wgmma off
+    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True, arch="sm_90a")
+    assert dkdv.wgmma and dq.wgmma and dkdv.name.endswith("true, true>")
     assert _dispatch.dropout_threshold(0.1) == 6554 and _dispatch.dropout_threshold(0.99999999) == 65535
     state, seed, offset, threshold, scale = _dispatch.dropout_args(0.5, 2**64 + 3, 8)
     assert (state, seed, offset, threshold, scale) == (0, 3, 8, 32768, 2.0)

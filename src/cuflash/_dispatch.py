@@ -17,10 +17,10 @@ _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "floa
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def row_bytes(dtype: str, head_dim: int) -> int:
+def row_bytes(dtype: str, head_dim: int, wgmma: bool = False) -> int:
     """Bytes of one shared-memory tile row: head_dim elements plus one 16-byte chunk of padding
-    (kernels/tile_io.cuh)."""
-    return head_dim * ITEMSIZE[dtype] + 16
+    (kernels/tile_io.cuh); wgmma tiles (kernels/wgmma.cuh) have no padding."""
+    return head_dim * ITEMSIZE[dtype] + (0 if wgmma else 16)
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
@@ -158,7 +158,7 @@ def all_variants(arch: str = "sm_80") -> list:
         for blocks in MASK_BLOCKS:
             fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, **mods)
                                 for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
-    return list(dict.fromkeys(fwd)) + all_bwd_variants()  # fp32's coarser buckets repeat variants
+    return list(dict.fromkeys(fwd)) + all_bwd_variants(arch)  # fp32's coarser buckets repeat variants
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,11 @@ BWD_DKDV_TILES = {
 # dQ kernel: (block_m queries, block_n keys, warps).
 BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
                 160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
+# Hopper (sm_90a) backward with wgmma for fp16/bf16 at these buckets: the same kernels with the WG
+# flag (kernels/tile_mma.cuh); warpgroups own 64 rows, so the dK/dV and dQ tiles are warpgroups of 64.
+# dK/dV: (block_n, block_q, warps); dQ: (block_m, block_n, warps).
+WGMMA_BWD_DKDV_TILES = {64: (128, 64, 8), 128: (128, 64, 8)}
+WGMMA_BWD_DQ_TILES = {64: (128, 64, 8), 128: (128, 64, 8)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
@@ -295,13 +300,14 @@ class BwdDkdvVariant:
     alibi: bool = False
     softcap: bool = False
     dropout: bool = False
+    wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>")
+                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
 
     @property
     def threads(self) -> int:
@@ -309,7 +315,7 @@ class BwdDkdvVariant:
 
     @property
     def smem_bytes(self) -> int:  # K, V tiles and two slots each of Q and dO (the small stats are static)
-        return (2 * self.block_n + 4 * self.block_q) * row_bytes(self.dtype, self.head_dim)
+        return (2 * self.block_n + 4 * self.block_q) * row_bytes(self.dtype, self.head_dim, self.wgmma)
 
 
 @dataclass(frozen=True)
@@ -324,13 +330,14 @@ class BwdDqVariant:
     alibi: bool = False
     softcap: bool = False
     dropout: bool = False
+    wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     source: str = "flash_bwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
                 f"{self.block_n}, {self.warps}, "
-                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>")
+                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
 
     @property
     def threads(self) -> int:
@@ -338,16 +345,21 @@ class BwdDqVariant:
 
     @property
     def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
-        return (2 * self.block_m + 4 * self.block_n) * row_bytes(self.dtype, self.head_dim)
+        return (2 * self.block_m + 4 * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
 
 
 @functools.lru_cache(maxsize=None)
 def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
-               alibi: bool = False, softcap: bool = False, dropout: bool = False):
-    """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd."""
+               alibi: bool = False, softcap: bool = False, dropout: bool = False, arch: str = "sm_80"):
+    """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd. On sm_90a,
+    fp16/bf16 at the WGMMA_BWD buckets take the wgmma kernels."""
     bucket = head_dim_bucket(head_dim, dtype)
     block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
+    wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_BWD_DKDV_TILES
+    if wgmma:
+        (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
+        dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
         block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
         warps, dq_m, dq_n = block_n // 16, block_n, 16
@@ -359,26 +371,28 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
         dq_n = min(dq_n, 32)
     if mask_blocks is None:
         return (BwdPreprocessVariant(dtype),
-                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, *mods),
-                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, *mods))
+                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, *mods, wgmma),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, *mods, wgmma))
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
     return (BwdPreprocessVariant(dtype),
             BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16), splits,
-                           False, True, *mods),
-            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, *mods))
+                           False, True, *mods, wgmma),
+            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, *mods,
+                         wgmma))
 
 
-def all_bwd_variants() -> list:
+def all_bwd_variants(arch: str = "sm_80") -> list:
     out = []
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
             for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
                 for c in (False, True):
-                    out += [v for v in choose_bwd(dt, d, c, None, alibi, softcap, dropout) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, c, None, alibi, softcap, dropout, arch) if v not in out]
                 for blocks in MASK_BLOCKS:
-                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap, dropout) if v not in out]
+                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap, dropout, arch)
+                            if v not in out]
     return out
 
 

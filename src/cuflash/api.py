@@ -4,6 +4,7 @@ caller's own array type."""
 from __future__ import annotations
 
 import math
+import os
 
 from . import _bridge, _compile, _dispatch, _headdim, _sparse
 from ._bridge import DeviceArray
@@ -348,11 +349,19 @@ def check_bwd_args(p: _dispatch.FwdProblem, q: DeviceArray, dout: DeviceArray, o
         raise ValueError(f"softmax_lse must be contiguous, got strides {lse.strides}")
 
 
+def _kernel_arch(device: int) -> str:
+    """The arch whose kernels a call takes: the device's, or with CUFLASH_WGMMA=0 on Hopper the sm_80
+    (mma.sync) kernels, which tests and benchmarks use to compare the two paths on one GPU."""
+    arch = _compile.device_arch(device)
+    return "sm_80" if arch == "sm_90a" and os.environ.get("CUFLASH_WGMMA") == "0" else arch
+
+
 def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None,
             alibi=None, varlen=None, dropout: tuple = _dispatch.NO_DROPOUT) -> None:
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
     lists, alibi, varlen and dropout as for run_fwd."""
-    flags = dict(alibi=alibi is not None, softcap=p.softcap > 0, dropout=p.dropout_p > 0)
+    flags = dict(alibi=alibi is not None, softcap=p.softcap > 0, dropout=p.dropout_p > 0,
+                 arch=_kernel_arch(q.device))
     if lists is None:
         variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, **flags)
         sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
