@@ -7,11 +7,12 @@ into cuflash._dispatch.FWD_TILES.
 """
 import argparse
 
+# Tiles with warps of 16 rows (block_m == 16 * warps) take the wgmma kernels on sm_90a (WGMMA_FWD_TILES).
 CANDIDATES = {
     32: [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3)],
-    64: [(128, 64, 4, 2), (128, 96, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
+    64: [(128, 128, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2), (192, 128, 12, 2)],
     96: [(128, 48, 4, 2), (128, 64, 4, 2), (128, 32, 4, 2)],
-    128: [(128, 32, 4, 2), (128, 48, 4, 2), (128, 48, 4, 3)],
+    128: [(128, 48, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2), (192, 128, 12, 2)],
     160: [(128, 64, 8, 2), (128, 32, 4, 2), (128, 48, 8, 2)],
     192: [(128, 64, 8, 2), (128, 48, 8, 2), (128, 32, 8, 2)],
     224: [(128, 32, 8, 2), (128, 48, 8, 2), (128, 64, 8, 2)],
@@ -68,8 +69,13 @@ def main():
                     ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
                 row = [f"d={d} causal={causal!s:5} s={s:5}  flash {flops / ref_ms / 1e9:6.1f}"]
                 for t in CANDIDATES[d]:
-                    _dispatch.FWD_TILES[_dispatch.head_dim_bucket(d)] = t
-                    _dispatch.FWD_TILES_BY_ARCH.get(arch, {}).pop(_dispatch.head_dim_bucket(d), None)
+                    bucket = _dispatch.head_dim_bucket(d)
+                    _dispatch.FWD_TILES[bucket] = t
+                    _dispatch.FWD_TILES_BY_ARCH.get(arch, {}).pop(bucket, None)
+                    if arch == "sm_90a" and t[0] == 16 * t[2]:
+                        _dispatch.WGMMA_FWD_TILES[bucket] = t
+                    else:
+                        _dispatch.WGMMA_FWD_TILES.pop(bucket, None)
                     _dispatch.choose_fwd.cache_clear()
                     ms = median_ms(lambda: cuflash.flash_attn_func(q, k, v, causal=causal))
                     err = (cuflash.flash_attn_func(q, k, v, causal=causal).float() - ref.float()).abs().max().item()

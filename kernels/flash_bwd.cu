@@ -197,9 +197,13 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
-    float p[MT][BMQ / 8][4];
+    float p[MT][BMQ / 8][4], ds[MT][BMQ / 8][4];
     zero(p);
+    zero(ds);
     Tile::template mma_abt<MT, BMQ, D>(p, smem_addr(sK), warp_row, q_tile, lane);
+    // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below.
+    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
+    Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI)  // keys are rows here, hence -diag
@@ -228,9 +232,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
 
     // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
-    float ds[MT][BMQ / 8][4];
-    zero(ds);
-    Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
+    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
+    Tile::template wait<1>(ds);  // dV's product may still run
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -243,6 +246,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
+    Tile::template wait<0>(acc_dk);  // before the next tile overwrites this one's slot
+    Tile::template wait<0>(acc_dv);
 
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
   }
@@ -350,9 +355,13 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const int n0 = first_key(nb, at), slot = nb % 2;
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
-    float p[MT][BN / 8][4];
+    float p[MT][BN / 8][4], ds[MT][BN / 8][4];
     zero(p);
+    zero(ds);
     Tile::template mma_abt<MT, BN, D>(p, smem_addr(sQ), warp_row, k_tile, lane);
+    // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
+    if constexpr (WG) Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
+    Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
@@ -372,9 +381,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
-    float ds[MT][BN / 8][4];
-    zero(ds);
-    Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
+    if constexpr (!WG) Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
+    Tile::template wait<0>(ds);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -386,6 +394,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     Tile::template mma_pb<MT, BN, D>(acc_dq, ds, k_tile, 0, lane);
+    Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
   store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (seq.q_start + m0 + warp_row) * dq_ss, dq_ss, 0,
                            seq.seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);

@@ -1,4 +1,5 @@
-// FlashAttention forward pass (FlashAttention-2 work split) on mma.sync tensor cores, sm_80+.
+// FlashAttention forward pass (FlashAttention-2 work split) on mma.sync tensor cores, sm_80+, or with
+// WG on Hopper's warpgroup wgmma (tile_mma.cuh; warps of 16 rows, four to a warpgroup).
 //
 // One thread block owns BM query rows of one (batch, head); each warp owns MT = BM / (16 * WARPS)
 // tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
@@ -9,20 +10,20 @@
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "softmax.cuh"
-#include "tile_io.cuh"
+#include "tile_mma.cuh"
 #include "varlen.cuh"
-#include "warp_mma.cuh"
 
 namespace cuflash {
 
-template <typename T, int D, int BM, int BN, int WARPS>
+template <typename T, int D, int BM, int BN, int WARPS, bool WG>
 struct FwdTile {
   static constexpr int threads = WARPS * 32;
   static constexpr int m_tiles = BM / (16 * WARPS);  // 16-row tiles per warp
   static constexpr int s_tiles = BN / 8;             // 8-column tiles of S per warp row tile
   static constexpr int o_tiles = D / 8;              // 8-column tiles of O
-  static constexpr int pitch = SmemTile<D, T>::pitch;
+  static constexpr int pitch = Tiles<T, D, WG>::row_elems;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
+  static_assert(!WG || (m_tiles == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
 };
 
 // Set S to -inf where visible(i, j) is false for query i and key j (rows from row0, keys from col0).
@@ -65,7 +66,7 @@ struct BlockCoords {
 // DROPOUT: after the row sums have taken P, dropped entries of P are zeroed (dropout.cuh) and O is
 // scaled by 1 / keep probability; the log-sum-exp is that of the full softmax.
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT>
+          bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -76,7 +77,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
                  const DropoutArgs dropout) {
   static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
-  using Tile = FwdTile<T, D, BM, BN, WARPS>;
+  using Tile = FwdTile<T, D, BM, BN, WARPS, WG>;
+  using Smem = Tiles<T, D, WG>;
   constexpr int MT = Tile::m_tiles;
   static_assert(STAGES >= 2, "the K/V ring needs at least two slots");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -141,10 +143,10 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // iterations of tensor-core work; one barrier per iteration frees the slot the next load reuses.
   auto load_kv = [&](int it) {
     const int n0 = first_key(it, mask_tile(it)), slot = it % STAGES;
-    load_tile_async<BN, D, Tile::threads>(sK + slot * BN * Tile::pitch, k_tile(n0), k_ss, seqlen_k - n0, head_dim);
-    load_tile_async<BN, D, Tile::threads>(sV + slot * BN * Tile::pitch, v_tile(n0), v_ss, seqlen_k - n0, head_dim);
+    Smem::template load<BN, Tile::threads>(sK + slot * BN * Tile::pitch, k_tile(n0), k_ss, seqlen_k - n0, head_dim);
+    Smem::template load<BN, Tile::threads>(sV + slot * BN * Tile::pitch, v_tile(n0), v_ss, seqlen_k - n0, head_dim);
   };
-  if (n_blocks > 0) load_tile_async<BM, D, Tile::threads>(sQ, q_tile, q_ss, seqlen_q - m0, head_dim);
+  if (n_blocks > 0) Smem::template load<BM, Tile::threads>(sQ, q_tile, q_ss, seqlen_q - m0, head_dim);
 #pragma unroll
   for (int it = 0; it < STAGES - 1; ++it) {
     if (it < n_blocks) load_kv(it);
@@ -153,6 +155,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   for (int it = 0; it < n_blocks; ++it) {
     cp_async_wait<STAGES - 2>();
+    Smem::publish();
     __syncthreads();  // tile `it` is in; every warp is done with the slot of tile it - 1
     if (it + STAGES - 1 < n_blocks) load_kv(it + STAGES - 1);
     cp_async_commit();
@@ -161,8 +164,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int n0 = first_key(it, at), slot = it % STAGES;
     float acc_s[MT][Tile::s_tiles][4];
     zero(acc_s);
-    warp_mma_abt<T, MT, BN, D, kPitchBytes>(acc_s, smem_addr(sQ) + warp_row * kPitchBytes,
-                                           smem_addr(sK) + slot * kv_slot_bytes, lane);
+    Smem::template mma_abt<MT, BN, D>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes, lane);
+    Smem::template wait<0>(acc_s);
 
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(acc_s, softcap_mult);
     if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
@@ -178,7 +181,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
     if constexpr (DROPOUT) rng.drop_rows_queries<false>(acc_s, m0 + warp_row, n0, lane);
-    warp_mma_pb<T, MT, BN, D, kPitchBytes>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, lane);
+    Smem::template mma_pb<MT, BN, D>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, 0, lane);
+    Smem::template wait<0>(acc_o);
   }
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
@@ -188,6 +192,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   float* lse_head = lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start;
   // O goes through this warp's own rows of the Q tile (only this warp reads them), so that global
   // stores are whole 16-byte chunks of rows rather than scattered 4-byte pairs.
+  // (wgmma tiles: the same bytes, read as unpadded rows.)
   T* sO = sQ + warp_row * Tile::pitch;
   __syncwarp();
 #pragma unroll

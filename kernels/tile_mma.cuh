@@ -33,27 +33,36 @@ struct Tiles {
   }
 
   // acc (16 * MT rows from row0 of A) += A Bᵀ over K columns: A and B are tiles at a_tile and b_tile.
+  // Issued asynchronously on the wgmma path: acc is valid after wait (mma.sync: at once).
   template <int MT, int N, int K>
   static __device__ __forceinline__ void mma_abt(float (&acc)[MT][N / 8][4], unsigned a_tile, int row0, unsigned b_tile,
                                                  int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
-      wg_mma_abt<T, N, K, D>(acc, a_tile + (row0 / 64) * 8 * CoreTile<D>::group, b_tile);
+      wg_mma_abt_async<T, N, K, D>(acc, a_tile + (row0 / 64) * 8 * CoreTile<D>::group, b_tile);
     } else {
       warp_mma_abt<T, MT, N, K, row_bytes>(acc, a_tile + row0 * row_bytes, b_tile, lane);
     }
   }
 
   // acc += P B: P (16 * MT x K) in registers, B = the K rows of the tile at b_tile, N columns from col0.
+  // Asynchronous like mma_abt.
   template <int MT, int K, int N, bool POSITIVE = false>
   static __device__ __forceinline__ void mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                                 unsigned b_tile, int col0, int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
-      wg_mma_pb<T, K, N, D, POSITIVE>(acc, p, b_tile + (col0 / kChunk<T>) * CoreTile<D>::chunk);
+      wg_mma_pb_async<T, K, N, D, POSITIVE>(acc, p, b_tile + (col0 / kChunk<T>) * CoreTile<D>::chunk);
     } else {
       warp_mma_pb<T, MT, K, N, row_bytes, POSITIVE>(acc, p, b_tile + col0 * sizeof(T), lane);
     }
+  }
+
+  // Wait for the products issued on this warpgroup until at most PENDING are running; acc is the
+  // accumulator of the oldest one waited for.
+  template <int PENDING, int MT, int NT>
+  static __device__ __forceinline__ void wait(float (&acc)[MT][NT][4]) {
+    if constexpr (WG) wg_wait<PENDING>(acc);
   }
 };
 

@@ -223,10 +223,11 @@ struct CoreTile {
   static constexpr unsigned chunk = 128;     // from one 16-byte column chunk to the next
 };
 
-// acc[16 rows of this warp] of the warpgroup's 64 x N product A Bᵀ: A = 64 rows at a_rows, B = N rows at
-// b_rows, both K wide (K-major), tiles of rows D elements long.
+// Issue acc += A Bᵀ for the warpgroup's 64 x N tile (this warp: its 16 rows): A = 64 rows at a_rows, B =
+// N rows at b_rows, both K wide (K-major), tiles of rows D elements long. The product runs
+// asynchronously: acc is valid after wg_wait.
 template <typename T, int N, int K, int D>
-__device__ __forceinline__ void wg_mma_abt(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b_rows) {
+__device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b_rows) {
   static_assert(K % 16 == 0 && K <= D, "k steps of 16 within a row");
   using L = CoreTile<D>;
   pin(acc);
@@ -236,15 +237,14 @@ __device__ __forceinline__ void wg_mma_abt(float (&acc)[1][N / 8][4], unsigned a
     wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), wgmma_desc(a_rows + kk * 2 * L::chunk, L::chunk, L::group),
                    wgmma_desc(b_rows + kk * 2 * L::chunk, L::chunk, L::group));
   wgmma_commit();
-  wgmma_wait<0>();
-  pin(acc);
 }
 
-// acc[16 rows of this warp] of acc += P B: P (64 x K, this warp's 16 rows in the accumulator layout of
-// a previous product) from registers, B = K rows at b_rows (N wide from its first column; MN-major).
-// POSITIVE: max(P, 0), as warp_mma_pb.
+// Issue acc += P B: P (64 x K, this warp's 16 rows in the accumulator layout of a previous product) from
+// registers, B = K rows at b_rows (N wide from its first column; MN-major). POSITIVE: max(P, 0), as
+// warp_mma_pb. Asynchronous like wg_mma_abt_async.
 template <typename T, int K, int N, int D, bool POSITIVE = false>
-__device__ __forceinline__ void wg_mma_pb(float (&acc)[1][N / 8][4], const float (&p)[1][K / 8][4], unsigned b_rows) {
+__device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const float (&p)[1][K / 8][4],
+                                                unsigned b_rows) {
   static_assert(K % 16 == 0, "k steps of 16");
   using L = CoreTile<D>;
   unsigned a[K / 16][4];
@@ -264,7 +264,13 @@ __device__ __forceinline__ void wg_mma_pb(float (&acc)[1][N / 8][4], const float
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
     wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::group, L::chunk));
   wgmma_commit();
-  wgmma_wait<0>();
+}
+
+// Wait until at most PENDING issued products are still running (they finish in issue order), then
+// let the compiler use acc, the accumulator of the oldest one waited for.
+template <int PENDING, int MT, int NT>
+__device__ __forceinline__ void wg_wait(float (&acc)[MT][NT][4]) {
+  wgmma_wait<PENDING>();
   pin(acc);
 }
 

@@ -25,6 +25,16 @@ def test_backward_grid(dtype, causal, headdim, seqlens):
     check_grads(*grid_inputs(dtype, causal, headdim, seqlens, "bwd"), causal)
 
 
+@pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mma_sync_kernels_on_hopper(monkeypatch, causal, headdim, seqlens):
+    """On an sm_90 GPU the grid above runs the wgmma kernels; CUFLASH_WGMMA=0 keeps the mma.sync ones
+    (what sm_80 runs) tested there too."""
+    monkeypatch.setenv("CUFLASH_WGMMA", "0")
+    check_grads(*grid_inputs("bfloat16", causal, headdim, seqlens, "bwd"), causal)
+
+
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
 def test_backward_strided(layout):
     import torch

@@ -30,7 +30,7 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, True)
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
-                      f"{v.stages}, true, false, false, false, false>")
+                      f"{v.stages}, true, false, false, false, false, false>")
 
 
 def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
@@ -56,7 +56,7 @@ def test_grid_limit_is_checked():
 
 def test_dropout_variants_and_launch_fields():
     v = _dispatch.choose_fwd("bfloat16", 64, True, dropout=True)
-    assert v.dropout and v.name.endswith("false, false, false, true>")
+    assert v.dropout and v.name.endswith("false, false, false, true, false>")
     _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True)
     assert dkdv.dropout and dq.dropout and dkdv.name.endswith("true, false>")  # dropout on, wgmma off
     _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True, arch="sm_90a")

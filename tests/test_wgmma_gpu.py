@@ -26,8 +26,10 @@ __global__ void wg_products(const T* a, const T* b, const T* b2, float* c, float
   float acc[1][N / 8][4], acc2[1][N2 / 8][4];
   zero(acc);
   zero(acc2);
-  wg_mma_abt<T, N, K, K>(acc, smem_addr(sA), smem_addr(sB));
-  wg_mma_pb<T, N, N2, N2>(acc2, acc, smem_addr(sB2));
+  wg_mma_abt_async<T, N, K, K>(acc, smem_addr(sA), smem_addr(sB));
+  wg_wait<0>(acc);
+  wg_mma_pb_async<T, N, N2, N2>(acc2, acc, smem_addr(sB2));
+  wg_wait<0>(acc2);
   for (int nt = 0; nt < N / 8; ++nt)
     for (int e = 0; e < 4; ++e)
       c[(row0 + lane / 4 + (e / 2) * 8) * N + nt * 8 + (lane % 4) * 2 + e % 2] = acc[0][nt][e];

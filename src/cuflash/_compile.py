@@ -171,7 +171,7 @@ def get_kernel(source: str, name: str, smem_bytes: int, device_id: int):
         cubin_path, lowered = cached_cubin(source, name, device_arch(device_id))
         with cupy.cuda.Device(device_id):
             kernel = cupy.RawModule(path=str(cubin_path)).get_function(lowered)
-            if smem_bytes > 48 * 1024:
+            if smem_bytes:  # static + dynamic shared memory past 48 KiB needs the opt-in, even for 48 KiB dynamic
                 kernel.max_dynamic_shared_size_bytes = smem_bytes
         _loaded[key] = kernel
     return kernel

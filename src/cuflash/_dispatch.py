@@ -42,6 +42,11 @@ FWD_TILES = {
 FWD_TILES_BY_ARCH = {
     "sm_90a": {224: (128, 64, 8, 2), 256: (128, 48, 8, 2)},  # 174 and 169 KiB
 }
+# Hopper (sm_90a) forward with wgmma for fp16/bf16 at these buckets (kernels/tile_mma.cuh): warps of
+# 16 rows, four to a warpgroup. Empty for now: without overlap between the softmax and the products,
+# the wgmma forward ran at 0.7-1.0x of SDPA FLASH where the mma.sync one runs at 1.04-1.12x
+# (benchmarks/tune_fwd.py, results/h200-tune-fwd-wgmma.txt).
+WGMMA_FWD_TILES: dict = {}
 ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
 
 
@@ -84,6 +89,7 @@ class FwdVariant:
     alibi: bool = False  # adds ALiBi biases (kernels/score_mods.cuh)
     softcap: bool = False  # caps scores with tanh (kernels/score_mods.cuh)
     dropout: bool = False  # drops scores with the in-kernel RNG (kernels/dropout.cuh)
+    wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     source: str = "flash_fwd.cu"
 
     @functools.cached_property
@@ -91,7 +97,7 @@ class FwdVariant:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
             f"{self.block_n}, {self.warps}, {self.stages}, "
-            f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout)}>"
+            f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>"
         )
 
     @property
@@ -100,7 +106,7 @@ class FwdVariant:
 
     @property
     def smem_bytes(self) -> int:
-        return (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim)
+        return (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
 
 
 def _flags(*flags: bool) -> str:
@@ -130,7 +136,10 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     bucket = head_dim_bucket(head_dim, dtype)
     if dtype == "float32":
         tile = tile or fp32_fwd_tile(bucket)
+    wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_FWD_TILES
+    tile = tile or (WGMMA_FWD_TILES[bucket] if wgmma else None)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
+    wgmma = wgmma and block_m == 16 * warps  # a tile given with warps of 32 rows takes mma.sync
     sparse = mask_blocks is not None
     if sparse:
         block_m = _divides(block_m, mask_blocks[0])
@@ -145,7 +154,7 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     if sparse:
         block_n = _divides(block_n, mask_blocks[1])
     return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi),
-                      bool(softcap), bool(dropout))
+                      bool(softcap), bool(dropout), wgmma)
 
 
 def all_variants(arch: str = "sm_80") -> list:
@@ -265,8 +274,10 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
 # Hopper (sm_90a) backward with wgmma for fp16/bf16 at these buckets: the same kernels with the WG
 # flag (kernels/tile_mma.cuh); warpgroups own 64 rows, so the dK/dV and dQ tiles are warpgroups of 64.
 # dK/dV: (block_n, block_q, warps); dQ: (block_m, block_n, warps).
-WGMMA_BWD_DKDV_TILES = {64: (128, 64, 8), 128: (128, 64, 8)}
-WGMMA_BWD_DQ_TILES = {64: (128, 64, 8), 128: (128, 64, 8)}
+# Tuned on an H200 with benchmarks/tune_bwd.py (results/h200-tune-bwd.txt): the largest tiles that fit
+# registers win; tiles of one warpgroup (64 rows) ran at 0.6x of these.
+WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
+WGMMA_BWD_DQ_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
@@ -360,6 +371,8 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
     if wgmma:
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
+        if mask_blocks or alibi or softcap or dropout:  # 128-wide score tiles leave no registers for these
+            block_q, dq_n = min(block_q, 64), min(dq_n, 64)
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
         block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
         warps, dq_m, dq_n = block_n // 16, block_n, 16

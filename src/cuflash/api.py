@@ -239,7 +239,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
-    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_compile.device_arch(q.device),
+    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_kernel_arch(q.device),
                                    mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
                                    dropout=p.dropout_p > 0)
     blocks, threads, args = _dispatch.fwd_launch(
