@@ -35,6 +35,28 @@ def test_mma_sync_kernels_on_hopper(monkeypatch, causal, headdim, seqlens):
     check_grads(*grid_inputs("bfloat16", causal, headdim, seqlens, "bwd"), causal)
 
 
+@pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_wgmma_forward_on_hopper(causal, headdim, seqlens):
+    """The wgmma forward (the WG flag of kernels/flash_fwd.cu) is off by default, slower than the mma.sync
+    one so far (benchmarks/NOTES.md); chosen here through WGMMA_FWD_TILES, it must stay exact."""
+    from cuflash import _compile, _dispatch
+
+    if _compile.device_arch() != "sm_90a":
+        pytest.skip("wgmma needs an sm_90 GPU")
+    saved = dict(_dispatch.WGMMA_FWD_TILES)
+    _dispatch.WGMMA_FWD_TILES[headdim] = (128, 128, 8, 2)
+    _dispatch.choose_fwd.cache_clear()
+    try:
+        assert _dispatch.choose_fwd("bfloat16", headdim, causal, arch="sm_90a").wgmma
+        check_grads(*grid_inputs("bfloat16", causal, headdim, seqlens, "bwd"), causal)
+    finally:
+        _dispatch.WGMMA_FWD_TILES.clear()
+        _dispatch.WGMMA_FWD_TILES.update(saved)
+        _dispatch.choose_fwd.cache_clear()
+
+
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
 def test_backward_strided(layout):
     import torch
