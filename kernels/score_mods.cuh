@@ -36,10 +36,11 @@ __device__ __forceinline__ float fast_tanh(float x) {
 // The tile holds Q Kᵀ and mult = softmax_scale / cap, so the tile becomes tanh(Q Kᵀ * mult) and the
 // kernel runs its softmax with scale cap. The backward also keeps dtanh = mult * (1 - tanh²): dS times
 // dtanh, times cap when dQ and dK are stored, is the gradient with respect to Q Kᵀ * softmax_scale / scale.
-// PRECISE (fp32 inputs): tanhf, since tanh.approx's 2^-11 would dominate fp32's error.
+// PRECISE (fp32 inputs): tanh in double, since tanh.approx's 2^-11 would dominate fp32's error, and
+// with --use_fast_math tanhf is tanh.approx too.
 template <bool PRECISE>
 __device__ __forceinline__ float softcap_tanh(float x) {
-  return PRECISE ? tanhf(x) : fast_tanh(x);
+  return PRECISE ? static_cast<float>(tanh(static_cast<double>(x))) : fast_tanh(x);
 }
 
 template <bool PRECISE, int MT, int NT>

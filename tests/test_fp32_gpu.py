@@ -36,15 +36,8 @@ def test_fp32_forward_and_grads(causal, headdim, seqlens):
     check_grads(q, k, v, causal)
 
 
-SOFTCAP_XFAIL = pytest.mark.xfail(
-    strict=True, reason="fp32 softcap: NVRTC's --use_fast_math turns tanhf into tanh.approx, ~20x plain fp32's "
-                        "error on the output (measured 2.0e-5 against 1.0e-6); see benchmarks/NOTES.md")
-
-
-@pytest.mark.parametrize("case", [pytest.param("gqa_alibi_softcap_dropout", marks=SOFTCAP_XFAIL), "gqa_alibi_dropout",
-                                  pytest.param("gqa_softcap_dropout", marks=SOFTCAP_XFAIL),
-                                  pytest.param("alibi_softcap", marks=SOFTCAP_XFAIL), "window", "block_mask",
-                                  "odd_head_dim"])
+@pytest.mark.parametrize("case", ["gqa_alibi_softcap_dropout", "gqa_alibi_dropout", "gqa_softcap_dropout",
+                                  "alibi_softcap", "window", "block_mask", "odd_head_dim"])
 def test_fp32_with_other_features(case):
     import torch
 
