@@ -112,3 +112,45 @@ def test_intersection_of_masks_without_partial_blocks():
     i, j = np.arange(1)[:, None], np.arange(129)[None, :]
     assert np.array_equal(both.to_element_mask()[0, 0], j <= i + 128 + 30)
     assert np.array_equal((full & full).to_dense(), full.to_dense())
+
+
+def _band(sq, sk, left, right):
+    i, j, d = np.arange(sq)[:, None], np.arange(sk)[None, :], sk - sq
+    visible = np.ones((sq, sk), bool)
+    if left >= 0:
+        visible &= j >= i + d - left
+    if right >= 0:
+        visible &= j <= i + d + right
+    return visible
+
+
+@pytest.mark.parametrize("window, causal", [((16, 0), False), ((0, -1), True), ((40, 7), True), ((3, 50), False),
+                                            ((-1, 130), False)])
+def test_varlen_window_is_each_sequences_own_band(window, causal):
+    lengths_q, lengths_k = (5, 0, 130, 1, 77, 129), (9, 3, 130, 200, 0, 129)
+    # No window and no block mask: the dense kernels apply causal per sequence themselves.
+    assert _sparse.varlen_mask(None, (-1, -1), causal, lambda: pytest.fail("lengths read"), 130, 200) == (None, causal)
+    mask, kernel_causal = _sparse.varlen_mask(None, window, causal, lambda: (lengths_q, lengths_k), 130, 200)
+    assert not kernel_causal and mask.shape[:2] == (6, 1) and (mask.seqlen_q, mask.seqlen_k) == (130, 200)
+    elements = mask.to_element_mask()
+    left, right = window
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    for b, (sq, sk) in enumerate(zip(lengths_q, lengths_k)):
+        assert np.array_equal(elements[b, 0, :sq, :sk], _band(sq, sk, left, right))
+
+
+def test_varlen_mask_with_a_block_mask():
+    lengths = ((100, 256, 3), (256, 40, 3))
+    block = BlockMask.from_dense(np.tril(np.ones((2, 2), bool)) | np.eye(2, k=1, dtype=bool)[::-1], 256, 256)
+    same, causal = _sparse.varlen_mask(block, (-1, -1), False, lambda: pytest.fail("lengths read"), 256, 256)
+    assert same is block and causal is False  # nothing depends on the lengths: no host read
+    mask, causal = _sparse.varlen_mask(block, (-1, -1), True, lambda: lengths, 256, 256)
+    assert causal is False
+    elements, dense = mask.to_element_mask(), block.to_element_mask()[0, 0]
+    for b, (sq, sk) in enumerate(zip(*lengths)):
+        assert np.array_equal(elements[b, 0, :sq, :sk], dense[:sq, :sk] & _band(sq, sk, -1, 0))
+    with pytest.raises(ValueError, match="longer than max_seqlen_q"):
+        _sparse.varlen_mask(None, (8, 0), False, lambda: ((300,), (10,)), 256, 256)
+    with pytest.raises(ValueError, match="block_mask was built for seqlens"):
+        _sparse.varlen_mask(block, (8, 0), False, lambda: lengths, 128, 256)

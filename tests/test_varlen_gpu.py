@@ -128,8 +128,51 @@ def test_varlen_argument_errors():
         cuflash.flash_attn_varlen_func(q[None], q, q, good, good, 6, 6)
     with pytest.raises(ValueError, match="max_seqlen_k"):
         cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, -1)
-    with pytest.raises(NotImplementedError, match="window_size"):
-        cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, 6, window_size=(4, 0))
+    with pytest.raises(ValueError, match="longer than max_seqlen_q = 5"):
+        cuflash.flash_attn_varlen_func(q, q, q, good, good, 5, 6, window_size=(4, 0))
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, 6, window_size=(4, -2))
+
+
+@pytest.mark.parametrize("window, causal", [((32, 0), False), ((100, 17), True), ((-1, 5), False), ((0, 0), False)])
+def test_varlen_window_is_bitwise_each_sequence_alone(window, causal):
+    """window_size with packed sequences: each sequence's own window (bottom-right aligned), forward and
+    gradients bitwise equal to flash_attn_func over the sequence alone (tested against float64 there)."""
+    import torch
+
+    lens_q, lens_k = [5, 130, 1, 77, 300], [9, 130, 200, 1, 280]
+    q = randn((sum(lens_q), 4, 64), torch.bfloat16, 60)
+    k, v = randn((sum(lens_k), 2, 64), torch.bfloat16, 61), randn((sum(lens_k), 2, 64), torch.bfloat16, 62)  # GQA
+    dout = randn(q.shape, torch.bfloat16, 63)
+    args = (cu(lens_q), cu(lens_k), max(lens_q), max(lens_k))
+    packed = grads(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, *args, causal=causal, window_size=window),
+                   q, k, v, dout)
+    alone = grads(lambda a, b, c: per_sequence(
+        lambda x, y, z: cuflash.flash_attn_func(x, y, z, causal=causal, window_size=window), a, b, c, lens_q, lens_k),
+        q, k, v, dout)
+    for name, p, a in zip(("out", "dq", "dk", "dv"), packed, alone):
+        assert torch.equal(p, a), name
+
+
+def test_varlen_window_with_empty_sequences_and_block_mask():
+    import torch
+
+    lens_q, lens_k = [0, 200, 64, 3], [7, 0, 256, 3]
+    q = randn((sum(lens_q), 2, 64), torch.float16, 70)
+    k, v = randn((sum(lens_k), 2, 64), torch.float16, 71), randn((sum(lens_k), 2, 64), torch.float16, 72)
+    args = (cu(lens_q), cu(lens_k), 256, 256)
+    out = cuflash.flash_attn_varlen_func(q, k, v, *args, window_size=(64, 0))
+    assert torch.equal(out[:200], torch.zeros_like(out[:200]))  # sequence 1 has no key
+    for s, e, t, u in ((200, 264, 7, 263), (264, 267, 263, 266)):
+        alone = cuflash.flash_attn_func(q[s:e][None], k[t:u][None], v[t:u][None], window_size=(64, 0))[0]
+        assert torch.equal(out[s:e], alone)
+    # A block mask counts from each sequence's start; with causal it is intersected per sequence.
+    block = cuflash.BlockMask.from_dense(np.array([[True, False], [True, True]]), 256, 256)
+    out = cuflash.flash_attn_varlen_func(q, k, v, *args, causal=True, block_mask=block)
+    s, e, t, u = 200, 264, 7, 263
+    alone = cuflash.flash_attn_func(q[s:e][None], k[t:u][None], v[t:u][None], causal=True,
+                                    block_mask=cuflash.BlockMask.from_dense(np.array([[True, False]]), 64, 256))[0]
+    assert torch.equal(out[s:e], alone)
 
 
 def test_varlen_jax_grad_and_jit_match_torch():
@@ -152,6 +195,11 @@ def test_varlen_jax_grad_and_jit_match_torch():
 
     out_j = jax.jit(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, 130, 130, causal=True))(qj, kj, vj)
     np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), expected[0].detach().float().cpu().numpy())
+    # A window reads the (closed-over, concrete) lengths on the host, under jit too.
+    window = cuflash.flash_attn_varlen_func(q, k, v, *args, window_size=(20, 3))
+    window_j = jax.jit(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, 130, 130,
+                                                                      window_size=(20, 3)))(qj, kj, vj)
+    np.testing.assert_array_equal(np.asarray(window_j.astype(jnp.float32)), window.float().cpu().numpy())
     for fn in (jax.grad(loss, argnums=(0, 1, 2)), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
         for ours, exp in zip(fn(qj, kj, vj), expected[1:]):
             np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), exp.float().cpu().numpy())

@@ -93,13 +93,7 @@ def window_mask(block_mask, window_size, q, k):
     """The block mask that runs window_size = (left, right) (FlashAttention-2's sliding window:
     query i sees key j iff i + d - left <= j <= i + d + right, d = seqlen_k - seqlen_q, -1 unbounded),
     intersected with block_mask when there is one; block_mask itself when the window is (-1, -1)."""
-    try:
-        left, right = (int(w) for w in window_size)
-        ok = all(w == x and w >= -1 for w, x in zip((left, right), window_size))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    left, right = _window_size(window_size)
     if (left, right) == (-1, -1):
         return block_mask
     for x, name in ((q, "q"), (k, "k")):
@@ -121,6 +115,72 @@ def window_mask(block_mask, window_size, q, k):
 @functools.lru_cache(maxsize=64)
 def _window(seqlen_q, seqlen_k, left, right, block_m, block_n) -> BlockMask:
     return BlockMask.sliding_window(seqlen_q, seqlen_k, left, right, block_m, block_n)
+
+
+def _window_size(window_size) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window_size)
+        ok = all(w == x and w >= -1 for w, x in zip((left, right), window_size))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1, got {window_size!r}")
+    return left, right
+
+
+def varlen_mask(block_mask, window_size, causal: bool, host_lengths, max_seqlen_q: int, max_seqlen_k: int):
+    """(block mask or None, causal) that the kernels run for packed sequences. A block mask's indices
+    are relative to each sequence's start (shape: seqlens (max_seqlen_q, max_seqlen_k), batch 1 or one
+    per sequence). A window, and causal together with a block mask, depend on each sequence's own
+    lengths (both are aligned to its bottom-right corner): they become a per-sequence band mask, for
+    which host_lengths() -> (lengths_q, lengths_k) reads cu_seqlens on the host; causal is then part
+    of the mask and the kernels run without it."""
+    left, right = _window_size(window_size)
+    if block_mask is not None:
+        mask_bh = block_mask.shape[:2] if isinstance(block_mask, BlockMask) else (1, 1)
+        check_mask(block_mask, *mask_bh, max_seqlen_q, max_seqlen_k)  # batch and heads: with the problem
+    if (left, right) == (-1, -1) and (block_mask is None or not causal):
+        return block_mask, causal
+    if causal:  # FlashAttention-2: causal is a window with right = 0
+        right = 0 if right == -1 else min(right, 0)
+    lengths_q, lengths_k = host_lengths()
+    for lengths, most, name in ((lengths_q, max_seqlen_q, "q"), (lengths_k, max_seqlen_k, "k")):
+        if max(lengths, default=0) > most:
+            raise ValueError(f"cu_seqlens_{name} holds a sequence of {max(lengths)} tokens, longer than "
+                             f"max_seqlen_{name} = {most}")
+    block_m, block_n = (block_mask.block_m, block_mask.block_n) if block_mask is not None else (128, 128)
+    band = _varlen_band(tuple(lengths_q), tuple(lengths_k), max_seqlen_q, max_seqlen_k, left, right, block_m,
+                        block_n)
+    if block_mask is None:
+        return band, False
+    cache = _cache_of(block_mask)
+    key = ("varlen", tuple(lengths_q), tuple(lengths_k), left, right)
+    if key not in cache:
+        cache[key] = block_mask & band
+    return cache[key], False
+
+
+@functools.lru_cache(maxsize=16)
+def _varlen_band(lengths_q, lengths_k, max_seqlen_q, max_seqlen_k, left, right, block_m, block_n) -> BlockMask:
+    """One band (window) mask per packed sequence, each for its own lengths, in a (batch, 1) mask of
+    seqlens (max_seqlen_q, max_seqlen_k)."""
+    nq, nk = -(-max_seqlen_q // block_m), -(-max_seqlen_k // block_n)
+    states = np.zeros((len(lengths_q), 1, nq, nk), np.int8)
+    coords, words = [], []
+    for b, (sq, sk) in enumerate(zip(lengths_q, lengths_k)):
+        if sq == 0 or sk == 0:
+            continue
+        own = _window(sq, sk, left, right, block_m, block_n)
+        dense = own.to_dense()
+        states[b, 0, :dense.shape[2], :dense.shape[3]] = dense[0, 0]
+        partial = np.argwhere(dense == 1)
+        if len(partial):
+            words.append(own.block_words(partial))
+            partial[:, 0] = b
+            coords.append(partial)
+    return BlockMask.from_block_states(states, max_seqlen_q, max_seqlen_k, block_m, block_n,
+                                       np.concatenate(coords) if coords else None,
+                                       np.concatenate(words) if words else None)
 
 
 def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:

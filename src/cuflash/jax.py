@@ -186,8 +186,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                            causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0, dropout_p=0.0,
-                           dropout_seed=None):
-    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad)."""
+                           dropout_seed=None, block_mask=None):
+    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad); block_mask as the kernels run it
+    (cuflash.varlen folds windows and causal into it)."""
     from .varlen import _batched
 
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
@@ -201,12 +202,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     batch = cu_q.shape[0] - 1
     problem = api.check_fwd_args(_batched(qa, batch, int(max_seqlen_q)), _batched(ka, batch, int(max_seqlen_k)),
                                  _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap, dropout_p)
-    extras = [cu_seqlens_q, cu_seqlens_k]
+    extras, layout = [cu_seqlens_q, cu_seqlens_k], None
+    if block_mask is not None:
+        _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
+        buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
+                                              _device_id(q), "jax")
+        extras.append(buffer)
     alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
     if problem.dropout_p:
         _dropout_state(dropout_seed, extras)
     totals = (qa.shape[0], ka.shape[0])
-    out, lse = _differentiable(problem, qa.dtype, bool(causal), None, alibi_sb, totals)(q, k, v, *extras)
+    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb, totals)(q, k, v, *extras)
     return (out, lse, None) if return_attn_probs else out
 
 

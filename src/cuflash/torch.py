@@ -125,19 +125,20 @@ def _int64_seed(seed):
 @torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
 def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                          causal: bool, alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                          causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
+                          alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
                           dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import varlen
 
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse = varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                     causal, alibi_slopes, softcap, dropout_p, rng)
+                                     causal, alibi_slopes, softcap, dropout_p, rng, lists=_lists(lists, layout))
     return out, lse, rng_tensor
 
 
 @flash_attn_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, alibi_slopes, softcap,
-      dropout_p, dropout_seed):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists, layout,
+      alibi_slopes, softcap, dropout_p, dropout_seed):
     return (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
             torch.empty(2, dtype=torch.int64))
 
@@ -145,38 +146,39 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 @torch.library.custom_op("cuflash::flash_attn_varlen_bwd", mutates_args=())
 def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                          max_seqlen_k: int, softmax_scale: float, causal: bool, alibi_slopes: Optional[torch.Tensor],
-                          softcap: float, dropout_p: float,
-                          rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          max_seqlen_k: int, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
+                          layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor], softcap: float,
+                          dropout_p: float, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import varlen
 
     return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, alibi_slopes, softcap, dropout_p,
-                                  _rng_in(rng) if dropout_p else None)
+                                  _rng_in(rng) if dropout_p else None, lists=_lists(lists, layout))
 
 
 @flash_attn_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      alibi_slopes, softcap, dropout_p, rng):
+      lists, layout, alibi_slopes, softcap, dropout_p, rng):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, alibi_slopes, softcap, dropout_p, _seed = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed = inputs
     out, lse, rng = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes, rng)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng)
     ctx.args = (max_q, max_k, softmax_scale, causal)
+    ctx.layout = layout
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.mark_non_differentiable(lse, rng)
 
 
 def _varlen_backward(ctx, dout, _dlse, _drng):
-    q, k, v, out, lse, cu_q, cu_k, alibi_slopes, rng = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
-    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes, ctx.softcap,
-                                       ctx.dropout_p, rng)
-    return dq, dk, dv, *([None] * 10)
+    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, lists, ctx.layout,
+                                       alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
+    return dq, dk, dv, *([None] * 12)
 
 
 flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -184,8 +186,17 @@ flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            softmax_scale: float, causal: bool, alibi_slopes=None, softcap: float = 0.0,
-                           dropout_p: float = 0.0, dropout_seed: Optional[int] = None):
-    """(out, lse, rng) of packed sequences, differentiable in q, k and v."""
+                           dropout_p: float = 0.0, dropout_seed: Optional[int] = None, block_mask=None):
+    """(out, lse, rng) of packed sequences, differentiable in q, k and v; block_mask as the kernels
+    run it (cuflash.varlen folds windows and causal into it)."""
+    lists = layout = None
+    if block_mask is not None:
+        nheads, nheads_k = q.shape[1], k.shape[1]
+        if nheads_k < 1 or nheads % nheads_k:
+            raise ValueError(f"k's nheads ({nheads_k}) must divide q's nheads ({nheads})")
+        _sparse.check_mask(block_mask, cu_seqlens_q.shape[0] - 1, nheads, max_seqlen_q, max_seqlen_k)
+        lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
+        layout = packed.to_ints()
     return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-                                 bool(causal), alibi_slopes, float(softcap), float(dropout_p),
+                                 bool(causal), lists, layout, alibi_slopes, float(softcap), float(dropout_p),
                                  _int64_seed(dropout_seed))

@@ -11,7 +11,9 @@ mask and the packed form.
 """
 from __future__ import annotations
 
-from . import _bridge, _headdim, api
+import numpy as np
+
+from . import _bridge, _headdim, _sparse, api
 from ._bridge import DeviceArray
 
 
@@ -24,9 +26,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     against cu_seqlens, which would need a device-to-host copy). CuPy arrays, PyTorch tensors and JAX
     arrays (differentiable in both). Returns out (total_q, nheads, headdim), or (out, softmax_lse,
     rng_state). Dropout numbers each sequence's scores from its own first row and key, with the
-    sequence's index as its batch index."""
+    sequence's index as its batch index. window_size (and causal with a block mask) is aligned to each
+    sequence's own bottom-right corner, which reads cu_seqlens on the host once per call (under
+    jax.jit they must be concrete, not traced). A block_mask is built for seqlens (max_seqlen_q,
+    max_seqlen_k) with batch 1 or one entry per sequence; its indices count from each sequence's
+    first query and key."""
     dropout_p = api.check_dropout(dropout_p)
-    _reject_unsupported(window_size, block_mask)
+    block_mask, causal = _sparse.varlen_mask(block_mask, window_size, bool(causal),
+                                             lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
+                                             max_seqlen_k)
     padded = _headdim.needs_padding(q, k, v, ndim=3)
     if padded:
         d = q.shape[-1]
@@ -34,27 +42,27 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                      max_seqlen_q, max_seqlen_k, softmax_scale=api.resolve_scale(softmax_scale, d),
                                      causal=causal, softcap=softcap, alibi_slopes=alibi_slopes,
                                      return_attn_probs=return_attn_probs, dropout_p=dropout_p,
-                                     dropout_seed=dropout_seed)
+                                     dropout_seed=dropout_seed, block_mask=block_mask)
         return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
         return cf_jax.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              softmax_scale, causal, return_attn_probs, alibi_slopes, softcap,
-                                             dropout_p, dropout_seed)
+                                             dropout_p, dropout_seed, block_mask)
     if api._needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         out, lse, rng = cf_torch.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                         int(max_seqlen_k), api.resolve_scale(softmax_scale, q.shape[-1]),
                                                         bool(causal), alibi_slopes, api.resolve_softcap(softcap),
-                                                        dropout_p, dropout_seed)
+                                                        dropout_p, dropout_seed, block_mask)
         if return_attn_probs:
             rng = tuple(x % 2**64 for x in rng.tolist()) if dropout_p else None
     else:
         rng = api.resolve_rng(dropout_p, dropout_seed, q)
         out, lse = forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                  causal, alibi_slopes, softcap, dropout_p, rng)
+                                  causal, alibi_slopes, softcap, dropout_p, rng, block_mask)
     return (out, lse, rng) if return_attn_probs else out
 
 
@@ -65,7 +73,9 @@ def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu
     """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (CuPy users); with
     dropout, rng_state is the (seed, offset) the forward returned."""
     dropout_p = api.check_dropout(dropout_p)
-    _reject_unsupported(window_size, block_mask)
+    block_mask, causal = _sparse.varlen_mask(block_mask, window_size, bool(causal),
+                                             lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
+                                             max_seqlen_k)
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=3)
     if padded:
         d = q.shape[-1]
@@ -73,30 +83,36 @@ def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            softmax_scale=api.resolve_scale(softmax_scale, d), causal=causal,
                                            softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                           rng_state=rng_state)
+                                           rng_state=rng_state, block_mask=block_mask)
         return tuple(_headdim.unpad(g, d) for g in grads)
     return backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, causal, alibi_slopes, softcap, dropout_p, rng_state)
+                           softmax_scale, causal, alibi_slopes, softcap, dropout_p, rng_state, block_mask)
 
 
 def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
-    """The packed forward on CuPy/PyTorch arrays: (out, lse), no autograd; rng = (seed, offset)."""
+                   alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, block_mask=None, lists=None):
+    """The packed forward on CuPy/PyTorch arrays: (out, lse), no autograd; rng = (seed, offset); a block
+    mask as block_mask, or on the device as lists (see api.forward_arrays)."""
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 softmax_scale, softcap, dropout_p)
+    if block_mask is not None:
+        lists = api.mask_lists(block_mask, causal, problem, qa)
     dropout = api.dropout_launch_args(problem, rng)
     alibi = api.check_alibi(alibi_slopes, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.nheads, qa.shape[0]), "float32")
     api.run_fwd(problem, q4, k4, v4, _batched(out_a, problem.batch, problem.seqlen_q), lse_a, bool(causal),
-                _bridge.current_stream(qa), None, alibi, varlen, dropout)
+                _bridge.current_stream(qa), lists, alibi, varlen, dropout)
     return out, lse
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, causal, alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
+                    softmax_scale, causal, alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, block_mask=None,
+                    lists=None):
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 softmax_scale, softcap, dropout_p)
+    if block_mask is not None:
+        lists = api.mask_lists(block_mask, causal, problem, qa)
     dropout = api.dropout_launch_args(problem, rng)
     doa, oa, la = (_bridge.describe(x, n) for x, n in ((dout, "dout"), (out, "out"), (softmax_lse, "softmax_lse")))
     for a, name in ((doa, "dout"), (oa, "out")):
@@ -117,7 +133,7 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
                ((doa, problem.seqlen_q), (oa, problem.seqlen_q), (grads[0][1], problem.seqlen_q),
                 (grads[1][1], problem.seqlen_k), (grads[2][1], problem.seqlen_k))]
     api.run_bwd(problem, q4, k4, v4, batched[0], batched[1], la, delta_a, *batched[2:], bool(causal),
-                _bridge.current_stream(qa), None, alibi, varlen, dropout)
+                _bridge.current_stream(qa), lists, alibi, varlen, dropout)
     return tuple(g for g, _ in grads)
 
 
@@ -153,10 +169,19 @@ def _batched(a: DeviceArray, batch: int, seqlen: int) -> DeviceArray:
     return DeviceArray(a.ptr, (batch, seqlen, *a.shape[1:]), (0, *a.strides), a.dtype, a.device, a.framework, a.obj)
 
 
-def _reject_unsupported(window_size, block_mask) -> None:
-    if tuple(window_size) != (-1, -1) or block_mask is not None:
-        raise NotImplementedError("window_size and block_mask: not supported with packed variable-length "
-                                  "sequences yet (a block mask is built for one seqlen pair)")
+def _host_lengths(cu_seqlens_q, cu_seqlens_k) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Each sequence's length, read on the host (a device-to-host copy)."""
+    def read(cu, name):
+        framework = _bridge.framework_of(cu)
+        try:
+            host = cu.cpu().numpy() if framework == "torch" else cu.get() if framework == "cupy" else np.asarray(cu)
+        except Exception as e:  # a JAX tracer
+            raise ValueError(f"{name}: window_size (or causal with a block mask) with packed sequences needs the "
+                             f"sequence lengths on the host, and they could not be read ({type(e).__name__}); "
+                             f"under jax.jit pass concrete cu_seqlens (closed over), not traced arguments") from None
+        return tuple(int(n) for n in np.diff(host.astype(np.int64)))
+
+    return read(cu_seqlens_q, "cu_seqlens_q"), read(cu_seqlens_k, "cu_seqlens_k")
 
 
 # ---- padded <-> packed -------------------------------------------------------------------------
