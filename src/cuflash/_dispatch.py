@@ -274,10 +274,11 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
 # Hopper (sm_90a) backward with wgmma for fp16/bf16 at these buckets: the same kernels with the WG
 # flag (kernels/tile_mma.cuh); warpgroups own 64 rows, so the dK/dV and dQ tiles are warpgroups of 64.
 # dK/dV: (block_n, block_q, warps); dQ: (block_m, block_n, warps).
-# Tuned on an H200 with benchmarks/tune_bwd.py (results/h200-tune-bwd.txt): the largest tiles that fit
-# registers win; tiles of one warpgroup (64 rows) ran at 0.6x of these.
+# Tuned with benchmarks/tune_bwd.py (results/h200-tune-bwd.txt, h100-tune-bwd-dq.txt): the largest
+# tiles that fit registers win (one-warpgroup tiles ran at 0.55-0.6x of these); the dQ kernel takes
+# three warpgroups (192 query rows share each K/V tile).
 WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
-WGMMA_BWD_DQ_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
+WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
@@ -371,8 +372,9 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
     if wgmma:
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
-        if mask_blocks or alibi or softcap or dropout:  # 128-wide score tiles leave no registers for these
-            block_q, dq_n = min(block_q, 64), min(dq_n, 64)
+        if mask_blocks or alibi or softcap or dropout:  # no registers left for these on the widest tiles:
+            block_q, dq_n = min(block_q, 64), min(dq_n, 64)  # 64-wide score tiles,
+            dq_m, dq_warps = min(dq_m, 128), min(dq_warps, 8)  # two warpgroups (three get 168 registers)
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
         block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
         warps, dq_m, dq_n = block_n // 16, block_n, 16
