@@ -54,6 +54,17 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
   }
 }
 
+// Columns 16 kk .. 16 kk + 15 of a 16-row fp32 tile in the accumulator layout, as an m16n8k16 A fragment
+// of T: two 8-column accumulator tiles packed into 16-bit pairs are exactly one (POSITIVE: max(p, 0)).
+template <typename T, bool POSITIVE, int NT>
+__device__ __forceinline__ void a_fragment(unsigned (&a)[4], const float (&p)[NT][4], int kk) {
+  auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[nt][c], 0.f) : p[nt][c]; };
+  a[0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
+  a[1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
+  a[2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
+  a[3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
+}
+
 // acc[mt][nt] += P · B[K rows from b_rows, N wide], P (16 MT x K, fp32) in the accumulator layout of
 // a previous warp_mma_abt: two 8-column accumulator tiles packed into 16-bit pairs are exactly one
 // A fragment of the next mma. POSITIVE: use max(P, 0) (P with dropped entries negated, dropout.cuh).
@@ -86,13 +97,7 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
     for (int kk = 0; kk < K / 16; ++kk) {
       unsigned a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[mt][nt][c], 0.f) : p[mt][nt][c]; };
-        a[mt][0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
-        a[mt][1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
-        a[mt][2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
-        a[mt][3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
-      }
+      for (int mt = 0; mt < MT; ++mt) a_fragment<T, POSITIVE>(a[mt], p[mt], kk);
 #pragma unroll
       for (int np = 0; np < N / 16; ++np) {
         unsigned b[4];

@@ -14,7 +14,7 @@
 // The instruction wrappers are written out per N and type (inline asm takes no operand lists); they
 // were generated mechanically and differ only in those.
 #pragma once
-#include "dtypes.cuh"
+#include "warp_mma.cuh"  // a_fragment
 
 namespace cuflash {
 
@@ -250,11 +250,7 @@ __device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const
   unsigned a[K / 16][4];
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    auto x = [&](int nt, int c) { return POSITIVE ? fmaxf(p[0][nt][c], 0.f) : p[0][nt][c]; };
-    a[kk][0] = ElemTraits<T>::pack2(x(2 * kk, 0), x(2 * kk, 1));
-    a[kk][1] = ElemTraits<T>::pack2(x(2 * kk, 2), x(2 * kk, 3));
-    a[kk][2] = ElemTraits<T>::pack2(x(2 * kk + 1, 0), x(2 * kk + 1, 1));
-    a[kk][3] = ElemTraits<T>::pack2(x(2 * kk + 1, 2), x(2 * kk + 1, 3));
+    a_fragment<T, POSITIVE>(a[kk], p[0], kk);
 #pragma unroll
     for (int i = 0; i < 4; ++i) pin(a[kk][i]);
   }

@@ -6,6 +6,8 @@ import pytest
 from cuflash import _dispatch, _sparse
 from cuflash.masks import BlockMask
 
+from test_masks import band
+
 
 def random_mask(mb, mh, sq, sk, bm, bn, seed):
     rng = np.random.default_rng(seed)
@@ -114,19 +116,9 @@ def test_intersection_of_masks_without_partial_blocks():
     assert np.array_equal((full & full).to_dense(), full.to_dense())
 
 
-def _band(sq, sk, left, right):
-    i, j, d = np.arange(sq)[:, None], np.arange(sk)[None, :], sk - sq
-    visible = np.ones((sq, sk), bool)
-    if left >= 0:
-        visible &= j >= i + d - left
-    if right >= 0:
-        visible &= j <= i + d + right
-    return visible
-
-
 @pytest.mark.parametrize("window, causal", [((16, 0), False), ((0, -1), True), ((40, 7), True), ((3, 50), False),
                                             ((-1, 130), False)])
-def test_varlen_window_is_each_sequences_own_band(window, causal):
+def test_varlen_window_is_each_sequences_ownband(window, causal):
     lengths_q, lengths_k = (5, 0, 130, 1, 77, 129), (9, 3, 130, 200, 0, 129)
     # No window and no block mask: the dense kernels apply causal per sequence themselves.
     assert _sparse.varlen_mask(None, (-1, -1), causal, lambda: pytest.fail("lengths read"), 130, 200) == (None, causal)
@@ -137,7 +129,7 @@ def test_varlen_window_is_each_sequences_own_band(window, causal):
     if causal:
         right = 0 if right == -1 else min(right, 0)
     for b, (sq, sk) in enumerate(zip(lengths_q, lengths_k)):
-        assert np.array_equal(elements[b, 0, :sq, :sk], _band(sq, sk, left, right))
+        assert np.array_equal(elements[b, 0, :sq, :sk], band(sq, sk, left, right))
 
 
 def test_varlen_mask_with_a_block_mask():
@@ -149,7 +141,7 @@ def test_varlen_mask_with_a_block_mask():
     assert causal is False
     elements, dense = mask.to_element_mask(), block.to_element_mask()[0, 0]
     for b, (sq, sk) in enumerate(zip(*lengths)):
-        assert np.array_equal(elements[b, 0, :sq, :sk], dense[:sq, :sk] & _band(sq, sk, -1, 0))
+        assert np.array_equal(elements[b, 0, :sq, :sk], dense[:sq, :sk] & band(sq, sk, -1, 0))
     with pytest.raises(ValueError, match="longer than max_seqlen_q"):
         _sparse.varlen_mask(None, (8, 0), False, lambda: ((300,), (10,)), 256, 256)
     with pytest.raises(ValueError, match="block_mask was built for seqlens"):
