@@ -23,25 +23,27 @@ namespace cuflash {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// One warp per row of (batch, head, query): delta = sum_d dO * O in fp32.
+// delta = sum_d dO * O in fp32 for each row of (batch, head, query): row_lanes lanes per row (a power
+// of two <= 32 covering its 16-byte chunks, so that no lane idles at small head dims), 128 / row_lanes
+// rows per block.
 template <typename T>
 __global__ void __launch_bounds__(128)
 flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
                             long long do_sb, long long do_ss, long long do_sh, long long o_sb, long long o_ss,
-                            long long o_sh, int seqlen_q, int nheads, int head_dim, long long rows) {
-  const long long row = static_cast<long long>(blockIdx.x) * 4 + threadIdx.x / 32;  // (b * nheads + h) * seqlen_q + i
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const int i = static_cast<int>(row % seqlen_q);
-  const long long bh = row / seqlen_q;
-  const int h = static_cast<int>(bh % nheads), b = static_cast<int>(bh / nheads);
-  const T* do_row = dout + b * do_sb + h * do_sh + i * do_ss;
-  const T* o_row = out + b * o_sb + h * o_sh + i * o_ss;
+                            long long o_sh, int seqlen_q, int nheads, int head_dim, long long rows, int row_lanes) {
+  const long long row = static_cast<long long>(blockIdx.x) * (128 / row_lanes) + threadIdx.x / row_lanes;
+  const int lane = threadIdx.x % row_lanes;
   float acc = 0.f;
-  for (int c = lane * kChunk<T>; c < head_dim; c += 32 * kChunk<T>) acc += dot_chunk(do_row + c, o_row + c);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) delta[row] = acc;
+  if (row < rows) {  // no early return: every lane takes part in the shuffles below
+    const int i = static_cast<int>(row % seqlen_q);
+    const long long bh = row / seqlen_q;
+    const int h = static_cast<int>(bh % nheads), b = static_cast<int>(bh / nheads);
+    const T* do_row = dout + b * do_sb + h * do_sh + i * do_ss;
+    const T* o_row = out + b * o_sb + h * o_sh + i * o_ss;
+    for (int c = lane * kChunk<T>; c < head_dim; c += row_lanes * kChunk<T>) acc += dot_chunk(do_row + c, o_row + c);
+  }
+  for (int off = row_lanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (row < rows && lane == 0) delta[row] = acc;
 }
 
 // p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf).
@@ -50,26 +52,6 @@ template <bool PRECISE>
 __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bool visible) {
   if (!visible || lse == kNegInf) return 0.f;
   return PRECISE ? expf(fmaf(s, scale, -lse)) : fast_exp2(fmaf(s, scale * kLog2e, -lse * kLog2e));
-}
-
-// Write a 16 MT x N fp32 register tile (times `scale`) as T into rows row0.. of a strided matrix,
-// keeping rows < rows_valid and columns < cols_valid.
-template <typename T, int MT, int NT>
-__device__ __forceinline__ void store_tile(const float (&acc)[MT][NT][4], T* base, long long row_stride, int row0,
-                                           int rows_valid, int col0, int cols_valid, float scale, int lane) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = row0 + mt * 16 + lane / 4 + half * 8;
-      if (r >= rows_valid) continue;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int c = col0 + nt * 8 + (lane % 4) * 2;
-        if (c < cols_valid)
-          store2(base + r * row_stride + c, acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
-      }
-    }
 }
 
 // ---- dK, dV ------------------------------------------------------------------------------------
@@ -252,11 +234,15 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
   }
 
+  // dK and dV go out through this warp's own rows of sK and sV. With no query tile, K and V (copied
+  // by every thread) may still be landing there: wait for all of them.
+  cp_async_wait<0>();
+  __syncthreads();
   const int rows_valid = seq.seqlen_k - n0 - warp_row, out_row = seq.k_start + n0 + warp_row;
-  store_tile<T, MT, DV / 8>(acc_dk, dk + b * dk_sb + hk * dk_sh + out_row * dk_ss, dk_ss, 0, rows_valid, c0,
-                            head_dim, softmax_scale, lane);
-  store_tile<T, MT, DV / 8>(acc_dv, dv + b * dv_sb + hk * dv_sh + out_row * dv_ss, dv_ss, 0, rows_valid, c0,
-                            head_dim, DROPOUT ? dropout.keep_scale : 1.f, lane);
+  store_rows_staged(acc_dk, sK + warp_row * PITCH, PITCH, dk + b * dk_sb + hk * dk_sh + out_row * dk_ss + c0, dk_ss,
+                    rows_valid, head_dim - c0, softmax_scale, lane);
+  store_rows_staged(acc_dv, sV + warp_row * PITCH, PITCH, dv + b * dv_sb + hk * dv_sh + out_row * dv_ss + c0, dv_ss,
+                    rows_valid, head_dim - c0, DROPOUT ? dropout.keep_scale : 1.f, lane);
 }
 
 // ---- dQ ----------------------------------------------------------------------------------------
@@ -396,8 +382,13 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     Tile::template mma_pb<MT, BN, D>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
-  store_tile<T, MT, D / 8>(acc_dq, dq + b * dq_sb + h * dq_sh + (seq.q_start + m0 + warp_row) * dq_ss, dq_ss, 0,
-                           seq.seqlen_q - m0 - warp_row, 0, head_dim, softmax_scale, lane);
+  // dQ goes out through this warp's own rows of sQ. With no key tile, Q (copied by every thread) may
+  // still be landing there: wait for all of it.
+  cp_async_wait<0>();
+  __syncthreads();
+  const int out_row = seq.q_start + m0 + warp_row;
+  store_rows_staged(acc_dq, sQ + warp_row * PITCH, PITCH, dq + b * dq_sb + h * dq_sh + out_row * dq_ss, dq_ss,
+                    seq.seqlen_q - m0 - warp_row, head_dim, softmax_scale, lane);
 }
 
 }  // namespace cuflash

@@ -190,35 +190,18 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const BlockCoords<CAUSAL> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
   float* lse_head = lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start;
-  // O goes through this warp's own rows of the Q tile (only this warp reads them), so that global
-  // stores are whole 16-byte chunks of rows rather than scattered 4-byte pairs.
-  // (wgmma tiles: the same bytes, read as unpadded rows.)
+  // O goes out through this warp's own rows of the Q tile (tile_io.cuh; wgmma tiles: the same bytes,
+  // as unpadded rows). Each row's scale is 1 / l, and its log-sum-exp is written on the way.
   T* sO = sQ + warp_row * Tile::pitch;
-  __syncwarp();
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float l = softmax.row_sum_total(mt, half);
-      const float inv_l = l > 0.f ? (DROPOUT ? dropout.keep_scale : 1.f) / l : 0.f;
-      const int r = mt * 16 + lane / 4 + half * 8;
-#pragma unroll
-      for (int dt = 0; dt < Tile::o_tiles; ++dt)
-        store2(sO + r * Tile::pitch + dt * 8 + (lane % 4) * 2, acc_o[mt][dt][2 * half] * inv_l,
-               acc_o[mt][dt][2 * half + 1] * inv_l);
-      const int row = out_m0 + warp_row + r;
-      if (lane % 4 == 0 && row < seqlen_q)
-        lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
-    }
-  __syncwarp();
-  T* o_rows = o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss;
-  constexpr int chunks_per_row = D / kChunk<T>, warp_rows = MT * 16;
-#pragma unroll
-  for (int i = lane; i < warp_rows * chunks_per_row; i += 32) {
-    const int r = i / chunks_per_row, c = (i % chunks_per_row) * kChunk<T>;
-    if (out_m0 + warp_row + r < seqlen_q && c < head_dim)
-      *reinterpret_cast<uint4*>(o_rows + r * o_ss + c) = *reinterpret_cast<const uint4*>(sO + r * Tile::pitch + c);
-  }
+  stage_rows(acc_o, sO, Tile::pitch, lane, [&](int mt, int half) {
+    const float l = softmax.row_sum_total(mt, half);
+    const int row = out_m0 + warp_row + mt * 16 + lane / 4 + half * 8;
+    if (lane % 4 == 0 && row < seqlen_q)
+      lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
+    return l > 0.f ? (DROPOUT ? dropout.keep_scale : 1.f) / l : 0.f;
+  });
+  copy_rows_out<MT * 16, D>(o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss, o_ss,
+                            sO, Tile::pitch, seqlen_q - out_m0 - warp_row, head_dim, lane);
 }
 
 }  // namespace cuflash

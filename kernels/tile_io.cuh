@@ -82,4 +82,48 @@ __device__ __forceinline__ void load_tile_async_core(T* smem, const T* gmem, lon
   }
 }
 
+// ---- Epilogues: register tiles out through shared memory -----------------------------------------
+// A warp writes its 16 * MT accumulator rows (each times row_scale(mt, half)) into `stage`, rows of a
+// shared tile that only this warp still uses, `pitch` elements apart; copy_rows_out then stores them
+// as whole 16-byte chunks of rows, which costs far less than scattered 4-byte pairs.
+template <typename T, int MT, int NT, typename RowScale>
+__device__ __forceinline__ void stage_rows(const float (&acc)[MT][NT][4], T* stage, int pitch, int lane,
+                                           RowScale row_scale) {
+  __syncwarp();  // every lane is done reading these rows as an operand
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float scale = row_scale(mt, half);
+      T* row = stage + (mt * 16 + lane / 4 + half * 8) * pitch + (lane % 4) * 2;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        store2(row + nt * 8, acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
+    }
+  __syncwarp();
+}
+
+// Copy ROWS x COLS staged elements to global rows `row_stride` apart, keeping rows < rows_valid and
+// columns < cols_valid (a multiple of 16 bytes).
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void copy_rows_out(T* gmem, long long row_stride, const T* stage, int pitch,
+                                              int rows_valid, int cols_valid, int lane) {
+  constexpr int chunks_per_row = COLS / kChunk<T>;
+#pragma unroll
+  for (int i = lane; i < ROWS * chunks_per_row; i += 32) {
+    const int r = i / chunks_per_row, c = (i % chunks_per_row) * kChunk<T>;
+    if (r < rows_valid && c < cols_valid)
+      *reinterpret_cast<uint4*>(gmem + r * row_stride + c) = *reinterpret_cast<const uint4*>(stage + r * pitch + c);
+  }
+}
+
+// Both steps with one scale for every row.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void store_rows_staged(const float (&acc)[MT][NT][4], T* stage, int pitch, T* gmem,
+                                                  long long row_stride, int rows_valid, int cols_valid, float scale,
+                                                  int lane) {
+  stage_rows(acc, stage, pitch, lane, [scale](int, int) { return scale; });
+  copy_rows_out<MT * 16, NT * 8>(gmem, row_stride, stage, pitch, rows_valid, cols_valid, lane);
+}
+
 }  // namespace cuflash

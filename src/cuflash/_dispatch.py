@@ -280,7 +280,7 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
 WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
 WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
 
-BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "q"
+BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "qi"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                          + DROPOUT_FORMAT)
 BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
@@ -411,6 +411,13 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
     return out
 
 
+def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
+    """Lanes per row of the backward's preprocess kernel: one per 16-byte chunk of the row, rounded up
+    to a power of two, at most a warp."""
+    chunks = -(-head_dim * ITEMSIZE[dtype] // 16)
+    return min(32, 1 << (chunks - 1).bit_length())
+
+
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
                  dropout: tuple = NO_DROPOUT):
@@ -427,9 +434,10 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
     rows = pre_batch * p.nheads * pre_seqlen
     launches = []
     if rows:
-        launches.append((pre, -(-rows // 4), pre.threads,
+        lanes = preprocess_row_lanes(p.head_dim, pre.dtype)
+        launches.append((pre, -(-rows // (pre.threads // lanes)), pre.threads,
                          (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], pre_seqlen, p.nheads, p.head_dim,
-                          rows)))
+                          rows, lanes)))
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)

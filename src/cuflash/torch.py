@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import _sparse, api
 
@@ -40,15 +41,25 @@ def _rng_in(rng: torch.Tensor):
     return tuple(x % 2**64 for x in rng.tolist())
 
 
+def _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed):
+    rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
+    out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout),
+                                     alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng)
+    return out, lse, rng_tensor
+
+
+def _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
+    return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout),
+                               alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                               rng=_rng_in(rng) if dropout_p else None)
+
+
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
                    dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
-    out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout),
-                                     alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng)
-    return out, lse, rng_tensor
+    return _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed)
 
 
 @flash_attn_fwd.register_fake
@@ -64,9 +75,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
                    rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout),
-                               alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-                               rng=_rng_in(rng) if dropout_p else None)
+    return _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p,
+                     rng)
 
 
 @flash_attn_bwd.register_fake
@@ -83,16 +93,43 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, rng)
 
 
-def _backward(ctx, dout, _dlse, _drng):
-    q, k, v, out, lse, lists, alibi_slopes, rng = ctx.saved_tensors
+def _kernel_layout(dout: torch.Tensor) -> torch.Tensor:
+    """dout as the kernels read it: contiguous last dimension, 16-byte aligned rows."""
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
         dout = dout.contiguous()
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
-                                alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
-    return dq, dk, dv, *([None] * 8)
+    return dout
 
 
-flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _backward_with(bwd):
+    def backward(ctx, dout, _dlse, _drng):
+        q, k, v, out, lse, lists, alibi_slopes, rng = ctx.saved_tensors
+        dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
+                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
+        return dq, dk, dv, *([None] * 8)
+    return backward
+
+
+flash_attn_fwd.register_autograd(_backward_with(flash_attn_bwd), setup_context=_setup_context)
+
+
+def _eager_function(name: str, fwd, setup_context, backward):
+    """A torch.autograd.Function running fwd and backward directly (see the module docstring). Its
+    forward takes ctx itself: a separate setup_context would make every apply() bind the arguments
+    through inspect.signature, tens of microseconds."""
+    def forward(ctx, *args):
+        output = fwd(*args)
+        setup_context(ctx, args, output)
+        return output
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_EagerFlashAttn = _eager_function("_EagerFlashAttn", _fwd_impl, _setup_context, _backward_with(_bwd_impl))
+
+
+def _eager(*tensors) -> bool:
+    """True when plain CUDA tensors are called outside torch.compile, tracing and dispatch modes."""
+    return (not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+            and _python_dispatch._get_current_dispatch_mode() is None)
 
 
 def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None, alibi_slopes=None,
@@ -108,8 +145,9 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
         _sparse.check_mask(block_mask, batch, nheads, seqlen_q, seqlen_k)
         lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
         layout = packed.to_ints()
-    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap),
-                          float(dropout_p), _int64_seed(dropout_seed))
+    op = _EagerFlashAttn.apply if _eager(q, k, v) else flash_attn_fwd
+    return op(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap),
+              float(dropout_p), _int64_seed(dropout_seed))
 
 
 def _int64_seed(seed):
@@ -122,18 +160,33 @@ def _int64_seed(seed):
 
 # ---- packed variable-length batches (cuflash.varlen) -------------------------------------------
 
-@torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
-def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                          causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
-                          alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
-                          dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists,
+                     layout, alibi_slopes, softcap, dropout_p, dropout_seed):
     from . import varlen
 
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse = varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                      causal, alibi_slopes, softcap, dropout_p, rng, lists=_lists(lists, layout))
     return out, lse, rng_tensor
+
+
+def _varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
+    from . import varlen
+
+    return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal, alibi_slopes, softcap, dropout_p,
+                                  _rng_in(rng) if dropout_p else None, lists=_lists(lists, layout))
+
+
+@torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
+def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                          causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
+                          alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
+                          dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                            lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed)
 
 
 @flash_attn_varlen_fwd.register_fake
@@ -149,11 +202,8 @@ def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           max_seqlen_k: int, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
                           layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor], softcap: float,
                           dropout_p: float, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import varlen
-
-    return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, alibi_slopes, softcap, dropout_p,
-                                  _rng_in(rng) if dropout_p else None, lists=_lists(lists, layout))
+    return _varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng)
 
 
 @flash_attn_varlen_bwd.register_fake
@@ -172,16 +222,21 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, rng)
 
 
-def _varlen_backward(ctx, dout, _dlse, _drng):
-    q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
-    if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
-        dout = dout.contiguous()
-    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, lists, ctx.layout,
-                                       alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
-    return dq, dk, dv, *([None] * 12)
+def _varlen_backward_with(bwd):
+    def backward(ctx, dout, _dlse, _drng):
+        q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
+        dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args, lists, ctx.layout,
+                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
+        return dq, dk, dv, *([None] * 12)
+    return backward
 
 
-flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+flash_attn_varlen_fwd.register_autograd(_varlen_backward_with(flash_attn_varlen_bwd),
+                                        setup_context=_varlen_setup_context)
+
+
+_EagerFlashAttnVarlen = _eager_function("_EagerFlashAttnVarlen", _varlen_fwd_impl, _varlen_setup_context,
+                                        _varlen_backward_with(_varlen_bwd_impl))
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -197,6 +252,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         _sparse.check_mask(block_mask, cu_seqlens_q.shape[0] - 1, nheads, max_seqlen_q, max_seqlen_k)
         lists, packed = _sparse.device_lists(block_mask, bool(causal), nheads // nheads_k, q.device.index, "torch")
         layout = packed.to_ints()
-    return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-                                 bool(causal), lists, layout, alibi_slopes, float(softcap), float(dropout_p),
-                                 _int64_seed(dropout_seed))
+    op = _EagerFlashAttnVarlen.apply if _eager(q, k, v, cu_seqlens_q, cu_seqlens_k) else flash_attn_varlen_fwd
+    return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal),
+              lists, layout, alibi_slopes, float(softcap), float(dropout_p), _int64_seed(dropout_seed))
