@@ -59,3 +59,36 @@ class Launcher:
         buf, table_ptr, values_at = self._buffers()
         self._struct.pack_into(buf, values_at, *args)
         self._launch(self._func, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, table_ptr, 0)
+
+
+class SideStream:
+    """A second stream of the current device for kernels independent of those on the caller's stream
+    (the backward's dQ kernel beside its dK/dV kernel, so that neither waits for the other's last
+    blocks): fork() makes it wait for everything queued on the caller's stream so far, join() makes the
+    caller's stream wait for it. Under CUDA graph capture this is the usual fork/join. Streams and
+    events are per thread and device: a wait takes an event's latest record, so they are reused."""
+
+    _local = threading.local()
+
+    def __init__(self):
+        from cupy_backends.cuda.api import runtime
+
+        self._rt = runtime
+        self.ptr = runtime.streamCreateWithFlags(runtime.streamNonBlocking)
+        self._forked = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        self._done = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+
+    @classmethod
+    def of_device(cls, device: int) -> "SideStream":
+        streams = cls._local.__dict__.setdefault("streams", {})
+        if device not in streams:
+            streams[device] = cls()
+        return streams[device]
+
+    def fork(self, stream_ptr: int) -> None:
+        self._rt.eventRecord(self._forked, stream_ptr)
+        self._rt.streamWaitEvent(self.ptr, self._forked, 0)
+
+    def join(self, stream_ptr: int) -> None:
+        self._rt.eventRecord(self._done, self.ptr)
+        self._rt.streamWaitEvent(stream_ptr, self._done, 0)

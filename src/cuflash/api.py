@@ -8,7 +8,7 @@ import os
 
 from . import _bridge, _compile, _dispatch, _headdim, _sparse
 from ._bridge import DeviceArray
-from ._launch import Launcher
+from ._launch import Launcher, SideStream
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None,
@@ -261,12 +261,23 @@ def _launcher(variant, device: int) -> Launcher:
     return launcher
 
 
-def _launch_on(device: int, launches, stream_ptr: int) -> None:
+def _launch_on(device: int, launches, stream_ptr: int, beside=()) -> None:
+    """Launch `launches` in order on the stream, and `beside` (independent of `launches`, dependent on
+    what the stream holds before them) on the device's side stream, joined back before returning."""
     import cupy
 
+    def launch(chain, stream):
+        for variant, blocks, threads, args in chain:
+            _launcher(variant, device)(blocks, threads, variant.smem_bytes, stream, args)
+
     def run():
-        for variant, blocks, threads, args in launches:
-            _launcher(variant, device)(blocks, threads, variant.smem_bytes, stream_ptr, args)
+        if not beside:
+            return launch(launches, stream_ptr)
+        side = SideStream.of_device(device)
+        side.fork(stream_ptr)
+        launch(launches, stream_ptr)
+        launch(beside, side.ptr)
+        side.join(stream_ptr)
 
     if cupy.cuda.runtime.getDevice() == device:
         run()
@@ -373,4 +384,13 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
         *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen, dropout,
     )
-    _launch_on(q.device, launches, stream_ptr)
+    # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream
+    # (CUFLASH_BWD_STREAMS=1 queues all three kernels on the caller's stream).
+    first = [x for x in launches if not isinstance(x[0], _dispatch.BwdDqVariant)]
+    dq_launch = [x for x in launches if isinstance(x[0], _dispatch.BwdDqVariant)]
+    if os.environ.get("CUFLASH_BWD_STREAMS") == "1":
+        _launch_on(q.device, first + dq_launch, stream_ptr)
+    else:
+        pre = [x for x in first if isinstance(x[0], _dispatch.BwdPreprocessVariant)]
+        _launch_on(q.device, pre, stream_ptr)
+        _launch_on(q.device, [x for x in first if x not in pre], stream_ptr, beside=dq_launch)

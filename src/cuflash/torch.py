@@ -91,6 +91,7 @@ def _setup_context(ctx, inputs, output):
     ctx.softmax_scale, ctx.causal, ctx.layout, ctx.softcap, ctx.dropout_p = (softmax_scale, causal, layout, softcap,
                                                                              dropout_p)
     ctx.mark_non_differentiable(lse, rng)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse and rng
 
 
 def _kernel_layout(dout: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,8 @@ def _kernel_layout(dout: torch.Tensor) -> torch.Tensor:
 
 def _backward_with(bwd):
     def backward(ctx, dout, _dlse, _drng):
+        if dout is None:  # out took no part in what is differentiated
+            return (None,) * 11
         q, k, v, out, lse, lists, alibi_slopes, rng = ctx.saved_tensors
         dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
                          alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
@@ -220,10 +223,13 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.layout = layout
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.mark_non_differentiable(lse, rng)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse and rng
 
 
 def _varlen_backward_with(bwd):
     def backward(ctx, dout, _dlse, _drng):
+        if dout is None:
+            return (None,) * 15
         q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
         dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args, lists, ctx.layout,
                          alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
