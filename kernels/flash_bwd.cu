@@ -12,6 +12,7 @@
 // regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta).
 // Working on Sᵀ (keys as rows) lets every product of the dK/dV kernel use the same two shapes as the
 // forward pass. WG: the products run as Hopper warpgroup wgmma on core-matrix tiles (tile_mma.cuh).
+#include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
 #include "mma.cuh"
@@ -59,7 +60,7 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -68,11 +69,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int max_seqlen_q,
-                      int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, float softmax_scale,
-                      float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
+                      int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, int window_left,
+                      int window_right, float softmax_scale, float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                       const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
-  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
+  static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   using Tile = Tiles<T, D, WG>;
   constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
@@ -104,11 +105,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
   if (n0 >= seqlen_k) return;  // a packed sequence shorter than the longest
 
-  // Query tiles that can see these keys: all of them, or (causal) those with a row i >= n0 - diag,
-  // or (SPARSE) the listed ones.
-  const int num_m_blocks = (seqlen_q + BMQ - 1) / BMQ;
-  const int m_first = CAUSAL ? min(num_m_blocks, max(0, n0 - diag) / BMQ) : 0;
-  const int tiles_per_head = num_m_blocks - m_first;
+  // Query tiles that can see these keys: all of them, or (BAND) those inside the band (band.cuh), or
+  // (SPARSE) the listed ones.
+  const Band band{diag, window_left, window_right};
+  int m_first = 0, tiles_per_head = (seqlen_q + BMQ - 1) / BMQ;
+  if (BAND) band.query_tiles(n0, n0 + BN - 1, seqlen_q, BMQ, m_first, tiles_per_head);
   int n_iters = tiles_per_head * kv_group;
   __shared__ ListRow list;
   if constexpr (SPARSE) {
@@ -192,7 +193,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       add_alibi(p, n0 + warp_row, m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + g] / softmax_scale, lane);
     bool partial = false;
     if constexpr (SPARSE) partial = at.slot >= 0;
-    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag) || partial;
+    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
+                            (BAND && !band.covers(m0, m0 + BMQ - 1, n0, n0 + BN - 1)) || partial;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -201,7 +203,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         for (int c = 0; c < 4; ++c) {
           const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
           const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = m0 + col;  // query
-          bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!CAUSAL || j <= i + diag));
+          bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
           if constexpr (SPARSE)  // element bits of a partial block: rows are queries, columns keys
             visible = visible && (!partial || lists.visible(at.slot, at.offset + col, n0 % lists.block_n + key));
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[slot][col], visible);
@@ -248,7 +250,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
-template <typename T, int D, int BM, int BN, int WARPS, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int BM, int BN, int WARPS, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -257,11 +259,12 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb, long long do_ss,
                     long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh, int max_seqlen_q,
                     int max_seqlen_k,
-                    int nheads, int kv_group, int head_dim, int num_m_blocks, float softmax_scale,
+                    int nheads, int kv_group, int head_dim, int num_m_blocks, int window_left, int window_right,
+                    float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
-  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
+  static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   using Tile = Tiles<T, D, WG>;
   constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
@@ -287,11 +290,9 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int m0 = m_block * BM, diag = seqlen_k - seqlen_q;
   if (m0 >= seqlen_q) return;  // a packed sequence shorter than the longest
-  int n_blocks = (seqlen_k + BN - 1) / BN;
-  if (CAUSAL) {
-    const int last_key = m0 + BM - 1 + diag;
-    n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
-  }
+  const Band band{diag, window_left, window_right};
+  int n_first = 0, n_blocks = (seqlen_k + BN - 1) / BN;  // key tiles from n_first (BAND: inside the band)
+  if (BAND) band.key_tiles(m0, m0 + BM - 1, seqlen_k, BN, n_first, n_blocks);
   __shared__ ListRow list;
   if constexpr (SPARSE) {
     read_list_row(lists, lists.row(b, h, m0 / lists.block_m), list);
@@ -302,7 +303,9 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   auto mask_tile = [&](int nb) {
     return SPARSE ? sparse_tile(lists, list.entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
   };
-  auto first_key = [&](int nb, const SparseTile& at) { return SPARSE ? at.block * lists.block_n + at.offset : nb * BN; };
+  auto first_key = [&](int nb, const SparseTile& at) {
+    return SPARSE ? at.block * lists.block_n + at.offset : (n_first + nb) * BN;
+  };
   const T* k_head = k + b * k_sb + hk * k_sh + seq.k_start * k_ss;
   const T* v_head = v + b * v_sb + hk * v_sh + seq.k_start * v_ss;
   auto load_kv = [&](int nb) {
@@ -354,7 +357,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
       if (at.slot >= 0)
         mask_partial_block(p, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
-    const bool needs_mask = n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag);
+    const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -363,7 +366,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         for (int c = 0; c < 4; ++c) {
           const int i = m0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;
           const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
-          const bool visible = !needs_mask || (j < seqlen_k && (!CAUSAL || j <= i + diag));
+          const bool visible = !needs_mask || (j < seqlen_k && (!BAND || band.visible(i, j)));
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);

@@ -5,6 +5,7 @@
 // tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
+#include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
 #include "mma.cuh"
@@ -43,9 +44,9 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
 }
 
 // Thread block -> (query tile, batch, head); query tiles of one head are neighbours in launch order.
-// Causal: the heaviest query tiles of a head start first. blockIdx is read through a volatile asm so
+// BAND: the last query tiles of a head start first (the heaviest, when causal). blockIdx is read through a volatile asm so
 // that a second instance recomputes the coordinates instead of keeping them live (and spilled).
-template <bool CAUSAL>
+template <bool BAND>
 struct BlockCoords {
   int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
   __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
@@ -53,30 +54,31 @@ struct BlockCoords {
     asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
     bh = block / num_m_blocks;
     m_block = block - bh * num_m_blocks;
-    if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
+    if (BAND) m_block = num_m_blocks - 1 - m_block;
     b = bh / nheads;
     h = bh - b * nheads;
   }
 };
 
 // SPARSE: visit only the key tiles a block mask lists for this query tile (see block_sparse.cuh);
-// otherwise every key tile (up to the diagonal when CAUSAL), from the last to the first.
+// otherwise every key tile (BAND: every one inside the band, band.cuh), from the last to the first.
 // ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
 // SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
 // DROPOUT: after the row sums have taken P, dropped entries of P are zeroed (dropout.cuh) and O is
 // scaled by 1 / keep probability; the log-sum-exp is that of the full softmax.
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool CAUSAL, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
                  long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb,
                  long long o_ss, long long o_sh, int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group,
-                 int head_dim, int num_m_blocks, float softmax_scale, float softcap_mult,
+                 int head_dim, int num_m_blocks, int window_left, int window_right, float softmax_scale,
+                 float softcap_mult,
                  const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
                  const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
                  const DropoutArgs dropout) {
-  static_assert(!(CAUSAL && SPARSE), "a causal block mask is intersected with the causal mask on the host");
+  static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS, WG>;
   using Smem = Tiles<T, D, WG>;
   constexpr int MT = Tile::m_tiles;
@@ -91,7 +93,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
 
-  const BlockCoords<CAUSAL> blk(num_m_blocks, nheads);
+  const BlockCoords<BAND> blk(num_m_blocks, nheads);
   const int m0 = blk.m_block * BM;
   // This block's sequences and K and V heads. Kept in shared memory, not registers: the main loop
   // needs every register for accumulators, and a shared-memory load per tile is cheap.
@@ -116,20 +118,18 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   auto k_tile = [&](int n0) { return kv_heads[0] + n0 * k_ss; };
   auto v_tile = [&](int n0) { return kv_heads[1] + n0 * v_ss; };
 
-  // Key tiles this query tile can see.
+  // Key tiles this query tile can see: n_blocks of them from tile n_first.
   const int diag = seqlen_k - seqlen_q;
-  int n_blocks = (seqlen_k + BN - 1) / BN;
-  if (CAUSAL) {
-    const int last_key = m0 + BM - 1 + diag;  // last key visible to the block's last row
-    n_blocks = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
-  }
+  const Band band{diag, window_left, window_right};
+  int n_first = 0, n_blocks = (seqlen_k + BN - 1) / BN;
+  if (BAND) band.key_tiles(m0, m0 + BM - 1, seqlen_k, BN, n_first, n_blocks);
   if (SPARSE) n_blocks = list.count * (lists.block_n / BN);
   // Tile `it` in the mask (SPARSE), and its first key.
   auto mask_tile = [&](int it) {
     return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
   };
   auto first_key = [&](int it, const SparseTile& at) {
-    return SPARSE ? at.block * lists.block_n + at.offset : (n_blocks - 1 - it) * BN;
+    return SPARSE ? at.block * lists.block_n + at.offset : (n_first + n_blocks - 1 - it) * BN;
   };
 
   const float alibi_slope = ALIBI ? alibi_slopes[blk.b * alibi_sb + blk.h] / softmax_scale : 0.f;
@@ -169,13 +169,13 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(acc_s, softcap_mult);
     if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
-    auto in_range = [&](int i, int j) { return j < seqlen_k && (!CAUSAL || j <= i + diag); };
+    auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };
     if constexpr (SPARSE) {
       if (at.slot >= 0)  // a partial block: its element bits decide
         mask_partial_block(acc_s, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
       else if (n0 + BN > seqlen_k)
         mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
-    } else if (n0 + BN > seqlen_k || (CAUSAL && n0 + BN - 1 > m0 + diag)) {
+    } else if (n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1))) {
       mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
     }
 
@@ -187,7 +187,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
   // The block's coordinates are derived again rather than kept in registers through the main loop.
-  const BlockCoords<CAUSAL> out_blk(num_m_blocks, nheads);
+  const BlockCoords<BAND> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
   float* lse_head = lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start;
   // O goes out through this warp's own rows of the Q tile (tile_io.cuh; wgmma tiles: the same bytes,

@@ -130,7 +130,7 @@ def test_custom_op_opcheck():
     q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
     for dropout in ((0.0, None), (0.1, 5)):
         torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
-                              (q, k, v, 0.125, True, None, None, None, 0.0, *dropout),
+                              (q, k, v, 0.125, True, None, None, None, 0.0, *dropout, -1, -1),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

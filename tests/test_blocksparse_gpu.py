@@ -186,6 +186,16 @@ def test_sliding_window_forward_and_grads(causal, seqlens, window):
     check_grads(q, k, v, causal, mask=band(sq, sk, *window)[None, None], window_size=window)
 
 
+@pytest.mark.parametrize("window, causal", [((256, 0), False), ((100, 100), False), ((300, 40), True)])
+def test_sliding_window_head_dim_128_long(window, causal):
+    """The kernels' band on the widest backward tiles (d=128), windows spanning several tiles."""
+    import torch
+
+    q, k, v = (randn((1, 1000, 2, 128), torch.float16, 95 + i) for i in range(3))
+    check_grads(q, k, v, causal, mask=band(1000, 1000, window[0], 0 if causal else window[1])[None, None],
+                window_size=window)
+
+
 def test_window_with_block_mask_and_head_dim_128():
     import torch
 

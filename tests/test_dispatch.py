@@ -68,9 +68,22 @@ def test_dropout_variants_and_launch_fields():
     # The two struct parameters are one kernel parameter each: the 32nd (block lists) and the 33rd (dropout).
     fmt = _dispatch.FWD_PARAM_FORMAT
     offsets = param_offsets(fmt)
-    assert len(offsets) == 33 and offsets[-2:] == [216, 280] and struct.calcsize("@" + flat(fmt)) == 312
+    assert len(offsets) == 35 and offsets[-2:] == [224, 288] and struct.calcsize("@" + flat(fmt)) == 320
 
 
 def test_param_offsets_group_structs():
     assert param_offsets("iQ(QQi)f(Qif)") == [0, 8, 16, 40, 48]
     assert param_offsets("QQ") == [0, 8] and flat("i(QQ)") == "i0QQQ0Q"
+
+
+def test_band_args():
+    def band(causal=False, window=(-1, -1), sq=100, sk=300):
+        p = _dispatch.FwdProblem(1, sq, sk, 1, 1, 64, 0.125, causal=causal, window=window)
+        return p.band, p.band_args()
+
+    assert band() == (False, (400, 400))
+    assert band(causal=True) == (True, (400, 0))  # right capped at 0; an unbounded side is seqlen_q + seqlen_k
+    assert band(window=(3, 5)) == (True, (3, 5))
+    assert band(causal=True, window=(3, 5)) == (True, (3, 0))
+    assert band(window=(-1, 2)) == (True, (400, 2))
+    assert band(window=(10**9, 0)) == (True, (400, 0))  # clipped, so the kernels' sums never overflow

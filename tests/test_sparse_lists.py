@@ -120,10 +120,15 @@ def test_intersection_of_masks_without_partial_blocks():
                                             ((-1, 130), False)])
 def test_varlen_window_is_each_sequences_ownband(window, causal):
     lengths_q, lengths_k = (5, 0, 130, 1, 77, 129), (9, 3, 130, 200, 0, 129)
-    # No window and no block mask: the dense kernels apply causal per sequence themselves.
-    assert _sparse.varlen_mask(None, (-1, -1), causal, lambda: pytest.fail("lengths read"), 130, 200) == (None, causal)
-    mask, kernel_causal = _sparse.varlen_mask(None, window, causal, lambda: (lengths_q, lengths_k), 130, 200)
-    assert not kernel_causal and mask.shape[:2] == (6, 1) and (mask.seqlen_q, mask.seqlen_k) == (130, 200)
+    # No block mask: the kernels' band applies causal and the window per sequence themselves.
+    for w in ((-1, -1), window):
+        assert _sparse.varlen_mask(None, w, causal, lambda: pytest.fail("lengths read"), 130, 200) == (None, causal, w)
+    # With a block mask (here one with every block), the window becomes each sequence's own band in it.
+    full = BlockMask.from_dense(np.ones((2, 2), bool), 130, 200)
+    mask, kernel_causal, kernel_window = _sparse.varlen_mask(full, window, causal, lambda: (lengths_q, lengths_k),
+                                                             130, 200)
+    assert not kernel_causal and kernel_window == (-1, -1)
+    assert mask.shape[:2] == (6, 1) and (mask.seqlen_q, mask.seqlen_k) == (130, 200)
     elements = mask.to_element_mask()
     left, right = window
     if causal:
@@ -135,14 +140,14 @@ def test_varlen_window_is_each_sequences_ownband(window, causal):
 def test_varlen_mask_with_a_block_mask():
     lengths = ((100, 256, 3), (256, 40, 3))
     block = BlockMask.from_dense(np.tril(np.ones((2, 2), bool)) | np.eye(2, k=1, dtype=bool)[::-1], 256, 256)
-    same, causal = _sparse.varlen_mask(block, (-1, -1), False, lambda: pytest.fail("lengths read"), 256, 256)
-    assert same is block and causal is False  # nothing depends on the lengths: no host read
-    mask, causal = _sparse.varlen_mask(block, (-1, -1), True, lambda: lengths, 256, 256)
-    assert causal is False
+    same, causal, window = _sparse.varlen_mask(block, (-1, -1), False, lambda: pytest.fail("lengths read"), 256, 256)
+    assert same is block and causal is False and window == (-1, -1)  # nothing depends on the lengths: no host read
+    mask, causal, window = _sparse.varlen_mask(block, (-1, -1), True, lambda: lengths, 256, 256)
+    assert causal is False and window == (-1, -1)
     elements, dense = mask.to_element_mask(), block.to_element_mask()[0, 0]
     for b, (sq, sk) in enumerate(zip(*lengths)):
         assert np.array_equal(elements[b, 0, :sq, :sk], dense[:sq, :sk] & band(sq, sk, -1, 0))
     with pytest.raises(ValueError, match="longer than max_seqlen_q"):
-        _sparse.varlen_mask(None, (8, 0), False, lambda: ((300,), (10,)), 256, 256)
+        _sparse.varlen_mask(block, (8, 0), False, lambda: ((300,), (10,)), 256, 256)
     with pytest.raises(ValueError, match="block_mask was built for seqlens"):
         _sparse.varlen_mask(block, (8, 0), False, lambda: lengths, 128, 256)

@@ -195,10 +195,10 @@ def test_varlen_jax_grad_and_jit_match_torch():
 
     out_j = jax.jit(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, 130, 130, causal=True))(qj, kj, vj)
     np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), expected[0].detach().float().cpu().numpy())
-    # A window reads the (closed-over, concrete) lengths on the host, under jit too.
+    # A window is the kernels' band, aligned per sequence on the device: traced cu_seqlens work under jit.
     window = cuflash.flash_attn_varlen_func(q, k, v, *args, window_size=(20, 3))
-    window_j = jax.jit(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_j, cu_j, 130, 130,
-                                                                      window_size=(20, 3)))(qj, kj, vj)
+    window_j = jax.jit(lambda a, b, c, cu: cuflash.flash_attn_varlen_func(a, b, c, cu, cu, 130, 130,
+                                                                          window_size=(20, 3)))(qj, kj, vj, cu_j)
     np.testing.assert_array_equal(np.asarray(window_j.astype(jnp.float32)), window.float().cpu().numpy())
     for fn in (jax.grad(loss, argnums=(0, 1, 2)), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
         for ours, exp in zip(fn(qj, kj, vj), expected[1:]):

@@ -181,6 +181,20 @@ class FwdProblem:
     softmax_scale: float
     softcap: float = 0.0  # 0: off
     dropout_p: float = 0.0  # 0: off
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)  # FlashAttention-2's window_size; -1: unbounded on that side
+
+    @property
+    def band(self) -> bool:
+        """Whether the kernels restrict keys to a band (kernels/band.cuh): causal, or a window."""
+        return self.causal or self.window != (-1, -1)
+
+    def band_args(self) -> tuple[int, int]:
+        """The kernels' (window_left, window_right): query i sees key j iff i + d - left <= j <= i + d +
+        right, d = seqlen_k - seqlen_q. Causal caps right at 0; an unbounded side is seqlen_q + seqlen_k."""
+        unbounded = self.seqlen_q + self.seqlen_k
+        left, right = (unbounded if w < 0 else min(w, unbounded) for w in self.window)
+        return left, min(right, 0) if self.causal else right
 
     def kernel_scales(self) -> tuple[float, float]:
         """(softmax scale, softcap multiplier) as the kernels take them: with a softcap the kernels
@@ -191,7 +205,8 @@ class FwdProblem:
 
 
 # flash_fwd_kernel's parameters as struct codes (see _launch.Launcher): q, k, v, o, lse pointers;
-# batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks;
+# batch/seq/head strides of q, k, v, o; seqlen_q, seqlen_k, nheads, kv_group, head_dim, num_m_blocks,
+# the band's window_left and window_right (FwdProblem.band_args);
 # softmax scale and softcap multiplier (FwdProblem.kernel_scales); ALiBi slopes pointer and batch stride;
 # the sequences (cu_seqlens_q, cu_seqlens_k pointers, 0 for fixed lengths; the log-sum-exp's batch and
 # head strides, see seq_args); the block mask's lists (zeros for dense variants); the dropout RNG
@@ -201,7 +216,7 @@ NO_ALIBI = (0, 0)
 SEQ_FORMAT = "QQqq"
 DROPOUT_FORMAT = "(QQQIf)"
 NO_DROPOUT = (0, 0, 0, 0, 1.0)
-FWD_PARAM_FORMAT = ("QQQQQ" + "q" * 12 + "iiiiii" + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+FWD_PARAM_FORMAT = ("QQQQQ" + "q" * 12 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                     + DROPOUT_FORMAT)
 
 
@@ -247,7 +262,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
     args = (
         q[0], k[0], v[0], o[0], lse_ptr,
         *q[1][:3], *k[1][:3], *v[1][:3], *o[1][:3],
-        p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks,
+        p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks, *p.band_args(),
         *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists, *dropout,
     )
     return blocks, variant.threads, args
@@ -281,9 +296,9 @@ WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
 WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "qi"
-BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                          + DROPOUT_FORMAT)
-BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 6 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
+BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                        + DROPOUT_FORMAT)
 
 
@@ -445,14 +460,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((dkdv, blocks, dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists, *dropout)))
+                          *common, num_n_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists, *dropout)))
     num_m_blocks = -(-p.seqlen_q // dqv.block_m)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists, *dropout)))
+                          *common, num_m_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists, *dropout)))
     for _, n, _, _ in launches:
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")

@@ -90,26 +90,25 @@ def effective_mask(mask: BlockMask, causal: bool) -> BlockMask:
 
 
 def window_mask(block_mask, window_size, q, k):
-    """The block mask that runs window_size = (left, right) (FlashAttention-2's sliding window:
-    query i sees key j iff i + d - left <= j <= i + d + right, d = seqlen_k - seqlen_q, -1 unbounded),
-    intersected with block_mask when there is one; block_mask itself when the window is (-1, -1)."""
-    left, right = _window_size(window_size)
-    if (left, right) == (-1, -1):
-        return block_mask
+    """(block_mask, window) for the kernels: window_size = (left, right) is FlashAttention-2's sliding
+    window (query i sees key j iff i + d - left <= j <= i + d + right, d = seqlen_k - seqlen_q, -1
+    unbounded). Without a block mask the kernels run it as their band: (None, window). With one, it is
+    intersected into the mask: (mask & window, (-1, -1))."""
+    window = check_window(window_size)
+    if window == (-1, -1) or block_mask is None:
+        return block_mask, window
     for x, name in ((q, "q"), (k, "k")):
         if len(getattr(x, "shape", ())) != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), got "
                              f"shape {getattr(x, 'shape', None)}")
     seqlen_q, seqlen_k = int(q.shape[1]), int(k.shape[1])
-    if block_mask is None:
-        return _window(seqlen_q, seqlen_k, left, right, 128, 128)
     mask_bh = block_mask.shape[:2] if isinstance(block_mask, BlockMask) else (1, 1)
     check_mask(block_mask, *mask_bh, seqlen_q, seqlen_k)  # batch and heads are checked with the problem
     cache = _cache_of(block_mask)
-    key = ("window", left, right)
+    key = ("window", *window)
     if key not in cache:
-        cache[key] = block_mask & _window(seqlen_q, seqlen_k, left, right, block_mask.block_m, block_mask.block_n)
-    return cache[key]
+        cache[key] = block_mask & _window(seqlen_q, seqlen_k, *window, block_mask.block_m, block_mask.block_n)
+    return cache[key], (-1, -1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,7 +116,8 @@ def _window(seqlen_q, seqlen_k, left, right, block_m, block_n) -> BlockMask:
     return BlockMask.sliding_window(seqlen_q, seqlen_k, left, right, block_m, block_n)
 
 
-def _window_size(window_size) -> tuple[int, int]:
+def check_window(window_size) -> tuple[int, int]:
+    """window_size as a (left, right) pair of ints >= -1; ValueError otherwise."""
     try:
         left, right = (int(w) for w in window_size)
         ok = all(w == x and w >= -1 for w, x in zip((left, right), window_size))
@@ -129,18 +129,20 @@ def _window_size(window_size) -> tuple[int, int]:
 
 
 def varlen_mask(block_mask, window_size, causal: bool, host_lengths, max_seqlen_q: int, max_seqlen_k: int):
-    """(block mask or None, causal) that the kernels run for packed sequences. A block mask's indices
-    are relative to each sequence's start (shape: seqlens (max_seqlen_q, max_seqlen_k), batch 1 or one
-    per sequence). A window, and causal together with a block mask, depend on each sequence's own
-    lengths (both are aligned to its bottom-right corner): they become a per-sequence band mask, for
-    which host_lengths() -> (lengths_q, lengths_k) reads cu_seqlens on the host; causal is then part
-    of the mask and the kernels run without it."""
-    left, right = _window_size(window_size)
-    if block_mask is not None:
-        mask_bh = block_mask.shape[:2] if isinstance(block_mask, BlockMask) else (1, 1)
-        check_mask(block_mask, *mask_bh, max_seqlen_q, max_seqlen_k)  # batch and heads: with the problem
-    if (left, right) == (-1, -1) and (block_mask is None or not causal):
-        return block_mask, causal
+    """(block mask or None, causal, window) that the kernels run for packed sequences. Without a block
+    mask, causal and the window go to the kernels' band, which aligns them to each sequence's
+    bottom-right corner itself. A block mask's indices are relative to each sequence's start (shape:
+    seqlens (max_seqlen_q, max_seqlen_k), batch 1 or one per sequence); a window, or causal, together
+    with one depends on each sequence's own lengths: it becomes a per-sequence band mask intersected
+    with the block mask, for which host_lengths() -> (lengths_q, lengths_k) reads cu_seqlens on the
+    host; causal and the window are then part of the mask and the kernels run without them."""
+    left, right = check_window(window_size)
+    if block_mask is None:  # the kernels' band runs causal and the window, per sequence
+        return None, causal, (left, right)
+    mask_bh = block_mask.shape[:2] if isinstance(block_mask, BlockMask) else (1, 1)
+    check_mask(block_mask, *mask_bh, max_seqlen_q, max_seqlen_k)  # batch and heads: with the problem
+    if (left, right) == (-1, -1) and not causal:
+        return block_mask, causal, (-1, -1)
     if causal:  # FlashAttention-2: causal is a window with right = 0
         right = 0 if right == -1 else min(right, 0)
     lengths_q, lengths_k = host_lengths()
@@ -148,16 +150,13 @@ def varlen_mask(block_mask, window_size, causal: bool, host_lengths, max_seqlen_
         if max(lengths, default=0) > most:
             raise ValueError(f"cu_seqlens_{name} holds a sequence of {max(lengths)} tokens, longer than "
                              f"max_seqlen_{name} = {most}")
-    block_m, block_n = (block_mask.block_m, block_mask.block_n) if block_mask is not None else (128, 128)
-    band = _varlen_band(tuple(lengths_q), tuple(lengths_k), max_seqlen_q, max_seqlen_k, left, right, block_m,
-                        block_n)
-    if block_mask is None:
-        return band, False
+    band = _varlen_band(tuple(lengths_q), tuple(lengths_k), max_seqlen_q, max_seqlen_k, left, right,
+                        block_mask.block_m, block_mask.block_n)
     cache = _cache_of(block_mask)
     key = ("varlen", tuple(lengths_q), tuple(lengths_k), left, right)
     if key not in cache:
         cache[key] = block_mask & band
-    return cache[key], False
+    return cache[key], False, (-1, -1)
 
 
 @functools.lru_cache(maxsize=16)

@@ -44,11 +44,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
                               block_mask=block_mask, dropout_seed=dropout_seed)
         return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
-    block_mask = _sparse.window_mask(block_mask, window_size, q, k)
+    block_mask, window = _sparse.window_mask(block_mask, window_size, q, k)
     if _bridge.framework_of(q) == "jax":
         from . import jax as cf_jax
 
-        return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+        return cf_jax.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, window=window,
                                       return_attn_probs=return_attn_probs, block_mask=block_mask,
                                       alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
                                       dropout_seed=dropout_seed)
@@ -58,29 +58,29 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         # Arguments are checked inside the custom op (no data pointers here: torch.compile traces this).
         out, lse, rng = cf_torch.flash_attn_func(q, k, v, resolve_scale(softmax_scale, q.shape[-1]), causal,
                                                  block_mask, alibi_slopes, resolve_softcap(softcap), dropout_p,
-                                                 dropout_seed)
+                                                 dropout_seed, window)
         if not return_attn_probs:
             return out
         return out, lse, (tuple(x % 2**64 for x in rng.tolist()) if dropout_p else None)
     rng = resolve_rng(dropout_p, dropout_seed, q)
     out, lse, _ = forward_arrays(q, k, v, softmax_scale, causal, block_mask, alibi_slopes=alibi_slopes,
-                                 softcap=softcap, dropout_p=dropout_p, rng=rng)
+                                 softcap=softcap, dropout_p=dropout_p, rng=rng, window=window)
     return (out, lse, rng) if return_attn_probs else out
 
 
 def forward_arrays(q, k, v, softmax_scale, causal, block_mask=None, lists=None, alibi_slopes=None, softcap=0.0,
-                   dropout_p=0.0, rng=None):
+                   dropout_p=0.0, rng=None, window=(-1, -1)):
     """The forward pass on CuPy/PyTorch/DLPack arrays: (out, lse, problem), no autograd. A block mask
     comes as block_mask, or already on the device as lists = (pointer, _sparse.PackedLayout);
-    rng = (seed, offset) of the dropout."""
+    rng = (seed, offset) of the dropout; window = (left, right) the kernels' band (with no block mask)."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p, causal, window)
     alibi = check_alibi(alibi_slopes, problem, qa)
     if block_mask is not None:
         lists = mask_lists(block_mask, causal, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.batch, problem.nheads, problem.seqlen_q), "float32")
-    run_fwd(problem, qa, ka, va, out_a, lse_a, bool(causal), _bridge.current_stream(qa), lists, alibi,
+    run_fwd(problem, qa, ka, va, out_a, lse_a, _bridge.current_stream(qa), lists, alibi,
             dropout=dropout_launch_args(problem, rng))
     if qa.framework == "dlpack":  # hand back what the caller can consume
         out, lse = out_a.obj, lse_a.obj
@@ -170,7 +170,7 @@ def mask_lists(block_mask, causal: bool, p: _dispatch.FwdProblem, like: DeviceAr
 
 
 def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale, softcap=0.0,
-                   dropout_p=0.0) -> _dispatch.FwdProblem:
+                   dropout_p=0.0, causal=False, window=(-1, -1)) -> _dispatch.FwdProblem:
     """Validate q, k, v and the scale; ValueError/TypeError naming the argument. Needs no GPU."""
     for a, name in ((q, "q"), (k, "k"), (v, "v")):
         if a.device is None:
@@ -206,7 +206,7 @@ def check_fwd_args(q: DeviceArray, k: DeviceArray, v: DeviceArray, softmax_scale
             )
     return _dispatch.FwdProblem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
                                 resolve_scale(softmax_scale, head_dim), resolve_softcap(softcap),
-                                check_dropout(dropout_p))
+                                check_dropout(dropout_p), bool(causal), _sparse.check_window(window))
 
 
 def resolve_scale(softmax_scale, head_dim: int) -> float:
@@ -230,16 +230,17 @@ def resolve_softcap(softcap) -> float:
 
 
 def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
-            lse: DeviceArray, causal: bool, stream_ptr: int, lists=None, alibi=None, varlen=None,
+            lse: DeviceArray, stream_ptr: int, lists=None, alibi=None, varlen=None,
             dropout: tuple = _dispatch.NO_DROPOUT) -> None:
     """Launch the forward kernel on the CUDA stream `stream_ptr`, writing out and lse (a contiguous
-    float32 buffer). lists: (pointer, layout) of a block mask's lists (which already hold `causal`);
+    float32 buffer). Causal and a window come with p (as the kernels' band), unless there are lists:
+    (pointer, layout) of a block mask's lists, which already hold them;
     alibi: (pointer, batch stride) of the slopes; varlen: as for _dispatch.seq_args; dropout: the
     kernels' dropout fields (dropout_launch_args)."""
     if p.batch * p.nheads * p.seqlen_q == 0:
         return  # nothing to write
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
-    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, causal, arch=_kernel_arch(q.device),
+    variant = _dispatch.choose_fwd(q.dtype, p.head_dim, p.band, arch=_kernel_arch(q.device),
                                    mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
                                    dropout=p.dropout_p > 0)
     blocks, threads, args = _dispatch.fwd_launch(
@@ -307,19 +308,20 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
                                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                     block_mask=block_mask, rng_state=rng_state)
         return tuple(_headdim.unpad(g, d) for g in grads)
-    block_mask = _sparse.window_mask(block_mask, window_size, q, k)
+    block_mask, window = _sparse.window_mask(block_mask, window_size, q, k)
     return backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask,
-                           alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng_state)
+                           alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng_state,
+                           window=window)
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, block_mask=None, lists=None,
-                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None):
+                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, window=(-1, -1)):
     """flash_attn_backward's work (a block mask as block_mask, or as lists like forward_arrays)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     doa, oa, la = _bridge.describe(dout, "dout"), _bridge.describe(out, "out"), _bridge.describe(softmax_lse, "softmax_lse")
-    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
+    problem = check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p, causal, window)
     check_bwd_args(problem, qa, doa, oa, la)
     dropout = dropout_launch_args(problem, rng)
     alibi = check_alibi(alibi_slopes, problem, qa)
@@ -329,8 +331,8 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, softmax_scale, causal, bloc
     dk, dka = _bridge.empty(qa, ka.shape, qa.dtype)
     dv, dva = _bridge.empty(qa, va.shape, qa.dtype)
     delta, delta_a = _bridge.empty(qa, la.shape, "float32")
-    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, bool(causal), _bridge.current_stream(qa), lists,
-            alibi, dropout=dropout)
+    run_bwd(problem, qa, ka, va, doa, oa, la, delta_a, dqa, dka, dva, _bridge.current_stream(qa), lists, alibi,
+            dropout=dropout)
     if qa.framework == "dlpack":
         dq, dk, dv = dqa.obj, dka.obj, dva.obj
     return dq, dk, dv
@@ -367,14 +369,14 @@ def _kernel_arch(device: int) -> str:
     return "sm_80" if arch == "sm_90a" and os.environ.get("CUFLASH_WGMMA") == "0" else arch
 
 
-def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, causal: bool, stream_ptr: int, lists=None,
+def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, stream_ptr: int, lists=None,
             alibi=None, varlen=None, dropout: tuple = _dispatch.NO_DROPOUT) -> None:
     """Launch the three backward kernels on `stream_ptr`; delta is a float32 workspace like lse;
     lists, alibi, varlen and dropout as for run_fwd."""
     flags = dict(alibi=alibi is not None, softcap=p.softcap > 0, dropout=p.dropout_p > 0,
                  arch=_kernel_arch(q.device))
     if lists is None:
-        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, causal, **flags)
+        variants = _dispatch.choose_bwd(q.dtype, p.head_dim, p.band, **flags)
         sparse_args = (_sparse.NO_LISTS, _sparse.NO_LISTS)
     else:
         ptr, layout = lists

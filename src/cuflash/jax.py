@@ -107,8 +107,7 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
         out, lse = outs
         qa, ka, va, oa = _arrays(problem, totals, (q, k, v, out), dtype, "qkkq")
         lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
-        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), causal, ctx.stream, lists, alibi, varlen,
-                    dropout)
+        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), ctx.stream, lists, alibi, varlen, dropout)
 
     q_shape, _, lse_shape = _shapes(problem, totals)
     return buffer_callback.buffer_callback(
@@ -125,8 +124,8 @@ def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
         arrays = _arrays(problem, totals, (q, k, v, dout, out), dtype, "qkkqq")
         grads = _arrays(problem, totals, (dq, dk, dv), dtype, "qkk")
         lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
-        api.run_bwd(problem, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, causal, ctx.stream,
-                    lists, alibi, varlen, dropout)
+        api.run_bwd(problem, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, ctx.stream, lists,
+                    alibi, varlen, dropout)
 
     q_shape, k_shape, lse_shape = _shapes(problem, totals)
     results = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
@@ -166,11 +165,11 @@ def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, lay
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None,
-                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, dropout_seed=None):
+                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, dropout_seed=None, window=(-1, -1)):
     """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad).
-    Dropout needs dropout_seed: a PRNG key (traceable) or an int."""
+    Dropout needs dropout_seed: a PRNG key (traceable) or an int; window: the kernels' band."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
-    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p)
+    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p, causal, window)
     extras, layout = [], None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
@@ -186,9 +185,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                            causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0, dropout_p=0.0,
-                           dropout_seed=None, block_mask=None):
-    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad); block_mask as the kernels run it
-    (cuflash.varlen folds windows and causal into it)."""
+                           dropout_seed=None, block_mask=None, window=(-1, -1)):
+    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad); block_mask and window as
+    cuflash.varlen's varlen_mask gives them."""
     from .varlen import _batched
 
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
@@ -201,7 +200,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"{name} must be int32 of shape (batch + 1,) like cu_seqlens_q, got {a.dtype} {a.shape}")
     batch = cu_q.shape[0] - 1
     problem = api.check_fwd_args(_batched(qa, batch, int(max_seqlen_q)), _batched(ka, batch, int(max_seqlen_k)),
-                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap, dropout_p)
+                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap, dropout_p, causal,
+                                 window)
     extras, layout = [cu_seqlens_q, cu_seqlens_k], None
     if block_mask is not None:
         _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)

@@ -41,29 +41,35 @@ def _rng_in(rng: torch.Tensor):
     return tuple(x % 2**64 for x in rng.tolist())
 
 
-def _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed):
+def _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed,
+              window_left, window_right):
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse, _ = api.forward_arrays(q, k, v, softmax_scale, causal, lists=_lists(lists, layout),
-                                     alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng)
+                                     alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, rng=rng,
+                                     window=(window_left, window_right))
     return out, lse, rng_tensor
 
 
-def _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
+def _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng,
+              window_left, window_right):
     return api.backward_arrays(dout, q, k, v, out, lse, softmax_scale, causal, lists=_lists(lists, layout),
                                alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-                               rng=_rng_in(rng) if dropout_p else None)
+                               rng=_rng_in(rng) if dropout_p else None, window=(window_left, window_right))
 
 
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
-                   dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed)
+                   dropout_seed: Optional[int], window_left: int,
+                   window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed,
+                     window_left, window_right)
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed):
+def _(q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left,
+      window_right):
     batch, seqlen_q, nheads, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32),
             torch.empty(2, dtype=torch.int64))
@@ -74,22 +80,25 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
                    layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
-                   rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   rng: torch.Tensor, window_left: int,
+                   window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p,
-                     rng)
+                     rng, window_left, window_right)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
+def _(dout, q, k, v, out, lse, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng,
+      window_left, window_right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed = inputs
+    q, k, v, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed, *window = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, out, lse, lists, alibi_slopes, rng)
     ctx.softmax_scale, ctx.causal, ctx.layout, ctx.softcap, ctx.dropout_p = (softmax_scale, causal, layout, softcap,
                                                                              dropout_p)
+    ctx.window = window
     ctx.mark_non_differentiable(lse, rng)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse and rng
 
@@ -104,11 +113,11 @@ def _kernel_layout(dout: torch.Tensor) -> torch.Tensor:
 def _backward_with(bwd):
     def backward(ctx, dout, _dlse, _drng):
         if dout is None:  # out took no part in what is differentiated
-            return (None,) * 11
+            return (None,) * 13
         q, k, v, out, lse, lists, alibi_slopes, rng = ctx.saved_tensors
         dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, ctx.softmax_scale, ctx.causal, lists, ctx.layout,
-                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
-        return dq, dk, dv, *([None] * 8)
+                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng, *ctx.window)
+        return dq, dk, dv, *([None] * 10)
     return backward
 
 
@@ -136,9 +145,10 @@ def _eager(*tensors) -> bool:
 
 
 def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None, alibi_slopes=None,
-                    softcap: float = 0.0, dropout_p: float = 0.0, dropout_seed: Optional[int] = None):
+                    softcap: float = 0.0, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                    window: tuple[int, int] = (-1, -1)):
     """(out, lse, rng), differentiable in q, k and v; rng: the dropout's (seed, offset) as a CPU
-    int64 tensor."""
+    int64 tensor; window: the kernels' band (with no block mask)."""
     lists = layout = None
     if block_mask is not None:
         batch, seqlen_q, nheads, _ = q.shape
@@ -150,7 +160,7 @@ def flash_attn_func(q, k, v, softmax_scale: float, causal: bool, block_mask=None
         layout = packed.to_ints()
     op = _EagerFlashAttn.apply if _eager(q, k, v) else flash_attn_fwd
     return op(q, k, v, float(softmax_scale), bool(causal), lists, layout, alibi_slopes, float(softcap),
-              float(dropout_p), _int64_seed(dropout_seed))
+              float(dropout_p), _int64_seed(dropout_seed), *(int(w) for w in window))
 
 
 def _int64_seed(seed):
@@ -164,22 +174,24 @@ def _int64_seed(seed):
 # ---- packed variable-length batches (cuflash.varlen) -------------------------------------------
 
 def _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists,
-                     layout, alibi_slopes, softcap, dropout_p, dropout_seed):
+                     layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right):
     from . import varlen
 
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse = varlen.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                     causal, alibi_slopes, softcap, dropout_p, rng, lists=_lists(lists, layout))
+                                     causal, alibi_slopes, softcap, dropout_p, rng, lists=_lists(lists, layout),
+                                     window=(window_left, window_right))
     return out, lse, rng_tensor
 
 
 def _varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, lists, layout, alibi_slopes, softcap, dropout_p, rng):
+                     causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right):
     from . import varlen
 
     return varlen.backward_arrays(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, alibi_slopes, softcap, dropout_p,
-                                  _rng_in(rng) if dropout_p else None, lists=_lists(lists, layout))
+                                  _rng_in(rng) if dropout_p else None, lists=_lists(lists, layout),
+                                  window=(window_left, window_right))
 
 
 @torch.library.custom_op("cuflash::flash_attn_varlen_fwd", mutates_args=())
@@ -187,14 +199,15 @@ def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                           causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
                           alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
-                          dropout_seed: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          dropout_seed: Optional[int], window_left: int,
+                          window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                            lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed)
+                            lists, layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right)
 
 
 @flash_attn_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists, layout,
-      alibi_slopes, softcap, dropout_p, dropout_seed):
+      alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right):
     return (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
             torch.empty(2, dtype=torch.int64))
 
@@ -204,22 +217,26 @@ def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                           max_seqlen_k: int, softmax_scale: float, causal: bool, lists: Optional[torch.Tensor],
                           layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor], softcap: float,
-                          dropout_p: float, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          dropout_p: float, rng: torch.Tensor, window_left: int,
+                          window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng)
+                            softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left,
+                            window_right)
 
 
 @flash_attn_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      lists, layout, alibi_slopes, softcap, dropout_p, rng):
+      lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed = inputs
+    (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed,
+     *window) = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng)
     ctx.args = (max_q, max_k, softmax_scale, causal)
+    ctx.window = window
     ctx.layout = layout
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.mark_non_differentiable(lse, rng)
@@ -229,11 +246,11 @@ def _varlen_setup_context(ctx, inputs, output):
 def _varlen_backward_with(bwd):
     def backward(ctx, dout, _dlse, _drng):
         if dout is None:
-            return (None,) * 15
+            return (None,) * 17
         q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
         dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args, lists, ctx.layout,
-                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng)
-        return dq, dk, dv, *([None] * 12)
+                         alibi_slopes, ctx.softcap, ctx.dropout_p, rng, *ctx.window)
+        return dq, dk, dv, *([None] * 14)
     return backward
 
 
@@ -247,9 +264,10 @@ _EagerFlashAttnVarlen = _eager_function("_EagerFlashAttnVarlen", _varlen_fwd_imp
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            softmax_scale: float, causal: bool, alibi_slopes=None, softcap: float = 0.0,
-                           dropout_p: float = 0.0, dropout_seed: Optional[int] = None, block_mask=None):
-    """(out, lse, rng) of packed sequences, differentiable in q, k and v; block_mask as the kernels
-    run it (cuflash.varlen folds windows and causal into it)."""
+                           dropout_p: float = 0.0, dropout_seed: Optional[int] = None, block_mask=None,
+                           window: tuple[int, int] = (-1, -1)):
+    """(out, lse, rng) of packed sequences, differentiable in q, k and v; block_mask and window as
+    cuflash.varlen's varlen_mask gives them."""
     lists = layout = None
     if block_mask is not None:
         nheads, nheads_k = q.shape[1], k.shape[1]
@@ -260,4 +278,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         layout = packed.to_ints()
     op = _EagerFlashAttnVarlen.apply if _eager(q, k, v, cu_seqlens_q, cu_seqlens_k) else flash_attn_varlen_fwd
     return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal),
-              lists, layout, alibi_slopes, float(softcap), float(dropout_p), _int64_seed(dropout_seed))
+              lists, layout, alibi_slopes, float(softcap), float(dropout_p), _int64_seed(dropout_seed),
+              *(int(w) for w in window))

@@ -26,21 +26,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     against cu_seqlens, which would need a device-to-host copy). CuPy arrays, PyTorch tensors and JAX
     arrays (differentiable in both). Returns out (total_q, nheads, headdim), or (out, softmax_lse,
     rng_state). Dropout numbers each sequence's scores from its own first row and key, with the
-    sequence's index as its batch index. window_size (and causal with a block mask) is aligned to each
-    sequence's own bottom-right corner, which reads cu_seqlens on the host once per call (under
-    jax.jit they must be concrete, not traced). A block_mask is built for seqlens (max_seqlen_q,
+    sequence's index as its batch index. window_size is aligned to each sequence's own bottom-right
+    corner; together with a block mask it (and causal) reads cu_seqlens on the host once per call
+    (under jax.jit they must be concrete, not traced). A block_mask is built for seqlens (max_seqlen_q,
     max_seqlen_k) with batch 1 or one entry per sequence; its indices count from each sequence's
     first query and key."""
     dropout_p = api.check_dropout(dropout_p)
-    block_mask, causal = _sparse.varlen_mask(block_mask, window_size, bool(causal),
-                                             lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                             max_seqlen_k)
+    block_mask, causal, window = _sparse.varlen_mask(block_mask, window_size, bool(causal),
+                                                     lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k),
+                                                     max_seqlen_q, max_seqlen_k)
     padded = _headdim.needs_padding(q, k, v, ndim=3)
     if padded:
         d = q.shape[-1]
         res = flash_attn_varlen_func(*(_headdim.pad(x, padded) for x in (q, k, v)), cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, softmax_scale=api.resolve_scale(softmax_scale, d),
-                                     causal=causal, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                      return_attn_probs=return_attn_probs, dropout_p=dropout_p,
                                      dropout_seed=dropout_seed, block_mask=block_mask)
         return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
@@ -49,20 +49,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
         return cf_jax.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              softmax_scale, causal, return_attn_probs, alibi_slopes, softcap,
-                                             dropout_p, dropout_seed, block_mask)
+                                             dropout_p, dropout_seed, block_mask, window)
     if api._needs_torch_autograd(q, k, v):
         from . import torch as cf_torch
 
         out, lse, rng = cf_torch.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                         int(max_seqlen_k), api.resolve_scale(softmax_scale, q.shape[-1]),
                                                         bool(causal), alibi_slopes, api.resolve_softcap(softcap),
-                                                        dropout_p, dropout_seed, block_mask)
+                                                        dropout_p, dropout_seed, block_mask, window)
         if return_attn_probs:
             rng = tuple(x % 2**64 for x in rng.tolist()) if dropout_p else None
     else:
         rng = api.resolve_rng(dropout_p, dropout_seed, q)
         out, lse = forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                  causal, alibi_slopes, softcap, dropout_p, rng, block_mask)
+                                  causal, alibi_slopes, softcap, dropout_p, rng, block_mask, window=window)
     return (out, lse, rng) if return_attn_probs else out
 
 
@@ -73,44 +73,46 @@ def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu
     """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (CuPy users); with
     dropout, rng_state is the (seed, offset) the forward returned."""
     dropout_p = api.check_dropout(dropout_p)
-    block_mask, causal = _sparse.varlen_mask(block_mask, window_size, bool(causal),
-                                             lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                             max_seqlen_k)
+    block_mask, causal, window = _sparse.varlen_mask(block_mask, window_size, bool(causal),
+                                                     lambda: _host_lengths(cu_seqlens_q, cu_seqlens_k),
+                                                     max_seqlen_q, max_seqlen_k)
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=3)
     if padded:
         d = q.shape[-1]
         grads = flash_attn_varlen_backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            softmax_scale=api.resolve_scale(softmax_scale, d), causal=causal,
-                                           softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                           window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                            rng_state=rng_state, block_mask=block_mask)
         return tuple(_headdim.unpad(g, d) for g in grads)
     return backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, causal, alibi_slopes, softcap, dropout_p, rng_state, block_mask)
+                           softmax_scale, causal, alibi_slopes, softcap, dropout_p, rng_state, block_mask,
+                           window=window)
 
 
 def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, block_mask=None, lists=None):
+                   alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, block_mask=None, lists=None,
+                   window=(-1, -1)):
     """The packed forward on CuPy/PyTorch arrays: (out, lse), no autograd; rng = (seed, offset); a block
-    mask as block_mask, or on the device as lists (see api.forward_arrays)."""
+    mask as block_mask, or on the device as lists (see api.forward_arrays); window as varlen_mask gives it."""
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                softmax_scale, softcap, dropout_p)
+                                                softmax_scale, softcap, dropout_p, causal, window)
     if block_mask is not None:
         lists = api.mask_lists(block_mask, causal, problem, qa)
     dropout = api.dropout_launch_args(problem, rng)
     alibi = api.check_alibi(alibi_slopes, problem, qa)
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype)
     lse, lse_a = _bridge.empty(qa, (problem.nheads, qa.shape[0]), "float32")
-    api.run_fwd(problem, q4, k4, v4, _batched(out_a, problem.batch, problem.seqlen_q), lse_a, bool(causal),
+    api.run_fwd(problem, q4, k4, v4, _batched(out_a, problem.batch, problem.seqlen_q), lse_a,
                 _bridge.current_stream(qa), lists, alibi, varlen, dropout)
     return out, lse
 
 
 def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     softmax_scale, causal, alibi_slopes=None, softcap=0.0, dropout_p=0.0, rng=None, block_mask=None,
-                    lists=None):
+                    lists=None, window=(-1, -1)):
     problem, (q4, k4, v4), varlen, qa = _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                softmax_scale, softcap, dropout_p)
+                                                softmax_scale, softcap, dropout_p, causal, window)
     if block_mask is not None:
         lists = api.mask_lists(block_mask, causal, problem, qa)
     dropout = api.dropout_launch_args(problem, rng)
@@ -132,12 +134,13 @@ def backward_arrays(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
     batched = [_batched(a, problem.batch, n) for a, n in
                ((doa, problem.seqlen_q), (oa, problem.seqlen_q), (grads[0][1], problem.seqlen_q),
                 (grads[1][1], problem.seqlen_k), (grads[2][1], problem.seqlen_k))]
-    api.run_bwd(problem, q4, k4, v4, batched[0], batched[1], la, delta_a, *batched[2:], bool(causal),
-                _bridge.current_stream(qa), lists, alibi, varlen, dropout)
+    api.run_bwd(problem, q4, k4, v4, batched[0], batched[1], la, delta_a, *batched[2:], _bridge.current_stream(qa),
+                lists, alibi, varlen, dropout)
     return tuple(g for g, _ in grads)
 
 
-def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0):
+def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0,
+             causal=False, window=(-1, -1)):
     """Checks; the problem as batched views (batch stride 0, seqlen = the maximum) and the varlen
     launch fields."""
     qa, ka, va = (_bridge.describe(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
@@ -159,7 +162,7 @@ def _problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     batch = cu_q.shape[0] - 1
     q4, k4, v4 = _batched(qa, batch, max_seqlen_q), _batched(ka, batch, max_seqlen_k), _batched(va, batch, max_seqlen_k)
-    problem = api.check_fwd_args(q4, k4, v4, softmax_scale, softcap, dropout_p)
+    problem = api.check_fwd_args(q4, k4, v4, softmax_scale, softcap, dropout_p, causal, window)
     return problem, (q4, k4, v4), (cu_q.ptr, cu_k.ptr, qa.shape[0]), qa
 
 
@@ -176,7 +179,7 @@ def _host_lengths(cu_seqlens_q, cu_seqlens_k) -> tuple[tuple[int, ...], tuple[in
         try:
             host = cu.cpu().numpy() if framework == "torch" else cu.get() if framework == "cupy" else np.asarray(cu)
         except Exception as e:  # a JAX tracer
-            raise ValueError(f"{name}: window_size (or causal with a block mask) with packed sequences needs the "
+            raise ValueError(f"{name}: a block mask with window_size or causal on packed sequences needs the "
                              f"sequence lengths on the host, and they could not be read ({type(e).__name__}); "
                              f"under jax.jit pass concrete cu_seqlens (closed over), not traced arguments") from None
         return tuple(int(n) for n in np.diff(host.astype(np.int64)))
