@@ -54,7 +54,7 @@ def main():
     list(_compile.precompile(variants, arch))
     for v in variants:  # this NVRTC's resource report: a spilling candidate may not be chosen
         r = _compile.resource_report(v.source, v.name, arch, v.smem_bytes)
-        print(f"{v.head_dim:3d} {(v.block_m, v.block_n, v.warps)} causal={v.causal!s:5} regs={r.registers} "
+        print(f"{v.head_dim:3d} {(v.block_m, v.block_n, v.warps)} band={v.band} regs={r.registers} "
               f"spill={r.spill_store_bytes}{' SPILLS' if r.spills else ''}", flush=True)
     dt = getattr(torch, args.dtype)
     for d in args.headdims:

@@ -60,7 +60,7 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
 // the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -105,9 +105,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
   if (n0 >= seqlen_k) return;  // a packed sequence shorter than the longest
 
-  // Query tiles that can see these keys: all of them, or (BAND) those inside the band (band.cuh), or
+  // Query tiles that can see these keys: all of them, or those inside the band (BAND, band.cuh), or
   // (SPARSE) the listed ones.
-  const Band band{diag, window_left, window_right};
+  const Band<BAND> band{diag, window_left, window_right};
   int m_first = 0, tiles_per_head = (seqlen_q + BMQ - 1) / BMQ;
   if (BAND) band.query_tiles(n0, n0 + BN - 1, seqlen_q, BMQ, m_first, tiles_per_head);
   int n_iters = tiles_per_head * kv_group;
@@ -250,7 +250,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
-template <typename T, int D, int BM, int BN, int WARPS, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int BM, int BN, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -290,7 +290,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int m0 = m_block * BM, diag = seqlen_k - seqlen_q;
   if (m0 >= seqlen_q) return;  // a packed sequence shorter than the longest
-  const Band band{diag, window_left, window_right};
+  const Band<BAND> band{diag, window_left, window_right};
   int n_first = 0, n_blocks = (seqlen_k + BN - 1) / BN;  // key tiles from n_first (BAND: inside the band)
   if (BAND) band.key_tiles(m0, m0 + BM - 1, seqlen_k, BN, n_first, n_blocks);
   __shared__ ListRow list;

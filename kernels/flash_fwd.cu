@@ -44,9 +44,10 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
 }
 
 // Thread block -> (query tile, batch, head); query tiles of one head are neighbours in launch order.
-// BAND: the last query tiles of a head start first (the heaviest, when causal). blockIdx is read through a volatile asm so
-// that a second instance recomputes the coordinates instead of keeping them live (and spilled).
-template <bool BAND>
+// REVERSE (with a band): the last query tiles of a head start first (the heaviest, when causal).
+// blockIdx is read through a volatile asm so that a second instance recomputes the coordinates instead
+// of keeping them live (and spilled).
+template <bool REVERSE>
 struct BlockCoords {
   int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
   __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
@@ -54,19 +55,20 @@ struct BlockCoords {
     asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
     bh = block / num_m_blocks;
     m_block = block - bh * num_m_blocks;
-    if (BAND) m_block = num_m_blocks - 1 - m_block;
+    if (REVERSE) m_block = num_m_blocks - 1 - m_block;
     b = bh / nheads;
     h = bh - b * nheads;
   }
 };
 
 // SPARSE: visit only the key tiles a block mask lists for this query tile (see block_sparse.cuh);
-// otherwise every key tile (BAND: every one inside the band, band.cuh), from the last to the first.
+// otherwise every key tile inside the band (BAND: kNoBand, kCausal or kWindow, band.cuh), from the last
+// to the first.
 // ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
 // SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
 // DROPOUT: after the row sums have taken P, dropped entries of P are zeroed (dropout.cuh) and O is
 // scaled by 1 / keep probability; the log-sum-exp is that of the full softmax.
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
@@ -93,7 +95,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
 
-  const BlockCoords<BAND> blk(num_m_blocks, nheads);
+  const BlockCoords<BAND != kNoBand> blk(num_m_blocks, nheads);
   const int m0 = blk.m_block * BM;
   // This block's sequences and K and V heads. Kept in shared memory, not registers: the main loop
   // needs every register for accumulators, and a shared-memory load per tile is cheap.
@@ -120,7 +122,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   // Key tiles this query tile can see: n_blocks of them from tile n_first.
   const int diag = seqlen_k - seqlen_q;
-  const Band band{diag, window_left, window_right};
+  const Band<BAND> band{diag, window_left, window_right};
   int n_first = 0, n_blocks = (seqlen_k + BN - 1) / BN;
   if (BAND) band.key_tiles(m0, m0 + BM - 1, seqlen_k, BN, n_first, n_blocks);
   if (SPARSE) n_blocks = list.count * (lists.block_n / BN);
@@ -187,7 +189,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   // Epilogue: O = acc_o / l, LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
   // The block's coordinates are derived again rather than kept in registers through the main loop.
-  const BlockCoords<BAND> out_blk(num_m_blocks, nheads);
+  const BlockCoords<BAND != kNoBand> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
   float* lse_head = lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start;
   // O goes out through this warp's own rows of the Q tile (tile_io.cuh; wgmma tiles: the same bytes,

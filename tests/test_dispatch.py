@@ -24,13 +24,13 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
     dims = 2 * len(_dispatch.HEAD_DIM_BUCKETS) + len(_dispatch.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
-    assert len(dense) == dims * 2 * 4 * 2  # dims x causal x mods x dropout
+    assert len(dense) == dims * 3 * 4 * 2  # dims x band (none, causal, window) x mods x dropout
 
 
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, True)
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
-                      f"{v.stages}, true, false, false, false, false, false>")
+                      f"{v.stages}, 1, false, false, false, false, false>")  # band 1: causal
 
 
 def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
@@ -81,9 +81,13 @@ def test_band_args():
         p = _dispatch.FwdProblem(1, sq, sk, 1, 1, 64, 0.125, causal=causal, window=window)
         return p.band, p.band_args()
 
-    assert band() == (False, (400, 400))
-    assert band(causal=True) == (True, (400, 0))  # right capped at 0; an unbounded side is seqlen_q + seqlen_k
-    assert band(window=(3, 5)) == (True, (3, 5))
-    assert band(causal=True, window=(3, 5)) == (True, (3, 0))
-    assert band(window=(-1, 2)) == (True, (400, 2))
-    assert band(window=(10**9, 0)) == (True, (400, 0))  # clipped, so the kernels' sums never overflow
+    none, causal, window = _dispatch.NO_BAND, _dispatch.CAUSAL, _dispatch.WINDOW
+    assert band() == (none, (400, 400))
+    assert band(causal=True) == (causal, (400, 0))  # right capped at 0; an unbounded side is seqlen_q + seqlen_k
+    assert band(causal=True, window=(-1, 7)) == (causal, (400, 0))  # causal wins over the right side
+    assert band(window=(3, 5)) == (window, (3, 5))
+    assert band(causal=True, window=(3, 5)) == (window, (3, 0))
+    assert band(window=(-1, 2)) == (window, (400, 2))
+    assert band(window=(10**9, 0)) == (window, (400, 0))  # clipped, so the kernels' sums never overflow
+    # A window takes narrower tiles than causal where registers are short (no spills; tests/test_compile.py).
+    assert choose_fwd("bfloat16", 64, window).block_n <= choose_fwd("bfloat16", 64, causal).block_n

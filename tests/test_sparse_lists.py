@@ -94,10 +94,10 @@ def test_sparse_tiles_divide_the_mask_blocks(blocks):
         for d in _dispatch.HEAD_DIM_BUCKETS:
             for arch in _dispatch.ARCHS:
                 f = _dispatch.choose_fwd(dtype, d, True, arch=arch, mask_blocks=blocks)
-                assert f.sparse and not f.causal and blocks[0] % f.block_m == 0 and blocks[1] % f.block_n == 0
+                assert f.sparse and not f.band and blocks[0] % f.block_m == 0 and blocks[1] % f.block_n == 0
                 assert f.block_m % (16 * f.warps) == 0
             _, dkdv, dq = _dispatch.choose_bwd(dtype, d, True, blocks)
-            assert dkdv.sparse and dq.sparse and not (dkdv.causal or dq.causal)
+            assert dkdv.sparse and dq.sparse and not (dkdv.band or dq.band)
             assert blocks[1] % dkdv.block_n == 0 and blocks[0] % dkdv.block_q == 0
             assert blocks[0] % dq.block_m == 0 and blocks[1] % dq.block_n == 0
 

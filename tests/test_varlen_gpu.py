@@ -128,8 +128,9 @@ def test_varlen_argument_errors():
         cuflash.flash_attn_varlen_func(q[None], q, q, good, good, 6, 6)
     with pytest.raises(ValueError, match="max_seqlen_k"):
         cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, -1)
-    with pytest.raises(ValueError, match="longer than max_seqlen_q = 5"):
-        cuflash.flash_attn_varlen_func(q, q, q, good, good, 5, 6, window_size=(4, 0))
+    with pytest.raises(ValueError, match="longer than max_seqlen_q = 5"):  # read with a block mask and a window
+        cuflash.flash_attn_varlen_func(q, q, q, good, good, 5, 6, window_size=(4, 0),
+                                       block_mask=cuflash.BlockMask.from_dense(np.ones((1, 1), bool), 5, 6))
     with pytest.raises(ValueError, match="window_size must be a pair"):
         cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, 6, window_size=(4, -2))
 

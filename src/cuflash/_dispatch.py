@@ -84,7 +84,7 @@ class FwdVariant:
     block_n: int
     warps: int
     stages: int
-    causal: bool
+    band: int  # NO_BAND, CAUSAL or WINDOW (kernels/band.cuh)
     sparse: bool = False  # reads a block mask's lists (kernels/block_sparse.cuh)
     alibi: bool = False  # adds ALiBi biases (kernels/score_mods.cuh)
     softcap: bool = False  # caps scores with tanh (kernels/score_mods.cuh)
@@ -97,7 +97,7 @@ class FwdVariant:
         return (
             f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
             f"{self.block_n}, {self.warps}, {self.stages}, "
-            f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>"
+            f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>"
         )
 
     @property
@@ -126,13 +126,18 @@ def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
     return tile if block % tile == 0 else max(s for s in smaller if s <= tile and block % s == 0)
 
 
+# The kernels' band of keys per query (kernels/band.cuh): none, causal, or a sliding window.
+NO_BAND, CAUSAL, WINDOW = 0, 1, 2
+BANDS = (NO_BAND, CAUSAL, WINDOW)
+
+
 @functools.lru_cache(maxsize=None)
-def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, int, int] | None = None,
+def choose_fwd(dtype: str, head_dim: int, band: int, tile: tuple[int, int, int, int] | None = None,
                arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False,
                softcap: bool = False, dropout: bool = False) -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
-    mask_blocks = (block_m, block_n) of a block mask picks a block-sparse variant; alibi and softcap
-    the score modifications; dropout the fused dropout."""
+    band: NO_BAND, CAUSAL (or True) or WINDOW; mask_blocks = (block_m, block_n) of a block mask picks a
+    block-sparse variant; alibi and softcap the score modifications; dropout the fused dropout."""
     bucket = head_dim_bucket(head_dim, dtype)
     if dtype == "float32":
         tile = tile or fp32_fwd_tile(bucket)
@@ -144,17 +149,17 @@ def choose_fwd(dtype: str, head_dim: int, causal: bool, tile: tuple[int, int, in
     if sparse:
         block_m = _divides(block_m, mask_blocks[0])
         warps = min(warps, block_m // 16)
-    if (sparse or alibi or softcap or dropout) and block_m > 16 * warps:
-        # Warps of 32 rows have no registers left for a mask, score change or RNG on wide tiles:
+    if (sparse or alibi or softcap or dropout or band == WINDOW) and block_m > 16 * warps:
+        # Warps of 32 rows have no registers left for a mask, window, score change or RNG on wide tiles:
         # fewer keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
         if bucket > 128 or (softcap and dropout and bucket == 128):  # tanh and the RNG together, too
             warps = block_m // 16
-        else:  # the RNG's registers (dropout) tip d = 128 over at 48 keys
-            block_n = min(block_n, 32 if softcap or (dropout and bucket == 128) else 64)
+        else:  # the RNG's registers (dropout) and a window's bounds tip d = 128 over at 48 keys
+            block_n = min(block_n, 32 if softcap or (bucket == 128 and (dropout or band == WINDOW)) else 64)
     if sparse:
         block_n = _divides(block_n, mask_blocks[1])
-    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, bool(causal) and not sparse, sparse, bool(alibi),
-                      bool(softcap), bool(dropout), wgmma)
+    return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, NO_BAND if sparse else int(band), sparse,
+                      bool(alibi), bool(softcap), bool(dropout), wgmma)
 
 
 def all_variants(arch: str = "sm_80") -> list:
@@ -162,10 +167,10 @@ def all_variants(arch: str = "sm_80") -> list:
     fwd = []
     for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
         mods = dict(alibi=alibi, softcap=softcap, dropout=dropout)
-        fwd += [choose_fwd(dt, d, c, arch=arch, **mods) for dt in DTYPES for d in HEAD_DIM_BUCKETS
-                for c in (False, True)]
+        fwd += [choose_fwd(dt, d, band, arch=arch, **mods) for dt in DTYPES for d in HEAD_DIM_BUCKETS
+                for band in BANDS]
         for blocks in MASK_BLOCKS:
-            fwd += [v for v in (choose_fwd(dt, d, False, arch=arch, mask_blocks=blocks, **mods)
+            fwd += [v for v in (choose_fwd(dt, d, NO_BAND, arch=arch, mask_blocks=blocks, **mods)
                                 for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
     return list(dict.fromkeys(fwd)) + all_bwd_variants(arch)  # fp32's coarser buckets repeat variants
 
@@ -185,9 +190,11 @@ class FwdProblem:
     window: tuple[int, int] = (-1, -1)  # FlashAttention-2's window_size; -1: unbounded on that side
 
     @property
-    def band(self) -> bool:
-        """Whether the kernels restrict keys to a band (kernels/band.cuh): causal, or a window."""
-        return self.causal or self.window != (-1, -1)
+    def band(self) -> int:
+        """The kernels' band (kernels/band.cuh): NO_BAND, CAUSAL (left unbounded, right 0) or WINDOW."""
+        if self.window[0] == -1 and (self.causal or self.window[1] == -1):
+            return CAUSAL if self.causal else NO_BAND
+        return WINDOW
 
     def band_args(self) -> tuple[int, int]:
         """The kernels' (window_left, window_right): query i sees key j iff i + d - left <= j <= i + d +
@@ -322,7 +329,7 @@ class BwdDkdvVariant:
     block_q: int
     warps: int
     splits: int
-    causal: bool
+    band: int  # NO_BAND, CAUSAL or WINDOW (kernels/band.cuh)
     sparse: bool = False
     alibi: bool = False
     softcap: bool = False
@@ -334,7 +341,7 @@ class BwdDkdvVariant:
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, "
-                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
+                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
 
     @property
     def threads(self) -> int:
@@ -352,7 +359,7 @@ class BwdDqVariant:
     block_m: int
     block_n: int
     warps: int
-    causal: bool
+    band: int  # NO_BAND, CAUSAL or WINDOW (kernels/band.cuh)
     sparse: bool = False
     alibi: bool = False
     softcap: bool = False
@@ -364,7 +371,7 @@ class BwdDqVariant:
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
                 f"{self.block_n}, {self.warps}, "
-                f"{_flags(self.causal, self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
+                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
 
     @property
     def threads(self) -> int:
@@ -376,7 +383,7 @@ class BwdDqVariant:
 
 
 @functools.lru_cache(maxsize=None)
-def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, int] | None = None,
+def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int] | None = None,
                alibi: bool = False, softcap: bool = False, dropout: bool = False, arch: str = "sm_80"):
     """(preprocess, dK/dV, dQ) variants for a backward call; the flags as for choose_fwd. On sm_90a,
     fp16/bf16 at the WGMMA_BWD buckets take the wgmma kernels."""
@@ -387,7 +394,7 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
     if wgmma:
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
-        if mask_blocks or alibi or softcap or dropout:  # no registers left for these on the widest tiles:
+        if mask_blocks or alibi or softcap or dropout or band == WINDOW:  # no registers left on the widest tiles:
             block_q, dq_n = min(block_q, 64), min(dq_n, 64)  # 64-wide score tiles,
             dq_m, dq_warps = min(dq_m, 128), min(dq_warps, 8)  # two warpgroups (three get 168 registers)
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
@@ -401,15 +408,15 @@ def choose_bwd(dtype: str, head_dim: int, causal: bool, mask_blocks: tuple[int, 
         dq_n = min(dq_n, 32)
     if mask_blocks is None:
         return (BwdPreprocessVariant(dtype),
-                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, bool(causal), False, *mods, wgmma),
-                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, bool(causal), False, *mods, wgmma))
+                BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, int(band), False, *mods, wgmma),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, int(band), False, *mods, wgmma))
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
     return (BwdPreprocessVariant(dtype),
             BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16), splits,
-                           False, True, *mods, wgmma),
-            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), False, True, *mods,
+                           NO_BAND, True, *mods, wgmma),
+            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), NO_BAND, True, *mods,
                          wgmma))
 
 
@@ -418,10 +425,10 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
     for dt in DTYPES:
         for d in HEAD_DIM_BUCKETS:
             for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
-                for c in (False, True):
-                    out += [v for v in choose_bwd(dt, d, c, None, alibi, softcap, dropout, arch) if v not in out]
+                for band in BANDS:
+                    out += [v for v in choose_bwd(dt, d, band, None, alibi, softcap, dropout, arch) if v not in out]
                 for blocks in MASK_BLOCKS:
-                    out += [v for v in choose_bwd(dt, d, False, blocks, alibi, softcap, dropout, arch)
+                    out += [v for v in choose_bwd(dt, d, NO_BAND, blocks, alibi, softcap, dropout, arch)
                             if v not in out]
     return out
 
