@@ -394,7 +394,8 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
     if wgmma:
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
-        if mask_blocks or alibi or softcap or dropout or band == WINDOW:  # no registers left on the widest tiles:
+        # No registers left on the widest tiles for a mask, window, tanh or RNG (ALiBi's bias fits):
+        if mask_blocks or softcap or dropout or band == WINDOW:
             block_q, dq_n = min(block_q, 64), min(dq_n, 64)  # 64-wide score tiles,
             dq_m, dq_warps = min(dq_m, 128), min(dq_warps, 8)  # two warpgroups (three get 168 registers)
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
