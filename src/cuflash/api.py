@@ -388,11 +388,10 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, stream_ptr: int, list
     )
     # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream
     # (CUFLASH_BWD_STREAMS=1 queues all three kernels on the caller's stream).
-    first = [x for x in launches if not isinstance(x[0], _dispatch.BwdDqVariant)]
+    pre = [x for x in launches if isinstance(x[0], _dispatch.BwdPreprocessVariant)]
+    dkdv = [x for x in launches if isinstance(x[0], _dispatch.BwdDkdvVariant)]
     dq_launch = [x for x in launches if isinstance(x[0], _dispatch.BwdDqVariant)]
     if os.environ.get("CUFLASH_BWD_STREAMS") == "1":
-        _launch_on(q.device, first + dq_launch, stream_ptr)
-    else:
-        pre = [x for x in first if isinstance(x[0], _dispatch.BwdPreprocessVariant)]
-        _launch_on(q.device, pre, stream_ptr)
-        _launch_on(q.device, [x for x in first if x not in pre], stream_ptr, beside=dq_launch)
+        dkdv, dq_launch = dkdv + dq_launch, []
+    _launch_on(q.device, pre, stream_ptr)
+    _launch_on(q.device, dkdv, stream_ptr, beside=dq_launch)
