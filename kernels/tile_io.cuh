@@ -82,39 +82,87 @@ __device__ __forceinline__ void load_tile_async_core(T* smem, const T* gmem, lon
   }
 }
 
+// 128-byte swizzled tiles (what wgmma and TMA call SWIZZLE_128B) of 16-bit elements: a ROWS x D tile
+// is D / 64 column blocks, each ROWS rows of 128 bytes; in row r the 16-byte chunk j sits at chunk
+// j ^ (r % 8), so the 8 chunks of a row and the 8 rows of a chunk each fall in 8 different bank groups.
+// Blocks start at 1024-byte boundaries (the swizzle repeats every 8 rows). Byte offset of (r, c):
+template <int ROWS>
+__device__ __forceinline__ unsigned sw128_offset(int r, int c) {
+  return (c / 64) * ROWS * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
+}
+
+// Asynchronously copy a ROWS x D tile into the swizzled layout: each thread copies whole 16-byte chunks,
+// a warp reads two to four whole rows (full 128-byte lines; the core-matrix copy above reads half lines
+// of 8 rows, which costs the L2 twice the requests) and writes them without bank conflicts.
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_async_sw128(T* smem, const T* gmem, long long row_stride, int rows_valid,
+                                                      int cols_valid) {
+  static_assert(D % 64 == 0 && sizeof(T) == 2, "whole 128-byte column blocks of 16-bit elements");
+  constexpr int CPR = D / 8, ROWS_PER_PASS = THREADS / CPR;
+  static_assert(THREADS % CPR == 0 && ROWS % ROWS_PER_PASS == 0, "a pass copies whole rows");
+  const int tid = thread_index_uncached();
+  const int c = (tid % CPR) * 8;
+  int r = tid / CPR;
+  const T* src = gmem + r * row_stride + c;
+  const long long src_step = ROWS_PER_PASS * row_stride;
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+#pragma unroll
+  for (int pass = 0; pass < ROWS / ROWS_PER_PASS; ++pass) {
+    const bool valid = r < rows_valid && c < cols_valid;
+    cp_async_16(base + sw128_offset<ROWS>(r, c), valid ? src : gmem, valid);
+    r += ROWS_PER_PASS;
+    src += src_step;
+  }
+}
+
 // ---- Epilogues: register tiles out through shared memory -----------------------------------------
-// A warp writes its 16 * MT accumulator rows (each times row_scale(mt, half)) into `stage`, rows of a
-// shared tile that only this warp still uses, `pitch` elements apart; copy_rows_out then stores them
-// as whole 16-byte chunks of rows, which costs far less than scattered 4-byte pairs.
-template <typename T, int MT, int NT, typename RowScale>
-__device__ __forceinline__ void stage_rows(const float (&acc)[MT][NT][4], T* stage, int pitch, int lane,
-                                           RowScale row_scale) {
+// A warp writes its 16 * MT accumulator rows (each times row_scale(mt, half)) into staging rows that only
+// this warp still uses, element (r, c) at at(r, c) (rows of a padded tile: stage + r * pitch + c);
+// copy_rows_out then stores them as whole 16-byte chunks of rows, which costs far less than scattered
+// 4-byte pairs.
+template <typename T, int MT, int NT, typename At, typename RowScale>
+__device__ __forceinline__ void stage_rows_at(const float (&acc)[MT][NT][4], const At& at, int lane,
+                                              RowScale row_scale) {
   __syncwarp();  // every lane is done reading these rows as an operand
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float scale = row_scale(mt, half);
-      T* row = stage + (mt * 16 + lane / 4 + half * 8) * pitch + (lane % 4) * 2;
+      const int r = mt * 16 + lane / 4 + half * 8;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        store2(row + nt * 8, acc[mt][nt][2 * half] * scale, acc[mt][nt][2 * half + 1] * scale);
+        store2(static_cast<T*>(at(r, nt * 8 + (lane % 4) * 2)), acc[mt][nt][2 * half] * scale,
+               acc[mt][nt][2 * half + 1] * scale);
     }
   __syncwarp();
 }
 
-// Copy ROWS x COLS staged elements to global rows `row_stride` apart, keeping rows < rows_valid and
-// columns < cols_valid (a multiple of 16 bytes).
-template <int ROWS, int COLS, typename T>
-__device__ __forceinline__ void copy_rows_out(T* gmem, long long row_stride, const T* stage, int pitch,
-                                              int rows_valid, int cols_valid, int lane) {
+template <typename T, int MT, int NT, typename RowScale>
+__device__ __forceinline__ void stage_rows(const float (&acc)[MT][NT][4], T* stage, int pitch, int lane,
+                                           RowScale row_scale) {
+  stage_rows_at<T>(acc, [=](int r, int c) { return stage + r * pitch + c; }, lane, row_scale);
+}
+
+// Copy ROWS x COLS staged elements (at(r, c), 16-byte chunks) to global rows `row_stride` apart, keeping
+// rows < rows_valid and columns < cols_valid (a multiple of 16 bytes).
+template <int ROWS, int COLS, typename T, typename At>
+__device__ __forceinline__ void copy_rows_out_at(T* gmem, long long row_stride, const At& at, int rows_valid,
+                                                 int cols_valid, int lane) {
   constexpr int chunks_per_row = COLS / kChunk<T>;
 #pragma unroll
   for (int i = lane; i < ROWS * chunks_per_row; i += 32) {
     const int r = i / chunks_per_row, c = (i % chunks_per_row) * kChunk<T>;
     if (r < rows_valid && c < cols_valid)
-      *reinterpret_cast<uint4*>(gmem + r * row_stride + c) = *reinterpret_cast<const uint4*>(stage + r * pitch + c);
+      *reinterpret_cast<uint4*>(gmem + r * row_stride + c) = *reinterpret_cast<const uint4*>(at(r, c));
   }
+}
+
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void copy_rows_out(T* gmem, long long row_stride, const T* stage, int pitch,
+                                              int rows_valid, int cols_valid, int lane) {
+  copy_rows_out_at<ROWS, COLS>(gmem, row_stride, [=](int r, int c) { return stage + r * pitch + c; }, rows_valid,
+                               cols_valid, lane);
 }
 
 // Both steps with one scale for every row.

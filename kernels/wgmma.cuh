@@ -239,26 +239,80 @@ __device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsi
   wgmma_commit();
 }
 
-// Issue acc += P B: P (64 x K, this warp's 16 rows in the accumulator layout of a previous product) from
-// registers, B = K rows at b_rows (N wide from its first column; MN-major). POSITIVE: max(P, 0), as
-// warp_mma_pb. Asynchronous like wg_mma_abt_async.
-template <typename T, int K, int N, int D, bool POSITIVE = false>
-__device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const float (&p)[1][K / 8][4],
-                                                unsigned b_rows) {
+// P (64 x K, this warp's 16 rows in the accumulator layout of a previous product) as the register A
+// operand of a product: one m16n8k16 A fragment per 16 columns. POSITIVE: max(P, 0), as warp_mma_pb.
+template <typename T, int K, bool POSITIVE = false>
+__device__ __forceinline__ void wg_a_fragments(unsigned (&a)[K / 16][4], const float (&p)[1][K / 8][4]) {
   static_assert(K % 16 == 0, "k steps of 16");
-  using L = CoreTile<D>;
-  unsigned a[K / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    a_fragment<T, POSITIVE>(a[kk], p[0], kk);
+  for (int kk = 0; kk < K / 16; ++kk) a_fragment<T, POSITIVE>(a[kk], p[0], kk);
+}
+
+// Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B = K rows at b_rows (N wide from its
+// first column; MN-major). Asynchronous like wg_mma_abt_async.
+template <typename T, int K, int N, int D>
+__device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], unsigned (&a)[K / 16][4],
+                                                    unsigned b_rows) {
+  using L = CoreTile<D>;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
 #pragma unroll
     for (int i = 0; i < 4; ++i) pin(a[kk][i]);
-  }
   pin(acc);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
     wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::group, L::chunk));
+  wgmma_commit();
+}
+
+// Issue acc += P B: both steps above. Asynchronous like wg_mma_abt_async.
+template <typename T, int K, int N, int D, bool POSITIVE = false>
+__device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const float (&p)[1][K / 8][4],
+                                                unsigned b_rows) {
+  unsigned a[K / 16][4];
+  wg_a_fragments<T, K, POSITIVE>(a, p);
+  wg_mma_frag_b_async<T, K, N, D>(acc, a, b_rows);
+}
+
+// ---- Products on 128-byte swizzled tiles (tile_io.cuh sw128_offset) --------------------------------
+// Descriptor of a swizzled tile: lbo and sbo in bytes, 128-byte swizzle mode. The tile's 1024-byte
+// swizzle pattern starts on a 1024-byte boundary (base offset 0).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned smem, unsigned lbo, unsigned sbo) {
+  return wgmma_desc(smem, lbo, sbo) | (1ull << 62);
+}
+
+// Issue acc += A Bᵀ for the warpgroup's 64 x N tile, A and B K-major swizzled tiles (K = their D columns):
+// a_rows, the warpgroup's first row of A, inside a tile of A_ROWS rows; b, a tile of N rows. A k step of
+// 16 columns moves 32 bytes along the swizzled rows, and every 64 columns to the next column block.
+template <typename T, int N, int D, int A_ROWS>
+__device__ __forceinline__ void wg_mma_abt_sw128_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b) {
+  pin(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const unsigned step = kk % 4 * 32;  // bytes of 16 columns inside a 128-byte row
+    wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]),
+                   wgmma_desc_sw128(a_rows + kk / 4 * A_ROWS * 128 + step, 16, 1024),
+                   wgmma_desc_sw128(b + kk / 4 * N * 128 + step, 16, 1024));
+  }
+  wgmma_commit();
+}
+
+// Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B a K x N swizzled tile whose rows are K
+// (MN-major: N along the 128-byte rows; lbo steps to the next 64 columns, sbo to the next 8 rows).
+template <typename T, int K, int N>
+__device__ __forceinline__ void wg_mma_frag_b_sw128_async(float (&acc)[1][N / 8][4], unsigned (&a)[K / 16][4],
+                                                          unsigned b) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pin(a[kk][i]);
+  pin(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
+    wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc_sw128(b + kk * 2048, K * 128, 1024));
   wgmma_commit();
 }
 

@@ -170,3 +170,20 @@ def test_past_2_to_the_31_elements():
     for bi in (0, b // 2, b - 1):
         ref, _ = reference(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], False)
         assert_close_2x(out[bi:bi + 1], ref, plain_attention(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], False))
+
+
+@pytest.mark.parametrize("seqlens", [(1, 1), (17, 300), (1023, 113), (300, 1023)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(monkeypatch, dtype, causal, seqlens):
+    """On Hopper the 128 bucket runs kernels/flash_fwd_ws.cu; the mma.sync forward, which every other GPU
+    runs there, is checked here on the same inputs so that both families stay covered on any test GPU."""
+    from cuflash import _dispatch
+
+    monkeypatch.setattr(_dispatch, "WS_FWD_TILES", {})
+    _dispatch.choose_fwd.cache_clear()
+    try:
+        check(*grid_inputs(dtype, causal, 128, seqlens, "fwd-mma-sync"), causal)
+        check(*grid_inputs(dtype, causal, 112, seqlens, "fwd-mma-sync"), causal)
+    finally:
+        _dispatch.choose_fwd.cache_clear()

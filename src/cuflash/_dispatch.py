@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 from ._sparse import BLOCK_LISTS_FORMAT, NO_LISTS
@@ -47,6 +48,13 @@ FWD_TILES_BY_ARCH = {
 # the wgmma forward ran at 0.7-1.0x of SDPA FLASH where the mma.sync one runs at 1.04-1.12x
 # (benchmarks/tune_fwd.py, results/h200-tune-fwd-wgmma.txt).
 WGMMA_FWD_TILES: dict = {}
+# Hopper (sm_90a) warp-specialised forward (kernels/flash_fwd_ws.cu) for fp16/bf16 at these buckets:
+# (block_m, block_n, consumer warps, stages); a producer warpgroup comes on top. It takes every call
+# there except block masks with blocks of 64 query rows (its query tile is 128 rows). H100, d=128, bf16,
+# against SDPA FLASH in one run (.scratch-style A/B, benchmarks/NOTES.md): 1.04-1.27x, where the
+# mma.sync forward runs at 1.04-1.11x; 3 K/V slots beat 2 by 13-35%. At d=64 it ran at 0.77-0.91x of
+# the mma.sync forward with 3 to 6 slots, so d=64 stays there. CUFLASH_FWD_WS=0 turns it off.
+WS_FWD_TILES = {} if os.environ.get("CUFLASH_FWD_WS") == "0" else {128: (128, 128, 8, 3)}
 ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
 
 
@@ -90,23 +98,27 @@ class FwdVariant:
     softcap: bool = False  # caps scores with tanh (kernels/score_mods.cuh)
     dropout: bool = False  # drops scores with the in-kernel RNG (kernels/dropout.cuh)
     wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
-    source: str = "flash_fwd.cu"
+    warp_specialised: bool = False  # kernels/flash_fwd_ws.cu (Hopper): `warps` consumers and a producer warpgroup
+
+    @property
+    def source(self) -> str:
+        return "flash_fwd_ws.cu" if self.warp_specialised else "flash_fwd.cu"
 
     @functools.cached_property
     def name(self) -> str:
-        return (
-            f"cuflash::flash_fwd_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
-            f"{self.block_n}, {self.warps}, {self.stages}, "
-            f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>"
-        )
+        head = (f"cuflash::flash_fwd{'_ws' if self.warp_specialised else ''}_kernel<{_CUDA_TYPE[self.dtype]}, "
+                f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.warps}, {self.stages}, {self.band}, ")
+        flags = (self.sparse, self.alibi, self.softcap, self.dropout) + (() if self.warp_specialised else (self.wgmma,))
+        return head + _flags(*flags) + ">"
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps
+        return 32 * self.warps + (128 if self.warp_specialised else 0)
 
     @property
     def smem_bytes(self) -> int:
-        return (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
+        tiles = (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
+        return tiles + (1024 if self.warp_specialised else 0)  # swizzled tiles start on a 1 KiB boundary
 
 
 def _flags(*flags: bool) -> str:
@@ -139,13 +151,20 @@ def choose_fwd(dtype: str, head_dim: int, band: int, tile: tuple[int, int, int, 
     band: NO_BAND, CAUSAL (or True) or WINDOW; mask_blocks = (block_m, block_n) of a block mask picks a
     block-sparse variant; alibi and softcap the score modifications; dropout the fused dropout."""
     bucket = head_dim_bucket(head_dim, dtype)
+    sparse = mask_blocks is not None
+    if (arch == "sm_90a" and dtype != "float32" and tile is None and bucket in WS_FWD_TILES
+            and (not sparse or mask_blocks[0] % WS_FWD_TILES[bucket][0] == 0)):
+        block_m, block_n, warps, stages = WS_FWD_TILES[bucket]
+        if sparse:
+            block_n = _divides(block_n, mask_blocks[1])
+        return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, NO_BAND if sparse else int(band), sparse,
+                          bool(alibi), bool(softcap), bool(dropout), wgmma=True, warp_specialised=True)
     if dtype == "float32":
         tile = tile or fp32_fwd_tile(bucket)
     wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_FWD_TILES
     tile = tile or (WGMMA_FWD_TILES[bucket] if wgmma else None)
     block_m, block_n, warps, stages = tile or FWD_TILES_BY_ARCH.get(arch, {}).get(bucket) or FWD_TILES[bucket]
     wgmma = wgmma and block_m == 16 * warps  # a tile given with warps of 32 rows takes mma.sync
-    sparse = mask_blocks is not None
     if sparse:
         block_m = _divides(block_m, mask_blocks[0])
         warps = min(warps, block_m // 16)

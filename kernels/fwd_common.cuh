@@ -1,0 +1,120 @@
+// What the two forward kernels share (flash_fwd.cu: every warp loads and computes; flash_fwd_ws.cu:
+// Hopper, warp-specialised): the block's coordinates, the key tiles a query tile visits, and the work
+// between the two products of each key tile (score modifications, mask, online softmax, dropout).
+#pragma once
+#include "band.cuh"
+#include "block_sparse.cuh"
+#include "dropout.cuh"
+#include "mma.cuh"
+#include "score_mods.cuh"
+#include "softmax.cuh"
+#include "tile_mma.cuh"
+#include "varlen.cuh"
+
+namespace cuflash {
+
+// Set S to -inf where visible(i, j) is false for query i and key j (rows from row0, keys from col0).
+template <int MT, int NTILES, typename Visible>
+__device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int row0, int col0, int lane,
+                                            const Visible& visible) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;
+        const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
+        if (!visible(i, j)) acc_s[mt][nt][c] = kNegInf;
+      }
+}
+
+// Thread block -> (query tile, batch, head); query tiles of one head are neighbours in launch order.
+// REVERSE (with a band): the last query tiles of a head start first (the heaviest, when causal).
+// blockIdx is read through a volatile asm so that a second instance recomputes the coordinates instead
+// of keeping them live (and spilled).
+template <bool REVERSE>
+struct BlockCoords {
+  int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
+  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
+    unsigned block;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+    bh = block / num_m_blocks;
+    m_block = block - bh * num_m_blocks;
+    if (REVERSE) m_block = num_m_blocks - 1 - m_block;
+    b = bh / nheads;
+    h = bh - b * nheads;
+  }
+};
+
+// The key tiles (BN keys each) that the query tile of rows [m0, m0 + BM) visits, in visiting order.
+// SPARSE: the tiles of the blocks a block mask lists for it (block_sparse.cuh); otherwise every key
+// tile inside the band (BAND: kNoBand, kCausal or kWindow, band.cuh), from the last to the first.
+template <int BN, int BAND, bool SPARSE>
+struct KeyTiles {
+  int first, count;
+
+  __device__ __forceinline__ KeyTiles(const Band<BAND>& band, const BlockLists& lists, const ListRow& list, int m0,
+                                      int bm, int seqlen_k) {
+    first = 0, count = (seqlen_k + BN - 1) / BN;
+    if (BAND) band.key_tiles(m0, m0 + bm - 1, seqlen_k, BN, first, count);
+    if (SPARSE) count = list.count * (lists.block_n / BN);
+  }
+  // Where tile `it` lies in the block mask (SPARSE).
+  __device__ __forceinline__ SparseTile at(const BlockLists& lists, const ListRow& list, int it) const {
+    return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+  }
+  // The first key of tile `it`, which lies at `at`.
+  __device__ __forceinline__ int first_key(const BlockLists& lists, int it, const SparseTile& at) const {
+    return SPARSE ? at.block * lists.block_n + at.offset : (first + count - 1 - it) * BN;
+  }
+};
+
+// From the scores S of key tile n0 (this warp's rows from row0 = m0 + warp_row) to the probabilities
+// P that multiply V, in place:
+// ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
+// SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
+// Then the mask (a partial block's element bits, the band, the sequence's end), the online softmax
+// (which may rescale acc_o), and DROPOUT: after the row sums have taken P, dropped entries of P are
+// zeroed (dropout.cuh); O is scaled by 1 / keep probability in the epilogue.
+template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, int MT, int OT, bool PRECISE>
+__device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], float (&acc_o)[MT][OT][4],
+                                                OnlineSoftmax<MT, PRECISE>& softmax, const BlockLists& lists,
+                                                const SparseTile& at, const Band<BAND>& band, int m0, int warp_row,
+                                                int n0, int seqlen_k, float alibi_slope, float softcap_mult,
+                                                float scale_log2, const DropoutRng& rng, int lane) {
+  if constexpr (SOFTCAP) apply_softcap<PRECISE>(acc_s, softcap_mult);
+  if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, band.diag, alibi_slope, lane);
+  auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };
+  if constexpr (SPARSE) {
+    if (at.slot >= 0)  // a partial block: its element bits decide
+      mask_partial_block(acc_s, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
+    else if (n0 + BN > seqlen_k)
+      mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
+  } else if (n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1))) {
+    mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
+  }
+  softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
+  if constexpr (DROPOUT) rng.drop_rows_queries<false>(acc_s, m0 + warp_row, n0, lane);
+}
+
+// The epilogue of a warp's rows from row0 of its (batch, head): O = acc_o / l (times out_scale, the
+// dropout's 1 / keep probability), LSE = m * scale + log(l). Rows that saw no key: O = 0, LSE = -inf.
+// O goes out through staging rows that only this warp uses, element (r, c) at at(r, c) (tile_io.cuh);
+// each row's log-sum-exp is written on the way.
+template <typename T, int D, int MT, bool PRECISE, typename At>
+__device__ __forceinline__ void store_fwd_rows(const float (&acc_o)[MT][D / 8][4],
+                                               const OnlineSoftmax<MT, PRECISE>& softmax, const At& at, T* o_rows,
+                                               long long o_ss, float* lse_head, int row0, int seqlen_q, int head_dim,
+                                               float softmax_scale, float out_scale, int lane) {
+  stage_rows_at<T>(acc_o, at, lane, [&](int mt, int half) {
+    const float l = softmax.row_sum_total(mt, half);
+    const int row = row0 + mt * 16 + lane / 4 + half * 8;
+    if (lane % 4 == 0 && row < seqlen_q)
+      lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
+    return l > 0.f ? out_scale / l : 0.f;
+  });
+  copy_rows_out_at<MT * 16, D>(o_rows, o_ss, at, seqlen_q - row0, head_dim, lane);
+}
+
+}  // namespace cuflash

@@ -1,0 +1,67 @@
+// Hopper (sm_90) synchronisation between the warpgroups of one thread block, without stopping the
+// whole block: mbarriers in shared memory (a count of arrivals completes a phase; waiters test the
+// phase's parity), cp.async completion reported to an mbarrier, named barriers between some warps,
+// and register reallocation between warpgroups (setmaxnreg, sm_90a).
+#pragma once
+#include "mma.cuh"  // smem_addr
+
+namespace cuflash {
+
+typedef unsigned long long MBarrier;  // lives in shared memory
+
+__device__ __forceinline__ void mbar_init(MBarrier* bar, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+}
+
+// Block until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so waiting
+// for parity 1 (the phase "before" it) returns at once.
+__device__ __forceinline__ void mbar_wait(MBarrier* bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void mbar_arrive(MBarrier* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Arrive on `bar` once every cp.async this thread issued so far has landed (counts as one arrival).
+__device__ __forceinline__ void cp_async_mbar_arrive(MBarrier* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Named barrier `id` (1-15; 0 is __syncthreads) of `threads` threads: sync waits for them all,
+// arrive counts this warp without waiting.
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Give registers back to the block's pool (a producer warpgroup) or take them (consumers): all threads
+// of a warpgroup execute it together.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int N>
+__device__ __forceinline__ void warpgroup_release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void warpgroup_claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#else
+template <int N>
+__device__ __forceinline__ void warpgroup_release_registers() {}
+template <int N>
+__device__ __forceinline__ void warpgroup_claim_registers() {}
+#endif
+
+}  // namespace cuflash
