@@ -80,7 +80,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
   static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sK = reinterpret_cast<T*>(Tile::align(smem_raw));
   T* sV = sK + BN * PITCH;
   T* sQ = sV + BN * PITCH;     // 2 slots of BMQ rows
   T* sdO = sQ + 2 * BMQ * PITCH;  // 2 slots
@@ -271,7 +271,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
   static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sQ = reinterpret_cast<T*>(Tile::align(smem_raw));
   T* sdO = sQ + BM * PITCH;
   T* sK = sdO + BM * PITCH;   // 2 slots of BN rows
   T* sV = sK + 2 * BN * PITCH;  // 2 slots

@@ -41,7 +41,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   constexpr int MT = Tile::m_tiles;
   static_assert(STAGES >= 2, "the K/V ring needs at least two slots");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sQ = reinterpret_cast<T*>(Smem::align(smem_raw));
   T* sK = sQ + BM * Tile::pitch;           // STAGES slots of BN rows
   T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
   constexpr int kPitchBytes = Tile::pitch * sizeof(T);
@@ -121,7 +121,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   }
 
   // Epilogue (fwd_common.cuh store_fwd_rows), through this warp's own rows of the Q tile (wgmma tiles:
-  // the same bytes, as unpadded rows). The block's coordinates are derived again rather than kept in
+  // the same bytes, as unpadded rows: a warp's 16 rows are two whole 8-row groups). The block's coordinates are derived again rather than kept in
   // registers through the main loop.
   const BlockCoords<BAND != kNoBand> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;

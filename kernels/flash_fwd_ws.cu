@@ -30,10 +30,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 16 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  // Tiles in the 128-byte swizzled layout (tile_io.cuh), from a 1024-byte boundary (the launch asks
-  // for 1 KiB more than the tiles take).
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = Smem::align(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + BM * D;           // STAGES slots of BN rows
   T* sV = sK + STAGES * BN * D;  // likewise
@@ -73,18 +72,16 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   if (threadIdx.x < kProducers) {  // ---- producer: Q once, then K and V tile by tile ----
     warpgroup_release_registers<kProducerRegisters>();
     if (n_blocks > 0)
-      load_tile_async_sw128<BM, D, kProducers>(sQ, q + blk.b * q_sb + blk.h * q_sh + (seq.q_start + m0) * q_ss,
-                                               q_ss, seqlen_q - m0, head_dim);
+      Smem::template load<BM, kProducers>(sQ, q + blk.b * q_sb + blk.h * q_sh + (seq.q_start + m0) * q_ss, q_ss,
+                                          seqlen_q - m0, head_dim);
     cp_async_mbar_arrive(&q_full);
     for (int it = 0; it < n_blocks; ++it) {
       const int slot = it % STAGES;
       if (it >= STAGES) mbar_wait(&kv_empty[slot], (it / STAGES - 1) & 1);  // the slot's last tile is done
       const int n0 = tiles.first_key(lists, it, tiles.at(lists, list, it));
-      load_tile_async_sw128<BN, D, kProducers>(sK + slot * BN * D, kv_heads[0] + n0 * k_ss, k_ss, seqlen_k - n0,
-                                               head_dim);
+      Smem::template load<BN, kProducers>(sK + slot * BN * D, kv_heads[0] + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
       cp_async_mbar_arrive(&k_full[slot]);
-      load_tile_async_sw128<BN, D, kProducers>(sV + slot * BN * D, kv_heads[1] + n0 * v_ss, v_ss, seqlen_k - n0,
-                                               head_dim);
+      Smem::template load<BN, kProducers>(sV + slot * BN * D, kv_heads[1] + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
       cp_async_mbar_arrive(&v_full[slot]);
     }
     cp_async_wait_all();
@@ -118,10 +115,10 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       if (it > 0) mbar_wait(&v_full[prev], ((it - 1) / STAGES) & 1);
       fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
       begin_turn();
-      if (it > 0) wg_mma_frag_b_sw128_async<T, BN, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
+      if (it > 0) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
       if (it < n_blocks) {
         zero(acc_s);
-        wg_mma_abt_sw128_async<T, BN, D, BM>(acc_s, smem_addr(sQ) + wg * 64 * 128, smem_addr(sK) + slot * kv_slot_bytes);
+        Smem::template mma_abt<1, BN, D>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes, lane);
       }
       end_turn(it == n_blocks);
       if (it > 0) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
@@ -142,10 +139,11 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
   }
 
-  // Epilogue (fwd_common.cuh), through this warp's own rows of the (swizzled) Q tile.
+  // Epilogue (fwd_common.cuh), through this warp's own rows of the (swizzled) Q tile: row r, column c at
+  // wg_tile_offset (tile_io.cuh), so that the stores and the 16-byte reads meet no bank conflicts.
   const BlockCoords<BAND != kNoBand> out_blk(num_m_blocks, nheads);
   const int out_m0 = out_blk.m_block * BM;
-  store_fwd_rows<T, D>(acc_o, softmax, [=](int r, int c) { return reinterpret_cast<T*>(smem + sw128_offset<BM>(warp_row + r, c)); },
+  store_fwd_rows<T, D>(acc_o, softmax, [=](int r, int c) { return reinterpret_cast<T*>(smem + wg_tile_offset<D>(warp_row + r, c)); },
                        o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss, o_ss,
                        lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start, out_m0 + warp_row, seqlen_q,
                        head_dim, softmax_scale, DROPOUT ? dropout.keep_scale : 1.f, lane);

@@ -56,50 +56,25 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long lon
   }
 }
 
-// The same copy into the core-matrix layout of wgmma tiles (wgmma.cuh): 16-byte chunk c of row r at
-// chunk index (r / 8) * 8 * CPR + c * 8 + r % 8 (CPR chunks per row). Thread t fills chunk t of each
-// pass, so a warp writes 512 contiguous bytes (no bank conflicts) and reads 8 rows x 64 bytes.
-template <int ROWS, int D, int THREADS, typename T>
-__device__ __forceinline__ void load_tile_async_core(T* smem, const T* gmem, long long row_stride, int rows_valid,
-                                                     int cols_valid) {
-  constexpr int CPR = D / kChunk<T>, ROWS_PER_PASS = THREADS / CPR;
-  static_assert(THREADS % (8 * CPR) == 0, "a pass fills whole 8-row groups");
-  const int tid = thread_index_uncached();
-  const int c = (tid / 8) % CPR * kChunk<T>;
-  int r = tid / (8 * CPR) * 8 + tid % 8;
-  const T* src = gmem + r * row_stride + c;
-  T* dst = smem + tid * kChunk<T>;
-  const long long src_step = ROWS_PER_PASS * row_stride;
-#pragma unroll
-  for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
-    if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
-      const bool valid = r < rows_valid && c < cols_valid;
-      cp_async_16(dst, valid ? src : gmem, valid);
-    }
-    r += ROWS_PER_PASS;
-    src += src_step;
-    dst += THREADS * kChunk<T>;
-  }
+// The layout of wgmma tiles (wgmma.cuh) of 16-bit elements, D a multiple of 64: 128-byte swizzled rows
+// (what wgmma and TMA call SWIZZLE_128B). Each 8-row group takes D / 64 blocks of 1024 bytes, one per
+// 64 columns; in row r of a block the 16-byte chunk j sits at chunk j ^ (r % 8), so the 8 chunks of a
+// row and the 8 rows of a chunk each fall in 8 different bank groups. Tiles start on 1024-byte
+// boundaries (Tiles::align). Byte offset of element (r, c):
+template <int D>
+__device__ __forceinline__ unsigned wg_tile_offset(int r, int c) {
+  return (r / 8) * (D / 64) * 1024 + (c / 64) * 1024 + (r % 8) * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
 }
 
-// 128-byte swizzled tiles (what wgmma and TMA call SWIZZLE_128B) of 16-bit elements: a ROWS x D tile
-// is D / 64 column blocks, each ROWS rows of 128 bytes; in row r the 16-byte chunk j sits at chunk
-// j ^ (r % 8), so the 8 chunks of a row and the 8 rows of a chunk each fall in 8 different bank groups.
-// Blocks start at 1024-byte boundaries (the swizzle repeats every 8 rows). Byte offset of (r, c):
-template <int ROWS>
-__device__ __forceinline__ unsigned sw128_offset(int r, int c) {
-  return (c / 64) * ROWS * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
-}
-
-// Asynchronously copy a ROWS x D tile into the swizzled layout: each thread copies whole 16-byte chunks,
-// a warp reads two to four whole rows (full 128-byte lines; the core-matrix copy above reads half lines
-// of 8 rows, which costs the L2 twice the requests) and writes them without bank conflicts.
+// Asynchronously copy a ROWS x D tile into that layout. Each thread copies whole 16-byte chunks and a
+// warp whole rows: full 128-byte lines of global memory (reading half lines of more rows costs the L2
+// twice the requests), written without bank conflicts.
 template <int ROWS, int D, int THREADS, typename T>
-__device__ __forceinline__ void load_tile_async_sw128(T* smem, const T* gmem, long long row_stride, int rows_valid,
-                                                      int cols_valid) {
+__device__ __forceinline__ void load_tile_async_wg(T* smem, const T* gmem, long long row_stride, int rows_valid,
+                                                   int cols_valid) {
   static_assert(D % 64 == 0 && sizeof(T) == 2, "whole 128-byte column blocks of 16-bit elements");
   constexpr int CPR = D / 8, ROWS_PER_PASS = THREADS / CPR;
-  static_assert(THREADS % CPR == 0 && ROWS % ROWS_PER_PASS == 0, "a pass copies whole rows");
+  static_assert(THREADS % CPR == 0, "a pass copies whole rows");
   const int tid = thread_index_uncached();
   const int c = (tid % CPR) * 8;
   int r = tid / CPR;
@@ -107,9 +82,11 @@ __device__ __forceinline__ void load_tile_async_sw128(T* smem, const T* gmem, lo
   const long long src_step = ROWS_PER_PASS * row_stride;
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
 #pragma unroll
-  for (int pass = 0; pass < ROWS / ROWS_PER_PASS; ++pass) {
-    const bool valid = r < rows_valid && c < cols_valid;
-    cp_async_16(base + sw128_offset<ROWS>(r, c), valid ? src : gmem, valid);
+  for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
+    if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
+      const bool valid = r < rows_valid && c < cols_valid;
+      cp_async_16(base + wg_tile_offset<D>(r, c), valid ? src : gmem, valid);
+    }
     r += ROWS_PER_PASS;
     src += src_step;
   }

@@ -1,8 +1,9 @@
 // The kernels' shared-memory tiles and matrix products, on either path:
 //   mma.sync (sm_80+, WG = false): padded row-major tiles (tile_io.cuh), each warp multiplies its own
 //     16 * MT rows (warp_mma.cuh);
-//   wgmma (sm_90a, WG = true): core-matrix tiles, each warpgroup of four warps multiplies its 64 rows
-//     (wgmma.cuh); every warp still holds its 16 rows in the same registers.
+//   wgmma (sm_90a, WG = true): 128-byte swizzled tiles (tile_io.cuh wg_tile_offset) from 1024-byte
+//     boundaries, each warpgroup of four warps multiplies its 64 rows (wgmma.cuh); every warp still
+//     holds its 16 rows in the same registers.
 // A kernel picks the path with one template flag and is otherwise the same code.
 #pragma once
 #include "tile_io.cuh"
@@ -17,12 +18,19 @@ struct Tiles {
   static constexpr int row_elems = WG ? D : SmemTile<D, T>::pitch;  // elements one tile row takes
   static constexpr int row_bytes = row_elems * sizeof(T);           // a tile of R rows takes R * row_bytes
 
+  // The start of the tiles in dynamic shared memory: wgmma tiles start on a 1024-byte boundary (their
+  // swizzle pattern repeats every 1024 bytes; the launch asks for 1 KiB more).
+  static __device__ __forceinline__ unsigned char* align(unsigned char* smem_raw) {
+    if constexpr (WG) return smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;
+    return smem_raw;
+  }
+
   // Copy a ROWS x D tile from global memory (tile_io.cuh).
   template <int ROWS, int THREADS>
   static __device__ __forceinline__ void load(T* smem, const T* gmem, long long row_stride, int rows_valid,
                                               int cols_valid) {
     if constexpr (WG)
-      load_tile_async_core<ROWS, D, THREADS>(smem, gmem, row_stride, rows_valid, cols_valid);
+      load_tile_async_wg<ROWS, D, THREADS>(smem, gmem, row_stride, rows_valid, cols_valid);
     else
       load_tile_async<ROWS, D, THREADS>(smem, gmem, row_stride, rows_valid, cols_valid);
   }
@@ -39,7 +47,7 @@ struct Tiles {
                                                  int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
-      wg_mma_abt_async<T, N, K, D>(acc, a_tile + (row0 / 64) * 8 * CoreTile<D>::group, b_tile);
+      wg_mma_abt_async<T, N, K, D>(acc, a_tile + (row0 / 64) * 8 * WgTile<D>::group, b_tile);
     } else {
       warp_mma_abt<T, MT, N, K, row_bytes>(acc, a_tile + row0 * row_bytes, b_tile, lane);
     }
@@ -52,7 +60,7 @@ struct Tiles {
                                                 unsigned b_tile, int col0, int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
-      wg_mma_pb_async<T, K, N, D, POSITIVE>(acc, p, b_tile + (col0 / kChunk<T>) * CoreTile<D>::chunk);
+      wg_mma_pb_async<T, K, N, D, POSITIVE>(acc, p, b_tile + (col0 / 64) * WgTile<D>::block);  // col0: 0 or 64k
     } else {
       warp_mma_pb<T, MT, K, N, row_bytes, POSITIVE>(acc, p, b_tile + col0 * sizeof(T), lane);
     }

@@ -5,11 +5,9 @@
 // mma.sync m16n8 tiles (warp_mma.cuh), and a register A operand is an m16n8k16 A fragment, so the
 // kernels' element-wise code is the same for both paths.
 //
-// Shared tiles for wgmma use the no-swizzle "core matrix" layout: 8 rows x 16 bytes stored as 128
-// contiguous bytes; core matrices of one 8-row group follow each other along the row (128 B apart),
-// and 8-row groups are 16 * D bytes apart (tile_io.cuh, load_tile_async_core). The same bytes serve
-// as a K-major operand (rows are M or N, K along the row: S = Q Kᵀ) and as an MN-major one (rows are
-// K: P V), with different descriptor strides.
+// Shared tiles for wgmma are 128-byte swizzled (tile_io.cuh wg_tile_offset): 8-row groups of D / 64
+// blocks of 1024 bytes. The same bytes serve as a K-major operand (rows are M or N, K along the row:
+// S = Q Kᵀ) and as an MN-major one (rows are K: P V), with different descriptor strides.
 //
 // The instruction wrappers are written out per N and type (inline asm takes no operand lists); they
 // were generated mechanically and differ only in those.
@@ -22,12 +20,13 @@ namespace cuflash {
 #define CUFLASH_HAS_WGMMA 1
 #endif
 
-// Shared-memory matrix descriptor (PTX "matrix descriptor"): start address, leading-dimension byte
-// offset (between core matrices adjacent along K), stride-dimension byte offset (along M or N), all in
-// 16-byte units; no swizzle.
+// Shared-memory matrix descriptor (PTX "matrix descriptor") of a 128-byte swizzled tile: start address,
+// leading-dimension byte offset, stride-dimension byte offset (both in bytes here, stored in 16-byte
+// units), swizzle mode 1 (128 bytes); the swizzle pattern starts on a 1024-byte boundary (base offset 0).
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned smem, unsigned lbo, unsigned sbo) {
   return static_cast<unsigned long long>((smem & 0x3FFFF) >> 4) |
-         (static_cast<unsigned long long>(lbo >> 4) << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32);
+         (static_cast<unsigned long long>(lbo >> 4) << 16) | (static_cast<unsigned long long>(sbo >> 4) << 32) |
+         (1ull << 62);
 }
 
 #ifdef CUFLASH_HAS_WGMMA
@@ -216,26 +215,30 @@ __device__ __forceinline__ void pin(float (&acc)[MT][NT][4]) {
       for (int c = 0; c < 4; ++c) pin(acc[mt][nt][c]);
 }
 
-// Core-matrix tile strides (bytes) for 16-bit elements and rows of D elements.
+// Strides (bytes) of a wgmma tile with rows of D elements (tile_io.cuh wg_tile_offset).
 template <int D>
-struct CoreTile {
-  static constexpr unsigned group = 16 * D;  // from one 8-row group to the next
-  static constexpr unsigned chunk = 128;     // from one 16-byte column chunk to the next
+struct WgTile {
+  static_assert(D % 64 == 0, "rows of whole 128-byte blocks");
+  static constexpr unsigned group = (D / 64) * 1024;  // from one 8-row group to the next
+  static constexpr unsigned block = 1024;             // from one 64-column block to the next
 };
 
 // Issue acc += A Bᵀ for the warpgroup's 64 x N tile (this warp: its 16 rows): A = 64 rows at a_rows, B =
-// N rows at b_rows, both K wide (K-major), tiles of rows D elements long. The product runs
+// N rows at b_rows, both K wide (K-major), tiles of rows D elements long. A k step of 16 columns moves
+// 32 bytes along the swizzled rows, and every 64 columns to the next block. The product runs
 // asynchronously: acc is valid after wg_wait.
 template <typename T, int N, int K, int D>
 __device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b_rows) {
   static_assert(K % 16 == 0 && K <= D, "k steps of 16 within a row");
-  using L = CoreTile<D>;
+  using L = WgTile<D>;
   pin(acc);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk)
-    wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), wgmma_desc(a_rows + kk * 2 * L::chunk, L::chunk, L::group),
-                   wgmma_desc(b_rows + kk * 2 * L::chunk, L::chunk, L::group));
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const unsigned step = kk / 4 * L::block + kk % 4 * 32;
+    wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), wgmma_desc(a_rows + step, 16, L::group),
+                   wgmma_desc(b_rows + step, 16, L::group));
+  }
   wgmma_commit();
 }
 
@@ -249,11 +252,12 @@ __device__ __forceinline__ void wg_a_fragments(unsigned (&a)[K / 16][4], const f
 }
 
 // Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B = K rows at b_rows (N wide from its
-// first column; MN-major). Asynchronous like wg_mma_abt_async.
+// first column; MN-major: the leading offset steps to the next 64 columns, the stride offset to the next
+// 8 rows). Asynchronous like wg_mma_abt_async.
 template <typename T, int K, int N, int D>
 __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], unsigned (&a)[K / 16][4],
                                                     unsigned b_rows) {
-  using L = CoreTile<D>;
+  using L = WgTile<D>;
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)
 #pragma unroll
@@ -262,7 +266,7 @@ __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], u
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
-    wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::group, L::chunk));
+    wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::block, L::group));
   wgmma_commit();
 }
 
@@ -273,47 +277,6 @@ __device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const
   unsigned a[K / 16][4];
   wg_a_fragments<T, K, POSITIVE>(a, p);
   wg_mma_frag_b_async<T, K, N, D>(acc, a, b_rows);
-}
-
-// ---- Products on 128-byte swizzled tiles (tile_io.cuh sw128_offset) --------------------------------
-// Descriptor of a swizzled tile: lbo and sbo in bytes, 128-byte swizzle mode. The tile's 1024-byte
-// swizzle pattern starts on a 1024-byte boundary (base offset 0).
-__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned smem, unsigned lbo, unsigned sbo) {
-  return wgmma_desc(smem, lbo, sbo) | (1ull << 62);
-}
-
-// Issue acc += A Bᵀ for the warpgroup's 64 x N tile, A and B K-major swizzled tiles (K = their D columns):
-// a_rows, the warpgroup's first row of A, inside a tile of A_ROWS rows; b, a tile of N rows. A k step of
-// 16 columns moves 32 bytes along the swizzled rows, and every 64 columns to the next column block.
-template <typename T, int N, int D, int A_ROWS>
-__device__ __forceinline__ void wg_mma_abt_sw128_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b) {
-  pin(acc);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const unsigned step = kk % 4 * 32;  // bytes of 16 columns inside a 128-byte row
-    wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]),
-                   wgmma_desc_sw128(a_rows + kk / 4 * A_ROWS * 128 + step, 16, 1024),
-                   wgmma_desc_sw128(b + kk / 4 * N * 128 + step, 16, 1024));
-  }
-  wgmma_commit();
-}
-
-// Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B a K x N swizzled tile whose rows are K
-// (MN-major: N along the 128-byte rows; lbo steps to the next 64 columns, sbo to the next 8 rows).
-template <typename T, int K, int N>
-__device__ __forceinline__ void wg_mma_frag_b_sw128_async(float (&acc)[1][N / 8][4], unsigned (&a)[K / 16][4],
-                                                          unsigned b) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pin(a[kk][i]);
-  pin(acc);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
-    wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc_sw128(b + kk * 2048, K * 128, 1024));
-  wgmma_commit();
 }
 
 // Wait until at most PENDING issued products are still running (they finish in issue order), then

@@ -22,6 +22,12 @@ def row_bytes(dtype: str, head_dim: int, wgmma: bool = False) -> int:
     """Bytes of one shared-memory tile row: head_dim elements plus one 16-byte chunk of padding
     (kernels/tile_io.cuh); wgmma tiles (kernels/wgmma.cuh) have no padding."""
     return head_dim * ITEMSIZE[dtype] + (0 if wgmma else 16)
+
+
+def tiles_smem(rows: int, dtype: str, head_dim: int, wgmma: bool) -> int:
+    """Dynamic shared memory for `rows` tile rows: wgmma tiles start on a 1024-byte boundary
+    (kernels/tile_mma.cuh Tiles::align), so they ask for 1 KiB more."""
+    return rows * row_bytes(dtype, head_dim, wgmma) + (1024 if wgmma else 0)
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
@@ -117,8 +123,7 @@ class FwdVariant:
 
     @property
     def smem_bytes(self) -> int:
-        tiles = (self.block_m + 2 * self.stages * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
-        return tiles + (1024 if self.warp_specialised else 0)  # swizzled tiles start on a 1 KiB boundary
+        return tiles_smem(self.block_m + 2 * self.stages * self.block_n, self.dtype, self.head_dim, self.wgmma)
 
 
 def _flags(*flags: bool) -> str:
@@ -368,7 +373,7 @@ class BwdDkdvVariant:
 
     @property
     def smem_bytes(self) -> int:  # K, V tiles and two slots each of Q and dO (the small stats are static)
-        return (2 * self.block_n + 4 * self.block_q) * row_bytes(self.dtype, self.head_dim, self.wgmma)
+        return tiles_smem(2 * self.block_n + 4 * self.block_q, self.dtype, self.head_dim, self.wgmma)
 
 
 @dataclass(frozen=True)
@@ -398,7 +403,7 @@ class BwdDqVariant:
 
     @property
     def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
-        return (2 * self.block_m + 4 * self.block_n) * row_bytes(self.dtype, self.head_dim, self.wgmma)
+        return tiles_smem(2 * self.block_m + 4 * self.block_n, self.dtype, self.head_dim, self.wgmma)
 
 
 @functools.lru_cache(maxsize=None)
