@@ -111,6 +111,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     unsigned p[BN / 16][4];  // P of the previous key tile, as the A operand of P V
     for (int it = 0; it <= n_blocks; ++it) {
       const int slot = it % STAGES, prev = (it + STAGES - 1) % STAGES;
+      // Where tile `it` lies in the mask (SPARSE: global loads), read before the waits hide their latency.
+      const SparseTile at = tiles.at(lists, list, it < n_blocks ? it : 0);
       if (it < n_blocks) mbar_wait(&k_full[slot], (it / STAGES) & 1);
       if (it > 0) mbar_wait(&v_full[prev], ((it - 1) / STAGES) & 1);
       fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
@@ -130,7 +132,6 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
       if (it < n_blocks) {
         wg_wait<0>(acc_s);
-        const SparseTile at = tiles.at(lists, list, it);
         scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(
             acc_s, acc_o, softmax, lists, at, band, m0, warp_row, tiles.first_key(lists, it, at), seqlen_k,
             alibi_slope, softcap_mult, scale_log2, rng, lane);
