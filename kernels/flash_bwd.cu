@@ -11,7 +11,7 @@
 // recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Dropout
 // regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta).
 // Working on Sᵀ (keys as rows) lets every product of the dK/dV kernel use the same two shapes as the
-// forward pass. WG: the products run as Hopper warpgroup wgmma on core-matrix tiles (tile_mma.cuh).
+// forward pass. WG: the products run as Hopper warpgroup wgmma on swizzled tiles (tile_mma.cuh).
 #include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
