@@ -2,10 +2,11 @@
 //
 // A row (one query block for the forward and dQ kernels, one key block of one K/V head for the
 // dK/dV kernel) lists the blocks it visits: `count` entries of (block index, bit slot), partial
-// blocks first. A slot >= 0 points at the partial block's element bits (block_m rows of
-// block_n / 32 words; bit c % 32 of word c / 32 set when key c of the row is visible); -1 marks a
+// blocks first. A slot >= 0 points at the partial block's element bits, laid out along the row's own
+// direction (row_block rows of col_block / 32 words; bit c % 32 of word c / 32 set when column c is
+// visible from that row: keys for the query-major lists, queries for the key-major ones); -1 marks a
 // full block, which needs no element test. Kernel tiles divide the mask's blocks, so a block is
-// visited as block_n / BN (or block_m / BMQ) consecutive kernel tiles.
+// visited as col_block / tile consecutive kernel tiles.
 #pragma once
 #include "dtypes.cuh"
 
@@ -13,22 +14,18 @@ namespace cuflash {
 
 struct BlockLists {
   const int* count;       // (rows)
-  const int* index;       // (rows, cap): key block (query-major lists) or g * group_stride + query block
+  const int* index;       // (rows, cap): key block (query-major lists) or g << group_shift | query block
   const int* slot;        // (rows, cap)
-  const unsigned* bits;   // (slots, block_m, block_n / 32)
+  const unsigned* bits;   // (slots, row_block, col_block / 32)
   long long b_stride;     // rows between batches (0: the mask broadcasts over batch)
   long long h_stride;     // rows between heads (0: broadcasts over heads)
   int cap;                // entries per row
-  int block_m, block_n;   // the mask's block shape
-  int group_stride;       // key-major lists: query blocks per query head of a GQA group
+  int row_block;          // the rows' block size: block_m for query-major lists, block_n for key-major
+  int col_block;          // the listed blocks' size
+  int group_shift;        // key-major lists: the query head g of a GQA group sits above this bit
 
   __device__ __forceinline__ long long row(int b, int h, int block) const {
     return b * b_stride + h * h_stride + block;
-  }
-  // Is key c (0 <= c < block_n, relative to its block) visible to query r of a partial block?
-  __device__ __forceinline__ bool visible(int slot_, int r, int c) const {
-    const int words = block_n / 32;
-    return (__ldg(bits + (static_cast<long long>(slot_) * block_m + r) * words + c / 32) >> (c % 32)) & 1u;
   }
 };
 
@@ -60,22 +57,33 @@ __device__ __forceinline__ SparseTile sparse_tile(const BlockLists& lists, long 
   return {__ldg(lists.index + entries + e), __ldg(lists.slot + entries + e), (it - e * sub) * tile};
 }
 
+// The same walk, one tile after another with no division: tile `sub` (of `subs`) of entry `e`.
+struct TileCursor {
+  int e, sub;  // TileCursor{0, 0}: the first tile
+  __device__ __forceinline__ void advance(int subs) {
+    if (++sub == subs) sub = 0, ++e;
+  }
+  __device__ __forceinline__ SparseTile in(const BlockLists& lists, long long entries, int tile) const {
+    return {__ldg(lists.index + entries + e), __ldg(lists.slot + entries + e), sub * tile};
+  }
+};
+
 // Set scores to -inf where a partial block hides them, for a warp's 16 MT x NT*8 tile in the mma
-// accumulator layout whose rows are queries (from r0 inside the block) and columns keys (from c0
-// inside the block, a multiple of the tile's width; keys from keys_left on are past the sequence's end).
+// accumulator layout whose rows and columns are those of the lists (from r0 and c0 inside the block,
+// c0 a multiple of the tile's width; columns from cols_left on are past the sequence's end).
 // Tiles of 32 keys or more span whole 32-bit words; a 16-key tile (fp32) is half of one.
 template <int MT, int NT>
 __device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], const BlockLists& lists, int slot,
-                                                   int r0, int c0, int keys_left, int lane) {
+                                                   int r0, int c0, int cols_left, int lane) {
   static_assert(NT % 4 == 0 || NT == 2, "tiles span whole 32-key words, or half of one");
   constexpr int W = NT % 4 == 0 ? NT / 4 : 1;
-  const int words = lists.block_n / 32, shift = c0 % 32;
+  const int words = lists.col_block / 32, shift = c0 % 32;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r0 + mt * 16 + lane / 4 + half * 8;
-      const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.block_m + r) * words + c0 / 32;
+      const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.row_block + r) * words + c0 / 32;
       unsigned word[W];
 #pragma unroll
       for (int w = 0; w < W; ++w) word[w] = __ldg(row_bits + w);
@@ -86,7 +94,7 @@ __device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], cons
           const int col = nt * 8 + (lane % 4) * 2 + cc;
           // Word and bit at compile-time indices (a runtime index would put `word` in local memory).
           const unsigned w = NT % 4 == 0 ? word[nt / 4] >> (col % 32) : word[0] >> (shift + col);
-          if (col >= keys_left || !(w & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
+          if (col >= cols_left || !(w & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
         }
     }
 }

@@ -105,44 +105,45 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
   if (n0 >= seqlen_k) return;  // a packed sequence shorter than the longest
 
-  // Query tiles that can see these keys: all of them, or those inside the band (BAND, band.cuh), or
-  // (SPARSE) the listed ones.
+  // Query tiles that can see these keys: for each query head g of the group, all of them or those
+  // inside the band (BAND, band.cuh); or (SPARSE) the tiles of the listed (g, query block) pairs, tile
+  // `sub` of entry `e` for a cursor that walks them in order with no division. A tile's place (and the
+  // cursor of the next) goes through shared memory; a dense tile's is recomputed from `it`.
   const Band<BAND> band{diag, window_left, window_right};
   int m_first = 0, tiles_per_head = (seqlen_q + BMQ - 1) / BMQ;
   if (BAND) band.query_tiles(n0, n0 + BN - 1, seqlen_q, BMQ, m_first, tiles_per_head);
-  int n_iters = tiles_per_head * kv_group;
+  int subs = 1, n_iters = tiles_per_head * kv_group;
   __shared__ ListRow list;
   if constexpr (SPARSE) {
-    read_list_row(lists, lists.row(b, hk, n0 / lists.block_n), list);
+    read_list_row(lists, lists.row(b, hk, n0 / lists.row_block), list);
     __syncthreads();
-    n_iters = list.count * (lists.block_m / BMQ);
+    subs = lists.col_block / BMQ;
+    n_iters = list.count * subs;
   }
-  // Tile `it` in the mask (SPARSE), its query head (the group member g) and first row.
-  auto mask_tile = [&](int it) {
-    return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_m / BMQ, BMQ) : SparseTile{0, -1, 0};
+  struct QueryTile {
+    int m0, g, slot, offset;  // first query, group member; SPARSE: bit slot (-1: full), offset in the block
+    TileCursor next;          // SPARSE: where the tile after this one is
   };
-  auto group_member = [&](int it, const SparseTile& at) {
-    return SPARSE ? at.block / lists.group_stride : it / tiles_per_head;
-  };
-  auto first_query = [&](int it, const SparseTile& at, int g) {
-    return SPARSE ? (at.block - g * lists.group_stride) * lists.block_m + at.offset
-                  : (m_first + it % tiles_per_head) * BMQ;
-  };
+  __shared__ QueryTile tile_at[2];  // SPARSE: written by thread 0 with the tile's copy, read after the barrier
+  auto dense_tile = [&](int it) { return QueryTile{(m_first + it % tiles_per_head) * BMQ, it / tiles_per_head, -1, 0}; };
 
-  auto load_q_tile = [&](int it) {
-    const SparseTile at = mask_tile(it);
-    const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g), slot = it % 2;
-    const int row = seq.q_start + m0;
+  // Copy query tile `it` (SPARSE: the cursor `at` points to it) into ring slot it % 2; its rows' lse and
+  // delta, one per thread.
+  auto load_q_tile = [&](int it, TileCursor at, float& l, float& d) {
+    QueryTile t = dense_tile(it);
+    if constexpr (SPARSE) {
+      const SparseTile e = at.in(lists, list.entries, BMQ);
+      t = {(e.block & ((1 << lists.group_shift) - 1)) * lists.col_block + e.offset, e.block >> lists.group_shift,
+           e.slot, e.offset, at};
+      t.next.advance(subs);
+      if (threadIdx.x == 0) tile_at[it % 2] = t;
+    }
+    const int h = hk * kv_group + t.g, row = seq.q_start + t.m0, slot = it % 2;
     Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
-                                      seqlen_q - m0, head_dim);
+                                      seqlen_q - t.m0, head_dim);
     Tile::template load<BMQ, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
-                                      seqlen_q - m0, head_dim);
-  };
-  // lse and delta of a tile: one value per thread (or none), loaded early, stored to shared late.
-  auto load_stats = [&](int it, float& l, float& d) {
-    const SparseTile at = mask_tile(it);
-    const int g = group_member(it, at), h = hk * kv_group + g, m0 = first_query(it, at, g);
-    const int i = m0 + static_cast<int>(threadIdx.x);
+                                      seqlen_q - t.m0, head_dim);
+    const int i = t.m0 + static_cast<int>(threadIdx.x);
     const long long at_row = b * lse_sb + h * lse_sh + seq.q_start + i;
     l = threadIdx.x < BMQ && i < seqlen_q ? lse[at_row] : kNegInf;
     d = threadIdx.x < BMQ && i < seqlen_q ? delta[at_row] : 0.f;
@@ -152,13 +153,13 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int key_row = seq.k_start + n0;
   Tile::template load<BN, THREADS>(sK, k + b * k_sb + hk * k_sh + key_row * k_ss, k_ss, seqlen_k - n0, head_dim);
   Tile::template load<BN, THREADS>(sV, v + b * v_sb + hk * v_sh + key_row * v_ss, v_ss, seqlen_k - n0, head_dim);
-  if (n_iters > 0) load_q_tile(0);
-  cp_async_commit();
   if (n_iters > 0) {
     float l, d;
-    load_stats(0, l, d);
+    load_q_tile(0, TileCursor{0, 0}, l, d);
     if (threadIdx.x < BMQ) s_lse[0][threadIdx.x] = l, s_delta[0][threadIdx.x] = d;
   }
+  cp_async_commit();
+  const int key_in_block = SPARSE ? n0 % lists.row_block : 0;  // SPARSE: this tile's first key inside its block
 
   float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
   zero(acc_dk);
@@ -169,14 +170,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     Tile::publish();
     __syncthreads();  // tile `it` is in; every warp is done with tile it - 1
     float next_l = kNegInf, next_d = 0.f;
-    if (it + 1 < n_iters) {
-      load_q_tile(it + 1);
-      load_stats(it + 1, next_l, next_d);
-    }
+    if (it + 1 < n_iters) load_q_tile(it + 1, tile_at[it % 2].next, next_l, next_d);
     cp_async_commit();
 
-    const SparseTile at = mask_tile(it);
-    const int g = group_member(it, at), slot = it % 2, m0 = first_query(it, at, g);
+    const int slot = it % 2;
+    const QueryTile t = SPARSE ? tile_at[slot] : dense_tile(it);
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
@@ -190,11 +188,11 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI)  // keys are rows here, hence -diag
-      add_alibi(p, n0 + warp_row, m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + g] / softmax_scale, lane);
-    bool partial = false;
-    if constexpr (SPARSE) partial = at.slot >= 0;
-    const bool needs_mask = m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
-                            (BAND && !band.covers(m0, m0 + BMQ - 1, n0, n0 + BN - 1)) || partial;
+      add_alibi(p, n0 + warp_row, t.m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + t.g] / softmax_scale, lane);
+    if constexpr (SPARSE)  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
+      if (t.slot >= 0) mask_partial_block(p, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
+    const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
+                            (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -202,16 +200,14 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
-          const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = m0 + col;  // query
-          bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-          if constexpr (SPARSE)  // element bits of a partial block: rows are queries, columns keys
-            visible = visible && (!partial || lists.visible(at.slot, at.offset + col, n0 % lists.block_n + key));
+          const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
+          const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[slot][col], visible);
         }
     if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
       DropoutRng head_rng = rng;
-      head_rng.bh += hk * kv_group + g;
-      head_rng.drop_rows_keys<true>(p, n0 + warp_row, m0, lane);
+      head_rng.bh += hk * kv_group + t.g;
+      head_rng.drop_rows_keys<true>(p, n0 + warp_row, t.m0, lane);
     }
     Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
 
@@ -293,30 +289,40 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const Band<BAND> band{diag, window_left, window_right};
   int n_first = 0, n_blocks = (seqlen_k + BN - 1) / BN;  // key tiles from n_first (BAND: inside the band)
   if (BAND) band.key_tiles(m0, m0 + BM - 1, seqlen_k, BN, n_first, n_blocks);
+  int subs = 1;
   __shared__ ListRow list;
   if constexpr (SPARSE) {
-    read_list_row(lists, lists.row(b, h, m0 / lists.block_m), list);
+    read_list_row(lists, lists.row(b, h, m0 / lists.row_block), list);
     __syncthreads();
-    n_blocks = list.count * (lists.block_n / BN);
+    subs = lists.col_block / BN;
+    n_blocks = list.count * subs;
   }
-  // Tile `nb` in the mask (SPARSE), and its first key.
-  auto mask_tile = [&](int nb) {
-    return SPARSE ? sparse_tile(lists, list.entries, nb, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+  // Key tile `nb`: the next of the band, or (SPARSE) tile `sub` of listed block `e`, walked by a cursor
+  // with no division; a tile's place, and the cursor of the next, go through shared memory.
+  struct KeyTile {
+    int n0, slot, offset;  // first key; SPARSE: bit slot (-1: full) and offset inside the block
+    TileCursor next;       // SPARSE: where the tile after this one is
   };
-  auto first_key = [&](int nb, const SparseTile& at) {
-    return SPARSE ? at.block * lists.block_n + at.offset : (n_first + nb) * BN;
-  };
+  __shared__ KeyTile tile_at[2];  // ring: written by thread 0 with the tile's copy, read after the barrier
   const T* k_head = k + b * k_sb + hk * k_sh + seq.k_start * k_ss;
   const T* v_head = v + b * v_sb + hk * v_sh + seq.k_start * v_ss;
-  auto load_kv = [&](int nb) {
-    const int n0 = first_key(nb, mask_tile(nb)), slot = nb % 2;
-    Tile::template load<BN, THREADS>(sK + slot * BN * PITCH, k_head + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
-    Tile::template load<BN, THREADS>(sV + slot * BN * PITCH, v_head + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
+  auto load_kv = [&](int nb, TileCursor at) {
+    KeyTile t{(n_first + nb) * BN, -1, 0};
+    if constexpr (SPARSE) {
+      const SparseTile e = at.in(lists, list.entries, BN);
+      t.n0 = e.block * lists.col_block + e.offset, t.slot = e.slot, t.offset = e.offset;
+      t.next = at;
+      t.next.advance(subs);
+    }
+    if (threadIdx.x == 0) tile_at[nb % 2] = t;
+    const int slot = nb % 2;
+    Tile::template load<BN, THREADS>(sK + slot * BN * PITCH, k_head + t.n0 * k_ss, k_ss, seqlen_k - t.n0, head_dim);
+    Tile::template load<BN, THREADS>(sV + slot * BN * PITCH, v_head + t.n0 * v_ss, v_ss, seqlen_k - t.n0, head_dim);
   };
   const int q_row = seq.q_start + m0;
   Tile::template load<BM, THREADS>(sQ, q + b * q_sb + h * q_sh + q_row * q_ss, q_ss, seqlen_q - m0, head_dim);
   Tile::template load<BM, THREADS>(sdO, dout + b * do_sb + h * do_sh + q_row * do_ss, do_ss, seqlen_q - m0, head_dim);
-  if (n_blocks > 0) load_kv(0);
+  if (n_blocks > 0) load_kv(0, TileCursor{0, 0});
   cp_async_commit();
 
   // This thread's rows: lse and delta in registers.
@@ -338,10 +344,11 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     cp_async_wait<0>();
     Tile::publish();
     __syncthreads();
-    if (nb + 1 < n_blocks) load_kv(nb + 1);
+    if (nb + 1 < n_blocks) load_kv(nb + 1, tile_at[nb % 2].next);
     cp_async_commit();
-    const SparseTile at = mask_tile(nb);
-    const int n0 = first_key(nb, at), slot = nb % 2;
+    const int slot = nb % 2;
+    const KeyTile t = tile_at[slot];
+    const int n0 = t.n0;
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
     float p[MT][BN / 8][4], ds[MT][BN / 8][4];
@@ -355,8 +362,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
     if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
     if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
-      if (at.slot >= 0)
-        mask_partial_block(p, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
+      if (t.slot >= 0)
+        mask_partial_block(p, lists, t.slot, m0 % lists.row_block + warp_row, t.offset, seqlen_k - n0, lane);
     const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

@@ -65,7 +65,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       kv_heads[0] = k + blk.b * k_sb + hk * k_sh + seq.k_start * k_ss;
       kv_heads[1] = v + blk.b * v_sb + hk * v_sh + seq.k_start * v_ss;
     }
-    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.block_m), list);
+    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.row_block), list);
     if (DROPOUT && threadIdx.x == 0) rng = DropoutRng::make(dropout, blk.bh);
   }
   __syncthreads();

@@ -58,7 +58,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         mbar_init(&kv_empty[s], WARPS);  // every consumer warp reports it is done
       }
     }
-    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.block_m), list);
+    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.row_block), list);
     if (DROPOUT && threadIdx.x == 0) rng = DropoutRng::make(dropout, blk.bh);
   }
   __syncthreads();

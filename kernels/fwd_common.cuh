@@ -58,15 +58,15 @@ struct KeyTiles {
                                       int bm, int seqlen_k) {
     first = 0, count = (seqlen_k + BN - 1) / BN;
     if (BAND) band.key_tiles(m0, m0 + bm - 1, seqlen_k, BN, first, count);
-    if (SPARSE) count = list.count * (lists.block_n / BN);
+    if (SPARSE) count = list.count * (lists.col_block / BN);
   }
   // Where tile `it` lies in the block mask (SPARSE).
   __device__ __forceinline__ SparseTile at(const BlockLists& lists, const ListRow& list, int it) const {
-    return SPARSE ? sparse_tile(lists, list.entries, it, lists.block_n / BN, BN) : SparseTile{0, -1, 0};
+    return SPARSE ? sparse_tile(lists, list.entries, it, lists.col_block / BN, BN) : SparseTile{0, -1, 0};
   }
   // The first key of tile `it`, which lies at `at`.
   __device__ __forceinline__ int first_key(const BlockLists& lists, int it, const SparseTile& at) const {
-    return SPARSE ? at.block * lists.block_n + at.offset : (first + count - 1 - it) * BN;
+    return SPARSE ? at.block * lists.col_block + at.offset : (first + count - 1 - it) * BN;
   }
 };
 
@@ -88,7 +88,7 @@ __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], f
   auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };
   if constexpr (SPARSE) {
     if (at.slot >= 0)  // a partial block: its element bits decide
-      mask_partial_block(acc_s, lists, at.slot, m0 % lists.block_m + warp_row, at.offset, seqlen_k - n0, lane);
+      mask_partial_block(acc_s, lists, at.slot, m0 % lists.row_block + warp_row, at.offset, seqlen_k - n0, lane);
     else if (n0 + BN > seqlen_k)
       mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
   } else if (n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1))) {

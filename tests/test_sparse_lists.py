@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cuflash import _dispatch, _sparse
-from cuflash.masks import BlockMask
+from cuflash.masks import BlockMask, _pack_bits, _unpack_bits
 
 from test_masks import band
 
@@ -54,14 +54,20 @@ def test_packed_lists_decode_to_the_mask(mb, mh, kv_group):
             exp = expected_bits(b, h, qb, kb)
             assert (got is None and exp is None) or np.array_equal(got, exp)
 
+    # Key-major lists: entries g << group_shift | query block, element bits transposed (rows are keys).
+    def expected_bits_t(b, h, qb, kb):
+        if states[b, h, qb, kb] == 2:
+            return None
+        return _pack_bits(_unpack_bits(mask.partial_bits[slots[b, h, qb, kb]]).T).reshape(-1).view(np.int32)
+
     heads_k = mh // kv_group if mh > 1 else 1
-    key = decode(buffer, layout.key, mb, heads_k, nk, layout.bits, words)
+    key = decode(buffer, layout.key, mb, heads_k, nk, layout.bits_t, words)
     for (b, hk, kb), entries in key.items():
         want = {}
         for g in range(kv_group):
             h = hk * kv_group + g if mh > 1 else 0
             for qb in np.flatnonzero(states[b, h, :, kb]):
-                want[g * nq + qb] = expected_bits(b, h, qb, kb)
+                want[g << layout.key.group_shift | qb] = expected_bits_t(b, h, qb, kb)
         assert set(entries) == set(want)
         for e, got in entries.items():
             assert (got is None and want[e] is None) or np.array_equal(got, want[e])
@@ -151,3 +157,11 @@ def test_varlen_mask_with_a_block_mask():
         _sparse.varlen_mask(block, (8, 0), False, lambda: ((300,), (10,)), 256, 256)
     with pytest.raises(ValueError, match="block_mask was built for seqlens"):
         _sparse.varlen_mask(block, (8, 0), False, lambda: lengths, 128, 256)
+
+
+def test_a_mask_without_partial_blocks_packs():
+    mask = BlockMask.butterfly(512, 512, 64, 128)
+    assert len(mask.partial_bits) == 0
+    buffer, layout = _sparse.pack(mask, kv_group=2)
+    assert layout.bits == layout.bits_t  # both empty
+    assert buffer[layout.key.count:][:mask.to_dense().shape[-1]].sum() == 2 * (mask.to_dense() > 0).sum()

@@ -5,8 +5,10 @@ A cuflash.BlockMask is packed, once per device, GQA group size and framework, in
 - query-major lists (forward and dQ kernels): per (batch', head', query block) the key blocks to
   visit, partial ones first, each with its bit slot (-1 for a full block);
 - key-major lists (dK/dV kernel): per (batch', K/V head', key block) the (query head of the group,
-  query block) pairs that visit it, encoded g * n_query_blocks + query block;
-- the partial blocks' element bits.
+  query block) pairs that visit it, encoded g << group_shift | query block (a shift, so that the
+  kernel needs no division);
+- the partial blocks' element bits, query-major (rows are queries) and transposed (rows are keys), so
+  that each kernel reads whole 32-bit words along its own columns.
 
 `causal=True` with a block mask runs the intersection of the two, built here and cached, so the
 kernels only ever see one mask.
@@ -18,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .masks import BlockMask
+from .masks import BlockMask, _pack_bits, _unpack_bits
 
 KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192, 256, ...
 
 # Launch fields of a BlockLists struct (count, index, slot, bits pointers; batch and head row
-# strides; entries per row, block_m, block_n, group stride), in _launch.Launcher's struct codes.
+# strides; entries per row, the rows' and the listed blocks' sizes, group shift), in _launch.Launcher's
+# struct codes.
 BLOCK_LISTS_FORMAT = "(QQQQqqiiii)"  # one struct parameter (see _launch.param_offsets)
 NO_LISTS = (0,) * 10  # what the dense kernels get
 
@@ -38,20 +41,22 @@ class ListsLayout:
     b_stride: int
     h_stride: int
     cap: int
-    group_stride: int
+    group_shift: int  # key-major: entry = g << group_shift | query block (0 for query-major lists)
 
 
 @dataclass(frozen=True)
 class PackedLayout:
     query: ListsLayout
     key: ListsLayout
-    bits: int
+    bits: int  # (slots, block_m, block_n / 32) words: rows are queries
+    bits_t: int  # (slots, block_n, block_m / 32) words: rows are keys
     block_m: int
     block_n: int
 
     def to_ints(self) -> list[int]:
         """A flat list (a torch custom op argument)."""
-        return [*vars(self.query).values(), *vars(self.key).values(), self.bits, self.block_m, self.block_n]
+        return [*vars(self.query).values(), *vars(self.key).values(), self.bits, self.bits_t, self.block_m,
+                self.block_n]
 
     @classmethod
     def from_ints(cls, ints) -> "PackedLayout":
@@ -60,9 +65,10 @@ class PackedLayout:
 
     def lists_args(self, ptr: int, key_major: bool) -> tuple:
         """The BlockLists launch fields for the packed buffer at `ptr`."""
-        lay = self.key if key_major else self.query
-        return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * self.bits,
-                lay.b_stride, lay.h_stride, lay.cap, self.block_m, self.block_n, lay.group_stride)
+        lay, bits = (self.key, self.bits_t) if key_major else (self.query, self.bits)
+        row_block, col_block = (self.block_n, self.block_m) if key_major else (self.block_m, self.block_n)
+        return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * bits,
+                lay.b_stride, lay.h_stride, lay.cap, row_block, col_block, lay.group_shift)
 
 
 def check_mask(mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int) -> None:
@@ -200,16 +206,22 @@ def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:
 
         t_states, t_slots = merge(t_states), merge(t_slots)
     k_count, k_index, k_slot = _entries(t_states, t_slots)
+    group_shift = max(nq - 1, 0).bit_length()  # entry g * nq + query block -> g << shift | query block
+    k_index = np.where(k_index >= 0, (k_index // max(nq, 1) << group_shift) | (k_index % max(nq, 1)), -1)
 
-    parts = [q_count, q_index, q_slot, k_count, k_index, k_slot, mask.partial_bits.view(np.int32)]
+    bits = mask.partial_bits
+    bits_t = (_pack_bits(_unpack_bits(bits).transpose(0, 2, 1)) if len(bits)
+              else np.zeros((0, mask.block_n, mask.block_m // 32), np.uint32))
+    parts = [q_count, q_index, q_slot, k_count, k_index.astype(np.int32), k_slot, bits.view(np.int32),
+             bits_t.view(np.int32)]
     offsets = [int(o) for o in np.cumsum([0] + [p.size for p in parts])]
     # Row strides: 0 where the mask broadcasts over batch or heads.
-    query = ListsLayout(*offsets[:3], mh * nq if mb > 1 else 0, nq if mh > 1 else 0, nk, 1)
+    query = ListsLayout(*offsets[:3], mh * nq if mb > 1 else 0, nq if mh > 1 else 0, nk, 0)
     key_heads = t_states.shape[1]
     key = ListsLayout(*offsets[3:6], key_heads * nk if mb > 1 else 0, nk if mh > 1 else 0, t_states.shape[-1],
-                      max(nq, 1))
+                      group_shift)
     buffer = np.concatenate([p.reshape(-1) for p in parts] + [np.zeros(1, np.int32)])  # never empty
-    return buffer, PackedLayout(query, key, offsets[6], mask.block_m, mask.block_n)
+    return buffer, PackedLayout(query, key, offsets[6], offsets[7], mask.block_m, mask.block_n)
 
 
 def device_lists(mask: BlockMask, causal: bool, kv_group: int, device: int, framework: str):
