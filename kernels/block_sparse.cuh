@@ -17,6 +17,7 @@ struct BlockLists {
   const int* index;       // (rows, cap): key block (query-major lists) or g << group_shift | query block
   const int* slot;        // (rows, cap)
   const unsigned* bits;   // (slots, row_block, col_block / 32)
+  const int* order;       // query-major: each (batch, head)'s rows by descending count (the launch order)
   long long b_stride;     // rows between batches (0: the mask broadcasts over batch)
   long long h_stride;     // rows between heads (0: broadcasts over heads)
   int cap;                // entries per row
@@ -26,6 +27,13 @@ struct BlockLists {
 
   __device__ __forceinline__ long long row(int b, int h, int block) const {
     return b * b_stride + h * h_stride + block;
+  }
+  // The kernel tile (of `tile` rows) that the idx-th thread block of (b, h) runs: rows with the longest
+  // lists first, so that the grid does not end waiting on a few long rows (a causal mask's last
+  // query blocks, a global block). The grid covers every tile of every row block.
+  __device__ __forceinline__ int heaviest_first(int b, int h, int idx, int tile) const {
+    const int sub = row_block / tile, r = idx / sub;
+    return __ldg(order + row(b, h, r)) * sub + idx - r * sub;
   }
 };
 

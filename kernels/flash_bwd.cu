@@ -89,7 +89,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
   const int nheads_k = nheads / kv_group;
   int block = blockIdx.x;
-  const int n_block = block % num_n_blocks;
+  const int n_block = block % num_n_blocks;  // (a causal mask's heaviest key blocks come first)
   block /= num_n_blocks;
   const int c0 = (block % SPLITS) * DV;
   block /= SPLITS;
@@ -174,7 +174,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     cp_async_commit();
 
     const int slot = it % 2;
-    const QueryTile t = SPARSE ? tile_at[slot] : dense_tile(it);
+    const QueryTile dense = dense_tile(it);
+    const QueryTile& t = SPARSE ? tile_at[slot] : dense;  // SPARSE: read where used, not held in registers
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
@@ -274,8 +275,10 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
   const int bh = blockIdx.x / num_m_blocks;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);  // heaviest first
   const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
+  // Heaviest first: the last query tiles (causal), or (SPARSE) those with the longest lists.
+  int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  if (SPARSE) m_block = lists.heaviest_first(b, h, blockIdx.x % num_m_blocks, BM);
   __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
   __shared__ DropoutRng rng;
   if (threadIdx.x == 0) {

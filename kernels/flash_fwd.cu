@@ -50,7 +50,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
 
-  const BlockCoords<BAND != kNoBand> blk(num_m_blocks, nheads);
+  const BlockCoords<BAND, SPARSE, BM> blk(num_m_blocks, nheads, lists);
   const int m0 = blk.m_block * BM;
   // This block's sequences and K and V heads. Kept in shared memory, not registers: the main loop
   // needs every register for accumulators, and a shared-memory load per tile is cheap.
@@ -123,7 +123,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   // Epilogue (fwd_common.cuh store_fwd_rows), through this warp's own rows of the Q tile (wgmma tiles:
   // the same bytes, as unpadded rows: a warp's 16 rows are two whole 8-row groups). The block's coordinates are derived again rather than kept in
   // registers through the main loop.
-  const BlockCoords<BAND != kNoBand> out_blk(num_m_blocks, nheads);
+  const BlockCoords<BAND, SPARSE, BM> out_blk(num_m_blocks, nheads, lists);
   const int out_m0 = out_blk.m_block * BM;
   T* stage = sQ + warp_row * Tile::pitch;
   store_fwd_rows<T, D>(acc_o, softmax, [=](int r, int c) { return stage + r * Tile::pitch + c; },

@@ -43,7 +43,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ SeqRange seq;
   __shared__ ListRow list;
   __shared__ DropoutRng rng;
-  const BlockCoords<BAND != kNoBand> blk(num_m_blocks, nheads);
+  const BlockCoords<BAND, SPARSE, BM> blk(num_m_blocks, nheads, lists);
   const int m0 = blk.m_block * BM;
   {
     const int hk = blk.h / kv_group;
@@ -142,7 +142,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   // Epilogue (fwd_common.cuh), through this warp's own rows of the (swizzled) Q tile: row r, column c at
   // wg_tile_offset (tile_io.cuh), so that the stores and the 16-byte reads meet no bank conflicts.
-  const BlockCoords<BAND != kNoBand> out_blk(num_m_blocks, nheads);
+  const BlockCoords<BAND, SPARSE, BM> out_blk(num_m_blocks, nheads, lists);
   const int out_m0 = out_blk.m_block * BM;
   store_fwd_rows<T, D>(acc_o, softmax, [=](int r, int c) { return reinterpret_cast<T*>(smem + wg_tile_offset<D>(warp_row + r, c)); },
                        o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss, o_ss,

@@ -29,21 +29,22 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
       }
 }
 
-// Thread block -> (query tile, batch, head); query tiles of one head are neighbours in launch order.
-// REVERSE (with a band): the last query tiles of a head start first (the heaviest, when causal).
-// blockIdx is read through a volatile asm so that a second instance recomputes the coordinates instead
-// of keeping them live (and spilled).
-template <bool REVERSE>
+// Thread block -> (query tile of BM rows, batch, head); query tiles of one head are neighbours in
+// launch order. With a band, the last query tiles of a head start first (the heaviest, when causal);
+// SPARSE: those whose lists are longest (BlockLists::heaviest_first). blockIdx is read through a
+// volatile asm so that a second instance recomputes the coordinates instead of keeping them live.
+template <int BAND, bool SPARSE, int BM>
 struct BlockCoords {
   int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
-  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads) {
+  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads, const BlockLists& lists) {
     unsigned block;
     asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
     bh = block / num_m_blocks;
     m_block = block - bh * num_m_blocks;
-    if (REVERSE) m_block = num_m_blocks - 1 - m_block;
+    if (BAND != kNoBand) m_block = num_m_blocks - 1 - m_block;
     b = bh / nheads;
     h = bh - b * nheads;
+    if (SPARSE) m_block = lists.heaviest_first(b, h, m_block, BM);
   }
 };
 

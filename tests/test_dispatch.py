@@ -68,7 +68,7 @@ def test_dropout_variants_and_launch_fields():
     # The two struct parameters are one kernel parameter each: the 32nd (block lists) and the 33rd (dropout).
     fmt = _dispatch.FWD_PARAM_FORMAT
     offsets = param_offsets(fmt)
-    assert len(offsets) == 35 and offsets[-2:] == [224, 288] and struct.calcsize("@" + flat(fmt)) == 320
+    assert len(offsets) == 35 and offsets[-2:] == [224, 296] and struct.calcsize("@" + flat(fmt)) == 328
 
 
 def test_param_offsets_group_structs():

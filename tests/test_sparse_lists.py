@@ -165,3 +165,23 @@ def test_a_mask_without_partial_blocks_packs():
     buffer, layout = _sparse.pack(mask, kv_group=2)
     assert layout.bits == layout.bits_t  # both empty
     assert buffer[layout.key.count:][:mask.to_dense().shape[-1]].sum() == 2 * (mask.to_dense() > 0).sum()
+
+
+@pytest.mark.parametrize("kv_group", [1, 2])
+def test_query_rows_run_heaviest_first(kv_group):
+    mask = random_mask(2, 4, 300, 450, 64, 128, seed=kv_group)
+    buffer, layout = _sparse.pack(mask, kv_group)
+    lay, rows = layout.query, -(-300 // 64)
+    for b in range(2):
+        for h in range(4):
+            base = b * lay.b_stride + h * lay.h_stride
+            order, counts = buffer[lay.order + base:][:rows], buffer[lay.count + base:][:rows]
+            assert sorted(order) == list(range(rows))
+            assert all(np.diff(counts[order]) <= 0)
+    assert layout.key.order == -1 and layout.lists_args(4096, key_major=True)[4] == 0  # key blocks run in order
+
+
+def test_row_tiles_cover_every_tile_of_every_row_block():
+    lists = (1,) * _sparse.LISTS_ROW_BLOCK + (256, 128, 0)
+    assert _dispatch.row_tiles(300, 128, lists) == 4  # two row blocks of 256 rows, two tiles each
+    assert _dispatch.row_tiles(300, 128, _sparse.NO_LISTS) == 3

@@ -11,7 +11,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from ._sparse import BLOCK_LISTS_FORMAT, NO_LISTS
+from ._sparse import BLOCK_LISTS_FORMAT, LISTS_ROW_BLOCK, NO_LISTS
 
 DTYPES = ("float16", "bfloat16", "float32")
 _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -276,6 +276,16 @@ def seq_args(p: "FwdProblem", varlen=None) -> tuple:
     return cu_q, cu_k, 0, total_q
 
 
+def row_tiles(seqlen: int, tile: int, lists: tuple) -> int:
+    """Query tiles per (batch, head) over seqlen rows. With a block mask, every tile of every row block:
+    the forward and dQ kernels run them heaviest first (BlockLists::heaviest_first), so any block may
+    come last (its tiles past seqlen return at once)."""
+    if not lists[0]:  # no block mask (a null count pointer)
+        return -(-seqlen // tile)
+    row_block = lists[LISTS_ROW_BLOCK]
+    return -(-seqlen // row_block) * (row_block // tile)
+
+
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
                lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
                dropout: tuple = NO_DROPOUT) -> tuple[int, int, tuple]:
@@ -286,7 +296,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
     The grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid
     dimension can pass 65535.
     """
-    num_m_blocks = -(-p.seqlen_q // variant.block_m)
+    num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks >= 2**31:
         raise ValueError(f"problem too large: {blocks} thread blocks exceed the grid limit 2^31 - 1")
@@ -485,7 +495,7 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
         launches.append((pre, -(-rows // (pre.threads // lanes)), pre.threads,
                          (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], pre_seqlen, p.nheads, p.head_dim,
                           rows, lanes)))
-    num_n_blocks = -(-p.seqlen_k // dkdv.block_n)
+    num_n_blocks = -(-p.seqlen_k // dkdv.block_n)  # in order: no heaviest-first mapping
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
     if blocks:
@@ -493,7 +503,7 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
                           *common, num_n_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists, *dropout)))
-    num_m_blocks = -(-p.seqlen_q // dqv.block_m)
+    num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
         launches.append((dqv, blocks, dqv.threads,

@@ -7,6 +7,9 @@ A cuflash.BlockMask is packed, once per device, GQA group size and framework, in
 - key-major lists (dK/dV kernel): per (batch', K/V head', key block) the (query head of the group,
   query block) pairs that visit it, encoded g << group_shift | query block (a shift, so that the
   kernel needs no division);
+- per (batch', head'), the query blocks by descending count: the forward and dQ kernels run the rows
+  with the longest lists first (the dK/dV kernel runs key blocks in order: in a causal mask, the
+  first are the heaviest);
 - the partial blocks' element bits, query-major (rows are queries) and transposed (rows are keys), so
   that each kernel reads whole 32-bit words along its own columns.
 
@@ -15,6 +18,7 @@ kernels only ever see one mask.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -24,11 +28,12 @@ from .masks import BlockMask, _pack_bits, _unpack_bits
 
 KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192, 256, ...
 
-# Launch fields of a BlockLists struct (count, index, slot, bits pointers; batch and head row
+# Launch fields of a BlockLists struct (count, index, slot, bits, order pointers; batch and head row
 # strides; entries per row, the rows' and the listed blocks' sizes, group shift), in _launch.Launcher's
 # struct codes.
-BLOCK_LISTS_FORMAT = "(QQQQqqiiii)"  # one struct parameter (see _launch.param_offsets)
-NO_LISTS = (0,) * 10  # what the dense kernels get
+BLOCK_LISTS_FORMAT = "(QQQQQqqiiii)"  # one struct parameter (see _launch.param_offsets)
+NO_LISTS = (0,) * 11  # what the dense kernels get
+LISTS_ROW_BLOCK = 8  # where the rows' block size sits in a BlockLists' fields
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ListsLayout:
     count: int
     index: int
     slot: int
+    order: int  # -1: none (the key-major lists)
     b_stride: int
     h_stride: int
     cap: int
@@ -60,14 +66,14 @@ class PackedLayout:
 
     @classmethod
     def from_ints(cls, ints) -> "PackedLayout":
-        ints = [int(i) for i in ints]
-        return cls(ListsLayout(*ints[:7]), ListsLayout(*ints[7:14]), *ints[14:])
+        ints, n = [int(i) for i in ints], len(dataclasses.fields(ListsLayout))
+        return cls(ListsLayout(*ints[:n]), ListsLayout(*ints[n:2 * n]), *ints[2 * n:])
 
     def lists_args(self, ptr: int, key_major: bool) -> tuple:
         """The BlockLists launch fields for the packed buffer at `ptr`."""
         lay, bits = (self.key, self.bits_t) if key_major else (self.query, self.bits)
         row_block, col_block = (self.block_n, self.block_m) if key_major else (self.block_m, self.block_n)
-        return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * bits,
+        return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * bits, 0 if lay.order < 0 else ptr + 4 * lay.order,
                 lay.b_stride, lay.h_stride, lay.cap, row_block, col_block, lay.group_shift)
 
 
@@ -212,16 +218,21 @@ def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:
     bits = mask.partial_bits
     bits_t = (_pack_bits(_unpack_bits(bits).transpose(0, 2, 1)) if len(bits)
               else np.zeros((0, mask.block_n, mask.block_m // 32), np.uint32))
-    parts = [q_count, q_index, q_slot, k_count, k_index.astype(np.int32), k_slot, bits.view(np.int32),
-             bits_t.view(np.int32)]
+    parts = [q_count, q_index, q_slot, _heaviest_first(q_count), k_count, k_index.astype(np.int32), k_slot,
+             bits.view(np.int32), bits_t.view(np.int32)]
     offsets = [int(o) for o in np.cumsum([0] + [p.size for p in parts])]
     # Row strides: 0 where the mask broadcasts over batch or heads.
-    query = ListsLayout(*offsets[:3], mh * nq if mb > 1 else 0, nq if mh > 1 else 0, nk, 0)
+    query = ListsLayout(*offsets[:4], mh * nq if mb > 1 else 0, nq if mh > 1 else 0, nk, 0)
     key_heads = t_states.shape[1]
-    key = ListsLayout(*offsets[3:6], key_heads * nk if mb > 1 else 0, nk if mh > 1 else 0, t_states.shape[-1],
+    key = ListsLayout(*offsets[4:7], -1, key_heads * nk if mb > 1 else 0, nk if mh > 1 else 0, t_states.shape[-1],
                       group_shift)
     buffer = np.concatenate([p.reshape(-1) for p in parts] + [np.zeros(1, np.int32)])  # never empty
-    return buffer, PackedLayout(query, key, offsets[6], offsets[7], mask.block_m, mask.block_n)
+    return buffer, PackedLayout(query, key, offsets[7], offsets[8], mask.block_m, mask.block_n)
+
+
+def _heaviest_first(count: np.ndarray) -> np.ndarray:
+    """Per (batch', head'), the rows by descending count (ties in row order)."""
+    return np.argsort(-count, axis=-1, kind="stable").astype(np.int32)
 
 
 def device_lists(mask: BlockMask, causal: bool, kv_group: int, device: int, framework: str):
