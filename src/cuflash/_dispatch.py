@@ -428,10 +428,16 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
     if wgmma:
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
-        # No registers left on the widest tiles for a mask, window, tanh or RNG (ALiBi's bias fits):
+        # No registers left on the widest dK/dV tiles for a mask, window, tanh or RNG (ALiBi's bias fits):
         if mask_blocks or softcap or dropout or band == WINDOW:
-            block_q, dq_n = min(block_q, 64), min(dq_n, 64)  # 64-wide score tiles,
-            dq_m, dq_warps = min(dq_m, 128), min(dq_warps, 8)  # two warpgroups (three get 168 registers)
+            block_q = min(block_q, 64)
+        # dQ (benchmarks/tune_flagged_dq.py): a block mask (whose blocks 192 rows do not divide) or a
+        # window takes two warpgroups on 128-key tiles, the RNG alone keeps the dense tile's three
+        # warpgroups; tanh, and the RNG with a mask or window, need two warpgroups on 64-key tiles.
+        if softcap or (dropout and (mask_blocks or band == WINDOW)):
+            dq_m, dq_n, dq_warps = 128, 64, 8
+        elif mask_blocks or band == WINDOW:
+            dq_m, dq_n, dq_warps = 128, 128, 8
     if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
         block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
         warps, dq_m, dq_n = block_n // 16, block_n, 16
