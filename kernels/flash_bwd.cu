@@ -301,23 +301,25 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     n_blocks = list.count * subs;
   }
   // Key tile `nb`: the next of the band, or (SPARSE) tile `sub` of listed block `e`, walked by a cursor
-  // with no division; a tile's place, and the cursor of the next, go through shared memory.
+  // with no division; a listed tile's place, and the cursor of the next, go through shared memory (a
+  // dense tile's is recomputed from `nb`).
   struct KeyTile {
     int n0, slot, offset;  // first key; SPARSE: bit slot (-1: full) and offset inside the block
     TileCursor next;       // SPARSE: where the tile after this one is
   };
-  __shared__ KeyTile tile_at[2];  // ring: written by thread 0 with the tile's copy, read after the barrier
+  __shared__ KeyTile tile_at[2];  // SPARSE: written by thread 0 with the tile's copy, read after the barrier
+  auto dense_tile = [&](int nb) { return KeyTile{(n_first + nb) * BN, -1, 0}; };
   const T* k_head = k + b * k_sb + hk * k_sh + seq.k_start * k_ss;
   const T* v_head = v + b * v_sb + hk * v_sh + seq.k_start * v_ss;
   auto load_kv = [&](int nb, TileCursor at) {
-    KeyTile t{(n_first + nb) * BN, -1, 0};
+    KeyTile t = dense_tile(nb);
     if constexpr (SPARSE) {
       const SparseTile e = at.in(lists, list.entries, BN);
       t.n0 = e.block * lists.col_block + e.offset, t.slot = e.slot, t.offset = e.offset;
       t.next = at;
       t.next.advance(subs);
+      if (threadIdx.x == 0) tile_at[nb % 2] = t;
     }
-    if (threadIdx.x == 0) tile_at[nb % 2] = t;
     const int slot = nb % 2;
     Tile::template load<BN, THREADS>(sK + slot * BN * PITCH, k_head + t.n0 * k_ss, k_ss, seqlen_k - t.n0, head_dim);
     Tile::template load<BN, THREADS>(sV + slot * BN * PITCH, v_head + t.n0 * v_ss, v_ss, seqlen_k - t.n0, head_dim);
@@ -350,7 +352,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if (nb + 1 < n_blocks) load_kv(nb + 1, tile_at[nb % 2].next);
     cp_async_commit();
     const int slot = nb % 2;
-    const KeyTile t = tile_at[slot];
+    const KeyTile t = SPARSE ? tile_at[slot] : dense_tile(nb);
     const int n0 = t.n0;
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
