@@ -59,9 +59,10 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
 // Block: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
 // (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
-// the query tiles that the block mask's key-major list names for this key block.
-template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool WG>
+// the query tiles that the block mask's key-major list names for this key block. STAGES ring slots: with
+// three, a tile's last (wgmma) product runs on while the next tile loads and starts.
+template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
+          bool SOFTCAP, bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -79,11 +80,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
   static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
+  static_assert(STAGES == 2 || (WG && STAGES == 3), "two slots, or three for asynchronous products");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(Tile::align(smem_raw));
   T* sV = sK + BN * PITCH;
-  T* sQ = sV + BN * PITCH;     // 2 slots of BMQ rows
-  T* sdO = sQ + 2 * BMQ * PITCH;  // 2 slots
+  T* sQ = sV + BN * PITCH;            // STAGES slots of BMQ rows
+  T* sdO = sQ + STAGES * BMQ * PITCH;  // STAGES slots
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
@@ -127,8 +129,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   __shared__ QueryTile tile_at[2];  // SPARSE: written by thread 0 with the tile's copy, read after the barrier
   auto dense_tile = [&](int it) { return QueryTile{(m_first + it % tiles_per_head) * BMQ, it / tiles_per_head, -1, 0}; };
 
-  // Copy query tile `it` (SPARSE: the cursor `at` points to it) into ring slot it % 2; its rows' lse and
-  // delta, one per thread.
+  // Copy query tile `it` (SPARSE: the cursor `at` points to it) into ring slot it % STAGES; its rows' lse
+  // and delta, one per thread.
   auto load_q_tile = [&](int it, TileCursor at, float& l, float& d) {
     QueryTile t = dense_tile(it);
     if constexpr (SPARSE) {
@@ -138,7 +140,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       t.next.advance(subs);
       if (threadIdx.x == 0) tile_at[it % 2] = t;
     }
-    const int h = hk * kv_group + t.g, row = seq.q_start + t.m0, slot = it % 2;
+    const int h = hk * kv_group + t.g, row = seq.q_start + t.m0, slot = it % STAGES;
     Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
                                       seqlen_q - t.m0, head_dim);
     Tile::template load<BMQ, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
@@ -161,30 +163,33 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   cp_async_commit();
   const int key_in_block = SPARSE ? n0 % lists.row_block : 0;  // SPARSE: this tile's first key inside its block
 
+  // Zeroed here, on every path: zeros written after the loop's last product was issued (when the loop
+  // is skipped) make ptxas serialise the loop's products.
   float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
   zero(acc_dk);
   zero(acc_dv);
+  pin(acc_dk);
+  pin(acc_dv);
 
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<0>();
     Tile::publish();
-    __syncthreads();  // tile `it` is in; every warp is done with tile it - 1
+    __syncthreads();  // tile `it` is in; every warp has waited for tile it + 1 - STAGES's products
     float next_l = kNegInf, next_d = 0.f;
     if (it + 1 < n_iters) load_q_tile(it + 1, tile_at[it % 2].next, next_l, next_d);
     cp_async_commit();
 
-    const int slot = it % 2;
+    const int slot = it % STAGES, stat = it % 2;  // ring slot; slot of the lse, delta and tile_at pairs
     const QueryTile dense = dense_tile(it);
-    const QueryTile& t = SPARSE ? tile_at[slot] : dense;  // SPARSE: read where used, not held in registers
+    const QueryTile& t = SPARSE ? tile_at[stat] : dense;  // SPARSE: read where used, not held in registers
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
-    float p[MT][BMQ / 8][4], ds[MT][BMQ / 8][4];
-    zero(p);
-    zero(ds);
-    Tile::template mma_abt<MT, BMQ, D>(p, smem_addr(sK), warp_row, q_tile, lane);
-    // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below.
-    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
+    float p[MT][BMQ / 8][4], dp[MT][BMQ / 8][4];
+    Tile::template mma_abt<MT, BMQ, D, true>(p, smem_addr(sK), warp_row, q_tile, lane);
+    // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below. The
+    // wait for Pᵀ also waits for the previous tile's dK product.
+    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, true>(dp, smem_addr(sV), warp_row, do_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
@@ -203,7 +208,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
           const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
           const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
           const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[slot][col], visible);
+          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[stat][col], visible);
         }
     if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
       DropoutRng head_rng = rng;
@@ -213,25 +218,31 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
 
     // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
-    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D>(ds, smem_addr(sV), warp_row, do_tile, lane);
-    Tile::template wait<1>(ds);  // dV's product may still run
+    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, true>(dp, smem_addr(sV), warp_row, do_tile, lane);
+    Tile::template wait<1>(dp);  // dV's product may still run
+    // dSᵀ goes to its own registers: ptxas serialises wgmma products around non-wgmma writes to the
+    // registers of a product's accumulator (dPᵀ's, reused by the next tile's product).
+    float ds[MT][BMQ / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const float delta_i = s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2];
-          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], ds[mt][nt][c], delta_i, dropout.keep_scale)
-                                  : p[mt][nt][c] * (ds[mt][nt][c] - delta_i);
+          const float delta_i = s_delta[stat][nt * 8 + (lane % 4) * 2 + c % 2];
+          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], delta_i, dropout.keep_scale)
+                                  : p[mt][nt][c] * (dp[mt][nt][c] - delta_i);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
-    Tile::template wait<0>(acc_dk);  // before the next tile overwrites this one's slot
-    Tile::template wait<0>(acc_dv);
-
-    if (threadIdx.x < BMQ) s_lse[slot ^ 1][threadIdx.x] = next_l, s_delta[slot ^ 1][threadIdx.x] = next_d;
+    if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
+      Tile::template wait<0>(acc_dk);
+      Tile::template wait<0>(acc_dv);
+    }
+    if (threadIdx.x < BMQ) s_lse[stat ^ 1][threadIdx.x] = next_l, s_delta[stat ^ 1][threadIdx.x] = next_d;
   }
+  Tile::template wait<0>(acc_dk);
+  Tile::template wait<0>(acc_dv);
 
   // dK and dV go out through this warp's own rows of sK and sV. With no query tile, K and V (copied
   // by every thread) may still be landing there: wait for all of them.
@@ -247,6 +258,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dQ ----------------------------------------------------------------------------------------
 // Block: BM = 16 * MT * WARPS queries of one (batch, head); Q and dO stay in shared memory while
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
+// (A third slot, to let a tile's dQ product run on into the next tile, costs registers that the
+// three-warpgroup tiles do not have: ptxas then serialises the products, 11% slower on the H100.)
 template <typename T, int D, int BM, int BN, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
@@ -356,12 +369,10 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const int n0 = t.n0;
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
-    float p[MT][BN / 8][4], ds[MT][BN / 8][4];
-    zero(p);
-    zero(ds);
-    Tile::template mma_abt<MT, BN, D>(p, smem_addr(sQ), warp_row, k_tile, lane);
+    float p[MT][BN / 8][4], dp[MT][BN / 8][4];
+    Tile::template mma_abt<MT, BN, D, true>(p, smem_addr(sQ), warp_row, k_tile, lane);
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
-    if constexpr (WG) Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
+    if constexpr (WG) Tile::template mma_abt<MT, BN, D, true>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
@@ -382,16 +393,17 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
-    if constexpr (!WG) Tile::template mma_abt<MT, BN, D>(ds, smem_addr(sdO), warp_row, v_tile, lane);
-    Tile::template wait<0>(ds);
+    if constexpr (!WG) Tile::template mma_abt<MT, BN, D, true>(dp, smem_addr(sdO), warp_row, v_tile, lane);
+    Tile::template wait<0>(dp);
+    float ds[MT][BN / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], ds[mt][nt][c], row_delta[mt][c / 2], dropout.keep_scale)
-                                  : p[mt][nt][c] * (ds[mt][nt][c] - row_delta[mt][c / 2]);
+          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], row_delta[mt][c / 2], dropout.keep_scale)
+                                  : p[mt][nt][c] * (dp[mt][nt][c] - row_delta[mt][c / 2]);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
     Tile::template mma_pb<MT, BN, D>(acc_dq, ds, k_tile, 0, lane);

@@ -40,15 +40,18 @@ struct Tiles {
     if constexpr (WG) fence_proxy_async();
   }
 
-  // acc (16 * MT rows from row0 of A) += A Bᵀ over K columns: A and B are tiles at a_tile and b_tile.
-  // Issued asynchronously on the wgmma path: acc is valid after wait (mma.sync: at once).
-  template <int MT, int N, int K>
+  // acc (16 * MT rows from row0 of A) += A Bᵀ over K columns (FRESH: acc = A Bᵀ): A and B are tiles at
+  // a_tile and b_tile. Issued asynchronously on the wgmma path: acc is valid after wait (mma.sync: at
+  // once). A fresh wgmma accumulator is not zeroed by other instructions, which would serialise the
+  // warpgroup's products still running.
+  template <int MT, int N, int K, bool FRESH = false>
   static __device__ __forceinline__ void mma_abt(float (&acc)[MT][N / 8][4], unsigned a_tile, int row0, unsigned b_tile,
                                                  int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
-      wg_mma_abt_async<T, N, K, D>(acc, a_tile + (row0 / 64) * 8 * WgTile<D>::group, b_tile);
+      wg_mma_abt_async<T, N, K, D, FRESH>(acc, a_tile + (row0 / 64) * 8 * WgTile<D>::group, b_tile);
     } else {
+      if constexpr (FRESH) zero(acc);
       warp_mma_abt<T, MT, N, K, row_bytes>(acc, a_tile + row0 * row_bytes, b_tile, lane);
     }
   }
