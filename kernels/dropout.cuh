@@ -86,7 +86,9 @@ struct DropoutRng {
   }
 
   // The same for a transposed tile (keys as rows, queries as columns; the dK/dV kernel): the scores a
-  // lane holds come from two canonical lanes. row0 is the first key, col0 the first query.
+  // lane holds come from two canonical lanes. Each lane computes its own canonical lane's numbers and
+  // fetches the two it needs by shuffles (half the Philox work of computing both). row0 is the first
+  // key, col0 the first query. Every lane of the warp must call it.
   template <bool NEGATE, int MT, int NT>
   __device__ __forceinline__ void drop_rows_keys(float (&p)[MT][NT][4], int row0, int col0, int lane) const {
     static_assert(NT % 2 == 0, "16-query tiles");
@@ -94,10 +96,13 @@ struct DropoutRng {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int u = 0; u < NT / 2; ++u)
+      for (int u = 0; u < NT / 2; ++u) {
+        const uint4 own = numbers(col0 + u * 16, row0 + mt * 16, lane);
 #pragma unroll
         for (int b = 0; b < 2; ++b) {  // query column 2t + b of each 8-query half
-          const uint4 r = numbers(col0 + u * 16, row0 + mt * 16, (2 * t + b) * 4 + g / 2);
+          const int from = (2 * t + b) * 4 + g / 2;
+          const uint4 r = make_uint4(__shfl_sync(0xffffffffu, own.x, from), __shfl_sync(0xffffffffu, own.y, from),
+                                     __shfl_sync(0xffffffffu, own.z, from), __shfl_sync(0xffffffffu, own.w, from));
 #pragma unroll
           for (int e = 0; e < 2; ++e)      // query half: queries 8e + 2t + b
 #pragma unroll
@@ -105,6 +110,7 @@ struct DropoutRng {
               if (!kept(r, e * 4 + a * 2 + g % 2))
                 p[mt][2 * u + e][2 * a + b] = NEGATE ? -p[mt][2 * u + e][2 * a + b] : 0.f;
         }
+      }
   }
 };
 

@@ -168,8 +168,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
   zero(acc_dk);
   zero(acc_dv);
-  pin(acc_dk);
-  pin(acc_dv);
+  if constexpr (STAGES == 3) {
+    pin(acc_dk);
+    pin(acc_dv);
+  }
 
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<0>();
@@ -185,11 +187,18 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
 
     // Pᵀ (keys x queries).
+    // Three slots: fresh accumulators (wgmma scale-d 0), as zeros written while the previous tile's
+    // products run would make ptxas serialise them. Two: zeroed (fewer registers than fresh ones).
+    constexpr bool FRESH = STAGES == 3;
     float p[MT][BMQ / 8][4], dp[MT][BMQ / 8][4];
-    Tile::template mma_abt<MT, BMQ, D, true>(p, smem_addr(sK), warp_row, q_tile, lane);
+    if constexpr (!FRESH) {
+      zero(p);
+      zero(dp);
+    }
+    Tile::template mma_abt<MT, BMQ, D, FRESH>(p, smem_addr(sK), warp_row, q_tile, lane);
     // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below. The
     // wait for Pᵀ also waits for the previous tile's dK product.
-    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, true>(dp, smem_addr(sV), warp_row, do_tile, lane);
+    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
@@ -218,10 +227,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
 
     // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
-    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, true>(dp, smem_addr(sV), warp_row, do_tile, lane);
+    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
     Tile::template wait<1>(dp);  // dV's product may still run
-    // dSᵀ goes to its own registers: ptxas serialises wgmma products around non-wgmma writes to the
-    // registers of a product's accumulator (dPᵀ's, reused by the next tile's product).
+    // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
+    // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
     float ds[MT][BMQ / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -370,9 +379,11 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const unsigned k_tile = smem_addr(sK) + slot * BN * PB, v_tile = smem_addr(sV) + slot * BN * PB;
 
     float p[MT][BN / 8][4], dp[MT][BN / 8][4];
-    Tile::template mma_abt<MT, BN, D, true>(p, smem_addr(sQ), warp_row, k_tile, lane);
+    zero(p);
+    zero(dp);
+    Tile::template mma_abt<MT, BN, D>(p, smem_addr(sQ), warp_row, k_tile, lane);
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
-    if constexpr (WG) Tile::template mma_abt<MT, BN, D, true>(dp, smem_addr(sdO), warp_row, v_tile, lane);
+    if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
     if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
@@ -393,9 +404,9 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
-    if constexpr (!WG) Tile::template mma_abt<MT, BN, D, true>(dp, smem_addr(sdO), warp_row, v_tile, lane);
+    if constexpr (!WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<0>(dp);
-    float ds[MT][BN / 8][4];
+    float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
