@@ -76,35 +76,56 @@ struct TileCursor {
   }
 };
 
-// Set scores to -inf where a partial block hides them, for a warp's 16 MT x NT*8 tile in the mma
-// accumulator layout whose rows and columns are those of the lists (from r0 and c0 inside the block,
-// c0 a multiple of the tile's width; columns from cols_left on are past the sequence's end).
-// Tiles of 32 keys or more span whole 32-bit words; a 16-key tile (fp32) is half of one.
+// A partial block's element bits for a warp's 16 MT rows (from r0 inside the block) and the NT*8
+// columns of a kernel tile (from c0 inside the block, c0 a multiple of the tile's width), in the mma
+// accumulator layout of the lists' rows and columns. load() reads them, ahead of the scores where a
+// kernel can, so that their latency hides behind the tile's waits and products; apply() sets the
+// scores they hide to -inf (and those of columns from cols_left on, past the sequence's end). Tiles of
+// 32 keys or more span whole 32-bit words; a 16-key tile (fp32) is half of one.
+template <int MT, int NT>
+struct PartialBits {
+  static constexpr int W = NT % 4 == 0 ? NT / 4 : 1;
+  unsigned word[MT][2][W];
+
+  __device__ __forceinline__ void load(const BlockLists& lists, int slot, int r0, int c0, int lane) {
+    static_assert(NT % 4 == 0 || NT == 2, "tiles span whole 32-key words, or half of one");
+    const int words = lists.col_block / 32;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = r0 + mt * 16 + lane / 4 + half * 8;
+        const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.row_block + r) * words + c0 / 32;
+#pragma unroll
+        for (int w = 0; w < W; ++w) word[mt][half][w] = __ldg(row_bits + w);
+      }
+  }
+
+  __device__ __forceinline__ void apply(float (&acc)[MT][NT][4], int c0, int cols_left, int lane) const {
+    const int shift = c0 % 32;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            const int col = nt * 8 + (lane % 4) * 2 + cc;
+            // Word and bit at compile-time indices (a runtime index would put `word` in local memory).
+            const unsigned w = NT % 4 == 0 ? word[mt][half][nt / 4] >> (col % 32) : word[mt][half][0] >> (shift + col);
+            if (col >= cols_left || !(w & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
+          }
+  }
+};
+
+// Both steps at once, for kernels that read the bits where they use them.
 template <int MT, int NT>
 __device__ __forceinline__ void mask_partial_block(float (&acc)[MT][NT][4], const BlockLists& lists, int slot,
                                                    int r0, int c0, int cols_left, int lane) {
-  static_assert(NT % 4 == 0 || NT == 2, "tiles span whole 32-key words, or half of one");
-  constexpr int W = NT % 4 == 0 ? NT / 4 : 1;
-  const int words = lists.col_block / 32, shift = c0 % 32;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = r0 + mt * 16 + lane / 4 + half * 8;
-      const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.row_block + r) * words + c0 / 32;
-      unsigned word[W];
-#pragma unroll
-      for (int w = 0; w < W; ++w) word[w] = __ldg(row_bits + w);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-          const int col = nt * 8 + (lane % 4) * 2 + cc;
-          // Word and bit at compile-time indices (a runtime index would put `word` in local memory).
-          const unsigned w = NT % 4 == 0 ? word[nt / 4] >> (col % 32) : word[0] >> (shift + col);
-          if (col >= cols_left || !(w & 1u)) acc[mt][nt][2 * half + cc] = kNegInf;
-        }
-    }
+  PartialBits<MT, NT> bits;
+  bits.load(lists, slot, r0, c0, lane);
+  bits.apply(acc, c0, cols_left, lane);
 }
 
 }  // namespace cuflash

@@ -109,35 +109,47 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     mbar_wait(&q_full, 0);
     float acc_s[1][BN / 8][4];
     unsigned p[BN / 16][4];  // P of the previous key tile, as the A operand of P V
-    for (int it = 0; it <= n_blocks; ++it) {
+    // SPARSE: where tile `it` lies in the mask is read one tile ahead, and a partial block's element bits
+    // at the start of its turn: both global loads, whose latency the waits and products then hide.
+    SparseTile at = tiles.at(lists, list, 0);
+    // Turn `it` issues P V of key tile it - 1 (PV) and Q Kᵀ of tile it (QK); the first turn has no P V,
+    // the last no Q Kᵀ. The three kinds are separate instances, so that no product is issued on a
+    // branch (ptxas serialises every product of a kernel that does), and Q Kᵀ starts from a fresh
+    // accumulator rather than zeros written while P V runs (likewise).
+    auto turn = [&](int it, bool PV, bool QK) {
       const int slot = it % STAGES, prev = (it + STAGES - 1) % STAGES;
-      // Where tile `it` lies in the mask (SPARSE: global loads), read before the waits hide their latency.
-      const SparseTile at = tiles.at(lists, list, it < n_blocks ? it : 0);
-      if (it < n_blocks) mbar_wait(&k_full[slot], (it / STAGES) & 1);
-      if (it > 0) mbar_wait(&v_full[prev], ((it - 1) / STAGES) & 1);
+      const SparseTile at_next = tiles.at(lists, list, it + 1 < n_blocks ? it + 1 : 0);
+      PartialBits<1, BN / 8> bits;
+      if constexpr (SPARSE)
+        if (QK && at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
+      if (QK) mbar_wait(&k_full[slot], (it / STAGES) & 1);
+      if (PV) mbar_wait(&v_full[prev], ((it - 1) / STAGES) & 1);
       fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
       begin_turn();
-      if (it > 0) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
-      if (it < n_blocks) {
-        zero(acc_s);
-        Smem::template mma_abt<1, BN, D>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes, lane);
-      }
-      end_turn(it == n_blocks);
-      if (it > 0) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
-        if (it < n_blocks)
+      if (PV) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
+      if (QK)
+        Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
+                                               lane);
+      end_turn(!QK);
+      if (PV) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
+        if (QK)
           wg_wait<1>(acc_o);
         else
           wg_wait<0>(acc_o);
         if (lane == 0) mbar_arrive(&kv_empty[prev]);
       }
-      if (it < n_blocks) {
+      if (QK) {
         wg_wait<0>(acc_s);
         scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(
-            acc_s, acc_o, softmax, lists, at, band, m0, warp_row, tiles.first_key(lists, it, at), seqlen_k,
+            acc_s, acc_o, softmax, at, bits, band, m0, warp_row, tiles.first_key(lists, it, at), seqlen_k,
             alibi_slope, softcap_mult, scale_log2, rng, lane);
         wg_a_fragments<T, BN>(p, acc_s);
       }
-    }
+      at = at_next;
+    };
+    turn(0, false, true);
+    for (int it = 1; it < n_blocks; ++it) turn(it, true, true);
+    turn(n_blocks, true, false);
   }
 
   // Epilogue (fwd_common.cuh), through this warp's own rows of the (swizzled) Q tile: row r, column c at
