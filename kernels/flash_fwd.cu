@@ -109,14 +109,15 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     const SparseTile at = tiles.at(lists, list, it);
     const int n0 = tiles.first_key(lists, it, at), slot = it % STAGES;
-    PartialBits<MT, BN / 8> bits;  // SPARSE: a partial block's bits, read before Q Kᵀ
-    if constexpr (SPARSE)
-      if (at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
     float acc_s[MT][Tile::s_tiles][4];
     zero(acc_s);
     Smem::template mma_abt<MT, BN, D>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes, lane);
     Smem::template wait<0>(acc_s);
-    scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, bits, band, m0,
+    auto mask_partial = [&](float (&s)[MT][BN / 8][4]) {  // SPARSE: the bits read where they are used
+      if constexpr (SPARSE)
+        mask_partial_block(s, lists, at.slot, m0 % lists.row_block + warp_row, at.offset, seqlen_k - n0, lane);
+    };
+    scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band, m0,
                                                                    warp_row, n0, seqlen_k, alibi_slope,
                                                                    softcap_mult, scale_log2, rng, lane);
     Smem::template mma_pb<MT, BN, D>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, 0, lane);

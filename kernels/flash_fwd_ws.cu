@@ -140,9 +140,11 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
       if (QK) {
         wg_wait<0>(acc_s);
-        scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(
-            acc_s, acc_o, softmax, at, bits, band, m0, warp_row, tiles.first_key(lists, it, at), seqlen_k,
-            alibi_slope, softcap_mult, scale_log2, rng, lane);
+        const int n0 = tiles.first_key(lists, it, at);
+        auto mask_partial = [&](float (&s)[1][BN / 8][4]) { bits.apply(s, at.offset, seqlen_k - n0, lane); };
+        scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band,
+                                                                       m0, warp_row, n0, seqlen_k, alibi_slope,
+                                                                       softcap_mult, scale_log2, rng, lane);
         wg_a_fragments<T, BN>(p, acc_s);
       }
       at = at_next;

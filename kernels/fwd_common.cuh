@@ -75,14 +75,15 @@ struct KeyTiles {
 // P that multiply V, in place:
 // ALIBI: add -slope * |i + diag - j| to the scaled scores (slopes per head, or per batch and head).
 // SOFTCAP: scores s -> cap * tanh(s / cap), with softmax_scale = cap and softcap_mult = scale / cap.
-// Then the mask (a partial block's element bits, loaded beforehand into `bits`; the band; the sequence's
-// end), the online softmax
+// Then the mask (SPARSE: for a partial block, mask_partial(acc_s) applies its element bits; the band;
+// the sequence's end), the online softmax
 // (which may rescale acc_o), and DROPOUT: after the row sums have taken P, dropped entries of P are
 // zeroed (dropout.cuh); O is scaled by 1 / keep probability in the epilogue.
-template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, int MT, int OT, bool PRECISE>
+template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, int MT, int OT, bool PRECISE,
+          typename MaskPartial>
 __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], float (&acc_o)[MT][OT][4],
                                                 OnlineSoftmax<MT, PRECISE>& softmax, const SparseTile& at,
-                                                const PartialBits<MT, BN / 8>& bits, const Band<BAND>& band, int m0,
+                                                const MaskPartial& mask_partial, const Band<BAND>& band, int m0,
                                                 int warp_row,
                                                 int n0, int seqlen_k, float alibi_slope, float softcap_mult,
                                                 float scale_log2, const DropoutRng& rng, int lane) {
@@ -91,7 +92,7 @@ __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], f
   auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };
   if constexpr (SPARSE) {
     if (at.slot >= 0)  // a partial block: its element bits decide
-      bits.apply(acc_s, at.offset, seqlen_k - n0, lane);
+      mask_partial(acc_s);
     else if (n0 + BN > seqlen_k)
       mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
   } else if (n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1))) {
