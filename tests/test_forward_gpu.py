@@ -176,14 +176,14 @@ def test_past_2_to_the_31_elements():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(monkeypatch, dtype, causal, seqlens):
-    """On Hopper the 128 bucket runs kernels/flash_fwd_ws.cu; the mma.sync forward, which every other GPU
+    """On Hopper the 64 and 128 buckets run kernels/flash_fwd_ws.cu; the mma.sync forward, which every other GPU
     runs there, is checked here on the same inputs so that both families stay covered on any test GPU."""
     from cuflash import _dispatch
 
     monkeypatch.setattr(_dispatch, "WS_FWD_TILES", {})
     _dispatch.choose_fwd.cache_clear()
     try:
-        check(*grid_inputs(dtype, causal, 128, seqlens, "fwd-mma-sync"), causal)
-        check(*grid_inputs(dtype, causal, 112, seqlens, "fwd-mma-sync"), causal)
+        for head_dim in (64, 128, 112):
+            check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-mma-sync"), causal)
     finally:
         _dispatch.choose_fwd.cache_clear()

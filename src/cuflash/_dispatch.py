@@ -60,9 +60,11 @@ WGMMA_FWD_TILES: dict = {}
 # (block_m, block_n, consumer warps, stages); a producer warpgroup comes on top. It takes every call
 # there except block masks with blocks of 64 query rows (its query tile is 128 rows). H100, d=128, bf16,
 # against SDPA FLASH in one run (benchmarks/tune_fwd_ws.py, results/h100-fwd-ws.json): 1.04-1.27x, where the
-# mma.sync forward runs at 1.04-1.11x; 3 K/V slots ran 11-37% faster than 2 (H200). At d=64 it ran at 0.77-0.91x of
-# the mma.sync forward with 3 to 6 slots, so d=64 stays there. CUFLASH_FWD_WS=0 turns it off.
-WS_FWD_TILES = {} if os.environ.get("CUFLASH_FWD_WS") == "0" else {128: (128, 128, 8, 3)}
+# mma.sync forward runs at 1.04-1.11x; 3 K/V slots ran 11-37% faster than 2 (H200). At d=64, since its products
+# run unserialised (session 9, H100, bf16, TFLOP/s against the mma.sync forward): 2 slots 373/385 vs 338/325 at
+# 16K (non-causal/causal), 356/332 vs 336/307 at 4K, 297/226 vs 312/241 at 1K; 3 slots 380/366 at 16K.
+# CUFLASH_FWD_WS=0 turns it off.
+WS_FWD_TILES = {} if os.environ.get("CUFLASH_FWD_WS") == "0" else {64: (128, 128, 8, 2), 128: (128, 128, 8, 3)}
 ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
 
 
