@@ -426,12 +426,12 @@ class BwdDqVariant:
 
 
 def bwd_stages(variant: BwdDkdvVariant) -> BwdDkdvVariant:
-    """The dK/dV variant with three query-tile slots where it runs wgmma on 64-query tiles with no score
-    modification, and they fit Hopper's shared memory: a tile's dK product then runs on while the next
-    tile loads and starts (kernels/flash_bwd.cu; 9% faster on the H100 at d = 128, causal). Its operand
-    registers stay taken meanwhile: with 128-query tiles ptxas serialises the products for want of
-    registers, and ALiBi, tanh or the RNG spill 8-44 bytes."""
-    if not variant.wgmma or variant.block_q > 64 or variant.alibi or variant.softcap or variant.dropout:
+    """The dK/dV variant with three query-tile slots where it runs wgmma on tiles of at most 64 queries and
+    they fit Hopper's shared memory: a tile's dK product then runs on while the next tile loads and starts
+    (kernels/flash_bwd.cu; on the H100 at d = 128, 16K: 9% faster causal, 2-3% with tanh or dropout). Its
+    operand registers stay taken meanwhile: with 128-query tiles ptxas serialises the products for want of
+    registers, and ALiBi spills 16-56 bytes at d = 128 and ran 1.5% slower than two slots."""
+    if not variant.wgmma or variant.block_q > 64 or variant.alibi:
         return variant
     three = dataclasses.replace(variant, stages=3)
     return three if three.smem_bytes <= shared_memory_limit("sm_90a") else variant
