@@ -24,7 +24,20 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
     dims = 2 * len(_dispatch.HEAD_DIM_BUCKETS) + len(_dispatch.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
+    if arch == "sm_90a":  # short calls of these buckets take the mma.sync forward there
+        dims += 2 * len(_dispatch.WS_FWD_MIN_SEQLEN_K)
     assert len(dense) == dims * 3 * 4 * 2  # dims x band (none, causal, window) x mods x dropout
+
+
+def test_hopper_d64_takes_the_warp_specialised_forward_from_2048_keys():
+    def variant(seqlen_k, **kw):
+        short = _dispatch.short_keys_for("bfloat16", 64, seqlen_k)
+        return choose_fwd("bfloat16", 64, True, arch="sm_90a", short_keys=short, **kw)
+    assert variant(2048).warp_specialised and variant(65536, alibi=True).warp_specialised
+    assert not variant(2047).warp_specialised and not variant(512, mask_blocks=(128, 128)).warp_specialised
+    assert variant(2047).wgmma is False and variant(2047).block_m == 128  # the mma.sync forward
+    assert choose_fwd("bfloat16", 128, True, arch="sm_90a",
+                      short_keys=_dispatch.short_keys_for("bfloat16", 128, 1)).warp_specialised
 
 
 def test_variant_name_is_a_template_instance():

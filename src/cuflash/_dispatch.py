@@ -65,6 +65,11 @@ WGMMA_FWD_TILES: dict = {}
 # 16K (non-causal/causal), 356/332 vs 336/307 at 4K, 297/226 vs 312/241 at 1K; 3 slots 380/366 at 16K.
 # CUFLASH_FWD_WS=0 turns it off.
 WS_FWD_TILES = {} if os.environ.get("CUFLASH_FWD_WS") == "0" else {64: (128, 128, 8, 2), 128: (128, 128, 8, 3)}
+# Below this many keys (max_seqlen_k with varlen) a bucket's calls keep the mma.sync forward: at d=64 the
+# warp-specialised one, whose pipeline fills and drains in a few key tiles, ran at 0.86-0.89x of it at 512 keys
+# and 0.96-1.00x at 1K (H100, bf16; results/h100-fwd-s9.json against results/h100-fwd-ws.json).
+# CUFLASH_FWD_WS=all takes the warp-specialised forward at every length (for tests on short sequences).
+WS_FWD_MIN_SEQLEN_K = {} if os.environ.get("CUFLASH_FWD_WS") == "all" else {64: 2048}
 ARCHS = ("sm_80", "sm_90a")  # what compile-check builds; any other arch uses the sm_80 table
 
 
@@ -159,13 +164,14 @@ BANDS = (NO_BAND, CAUSAL, WINDOW)
 @functools.lru_cache(maxsize=None)
 def choose_fwd(dtype: str, head_dim: int, band: int, tile: tuple[int, int, int, int] | None = None,
                arch: str = "sm_80", mask_blocks: tuple[int, int] | None = None, alibi: bool = False,
-               softcap: bool = False, dropout: bool = False) -> FwdVariant:
+               softcap: bool = False, dropout: bool = False, short_keys: bool = False) -> FwdVariant:
     """The variant for a call (cached; call choose_fwd.cache_clear() after editing FWD_TILES).
     band: NO_BAND, CAUSAL (or True) or WINDOW; mask_blocks = (block_m, block_n) of a block mask picks a
-    block-sparse variant; alibi and softcap the score modifications; dropout the fused dropout."""
+    block-sparse variant; alibi and softcap the score modifications; dropout the fused dropout;
+    short_keys: fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket (short_keys_for)."""
     bucket = head_dim_bucket(head_dim, dtype)
     sparse = mask_blocks is not None
-    if (arch == "sm_90a" and dtype != "float32" and tile is None and bucket in WS_FWD_TILES
+    if (arch == "sm_90a" and dtype != "float32" and tile is None and bucket in WS_FWD_TILES and not short_keys
             and (not sparse or mask_blocks[0] % WS_FWD_TILES[bucket][0] == 0)):
         block_m, block_n, warps, stages = WS_FWD_TILES[bucket]
         if sparse:
@@ -194,16 +200,23 @@ def choose_fwd(dtype: str, head_dim: int, band: int, tile: tuple[int, int, int, 
                       bool(alibi), bool(softcap), bool(dropout), wgmma)
 
 
+def short_keys_for(dtype: str, head_dim: int, seqlen_k: int) -> bool:
+    """Whether a call with seqlen_k keys is below its bucket's WS_FWD_MIN_SEQLEN_K (choose_fwd's short_keys)."""
+    return seqlen_k < WS_FWD_MIN_SEQLEN_K.get(head_dim_bucket(head_dim, dtype), 0)
+
+
 def all_variants(arch: str = "sm_80") -> list:
     """Every kernel variant the dispatcher can choose on `arch` (what compile-check and warmup build)."""
     fwd = []
     for (alibi, softcap), dropout in itertools.product(SCORE_MODS, (False, True)):
         mods = dict(alibi=alibi, softcap=softcap, dropout=dropout)
-        fwd += [choose_fwd(dt, d, band, arch=arch, **mods) for dt in DTYPES for d in HEAD_DIM_BUCKETS
-                for band in BANDS]
-        for blocks in MASK_BLOCKS:
-            fwd += [v for v in (choose_fwd(dt, d, NO_BAND, arch=arch, mask_blocks=blocks, **mods)
-                                for dt in DTYPES for d in HEAD_DIM_BUCKETS) if v not in fwd]
+        for short in (False, True):  # short: the buckets where short calls take another kernel
+            dims = [d for d in HEAD_DIM_BUCKETS if not short or d in WS_FWD_MIN_SEQLEN_K]
+            fwd += [choose_fwd(dt, d, band, arch=arch, short_keys=short, **mods) for dt in DTYPES for d in dims
+                    for band in BANDS]
+            for blocks in MASK_BLOCKS:
+                fwd += [v for v in (choose_fwd(dt, d, NO_BAND, arch=arch, mask_blocks=blocks, short_keys=short, **mods)
+                                    for dt in DTYPES for d in dims) if v not in fwd]
     return list(dict.fromkeys(fwd)) + all_bwd_variants(arch)  # fp32's coarser buckets repeat variants
 
 

@@ -242,7 +242,8 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
     mask_blocks = None if lists is None else (lists[1].block_m, lists[1].block_n)
     variant = _dispatch.choose_fwd(q.dtype, p.head_dim, p.band, arch=_kernel_arch(q.device),
                                    mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
-                                   dropout=p.dropout_p > 0)
+                                   dropout=p.dropout_p > 0,
+                                   short_keys=_dispatch.short_keys_for(q.dtype, p.head_dim, p.seqlen_k))
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
