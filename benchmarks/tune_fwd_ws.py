@@ -1,7 +1,8 @@
 """The warp-specialised Hopper forward (kernels/flash_fwd_ws.cu) under several tile settings
 (_dispatch.WS_FWD_TILES; {} = the mma.sync forward) against SDPA FLASH, in one process on the same
 inputs (CUDA events, warm-up, median of 30). Prints TFLOP/s per shape (bf16; batch x seqlen = 16384
-tokens, hidden 2048). Output: results/h100-tune-fwd-ws.txt, results/h200-tune-fwd-ws.txt.
+tokens, hidden 2048). Output: results/h100-tune-fwd-ws.txt, results/h200-tune-fwd-ws.txt; d=64 after the forward's products were
+unserialised: results/h100-tune-fwd-ws-d64-s9.txt.
 
     PYTHONPATH=src python benchmarks/tune_fwd_ws.py
 """
@@ -18,7 +19,9 @@ def timeit(fn, reps=30):
     torch.cuda.synchronize()
     return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2]
 
-configs = {"mma.sync": {}, "ws3": {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}, "ws4": {64: (128, 128, 8, 4)}, "ws6": {64: (128, 128, 8, 6)}}
+configs = {"mma.sync": {}, "ws2": {64: (128, 128, 8, 2)}, "ws3": {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)},
+           "ws4": {64: (128, 128, 8, 4)}}
+_dispatch.WS_FWD_MIN_SEQLEN_K.clear()  # every length takes the configuration under test
 for d in (64, 128):
     if d == 128: configs = {k: v for k, v in configs.items() if k in ('mma.sync', 'ws3')}
     for causal in (False, True):
