@@ -2,7 +2,7 @@
 an A/B of kernel changes: run it once per tree (a checkout of the old commit and this one), alternating,
 in the same session on the same GPU. bf16, 16K tokens, 16 heads, d = 128.
 
-    python benchmarks/ab_bwd_kernels.py TREE [causal,bm_causal,window,alibi_nc,dropout_nc,softcap_nc]
+    python benchmarks/ab_bwd_kernels.py TREE [causal,bm_causal,window,alibi_nc,alibi_c,dropout_nc,softcap_nc]
 
 Used for the three-slot dK/dV kernel (results/h100-bwd-stages.txt, and with ALiBi, softcap and dropout
 results/h100-bwd-stages-flagged.txt).
@@ -21,6 +21,7 @@ q, k, v, dout = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) fo
 q, k, v = (x.requires_grad_() for x in (q, k, v))
 cases = {"causal": dict(causal=True), "bm_causal": dict(block_mask=BlockMask.causal(S, S)),
          "window": dict(causal=True, window_size=(1024, 0)), "alibi_nc": dict(alibi_slopes=torch.rand(H, device="cuda")),
+         "alibi_c": dict(causal=True, alibi_slopes=torch.rand(H, device="cuda")),
          "dropout_nc": dict(dropout_p=0.1), "softcap_nc": dict(softcap=30.0)}
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
 for name in only:
