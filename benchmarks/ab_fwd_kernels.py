@@ -1,9 +1,9 @@
 """Forward time (ms per call, mean of back-to-back calls between CUDA events) of cuflash from one source
 tree, for an A/B of kernel changes: run it once per tree (a checkout of the old commit and this one),
-alternating, in the same session on the same GPU. bf16, 16K tokens, 16 heads, d = 128; dense masks and
-the block masks of `python -m cuflash bench-sparse`.
+alternating, in the same session on the same GPU. bf16, 16K tokens, 16 heads; dense masks and
+the block masks of `python -m cuflash bench-sparse` (d = HEADDIM, default 128).
 
-    python benchmarks/ab_fwd_kernels.py TREE
+    python benchmarks/ab_fwd_kernels.py TREE [HEADDIM]
 
 Used for the unserialised warp-specialised forward (results/h100-fwd-unserialised.txt).
 """
@@ -15,7 +15,7 @@ import cuflash
 from cuflash import BlockMask
 assert cuflash.__file__.startswith(os.path.abspath(tree))
 from cuflash import _bench_sparse as BS
-S, H, D = 16384, 16, 128
+S, H, D = 16384, 16, int(sys.argv[2]) if len(sys.argv) > 2 else 128
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 cases = {"causal": dict(causal=True), "noncausal": dict(), "window": dict(causal=True, window_size=(1023, 0)),
@@ -37,4 +37,4 @@ with torch.no_grad():
         for _ in range(n): f()
         e.record(); torch.cuda.synchronize()
         out.append(f"{name} {s.elapsed_time(e) / n:.4f}")
-print(os.path.basename(tree.rstrip('/')) or '.', " | ".join(out), flush=True)
+print(os.path.basename(tree.rstrip('/')) or '.', f"d={D}", " | ".join(out), flush=True)

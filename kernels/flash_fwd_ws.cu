@@ -14,6 +14,22 @@ namespace cuflash {
 
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
 
+// One work item (a query tile of one batch element and head) as the producer hands it to the
+// consumers through shared memory: two of them, so that the producer fills item n + 1's while the
+// consumers still read item n's.
+struct FwdItem {
+  int m0, b, h, n_blocks;  // n_blocks < 0: no item left
+  SeqRange seq;
+  ListRow list;
+  DropoutRng rng;
+};
+
+// Thread blocks stay resident (one per SM) and take query tiles one after another from tile_counter
+// (next, exited), in the order the launch order of one block per tile would run them: query tiles of a
+// head are neighbours, the heaviest first (BlockCoords). The last block to exit resets the counter for
+// the next launch on its stream. The producer runs ahead across tiles: the next tile's first K/V tiles
+// and its Q (once both consumers have issued their last Q Kᵀ) land while the consumers finish the
+// current tile, so no block waits on its first copies, as a fresh block would.
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
@@ -24,7 +40,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     int head_dim, int num_m_blocks, int window_left, int window_right, float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
-                    long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
+                    long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
+                    unsigned* __restrict__ tile_counter, int num_tiles) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
@@ -38,130 +55,161 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   T* sV = sK + STAGES * BN * D;  // likewise
   constexpr unsigned kv_slot_bytes = BN * D * sizeof(T);
 
-  __shared__ MBarrier q_full, k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
-  __shared__ const T* kv_heads[2];
-  __shared__ SeqRange seq;
-  __shared__ ListRow list;
-  __shared__ DropoutRng rng;
-  const BlockCoords<BAND, SPARSE, BM> blk(num_m_blocks, nheads, lists);
-  const int m0 = blk.m_block * BM;
-  {
-    const int hk = blk.h / kv_group;
-    if (threadIdx.x == 0) {
-      seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
-      kv_heads[0] = k + blk.b * k_sb + hk * k_sh + seq.k_start * k_ss;
-      kv_heads[1] = v + blk.b * v_sb + hk * v_sh + seq.k_start * v_ss;
-      mbar_init(&q_full, kProducers);  // every producer thread reports its copies
-      for (int s = 0; s < STAGES; ++s) {
-        mbar_init(&k_full[s], kProducers);
-        mbar_init(&v_full[s], kProducers);
-        mbar_init(&kv_empty[s], WARPS);  // every consumer warp reports it is done
-      }
+  __shared__ MBarrier q_full, q_empty, k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
+  __shared__ FwdItem items[2];
+  if (threadIdx.x == 0) {
+    mbar_init(&q_full, kProducers + 1);  // every producer thread's copies, and the item's fields
+    mbar_init(&q_empty, WARPS);          // every consumer warp has issued its last Q Kᵀ
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&k_full[s], kProducers);
+      mbar_init(&v_full[s], kProducers);
+      mbar_init(&kv_empty[s], WARPS);  // every consumer warp reports it is done
     }
-    if (SPARSE) read_list_row(lists, lists.row(blk.b, blk.h, m0 / lists.row_block), list);
-    if (DROPOUT && threadIdx.x == 0) rng = DropoutRng::make(dropout, blk.bh);
   }
   __syncthreads();
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
-  if (m0 >= seqlen_q) return;  // a packed sequence shorter than the longest
-  const int diag = seqlen_k - seqlen_q;
-  const Band<BAND> band{diag, window_left, window_right};
-  const KeyTiles<BN, BAND, SPARSE> tiles(band, lists, list, m0, BM, seqlen_k);
-  const int n_blocks = tiles.count;
+  // The key tiles of an item, as both sides compute them.
+  auto key_tiles = [&](const FwdItem& w) {
+    const Band<BAND> band{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right};
+    return KeyTiles<BN, BAND, SPARSE>(band, lists, w.list, w.m0, BM, w.seq.seqlen_k);
+  };
 
-  if (threadIdx.x < kProducers) {  // ---- producer: Q once, then K and V tile by tile ----
+  if (threadIdx.x < kProducers) {  // ---- producer: per item, Q, then K and V tile by tile ----
     warpgroup_release_registers<kProducerRegisters>();
-    if (n_blocks > 0)
-      Smem::template load<BM, kProducers>(sQ, q + blk.b * q_sb + blk.h * q_sh + (seq.q_start + m0) * q_ss, q_ss,
-                                          seqlen_q - m0, head_dim);
-    cp_async_mbar_arrive(&q_full);
-    for (int it = 0; it < n_blocks; ++it) {
-      const int slot = it % STAGES;
-      if (it >= STAGES) mbar_wait(&kv_empty[slot], (it / STAGES - 1) & 1);  // the slot's last tile is done
-      const int n0 = tiles.first_key(lists, it, tiles.at(lists, list, it));
-      Smem::template load<BN, kProducers>(sK + slot * BN * D, kv_heads[0] + n0 * k_ss, k_ss, seqlen_k - n0, head_dim);
-      cp_async_mbar_arrive(&k_full[slot]);
-      Smem::template load<BN, kProducers>(sV + slot * BN * D, kv_heads[1] + n0 * v_ss, v_ss, seqlen_k - n0, head_dim);
-      cp_async_mbar_arrive(&v_full[slot]);
+    int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
+    for (int n = 0;; ++n) {
+      FwdItem& w = items[n % 2];
+      // Q and item n - 2's fields are free once both consumers have issued item n - 1's last Q Kᵀ.
+      if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);
+      if (threadIdx.x == 0) {
+        const int tile = n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u);
+        if (tile >= num_tiles) {
+          w.n_blocks = -1;
+          __threadfence();  // this block's last take from the counter comes before its exit count
+          if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+        } else {
+          const BlockCoords<BAND, SPARSE, BM> blk(tile, num_m_blocks, nheads, lists);
+          w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
+          w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+          if (SPARSE) {
+            const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
+            w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
+          }
+          if (DROPOUT) w.rng = DropoutRng::make(dropout, blk.bh);
+          w.n_blocks = w.m0 < w.seq.seqlen_q ? key_tiles(w).count : 0;  // a packed sequence shorter than the longest
+        }
+      }
+      named_bar_sync(3, kProducers);  // every producer thread sees the item
+      if (w.n_blocks < 0) {
+        if (threadIdx.x == 0) mbar_arrive(&q_full);
+        mbar_arrive(&q_full);
+        break;
+      }
+      const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+      const int n_blocks = w.n_blocks, hk = w.h / kv_group;
+      const T* k_head = k + w.b * k_sb + hk * k_sh + w.seq.k_start * k_ss;
+      const T* v_head = v + w.b * v_sb + hk * v_sh + w.seq.k_start * v_ss;
+      if (n_blocks > 0)
+        Smem::template load<BM, kProducers>(sQ, q + w.b * q_sb + w.h * q_sh + (w.seq.q_start + w.m0) * q_ss, q_ss,
+                                            w.seq.seqlen_q - w.m0, head_dim);
+      cp_async_mbar_arrive(&q_full);
+      if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
+      for (int it = 0; it < n_blocks; ++it, ++ring) {
+        const int slot = ring % STAGES;
+        if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+        const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
+        Smem::template load<BN, kProducers>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
+        cp_async_mbar_arrive(&k_full[slot]);
+        Smem::template load<BN, kProducers>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
+        cp_async_mbar_arrive(&v_full[slot]);
+      }
     }
     cp_async_wait_all();
     return;
   }
 
-  // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of the tile ----
+  // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile ----
   warpgroup_claim_registers<kConsumerRegisters>();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // first row of this warp inside the tile
-  const float alibi_slope = ALIBI ? alibi_slopes[blk.b * alibi_sb + blk.h] / softmax_scale : 0.f;
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
-  float acc_o[1][D / 8][4];
-  zero(acc_o);
-  OnlineSoftmax<1> softmax;
-  // Turns at the tensor cores: named barrier 1 + w opens warpgroup w's turn, which the other one's
-  // arrival grants. Warpgroup 0 goes first; each turn ends by granting the other warpgroup its next.
-  // Both take n_blocks + 1 turns; warpgroup 1 grants none after its last, so every arrival is awaited.
-  auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
-  auto end_turn = [&](bool last) {
-    if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
-  };
-  if (n_blocks > 0) {
-    if (wg == 1) named_bar_arrive(1, kConsumers);
-    mbar_wait(&q_full, 0);
-    float acc_s[1][BN / 8][4];
-    unsigned p[BN / 16][4];  // P of the previous key tile, as the A operand of P V
-    // SPARSE: where tile `it` lies in the mask is read one tile ahead, and a partial block's element bits
-    // at the start of its turn: both global loads, whose latency the waits and products then hide.
-    SparseTile at = tiles.at(lists, list, 0);
-    // Turn `it` issues P V of key tile it - 1 (PV) and Q Kᵀ of tile it (QK); the first turn has no P V,
-    // the last no Q Kᵀ. The three kinds are separate instances, so that no product is issued on a
-    // branch (ptxas serialises every product of a kernel that does), and Q Kᵀ starts from a fresh
-    // accumulator rather than zeros written while P V runs (likewise).
-    auto turn = [&](int it, bool PV, bool QK) {
-      const int slot = it % STAGES, prev = (it + STAGES - 1) % STAGES;
-      const SparseTile at_next = tiles.at(lists, list, it + 1 < n_blocks ? it + 1 : 0);
-      PartialBits<1, BN / 8> bits;
-      if constexpr (SPARSE)
-        if (QK && at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
-      if (QK) mbar_wait(&k_full[slot], (it / STAGES) & 1);
-      if (PV) mbar_wait(&v_full[prev], ((it - 1) / STAGES) & 1);
-      fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
-      begin_turn();
-      if (PV) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
-      if (QK)
-        Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
-                                               lane);
-      end_turn(!QK);
-      if (PV) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
-        if (QK)
-          wg_wait<1>(acc_o);
-        else
-          wg_wait<0>(acc_o);
-        if (lane == 0) mbar_arrive(&kv_empty[prev]);
-      }
-      if (QK) {
-        wg_wait<0>(acc_s);
-        const int n0 = tiles.first_key(lists, it, at);
-        auto mask_partial = [&](float (&s)[1][BN / 8][4]) { bits.apply(s, at.offset, seqlen_k - n0, lane); };
-        scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band,
-                                                                       m0, warp_row, n0, seqlen_k, alibi_slope,
-                                                                       softcap_mult, scale_log2, rng, lane);
-        wg_a_fragments<T, BN>(p, acc_s);
-      }
-      at = at_next;
+  int ring = 0;  // as the producer's
+  for (int n = 0;; ++n) {
+    mbar_wait(&q_full, n & 1);
+    const FwdItem& w = items[n % 2];
+    const int n_blocks = w.n_blocks;
+    if (n_blocks < 0) break;
+    const int m0 = w.m0, seqlen_k = w.seq.seqlen_k;
+    const Band<BAND> band{seqlen_k - w.seq.seqlen_q, window_left, window_right};
+    const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+    const float alibi_slope = ALIBI ? alibi_slopes[w.b * alibi_sb + w.h] / softmax_scale : 0.f;
+    float acc_o[1][D / 8][4];
+    zero(acc_o);
+    OnlineSoftmax<1> softmax;
+    // Turns at the tensor cores: named barrier 1 + w opens warpgroup w's turn, which the other one's
+    // arrival grants. Warpgroup 0 goes first; each turn ends by granting the other warpgroup its next.
+    // Both take n_blocks + 1 turns; warpgroup 1 grants none after its last, so every arrival is awaited.
+    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
+    auto end_turn = [&](bool last) {
+      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
     };
-    turn(0, false, true);
-    for (int it = 1; it < n_blocks; ++it) turn(it, true, true);
-    turn(n_blocks, true, false);
+    if (n_blocks > 0) {
+      if (wg == 1) named_bar_arrive(1, kConsumers);
+      float acc_s[1][BN / 8][4];
+      unsigned p[BN / 16][4];  // P of the previous key tile, as the A operand of P V
+      // SPARSE: where tile `it` lies in the mask is read one tile ahead, and a partial block's element bits
+      // at the start of its turn: both global loads, whose latency the waits and products then hide.
+      SparseTile at = tiles.at(lists, w.list, 0);
+      // Turn `it` issues P V of key tile it - 1 (PV) and Q Kᵀ of tile it (QK); the first turn has no P V,
+      // the last no Q Kᵀ. The three kinds are separate instances, so that no product is issued on a
+      // branch (ptxas serialises every product of a kernel that does), and Q Kᵀ starts from a fresh
+      // accumulator rather than zeros written while P V runs (likewise).
+      auto turn = [&](int it, bool PV, bool QK) {
+        const int g = ring + it, slot = g % STAGES, prev = (g + STAGES - 1) % STAGES;
+        const SparseTile at_next = tiles.at(lists, w.list, it + 1 < n_blocks ? it + 1 : 0);
+        PartialBits<1, BN / 8> bits;
+        if constexpr (SPARSE)
+          if (QK && at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
+        if (QK) mbar_wait(&k_full[slot], (g / STAGES) & 1);
+        if (PV) mbar_wait(&v_full[prev], ((g - 1) / STAGES) & 1);
+        fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
+        begin_turn();
+        if (PV) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
+        if (QK)
+          Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
+                                                 lane);
+        end_turn(!QK);
+        if (PV) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
+          if (QK)
+            wg_wait<1>(acc_o);
+          else
+            wg_wait<0>(acc_o);
+          if (lane == 0) mbar_arrive(&kv_empty[prev]);
+        }
+        if (QK) {
+          wg_wait<0>(acc_s);
+          if (it == n_blocks - 1 && lane == 0) mbar_arrive(&q_empty);  // the producer may load the next Q
+          const int n0 = tiles.first_key(lists, it, at);
+          auto mask_partial = [&](float (&s)[1][BN / 8][4]) { bits.apply(s, at.offset, seqlen_k - n0, lane); };
+          scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band,
+                                                                         m0, warp_row, n0, seqlen_k, alibi_slope,
+                                                                         softcap_mult, scale_log2, w.rng, lane);
+          wg_a_fragments<T, BN>(p, acc_s);
+        }
+        at = at_next;
+      };
+      turn(0, false, true);
+      for (int it = 1; it < n_blocks; ++it) turn(it, true, true);
+      turn(n_blocks, true, false);
+      ring += n_blocks;
+    } else if (lane == 0) {
+      mbar_arrive(&q_empty);  // no product reads Q
+    }
+    // Epilogue (fwd_common.cuh): straight from registers to global memory, since sQ may already hold
+    // the next item's Q. The fields of item n stay until the consumers are done with item n + 1's Q.
+    store_fwd_rows_direct<T, D>(acc_o, softmax, o + w.b * o_sb + w.h * o_sh + (w.seq.q_start + m0 + warp_row) * o_ss,
+                                o_ss, lse + w.b * lse_sb + w.h * lse_sh + w.seq.q_start, m0 + warp_row,
+                                w.seq.seqlen_q, head_dim, softmax_scale, DROPOUT ? dropout.keep_scale : 1.f, lane);
   }
-
-  // Epilogue (fwd_common.cuh), through this warp's own rows of the (swizzled) Q tile: row r, column c at
-  // wg_tile_offset (tile_io.cuh), so that the stores and the 16-byte reads meet no bank conflicts.
-  const BlockCoords<BAND, SPARSE, BM> out_blk(num_m_blocks, nheads, lists);
-  const int out_m0 = out_blk.m_block * BM;
-  store_fwd_rows<T, D>(acc_o, softmax, [=](int r, int c) { return reinterpret_cast<T*>(smem + wg_tile_offset<D>(warp_row + r, c)); },
-                       o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss, o_ss,
-                       lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start, out_m0 + warp_row, seqlen_q,
-                       head_dim, softmax_scale, DROPOUT ? dropout.keep_scale : 1.f, lane);
 #else
   __trap();  // compiled for sm_90a only
 #endif

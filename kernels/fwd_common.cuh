@@ -36,15 +36,21 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
 template <int BAND, bool SPARSE, int BM>
 struct BlockCoords {
   int m_block, b, h, bh;  // the grid has < 2^31 blocks, so 32 bits suffice
-  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads, const BlockLists& lists) {
-    unsigned block;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+  __device__ __forceinline__ BlockCoords(int num_m_blocks, int nheads, const BlockLists& lists)
+      : BlockCoords(block_index(), num_m_blocks, nheads, lists) {}
+  // The coordinates of the block-th query tile in launch order (a persistent kernel's work item).
+  __device__ __forceinline__ BlockCoords(unsigned block, int num_m_blocks, int nheads, const BlockLists& lists) {
     bh = block / num_m_blocks;
     m_block = block - bh * num_m_blocks;
     if (BAND != kNoBand) m_block = num_m_blocks - 1 - m_block;
     b = bh / nheads;
     h = bh - b * nheads;
     if (SPARSE) m_block = lists.heaviest_first(b, h, m_block, BM);
+  }
+  static __device__ __forceinline__ unsigned block_index() {
+    unsigned block;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+    return block;
   }
 };
 
@@ -119,6 +125,31 @@ __device__ __forceinline__ void store_fwd_rows(const float (&acc_o)[MT][D / 8][4
     return l > 0.f ? out_scale / l : 0.f;
   });
   copy_rows_out_at<MT * 16, D>(o_rows, o_ss, at, seqlen_q - row0, head_dim, lane);
+}
+
+// The same epilogue with no staging: each thread stores its pairs of O's elements straight from the
+// accumulators (for a kernel whose shared memory holds the next tile's operands by then).
+template <typename T, int D, int MT, bool PRECISE>
+__device__ __forceinline__ void store_fwd_rows_direct(const float (&acc_o)[MT][D / 8][4],
+                                                      const OnlineSoftmax<MT, PRECISE>& softmax, T* o_rows,
+                                                      long long o_ss, float* lse_head, int row0, int seqlen_q,
+                                                      int head_dim, float softmax_scale, float out_scale, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = softmax.row_sum_total(mt, half);
+      const int r = mt * 16 + lane / 4 + half * 8;
+      if (row0 + r >= seqlen_q) continue;
+      if (lane % 4 == 0) lse_head[row0 + r] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
+      const float scale = l > 0.f ? out_scale / l : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const int c = nt * 8 + (lane % 4) * 2;  // head_dim is a multiple of 8, so c < head_dim covers c + 1
+        if (c < head_dim)
+          store2(o_rows + r * o_ss + c, acc_o[mt][nt][2 * half] * scale, acc_o[mt][nt][2 * half + 1] * scale);
+      }
+    }
 }
 
 }  // namespace cuflash

@@ -59,6 +59,18 @@ def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
     assert args[_dispatch.FWD_PARAM_FORMAT.index("i") + 3] == 2  # query heads per K/V head
 
 
+def test_warp_specialised_forward_is_persistent():
+    v = choose_fwd("bfloat16", 128, True, arch="sm_90a")
+    assert v.warp_specialised and _dispatch.param_format(v) == _dispatch.FWD_PARAM_FORMAT + "Qi"
+    p = FwdProblem(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=8, nheads_k=8, head_dim=128, softmax_scale=0.1)
+    t = (0x7F0000000000, (1024000, 1024, 128))
+    tiles = -(-1000 // v.block_m) * 16
+    blocks, _, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000, persistent=(0x7F0000002000, 132))
+    assert blocks == min(tiles, 132) and args[-2:] == (0x7F0000002000, tiles)  # the counter, every tile
+    struct.Struct("@" + flat(_dispatch.param_format(v))).pack(*args)
+    assert fwd_launch(v, p, t, t, t, t, 0, persistent=(0, 1000))[0] == tiles  # never more blocks than tiles
+
+
 def test_grid_limit_is_checked():
     v = choose_fwd("float16", 64, False)
     p = FwdProblem(batch=2**20, seqlen_q=2**16, seqlen_k=1, nheads=64, nheads_k=64, head_dim=64, softmax_scale=1.0)

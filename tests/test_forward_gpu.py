@@ -185,6 +185,25 @@ def test_warp_specialised_forward_where_hopper_keeps_mma_sync_for_short_keys(mon
         check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-ws-short"), causal)
 
 
+def test_persistent_forward_over_more_tiles_than_sms_on_two_streams():
+    """The warp-specialised forward (Hopper) keeps one block per SM, which takes query tiles from a counter
+    per stream that its last block resets: more tiles than SMs, calls back to back on one stream and
+    overlapping on two give the reference's result, bitwise the same each time."""
+    import torch
+
+    q, k, v = (randn((3, 1500, 12, 128), torch.bfloat16, seed) for seed in (31, 32, 33))
+    first = check(q, k, v, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for i in range(6):
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            outs.append(cuflash.flash_attn_func(q, k, v, causal=True))
+    torch.cuda.current_stream().wait_stream(side)
+    for out in outs:
+        assert torch.equal(out, first)
+
+
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 300), (1023, 113), (300, 1023)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -78,7 +78,9 @@ def spill_allowance(variant) -> int:
     - fp32, whose accumulators plus split-TF32 fragments and per-slice partial sums (kernels/mma.cuh)
       overflow 255 registers in the backward and beyond d = 128. That costs fp32 speed, not accuracy;
     - the three-slot dK/dV kernel (bwd_stages): 8 bytes of stack at d = 128 on NVRTC 13.0 and 13.5,
-      and still 9% faster than two slots without the spill (H100, causal)."""
+      and still 9% faster than two slots without the spill (H100, causal);
+    - the persistent warp-specialised forward (three K/V slots) with a block mask and dropout: 8-16 bytes,
+      three words of a partial block's element bits (NVRTC 13.5)."""
     if variant.dtype == "float32":
         return 512
     return 16 if getattr(variant, "stages", 2) == 3 else 0
@@ -270,6 +272,8 @@ DROPOUT_FORMAT = "(QQQIf)"
 NO_DROPOUT = (0, 0, 0, 0, 1.0)
 FWD_PARAM_FORMAT = ("QQQQQ" + "q" * 12 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                     + DROPOUT_FORMAT)
+# The warp-specialised forward is persistent: it also takes its tile counter and the number of tiles.
+FWD_WS_PARAM_FORMAT = FWD_PARAM_FORMAT + "Qi"
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -309,13 +313,14 @@ def row_tiles(seqlen: int, tile: int, lists: tuple) -> int:
 
 def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
                lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
-               dropout: tuple = NO_DROPOUT) -> tuple[int, int, tuple]:
-    """(blocks, threads, arguments in FWD_PARAM_FORMAT order) for flash_fwd_kernel.
+               dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1)) -> tuple[int, int, tuple]:
+    """(blocks, threads, arguments in param_format(variant) order) for the forward kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim);
     the log-sum-exp is a contiguous float32 (batch, nheads, seqlen_q) buffer.
     The grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid
-    dimension can pass 65535.
+    dimension can pass 65535. The warp-specialised forward is persistent: persistent = (its tile
+    counter, the SMs it fills); its grid is at most one block per SM.
     """
     num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     blocks = num_m_blocks * p.batch * p.nheads
@@ -327,6 +332,9 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         p.seqlen_q, p.seqlen_k, p.nheads, p.nheads // p.nheads_k, p.head_dim, num_m_blocks, *p.band_args(),
         *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists, *dropout,
     )
+    if variant.warp_specialised:
+        counter, sms = persistent
+        return min(blocks, sms), variant.threads, args + (counter, blocks)
     return blocks, variant.threads, args
 
 
@@ -559,3 +567,8 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
 
 PARAM_FORMATS = {BwdPreprocessVariant: BWD_PREPROCESS_PARAM_FORMAT, BwdDkdvVariant: BWD_DKDV_PARAM_FORMAT,
                  BwdDqVariant: BWD_DQ_PARAM_FORMAT, FwdVariant: FWD_PARAM_FORMAT}
+
+
+def param_format(variant) -> str:
+    """The kernel parameters of a variant, as struct codes (_launch.Launcher)."""
+    return FWD_WS_PARAM_FORMAT if getattr(variant, "warp_specialised", False) else PARAM_FORMATS[type(variant)]

@@ -92,3 +92,42 @@ class SideStream:
     def join(self, stream_ptr: int) -> None:
         self._rt.eventRecord(self._done, self.ptr)
         self._rt.streamWaitEvent(stream_ptr, self._done, 0)
+
+
+class TileCounters:
+    """Counters for the persistent forward kernel (kernels/flash_fwd_ws.cu): a (next tile, blocks
+    exited) pair of zeros per stream, which the launch's last block resets, so that launches queued
+    on one stream reuse it while launches on different streams, which may overlap, never share one.
+    A device has SLOTS pairs, made once and zeroed before its first use; more streams than that share
+    pairs round robin."""
+
+    SLOTS = 1024
+    _devices: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, device: int):
+        import cupy
+        from cupy_backends.cuda.api import runtime
+
+        with cupy.cuda.Device(device):
+            self._memory = cupy.cuda.alloc(8 * self.SLOTS)
+            runtime.memset(self._memory.ptr, 0, 8 * self.SLOTS)
+            runtime.deviceSynchronize()  # zeros before any stream uses them
+            self.sms = runtime.getDeviceProperties(device)["multiProcessorCount"]
+        self._slots: dict = {}
+
+    @classmethod
+    def of_device(cls, device: int) -> "TileCounters":
+        counters = cls._devices.get(device)
+        if counters is None:
+            with cls._lock:
+                counters = cls._devices.get(device) or cls._devices.setdefault(device, cls(device))
+        return counters
+
+    def for_stream(self, stream_ptr: int) -> int:
+        """The device address of `stream_ptr`'s counter pair."""
+        slot = self._slots.get(stream_ptr)
+        if slot is None:
+            with self._lock:
+                slot = self._slots.setdefault(stream_ptr, len(self._slots) % self.SLOTS)
+        return self._memory.ptr + 8 * slot

@@ -8,7 +8,7 @@ import os
 
 from . import _bridge, _compile, _dispatch, _headdim, _sparse
 from ._bridge import DeviceArray
-from ._launch import Launcher, SideStream
+from ._launch import Launcher, SideStream, TileCounters
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None,
@@ -244,10 +244,14 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
                                    mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
                                    dropout=p.dropout_p > 0,
                                    short_keys=_dispatch.short_keys_for(q.dtype, p.head_dim, p.seqlen_k))
+    persistent = (0, 1)
+    if variant.warp_specialised:
+        counters = TileCounters.of_device(q.device)
+        persistent = (counters.for_stream(stream_ptr), counters.sms)
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
-        alibi or _dispatch.NO_ALIBI, varlen, dropout,
+        alibi or _dispatch.NO_ALIBI, varlen, dropout, persistent,
     )
     _launch_on(q.device, [(variant, blocks, threads, args)], stream_ptr)
 
@@ -259,7 +263,7 @@ def _launcher(variant, device: int) -> Launcher:
     launcher = _launchers.get((variant, device))
     if launcher is None:
         kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
-        launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.PARAM_FORMATS[type(variant)])
+        launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.param_format(variant))
     return launcher
 
 
