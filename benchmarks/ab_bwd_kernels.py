@@ -2,10 +2,11 @@
 an A/B of kernel changes: run it once per tree (a checkout of the old commit and this one), alternating,
 in the same session on the same GPU. bf16, 16K tokens, 16 heads, d = 128.
 
-    python benchmarks/ab_bwd_kernels.py TREE [causal,bm_causal,window,alibi_nc,alibi_c,dropout_nc,softcap_nc]
+    python benchmarks/ab_bwd_kernels.py TREE [causal,bm_causal,window,alibi_nc,alibi_c,dropout_nc,softcap_nc,
+                                              bm_window,bm_butterfly]
 
 Used for the three-slot dK/dV kernel (results/h100-bwd-stages.txt, and with ALiBi, softcap and dropout
-results/h100-bwd-stages-flagged.txt).
+results/h100-bwd-stages-flagged.txt), and the persistent dK/dV kernel (results/h100-persistent-s10.txt).
 """
 import sys, os
 tree = sys.argv[1]
@@ -14,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 import cuflash
 from cuflash import BlockMask
+from cuflash import _bench_sparse as BS
 assert cuflash.__file__.startswith(os.path.abspath(tree)), cuflash.__file__
 S, H, D = 16384, 16, 128
 torch.manual_seed(0)
@@ -22,7 +24,9 @@ q, k, v = (x.requires_grad_() for x in (q, k, v))
 cases = {"causal": dict(causal=True), "bm_causal": dict(block_mask=BlockMask.causal(S, S)),
          "window": dict(causal=True, window_size=(1024, 0)), "alibi_nc": dict(alibi_slopes=torch.rand(H, device="cuda")),
          "alibi_c": dict(causal=True, alibi_slopes=torch.rand(H, device="cuda")),
-         "dropout_nc": dict(dropout_p=0.1), "softcap_nc": dict(softcap=30.0)}
+         "dropout_nc": dict(dropout_p=0.1), "softcap_nc": dict(softcap=30.0),
+         "bm_window": dict(block_mask=BS.build_mask("sliding_window_1024", S)[0]),
+         "bm_butterfly": dict(block_mask=BS.build_mask("butterfly", S)[0])}
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
 for name in only:
     kw = cases[name]

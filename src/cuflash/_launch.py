@@ -55,6 +55,17 @@ class Launcher:
             local.block, local.table_ptr, local.values_at = block, base, table
         return local.block, local.table_ptr, local.values_at
 
+    def blocks_per_sm(self, block: int, shared_mem: int, device: int) -> int:
+        """How many blocks of this kernel one SM of `device` holds at once (for a persistent grid)."""
+        if not hasattr(self, "_per_sm"):
+            import cupy
+            from cupy_backends.cuda.api import driver
+
+            with cupy.cuda.Device(device):
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(self._func, block, shared_mem)
+            self._per_sm = max(1, per_sm)
+        return self._per_sm
+
     def __call__(self, grid: int, block: int, shared_mem: int, stream_ptr: int, args) -> None:
         buf, table_ptr, values_at = self._buffers()
         self._struct.pack_into(buf, values_at, *args)

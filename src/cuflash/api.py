@@ -244,10 +244,7 @@ def run_fwd(p: _dispatch.FwdProblem, q: DeviceArray, k: DeviceArray, v: DeviceAr
                                    mask_blocks=mask_blocks, alibi=alibi is not None, softcap=p.softcap > 0,
                                    dropout=p.dropout_p > 0,
                                    short_keys=_dispatch.short_keys_for(q.dtype, p.head_dim, p.seqlen_k))
-    persistent = (0, 1)
-    if variant.warp_specialised:
-        counters = TileCounters.of_device(q.device)
-        persistent = (counters.for_stream(stream_ptr), counters.sms)
+    persistent = _persistent(variant, q.device, stream_ptr) if variant.warp_specialised else (0, 1)
     blocks, threads, args = _dispatch.fwd_launch(
         variant, p, (q.ptr, q.strides), (k.ptr, k.strides), (v.ptr, v.strides), (out.ptr, out.strides), lse.ptr,
         _sparse.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
@@ -265,6 +262,16 @@ def _launcher(variant, device: int) -> Launcher:
         kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
         launcher = _launchers[(variant, device)] = Launcher(kernel, _dispatch.param_format(variant))
     return launcher
+
+
+def _persistent(variant, device: int, stream_ptr: int) -> tuple[int, int]:
+    """(tile counter, blocks the GPU holds at once) for a persistent kernel launched on stream_ptr.
+    CUFLASH_PERSISTENT=0 launches one block per tile instead, as a plain grid would (for A/B timing)."""
+    counters = TileCounters.of_device(device)
+    if os.environ.get("CUFLASH_PERSISTENT") == "0":
+        return counters.for_stream(stream_ptr), 2**31 - 1
+    per_sm = _launcher(variant, device).blocks_per_sm(variant.threads, variant.smem_bytes, device)
+    return counters.for_stream(stream_ptr), counters.sms * per_sm
 
 
 def _launch_on(device: int, launches, stream_ptr: int, beside=()) -> None:
