@@ -56,11 +56,12 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
 }
 
 // ---- dK, dV ------------------------------------------------------------------------------------
-// Block: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
+// Work item: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
-// (of every query head sharing this K/V head) stream through a two-slot cp.async ring. SPARSE: only
-// the query tiles that the block mask's key-major list names for this key block. STAGES ring slots: with
-// three, a tile's last (wgmma) product runs on while the next tile loads and starts.
+// (of every query head sharing this K/V head) stream through a cp.async ring of STAGES slots. SPARSE: only
+// the query tiles that the block mask's key-major list names for this key block. With three slots, a
+// tile's last (wgmma) product runs on while the next tile loads and starts. The kernel is persistent:
+// each block runs items one after another (see Item below).
 template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
           bool SOFTCAP, bool DROPOUT, bool WG>
 __global__ void __launch_bounds__(WARPS * 32, 1)
@@ -73,7 +74,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, int window_left,
                       int window_right, float softmax_scale, float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                       const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
-                      long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
+                      long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
+                      unsigned* __restrict__ tile_counter, int num_items) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   using Tile = Tiles<T, D, WG>;
@@ -81,187 +83,252 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   static_assert(BN % (16 * WARPS) == 0 && D % DV == 0 && DV % 16 == 0 && BMQ % 16 == 0, "bad tile shape");
   static_assert(!WG || (MT == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
   static_assert(STAGES == 2 || (WG && STAGES == 3), "two slots, or three for asynchronous products");
+  // With three slots (Hopper), K and V have two buffers: the next item's land while this one's last query
+  // tile computes.
+  constexpr bool kPrefetchKV = STAGES == 3;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(Tile::align(smem_raw));
-  T* sV = sK + BN * PITCH;
-  T* sQ = sV + BN * PITCH;            // STAGES slots of BMQ rows
-  T* sdO = sQ + STAGES * BMQ * PITCH;  // STAGES slots
+  T* sKV = reinterpret_cast<T*>(Tile::align(smem_raw));  // K, V (and the next item's K, V)
+  T* sQ = sKV + (kPrefetchKV ? 4 : 2) * BN * PITCH;     // STAGES slots of BMQ rows
+  T* sdO = sQ + STAGES * BMQ * PITCH;                    // STAGES slots
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
   const int nheads_k = nheads / kv_group;
-  int block = blockIdx.x;
-  const int n_block = block % num_n_blocks;  // (a causal mask's heaviest key blocks come first)
-  block /= num_n_blocks;
-  const int c0 = (block % SPLITS) * DV;
-  block /= SPLITS;
-  const int b = block / nheads_k, hk = block % nheads_k;
-  __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
-  __shared__ DropoutRng rng;  // for query head 0 of batch b; bh is moved to each tile's head
-  if (threadIdx.x == 0) {
-    seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
-    if (DROPOUT) rng = DropoutRng::make(dropout, b * nheads);
-  }
-  __syncthreads();
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
-  const int n0 = n_block * BN, diag = seqlen_k - seqlen_q;
-  if (n0 >= seqlen_k) return;  // a packed sequence shorter than the longest
 
-  // Query tiles that can see these keys: for each query head g of the group, all of them or those
-  // inside the band (BAND, band.cuh); or (SPARSE) the tiles of the listed (g, query block) pairs, tile
-  // `sub` of entry `e` for a cursor that walks them in order with no division. A tile's place (and the
-  // cursor of the next) goes through shared memory; a dense tile's is recomputed from `it`.
-  const Band<BAND> band{diag, window_left, window_right};
-  int m_first = 0, tiles_per_head = (seqlen_q + BMQ - 1) / BMQ;
-  if (BAND) band.query_tiles(n0, n0 + BN - 1, seqlen_q, BMQ, m_first, tiles_per_head);
-  int subs = 1, n_iters = tiles_per_head * kv_group;
-  __shared__ ListRow list;
-  if constexpr (SPARSE) {
-    read_list_row(lists, lists.row(b, hk, n0 / lists.row_block), list);
-    __syncthreads();
-    subs = lists.col_block / BMQ;
-    n_iters = list.count * subs;
-  }
+  // Blocks stay resident and take work items (BN keys of one batch element and K/V head, output columns
+  // from c0) from tile_counter (next, exited), in the order one block per item would run them (a causal
+  // mask's heaviest key blocks first); the last block to exit resets the counter for the next launch
+  // on its stream. Thread 0 fills an item's fields in shared memory: the next item's while the block
+  // finishes this one, so that its K, V and first query tile can be copied ahead.
+  struct Item {
+    int b, hk, c0, n0, n_iters;  // n_iters < 0: no item left
+    int m_first, tiles_per_head;  // the query tiles of each head that can see these keys (BAND: the band's)
+    long long q_off, do_off, lse_off;  // where query head 0 of the group starts in q, dout and lse (delta)
+    SeqRange seq;                 // this batch element's sequences (varlen.cuh)
+    ListRow list;                 // SPARSE: the key block's list
+    DropoutRng rng;               // for query head 0 of batch b; bh is moved to each tile's head
+  };
+  __shared__ Item items[2];
+  auto fill_item = [&](unsigned index, Item& w) {  // thread 0
+    if (index >= static_cast<unsigned>(num_items)) {
+      w.n_iters = -1;
+      __threadfence();  // this block's last take from the counter comes before its exit count
+      if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+      return;
+    }
+    const int n_block = index % num_n_blocks;
+    index /= num_n_blocks;
+    w.c0 = (index % SPLITS) * DV;
+    index /= SPLITS;
+    w.b = index / nheads_k, w.hk = index % nheads_k;
+    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, w.b, max_seqlen_q, max_seqlen_k);
+    if (DROPOUT) w.rng = DropoutRng::make(dropout, w.b * nheads);
+    const int h0 = w.hk * kv_group;
+    w.q_off = w.b * q_sb + h0 * q_sh + w.seq.q_start * q_ss;
+    w.do_off = w.b * do_sb + h0 * do_sh + w.seq.q_start * do_ss;
+    w.lse_off = w.b * lse_sb + h0 * lse_sh + w.seq.q_start;
+    w.n0 = n_block * BN;
+    // Query tiles that can see these keys: for each query head g of the group, all of them or those
+    // inside the band (BAND, band.cuh); or (SPARSE) the tiles of the listed (g, query block) pairs.
+    int m_first = 0, tiles_per_head = (w.seq.seqlen_q + BMQ - 1) / BMQ;
+    if (BAND)
+      Band<BAND>{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right}.query_tiles(
+          w.n0, w.n0 + BN - 1, w.seq.seqlen_q, BMQ, m_first, tiles_per_head);
+    w.m_first = m_first, w.tiles_per_head = tiles_per_head;
+    int n_iters = tiles_per_head * kv_group;
+    if (SPARSE) {
+      const long long row = lists.row(w.b, w.hk, w.n0 / lists.row_block);
+      w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
+      n_iters = w.list.count * (lists.col_block / BMQ);
+    }
+    w.n_iters = w.n0 < w.seq.seqlen_k ? n_iters : 0;  // a packed sequence shorter than the longest: no keys
+  };
+
+  // An item's query tiles, walked by a cursor with no division: tile `sub` of listed entry `e` (SPARSE),
+  // or of group member `e` (tiles m_first + sub of query head e). A tile's place, and the cursor of the
+  // next, go through shared memory (thread 0 writes them with the tile's copy; read after the barrier).
   struct QueryTile {
     int m0, g, slot, offset;  // first query, group member; SPARSE: bit slot (-1: full), offset in the block
-    TileCursor next;          // SPARSE: where the tile after this one is
+    TileCursor next;          // where the tile after this one is
   };
-  __shared__ QueryTile tile_at[2];  // SPARSE: written by thread 0 with the tile's copy, read after the barrier
-  auto dense_tile = [&](int it) { return QueryTile{(m_first + it % tiles_per_head) * BMQ, it / tiles_per_head, -1, 0}; };
-
-  // Copy query tile `it` (SPARSE: the cursor `at` points to it) into ring slot it % STAGES; its rows' lse
-  // and delta, one per thread.
-  auto load_q_tile = [&](int it, TileCursor at, float& l, float& d) {
-    QueryTile t = dense_tile(it);
+  __shared__ QueryTile tile_at[2];
+  // Copy the query tile of item w at cursor `at`, the block's g-th, into ring slot g % STAGES; its rows'
+  // lse and delta, one per thread.
+  auto load_q_tile = [&](const Item& w, int g, TileCursor at, float& l, float& d) {
+    QueryTile t;
     if constexpr (SPARSE) {
-      const SparseTile e = at.in(lists, list.entries, BMQ);
+      const SparseTile e = at.in(lists, w.list.entries, BMQ);
       t = {(e.block & ((1 << lists.group_shift) - 1)) * lists.col_block + e.offset, e.block >> lists.group_shift,
            e.slot, e.offset, at};
-      t.next.advance(subs);
-      if (threadIdx.x == 0) tile_at[it % 2] = t;
+      t.next.advance(lists.col_block / BMQ);
+    } else {
+      t = {(w.m_first + at.sub) * BMQ, at.e, -1, 0, at};
+      t.next.advance(w.tiles_per_head);
     }
-    const int h = hk * kv_group + t.g, row = seq.q_start + t.m0, slot = it % STAGES;
-    Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + b * q_sb + h * q_sh + row * q_ss, q_ss,
+    if (threadIdx.x == 0) tile_at[g % 2] = t;
+    const int slot = g % STAGES, seqlen_q = w.seq.seqlen_q;
+    Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + w.q_off + t.g * q_sh + t.m0 * q_ss, q_ss,
                                       seqlen_q - t.m0, head_dim);
-    Tile::template load<BMQ, THREADS>(sdO + slot * BMQ * PITCH, dout + b * do_sb + h * do_sh + row * do_ss, do_ss,
+    Tile::template load<BMQ, THREADS>(sdO + slot * BMQ * PITCH, dout + w.do_off + t.g * do_sh + t.m0 * do_ss, do_ss,
                                       seqlen_q - t.m0, head_dim);
     const int i = t.m0 + static_cast<int>(threadIdx.x);
-    const long long at_row = b * lse_sb + h * lse_sh + seq.q_start + i;
+    const long long at_row = w.lse_off + t.g * lse_sh + i;
     l = threadIdx.x < BMQ && i < seqlen_q ? lse[at_row] : kNegInf;
     d = threadIdx.x < BMQ && i < seqlen_q ? delta[at_row] : 0.f;
   };
   static_assert(BMQ <= THREADS, "one thread per query row of a tile");
-
-  const int key_row = seq.k_start + n0;
-  Tile::template load<BN, THREADS>(sK, k + b * k_sb + hk * k_sh + key_row * k_ss, k_ss, seqlen_k - n0, head_dim);
-  Tile::template load<BN, THREADS>(sV, v + b * v_sb + hk * v_sh + key_row * v_ss, v_ss, seqlen_k - n0, head_dim);
-  if (n_iters > 0) {
-    float l, d;
-    load_q_tile(0, TileCursor{0, 0}, l, d);
-    if (threadIdx.x < BMQ) s_lse[0][threadIdx.x] = l, s_delta[0][threadIdx.x] = d;
-  }
-  cp_async_commit();
-  const int key_in_block = SPARSE ? n0 % lists.row_block : 0;  // SPARSE: this tile's first key inside its block
-
-  // Zeroed here, on every path: zeros written after the loop's last product was issued (when the loop
-  // is skipped) make ptxas serialise the loop's products.
-  float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
-  zero(acc_dk);
-  zero(acc_dv);
-  if constexpr (STAGES == 3) {
-    pin(acc_dk);
-    pin(acc_dv);
-  }
-
-  for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<0>();
-    Tile::publish();
-    __syncthreads();  // tile `it` is in; every warp has waited for tile it + 1 - STAGES's products
-    float next_l = kNegInf, next_d = 0.f;
-    if (it + 1 < n_iters) load_q_tile(it + 1, tile_at[it % 2].next, next_l, next_d);
+  // An item's K and V into buffer `buf`.
+  auto load_kv = [&](const Item& w, int buf) {
+    const int key_row = w.seq.k_start + w.n0;
+    T* k_tile = sKV + buf * 2 * BN * PITCH;
+    Tile::template load<BN, THREADS>(k_tile, k + w.b * k_sb + w.hk * k_sh + key_row * k_ss, k_ss,
+                                     w.seq.seqlen_k - w.n0, head_dim);
+    Tile::template load<BN, THREADS>(k_tile + BN * PITCH, v + w.b * v_sb + w.hk * v_sh + key_row * v_ss, v_ss,
+                                     w.seq.seqlen_k - w.n0, head_dim);
+  };
+  // An item's K, V and first query tile (the block's g-th), when they were not copied ahead.
+  auto start_item = [&](const Item& w, int buf, int g) {
+    if (w.n_iters < 0) return;
+    load_kv(w, buf);
+    if (w.n_iters > 0) {
+      float l, d;
+      load_q_tile(w, g, TileCursor{0, 0}, l, d);
+      if (threadIdx.x < BMQ) s_lse[g % 2][threadIdx.x] = l, s_delta[g % 2][threadIdx.x] = d;
+    }
     cp_async_commit();
+  };
 
-    const int slot = it % STAGES, stat = it % 2;  // ring slot; slot of the lse, delta and tile_at pairs
-    const QueryTile dense = dense_tile(it);
-    const QueryTile& t = SPARSE ? tile_at[stat] : dense;  // SPARSE: read where used, not held in registers
-    const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
-
-    // Pᵀ (keys x queries).
-    // Three slots: fresh accumulators (wgmma scale-d 0), as zeros written while the previous tile's
-    // products run would make ptxas serialise them. Two: zeroed (fewer registers than fresh ones).
-    constexpr bool FRESH = STAGES == 3;
-    float p[MT][BMQ / 8][4], dp[MT][BMQ / 8][4];
-    if constexpr (!FRESH) {
-      zero(p);
-      zero(dp);
-    }
-    Tile::template mma_abt<MT, BMQ, D, FRESH>(p, smem_addr(sK), warp_row, q_tile, lane);
-    // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below. The
-    // wait for Pᵀ also waits for the previous tile's dK product.
-    if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
-    Tile::template wait<WG ? 1 : 0>(p);
-    float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
-    if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
-    if constexpr (ALIBI)  // keys are rows here, hence -diag
-      add_alibi(p, n0 + warp_row, t.m0, -diag, alibi_slopes[b * alibi_sb + hk * kv_group + t.g] / softmax_scale, lane);
-    if constexpr (SPARSE)  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
-      if (t.slot >= 0) mask_partial_block(p, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
-    const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
-                            (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
-          const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
-          const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[stat][col], visible);
-        }
-    if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
-      DropoutRng head_rng = rng;
-      head_rng.bh += hk * kv_group + t.g;
-      head_rng.drop_rows_keys<true>(p, n0 + warp_row, t.m0, lane);
-    }
-    Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
-
-    // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
-    if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
-    Tile::template wait<1>(dp);  // dV's product may still run
-    // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
-    // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
-    float ds[MT][BMQ / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const float delta_i = s_delta[stat][nt * 8 + (lane % 4) * 2 + c % 2];
-          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], delta_i, dropout.keep_scale)
-                                  : p[mt][nt][c] * (dp[mt][nt][c] - delta_i);
-          if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
-        }
-    Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
-    if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
-      Tile::template wait<0>(acc_dk);
-      Tile::template wait<0>(acc_dv);
-    }
-    if (threadIdx.x < BMQ) s_lse[stat ^ 1][threadIdx.x] = next_l, s_delta[stat ^ 1][threadIdx.x] = next_d;
-  }
-  Tile::template wait<0>(acc_dk);
-  Tile::template wait<0>(acc_dv);
-
-  // dK and dV go out through this warp's own rows of sK and sV. With no query tile, K and V (copied
-  // by every thread) may still be landing there: wait for all of them.
-  cp_async_wait<0>();
+  if (threadIdx.x == 0) fill_item(blockIdx.x, items[0]);
   __syncthreads();
-  const int rows_valid = seq.seqlen_k - n0 - warp_row, out_row = seq.k_start + n0 + warp_row;
-  store_rows_staged(acc_dk, sK + warp_row * PITCH, PITCH, dk + b * dk_sb + hk * dk_sh + out_row * dk_ss + c0, dk_ss,
-                    rows_valid, head_dim - c0, softmax_scale, lane);
-  store_rows_staged(acc_dv, sV + warp_row * PITCH, PITCH, dv + b * dv_sb + hk * dv_sh + out_row * dv_ss + c0, dv_ss,
-                    rows_valid, head_dim - c0, DROPOUT ? dropout.keep_scale : 1.f, lane);
+  start_item(items[0], 0, 0);
+  int g = 0;  // query tiles so far, over every item: ring slot g % STAGES, pair g % 2
+  for (int n = 0;; ++n) {
+    const Item& w = items[n % 2];
+    if (w.n_iters < 0) break;
+    const Item& next = items[(n + 1) % 2];
+    const int buf = kPrefetchKV ? n % 2 : 0, n_iters = w.n_iters, n0 = w.n0, c0 = SPLITS == 1 ? 0 : w.c0;
+    // The next item is taken one query tile before this one's last (whose barrier publishes it), not
+    // earlier: a block that took it while far from done would hold it back from a block that is free.
+    auto take_next = [&] {
+      if (threadIdx.x == 0) fill_item(gridDim.x + atomicAdd(tile_counter, 1u), items[(n + 1) % 2]);
+    };
+    if (n_iters < 2) take_next();
+    const T* sK = sKV + buf * 2 * BN * PITCH;
+    const T* sV = sK + BN * PITCH;
+    const int seqlen_q = w.seq.seqlen_q, seqlen_k = w.seq.seqlen_k, diag = seqlen_k - seqlen_q;
+    const Band<BAND> band{diag, window_left, window_right};
+    const int key_in_block = SPARSE ? n0 % lists.row_block : 0;  // SPARSE: this tile's first key inside its block
+
+    // Zeroed here, on every path: zeros written after the loop's last product was issued (when the loop
+    // is skipped) make ptxas serialise the loop's products.
+    float acc_dk[MT][DV / 8][4], acc_dv[MT][DV / 8][4];
+    zero(acc_dk);
+    zero(acc_dv);
+    if constexpr (STAGES == 3) {
+      pin(acc_dk);
+      pin(acc_dv);
+    }
+
+    for (int it = 0; it < n_iters; ++it, ++g) {
+      cp_async_wait<0>();
+      Tile::publish();
+      __syncthreads();  // tile `it` is in; every warp has waited for tile it + 1 - STAGES's products
+      if (it + 2 == n_iters) take_next();
+      // The next query tile: this item's, or after its last, the next item's first (whose K and V go into
+      // the other buffer). One copy path for both, so that the compiler keeps one set of addresses.
+      float next_l = kNegInf, next_d = 0.f;
+      const bool last = it + 1 == n_iters;
+      if (kPrefetchKV && last && next.n_iters >= 0) load_kv(next, buf ^ 1);
+      if (!last || (kPrefetchKV && next.n_iters > 0))
+        load_q_tile(last ? next : w, g + 1, last ? TileCursor{0, 0} : tile_at[g % 2].next, next_l, next_d);
+      cp_async_commit();
+
+      const int slot = g % STAGES, stat = g % 2;  // ring slot; slot of the lse, delta and tile_at pairs
+      const QueryTile& t = tile_at[stat];  // read where used, not held in registers
+      const unsigned q_tile = smem_addr(sQ) + slot * BMQ * PB, do_tile = smem_addr(sdO) + slot * BMQ * PB;
+
+      // Pᵀ (keys x queries).
+      // Three slots: fresh accumulators (wgmma scale-d 0), as zeros written while the previous tile's
+      // products run would make ptxas serialise them. Two: zeroed (fewer registers than fresh ones).
+      constexpr bool FRESH = STAGES == 3;
+      float p[MT][BMQ / 8][4], dp[MT][BMQ / 8][4];
+      if constexpr (!FRESH) {
+        zero(p);
+        zero(dp);
+      }
+      Tile::template mma_abt<MT, BMQ, D, FRESH>(p, smem_addr(sK), warp_row, q_tile, lane);
+      // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below. The
+      // wait for Pᵀ also waits for the previous tile's dK product.
+      if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
+      Tile::template wait<WG ? 1 : 0>(p);
+      float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
+      if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
+      if constexpr (ALIBI)  // keys are rows here, hence -diag
+        add_alibi(p, n0 + warp_row, t.m0, -diag,
+                  alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale, lane);
+      if constexpr (SPARSE)  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
+        if (t.slot >= 0) mask_partial_block(p, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
+      const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
+                              (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
+            const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
+            const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
+            p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[stat][col], visible);
+          }
+      if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
+        DropoutRng head_rng = w.rng;
+        head_rng.bh += w.hk * kv_group + t.g;
+        head_rng.drop_rows_keys<true>(p, n0 + warp_row, t.m0, lane);
+      }
+      Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
+
+      // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
+      if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
+      Tile::template wait<1>(dp);  // dV's product may still run
+      // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
+      // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
+      float ds[MT][BMQ / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float delta_i = s_delta[stat][nt * 8 + (lane % 4) * 2 + c % 2];
+            ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], delta_i, dropout.keep_scale)
+                                    : p[mt][nt][c] * (dp[mt][nt][c] - delta_i);
+            if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
+          }
+      Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
+      if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
+        Tile::template wait<0>(acc_dk);
+        Tile::template wait<0>(acc_dv);
+      }
+      if (threadIdx.x < BMQ) s_lse[stat ^ 1][threadIdx.x] = next_l, s_delta[stat ^ 1][threadIdx.x] = next_d;
+    }
+    Tile::template wait<0>(acc_dk);
+    Tile::template wait<0>(acc_dv);
+
+    // dK and dV go out through this warp's own rows of sK and sV. With no query tile, K and V (copied
+    // by every thread) may still be landing there: wait for all of them.
+    if (n_iters == 0) cp_async_wait<0>();
+    __syncthreads();
+    const int rows_valid = seqlen_k - n0 - warp_row, out_row = w.seq.k_start + n0 + warp_row;
+    store_rows_staged(acc_dk, const_cast<T*>(sK) + warp_row * PITCH, PITCH,
+                      dk + w.b * dk_sb + w.hk * dk_sh + out_row * dk_ss + c0, dk_ss, rows_valid, head_dim - c0,
+                      softmax_scale, lane);
+    store_rows_staged(acc_dv, const_cast<T*>(sV) + warp_row * PITCH, PITCH,
+                      dv + w.b * dv_sb + w.hk * dv_sh + out_row * dv_ss + c0, dv_ss, rows_valid, head_dim - c0,
+                      DROPOUT ? dropout.keep_scale : 1.f, lane);
+    __syncthreads();  // the staging rows are read and this item's fields used: both may be refilled
+    if (!(kPrefetchKV && n_iters > 0)) start_item(next, kPrefetchKV ? buf ^ 1 : 0, g);
+  }
 }
 
 // ---- dQ ----------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def spill_allowance(variant) -> int:
     """Stack bytes compile-check accepts: none, except
     - fp32, whose accumulators plus split-TF32 fragments and per-slice partial sums (kernels/mma.cuh)
       overflow 255 registers in the backward and beyond d = 128. That costs fp32 speed, not accuracy;
-    - the three-slot dK/dV kernel (bwd_stages): 8 bytes of stack at d = 128 on NVRTC 13.0 and 13.5,
-      and still 9% faster than two slots without the spill (H100, causal);
+    - the three-slot dK/dV kernel (bwd_stages): 16 bytes of stack with ALiBi and a window at d = 128
+      (NVRTC 13.5), none elsewhere (8 bytes at d = 128 before session 10);
     - the persistent warp-specialised forward (three K/V slots) with a block mask and dropout: 8-16 bytes,
       three words of a partial block's element bits (NVRTC 13.5)."""
     if variant.dtype == "float32":
@@ -367,7 +367,7 @@ WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
 
 BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "qi"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
-                         + DROPOUT_FORMAT)
+                         + DROPOUT_FORMAT + "Qi")  # persistent: its tile counter and the number of items
 BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                        + DROPOUT_FORMAT)
 
@@ -413,7 +413,9 @@ class BwdDkdvVariant:
 
     @property
     def smem_bytes(self) -> int:  # K, V tiles and the slots of Q and dO (the small stats are static)
-        return tiles_smem(2 * self.block_n + 2 * self.stages * self.block_q, self.dtype, self.head_dim, self.wgmma)
+        kv_buffers = 2 if self.stages == 3 else 1  # three slots: the next item's K and V land ahead
+        return tiles_smem(2 * kv_buffers * self.block_n + 2 * self.stages * self.block_q, self.dtype, self.head_dim,
+                          self.wgmma)
 
 
 @dataclass(frozen=True)
@@ -449,10 +451,11 @@ class BwdDqVariant:
 def bwd_stages(variant: BwdDkdvVariant) -> BwdDkdvVariant:
     """The dK/dV variant with three query-tile slots where it runs wgmma on tiles of at most 64 queries and
     they fit Hopper's shared memory: a tile's dK product then runs on while the next tile loads and starts
-    (kernels/flash_bwd.cu; on the H100 at d = 128, 16K: 9% faster causal, 2-3% with tanh or dropout). Its
-    operand registers stay taken meanwhile: with 128-query tiles ptxas serialises the products for want of
-    registers, and ALiBi spills 16-56 bytes at d = 128 and ran 1.5% slower than two slots."""
-    if not variant.wgmma or variant.block_q > 64 or variant.alibi:
+    (kernels/flash_bwd.cu; on the H100 at d = 128, 16K: 9% faster causal, 2-3% with tanh or dropout, 4.5-7%
+    with ALiBi). Its operand registers stay taken meanwhile: with 128-query tiles ptxas serialises the
+    products for want of registers. (ALiBi spilled 16-56 bytes here until session 10, when the persistent
+    kernel moved a work item's fields to shared memory.)"""
+    if not variant.wgmma or variant.block_q > 64:
         return variant
     three = dataclasses.replace(variant, stages=3)
     return three if three.smem_bytes <= shared_memory_limit("sm_90a") else variant
@@ -526,12 +529,13 @@ def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
 
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
-                 dropout: tuple = NO_DROPOUT):
+                 dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1)):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
     delta are contiguous float32 (batch, nheads, seqlen_q) buffers, or (nheads, total_q) with varlen
-    (see seq_args; packed arrays come with batch stride 0).
+    (see seq_args; packed arrays come with batch stride 0). The dK/dV kernel is persistent:
+    persistent = (its tile counter, the blocks the GPU holds at once); its grid is no larger.
     """
     pre, dkdv, dqv = variants
     group = p.nheads // p.nheads_k
@@ -548,10 +552,11 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
     if blocks:
-        launches.append((dkdv, blocks, dkdv.threads,
+        launches.append((dkdv, min(blocks, persistent[1]), dkdv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dk[0], dv[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dk[1][:3], *dv[1][:3],
-                          *common, num_n_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *key_lists, *dropout)))
+                          *common, num_n_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen),
+                          *key_lists, *dropout, persistent[0], blocks)))
     num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
@@ -559,7 +564,8 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
                           *common, num_m_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists, *dropout)))
-    for _, n, _, _ in launches:
+    for variant, n, _, args in launches:
+        n = args[-1] if variant is dkdv else n  # the persistent kernel's items: one block each without it
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")
     return launches

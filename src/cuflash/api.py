@@ -397,6 +397,7 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, stream_ptr: int, list
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
         *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen, dropout,
+        _persistent(variants[1], q.device, stream_ptr),
     )
     # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream
     # (CUFLASH_BWD_STREAMS=1 queues all three kernels on the caller's stream).
