@@ -23,8 +23,10 @@ struct FwdTile {
 // SPARSE, BAND: which key tiles a query tile visits (fwd_common.cuh KeyTiles); ALIBI, SOFTCAP, DROPOUT:
 // what happens between the two products (fwd_common.cuh scores_to_probs). The log-sum-exp is that of
 // the full softmax, before dropout.
+// SPLIT (fp32, 3xTF32): K and V tiles are split into their TF32 parts once as they arrive, the rest
+// going to a second set of slots, instead of by every warp for every fragment (tile_io.cuh).
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool WG>
+          bool DROPOUT, bool WG, bool SPLIT = false>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -46,6 +48,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
   constexpr int kPitchBytes = Tile::pitch * sizeof(T);
   constexpr unsigned kv_slot_bytes = BN * kPitchBytes;
+  static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
+  constexpr int kRest = SPLIT ? 2 * STAGES * kv_slot_bytes : 0;  // SPLIT: the rest of K and V, after sV
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int warp_row = (tid / 32) * MT * 16;  // first row of this warp inside the block
@@ -102,6 +106,12 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
   for (int it = 0; it < n_blocks; ++it) {
     cp_async_wait<STAGES - 2>();
+    if constexpr (SPLIT) {  // this thread's chunks of tile `it` are in
+      T* kv = sK + (it % STAGES) * BN * Tile::pitch;
+      split_tile_tf32<BN, D, Tile::threads>(kv, kv + kRest / sizeof(T));
+      kv = sV + (it % STAGES) * BN * Tile::pitch;
+      split_tile_tf32<BN, D, Tile::threads>(kv, kv + kRest / sizeof(T));
+    }
     Smem::publish();
     __syncthreads();  // tile `it` is in; every warp is done with the slot of tile it - 1
     if (it + STAGES - 1 < n_blocks) load_kv(it + STAGES - 1);
@@ -111,7 +121,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int n0 = tiles.first_key(lists, it, at), slot = it % STAGES;
     float acc_s[MT][Tile::s_tiles][4];
     zero(acc_s);
-    Smem::template mma_abt<MT, BN, D>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes, lane);
+    Smem::template mma_abt<MT, BN, D, false, kRest>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
+                                                 lane);
     Smem::template wait<0>(acc_s);
     auto mask_partial = [&](float (&s)[MT][BN / 8][4]) {  // SPARSE: the bits read where they are used
       if constexpr (SPARSE)
@@ -120,7 +131,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band, m0,
                                                                    warp_row, n0, seqlen_k, alibi_slope,
                                                                    softcap_mult, scale_log2, rng, lane);
-    Smem::template mma_pb<MT, BN, D>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, 0, lane);
+    Smem::template mma_pb<MT, BN, D, false, kRest>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, 0, lane);
     Smem::template wait<0>(acc_o);
   }
 

@@ -57,13 +57,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
   }
 }
 
-// TF32 (fp32 with a 10-bit mantissa, round to nearest) in a 32-bit register.
-__device__ __forceinline__ unsigned to_tf32(float x) {
-  unsigned y;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(y) : "f"(x));
-  return y;
-}
-
 // D = A(16x8, row) * B(8x8, col) + D in TF32 with fp32 accumulators.
 __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -71,31 +64,32 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const unsigned (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragment of fp32 values as two TF32 fragments, x = big + small (small the rounded rest): about
-// 22 of fp32's 24 bits. Products take three terms (big·big, big·small, small·big; "3xTF32").
+// x's TF32 part rounded to nearest (ties away from zero, as cvt.rna) with two integer operations.
+// The tensor cores read a TF32 operand from the top 19 bits of an fp32 register and ignore the rest,
+// so the small part, x - big (exact, at most 12 significant bits), goes in as it is.
+__device__ __forceinline__ unsigned tf32_round(unsigned x) { return (x + 0x1000u) & 0xffffe000u; }
+__device__ __forceinline__ void tf32_split(unsigned x, unsigned& big, unsigned& small) {
+  big = tf32_round(x);
+  small = __float_as_uint(__uint_as_float(x) - __uint_as_float(big));
+}
+
+// A fragment of fp32 values as two TF32 fragments, x = big + small: about 22 of fp32's 24 bits.
+// Products take three terms (big·big, big·small, small·big; "3xTF32").
 template <int N>
 struct Tf32Split {
   unsigned big[N], small[N];
+  __device__ __forceinline__ Tf32Split() {}
+  __device__ __forceinline__ Tf32Split(const unsigned (&b)[N], const unsigned (&s)[N]) {  // split already
+#pragma unroll
+    for (int i = 0; i < N; ++i) big[i] = b[i], small[i] = s[i];
+  }
   __device__ __forceinline__ explicit Tf32Split(const unsigned (&x)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      big[i] = to_tf32(__uint_as_float(x[i]));
-      small[i] = to_tf32(__uint_as_float(x[i]) - __uint_as_float(big[i]));
+      tf32_split(x[i], big[i], small[i]);
     }
   }
 };
-
-// acc += A B for one 8-wide slice of k: the split products go into a fresh accumulator, which is
-// then added to acc with an ordinary (round-to-nearest) fp32 add. Tensor cores round their own
-// accumulation less carefully than an FMA; accumulating a whole row of k inside them left fp32
-// gradients 5-10x less accurate than plain fp32 (measured on an H100).
-__device__ __forceinline__ void mma_1688_split(float (&d)[4], const Tf32Split<4>& a, const Tf32Split<2>& b);
-__device__ __forceinline__ void mma_1688_split_add(float (&acc)[4], const Tf32Split<4>& a, const Tf32Split<2>& b) {
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_1688_split(d, a, b);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] += d[i];
-}
 
 // D += A B from split operands, small terms first so that they are added before the large one.
 __device__ __forceinline__ void mma_1688_split(float (&d)[4], const Tf32Split<4>& a, const Tf32Split<2>& b) {

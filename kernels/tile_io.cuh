@@ -56,6 +56,27 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long lon
   }
 }
 
+// fp32 tiles for 3xTF32 products (mma.cuh): split the 16-byte chunks this thread copied into `tile`
+// (load_tile_async: chunk i = tid + j * THREADS, complete once this thread's cp.async group is waited
+// for, no barrier needed) into their TF32 parts, rounded, in place, and the rest, at the same offsets
+// in `rest`. Done once per tile instead of by every warp for every fragment it reads.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void split_tile_tf32(float* tile, float* rest) {
+  const int tid = thread_index_uncached();
+  constexpr int chunks_per_row = D / 4, pitch = SmemTile<D, float>::pitch;
+#pragma unroll
+  for (int i = tid; i < ROWS * chunks_per_row; i += THREADS) {
+    const int at = (i / chunks_per_row) * pitch + (i % chunks_per_row) * 4;
+    uint4 x = *reinterpret_cast<const uint4*>(tile + at), big, small;
+    tf32_split(x.x, big.x, small.x);
+    tf32_split(x.y, big.y, small.y);
+    tf32_split(x.z, big.z, small.z);
+    tf32_split(x.w, big.w, small.w);
+    *reinterpret_cast<uint4*>(tile + at) = big;
+    *reinterpret_cast<uint4*>(rest + at) = small;
+  }
+}
+
 // The layout of wgmma tiles (wgmma.cuh) of 16-bit elements, D a multiple of 64: 128-byte swizzled rows
 // (what wgmma and TMA call SWIZZLE_128B). Each 8-row group takes D / 64 blocks of 1024 bytes, one per
 // 64 columns; in row r of a block the 16-byte chunk j sits at chunk j ^ (r % 8), so the 8 chunks of a

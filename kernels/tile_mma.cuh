@@ -43,8 +43,8 @@ struct Tiles {
   // acc (16 * MT rows from row0 of A) += A Bᵀ over K columns (FRESH: acc = A Bᵀ): A and B are tiles at
   // a_tile and b_tile. Issued asynchronously on the wgmma path: acc is valid after wait (mma.sync: at
   // once). A fresh wgmma accumulator is not zeroed by other instructions, which would serialise the
-  // warpgroup's products still running.
-  template <int MT, int N, int K, bool FRESH = false>
+  // warpgroup's products still running. B_REST: fp32 B split already (warp_mma_abt).
+  template <int MT, int N, int K, bool FRESH = false, int B_REST = 0>
   static __device__ __forceinline__ void mma_abt(float (&acc)[MT][N / 8][4], unsigned a_tile, int row0, unsigned b_tile,
                                                  int lane) {
     if constexpr (WG) {
@@ -52,20 +52,20 @@ struct Tiles {
       wg_mma_abt_async<T, N, K, D, FRESH>(acc, a_tile + (row0 / 64) * 8 * WgTile<D>::group, b_tile);
     } else {
       if constexpr (FRESH) zero(acc);
-      warp_mma_abt<T, MT, N, K, row_bytes>(acc, a_tile + row0 * row_bytes, b_tile, lane);
+      warp_mma_abt<T, MT, N, K, row_bytes, B_REST>(acc, a_tile + row0 * row_bytes, b_tile, lane);
     }
   }
 
   // acc += P B: P (16 * MT x K) in registers, B = the K rows of the tile at b_tile, N columns from col0.
-  // Asynchronous like mma_abt.
-  template <int MT, int K, int N, bool POSITIVE = false>
+  // Asynchronous like mma_abt; B_REST as there.
+  template <int MT, int K, int N, bool POSITIVE = false, int B_REST = 0>
   static __device__ __forceinline__ void mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                                 unsigned b_tile, int col0, int lane) {
     if constexpr (WG) {
       static_assert(MT == 1, "a wgmma warp holds 16 rows");
       wg_mma_pb_async<T, K, N, D, POSITIVE>(acc, p, b_tile + (col0 / 64) * WgTile<D>::block);  // col0: 0 or 64k
     } else {
-      warp_mma_pb<T, MT, K, N, row_bytes, POSITIVE>(acc, p, b_tile + col0 * sizeof(T), lane);
+      warp_mma_pb<T, MT, K, N, row_bytes, POSITIVE, B_REST>(acc, p, b_tile + col0 * sizeof(T), lane);
     }
   }
 

@@ -11,27 +11,47 @@
 
 namespace cuflash {
 
-// acc[mt][nt] += A[16 MT rows from a_rows] · B[N rows from b_rows]ᵀ, both K wide.
-template <typename T, int MT, int N, int K, int PITCH>
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+}
+
+// acc[mt][nt] += A[16 MT rows from a_rows] · B[N rows from b_rows]ᵀ, both K wide. fp32 with B_REST > 0:
+// B is split already (split_tile_tf32), its rest B_REST bytes after it.
+template <typename T, int MT, int N, int K, int PITCH, int B_REST = 0>
 __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigned a_rows, unsigned b_rows,
                                              int lane) {
   static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
   const unsigned a_lane = a_rows + (lane % 16) * PITCH + (lane / 16) * 16;
   const unsigned b_lane = b_rows + (lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 16;
   if constexpr (ElemTraits<T>::is_f32) {
+    static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
+    // 3xTF32 (mma.cuh): the three products of each 8-wide k slice go into a fresh accumulator, which is
+    // added to acc in fp32. The tensor cores' own accumulation truncates: summing a tile's whole k in
+    // them left fp32 errors 3-5x plain fp32's (H100).
 #pragma unroll
     for (int kk = 0; kk < K / 8; ++kk) {  // 8 fp32 = 32 bytes per step
-      static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
       unsigned a[4];
       ldmatrix_x4(a, a_lane + kk * 32);
       const Tf32Split<4> as(a);
 #pragma unroll
       for (int np = 0; np < N / 16; ++np) {
-        unsigned b[4];  // (b0, b1) of column tiles 2 np and 2 np + 1
+        unsigned b[4], r[4];  // (b0, b1) of column tiles 2 np and 2 np + 1; r: their rest if split already
         ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
-        const unsigned b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
-        mma_1688_split_add(acc[0][2 * np], as, Tf32Split<2>(b_lo));
-        mma_1688_split_add(acc[0][2 * np + 1], as, Tf32Split<2>(b_hi));
+        if constexpr (B_REST > 0) ldmatrix_x4(r, b_lane + B_REST + np * 16 * PITCH + kk * 32);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const unsigned b_h[2] = {b[2 * h], b[2 * h + 1]}, r_h[2] = {r[2 * h], r[2 * h + 1]};
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_1688_split(d, as, B_REST > 0 ? Tf32Split<2>(b_h, r_h) : Tf32Split<2>(b_h));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[0][2 * np + h][i] += d[i];
+        }
       }
     }
   } else {
@@ -68,7 +88,8 @@ __device__ __forceinline__ void a_fragment(unsigned (&a)[4], const float (&p)[NT
 // acc[mt][nt] += P · B[K rows from b_rows, N wide], P (16 MT x K, fp32) in the accumulator layout of
 // a previous warp_mma_abt: two 8-column accumulator tiles packed into 16-bit pairs are exactly one
 // A fragment of the next mma. POSITIVE: use max(P, 0) (P with dropped entries negated, dropout.cuh).
-template <typename T, int MT, int K, int N, int PITCH, bool POSITIVE = false>
+// fp32 with B_REST > 0: B is split already, as in warp_mma_abt.
+template <typename T, int MT, int K, int N, int PITCH, bool POSITIVE = false, int B_REST = 0>
 __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                             unsigned b_rows, int lane) {
   static_assert(N % 16 == 0 && K % 16 == 0, "tiles are made of 16x16 blocks");
@@ -78,18 +99,33 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
     // same permutation, so B comes through plain 32-bit loads (ldmatrix cannot transpose 32-bit).
     const int g = lane / 4, t = lane % 4;
     const unsigned b_lane = b_rows + 2 * t * PITCH + g * 4;
+    static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
+    // P's split fragments for the whole tile, then one output column tile at a time: the tensor cores
+    // sum this tile's k (at most 8 slices, short enough to keep fp32 accuracy) in a fresh accumulator,
+    // which is added to acc in fp32.
+    Tf32Split<4> as[K / 8];
 #pragma unroll
     for (int kb = 0; kb < K / 8; ++kb) {
-      static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
       auto x = [&](int c) { return __float_as_uint(POSITIVE ? fmaxf(p[0][kb][c], 0.f) : p[0][kb][c]); };
       const unsigned a[4] = {x(0), x(2), x(1), x(3)};
-      const Tf32Split<4> as(a);
+      as[kb] = Tf32Split<4>(a);
+    }
 #pragma unroll
-      for (int nt = 0; nt < N / 8; ++nt) {
+    for (int nt = 0; nt < N / 8; ++nt) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kb = 0; kb < K / 8; ++kb) {
         const unsigned at = b_lane + kb * 8 * PITCH + nt * 32;
         const unsigned b[2] = {lds32(at), lds32(at + PITCH)};
-        mma_1688_split_add(acc[0][nt], as, Tf32Split<2>(b));
+        if constexpr (B_REST > 0) {
+          const unsigned r[2] = {lds32(at + B_REST), lds32(at + B_REST + PITCH)};
+          mma_1688_split(d, as[kb], Tf32Split<2>(b, r));
+        } else {
+          mma_1688_split(d, as[kb], Tf32Split<2>(b));
+        }
       }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[0][nt][c] += d[c];
     }
   } else {
     const unsigned b_lane = b_rows + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 16;
@@ -110,16 +146,6 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
       }
     }
   }
-}
-
-template <int MT, int NT>
-__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
 }
 
 }  // namespace cuflash

@@ -33,7 +33,10 @@ def test_fp32_forward_and_grads(causal, headdim, seqlens):
     ref, ref_lse = reference(q, k, v, causal)
     assert_close_2x(out, ref, plain_attention(q, k, v, causal))
     assert_lse_close(lse, ref_lse)
-    check_grads(q, k, v, causal)
+    # One key: dS = P (dP - delta) is exactly 0 in autograd, while the kernels' dP and delta = rowsum(dO O)
+    # round differently, so dQ and dK hold rounding noise of dO·V's size: the fp16/bf16 floor there.
+    floors = dict.fromkeys(("dq", "dk"), 1e-5) if seqlens[1] == 1 else None
+    check_grads(q, k, v, causal, floors=floors)
 
 
 @pytest.mark.parametrize("case", ["gqa_alibi_softcap_dropout", "gqa_alibi_dropout", "gqa_softcap_dropout",
