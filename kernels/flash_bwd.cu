@@ -62,8 +62,10 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
 // the query tiles that the block mask's key-major list names for this key block. With three slots, a
 // tile's last (wgmma) product runs on while the next tile loads and starts. The kernel is persistent:
 // each block runs items one after another (see Item below).
+// SPLIT (fp32, 3xTF32): each query tile's Q and dO are split into their TF32 parts once as they arrive,
+// the rest going to a second set of slots (tile_io.cuh split_tile_tf32).
 template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
-          bool SOFTCAP, bool DROPOUT, bool WG>
+          bool SOFTCAP, bool DROPOUT, bool WG, bool SPLIT = false>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -90,6 +92,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   T* sKV = reinterpret_cast<T*>(Tile::align(smem_raw));  // K, V (and the next item's K, V)
   T* sQ = sKV + (kPrefetchKV ? 4 : 2) * BN * PITCH;     // STAGES slots of BMQ rows
   T* sdO = sQ + STAGES * BMQ * PITCH;                    // STAGES slots
+  static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
+  constexpr int kRest = SPLIT ? 2 * STAGES * BMQ * PB : 0;  // SPLIT: the rest of the Q and dO slots, after sdO
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
@@ -231,6 +235,12 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
     for (int it = 0; it < n_iters; ++it, ++g) {
       cp_async_wait<0>();
+      if constexpr (SPLIT) {  // this thread's chunks of query tile g are in
+        T* tile = sQ + (g % STAGES) * BMQ * PITCH;
+        split_tile_tf32<BMQ, D, THREADS>(tile, tile + kRest / sizeof(T));
+        tile = sdO + (g % STAGES) * BMQ * PITCH;
+        split_tile_tf32<BMQ, D, THREADS>(tile, tile + kRest / sizeof(T));
+      }
       Tile::publish();
       __syncthreads();  // tile `it` is in; every warp has waited for tile it + 1 - STAGES's products
       if (it + 2 == n_iters) take_next();
@@ -256,7 +266,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         zero(p);
         zero(dp);
       }
-      Tile::template mma_abt<MT, BMQ, D, FRESH>(p, smem_addr(sK), warp_row, q_tile, lane);
+      Tile::template mma_abt<MT, BMQ, D, FRESH, kRest>(p, smem_addr(sK), warp_row, q_tile, lane);
       // wgmma runs asynchronously: dPᵀ = V dOᵀ is issued now and computes during the softmax below. The
       // wait for Pᵀ also waits for the previous tile's dK product.
       if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
@@ -286,10 +296,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         head_rng.bh += w.hk * kv_group + t.g;
         head_rng.drop_rows_keys<true>(p, n0 + warp_row, t.m0, lane);
       }
-      Tile::template mma_pb<MT, BMQ, DV, DROPOUT>(acc_dv, p, do_tile, c0, lane);
+      Tile::template mma_pb<MT, BMQ, DV, DROPOUT, kRest>(acc_dv, p, do_tile, c0, lane);
 
       // dSᵀ = Pᵀ (dPᵀ - delta), dPᵀ = V dOᵀ.
-      if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
+      if constexpr (!WG) Tile::template mma_abt<MT, BMQ, D, FRESH, kRest>(dp, smem_addr(sV), warp_row, do_tile, lane);
       Tile::template wait<1>(dp);  // dV's product may still run
       // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
       // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
@@ -305,7 +315,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                                     : p[mt][nt][c] * (dp[mt][nt][c] - delta_i);
             if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
           }
-      Tile::template mma_pb<MT, BMQ, DV>(acc_dk, ds, q_tile, c0, lane);
+      Tile::template mma_pb<MT, BMQ, DV, false, kRest>(acc_dk, ds, q_tile, c0, lane);
       if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
         Tile::template wait<0>(acc_dk);
         Tile::template wait<0>(acc_dv);
@@ -336,8 +346,10 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // K/V tiles of BN rows stream through a two-slot ring (SPARSE: only the key tiles the block mask lists).
 // (A third slot, to let a tile's dQ product run on into the next tile, costs registers that the
 // three-warpgroup tiles do not have: ptxas then serialises the products, 11% slower on the H100.)
+// SPLIT (fp32, 3xTF32): each key tile's K and V are split into their TF32 parts once as they arrive,
+// the rest going to a second set of slots (tile_io.cuh split_tile_tf32).
 template <typename T, int D, int BM, int BN, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool WG>
+          bool DROPOUT, bool WG, bool SPLIT = false>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -361,6 +373,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   T* sdO = sQ + BM * PITCH;
   T* sK = sdO + BM * PITCH;   // 2 slots of BN rows
   T* sV = sK + 2 * BN * PITCH;  // 2 slots
+  static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
+  constexpr int kRest = SPLIT ? 4 * BN * PB : 0;  // SPLIT: the rest of the K and V slots, after sV
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
   const int bh = blockIdx.x / num_m_blocks;
@@ -436,6 +450,12 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   zero(acc_dq);
   for (int nb = 0; nb < n_blocks; ++nb) {
     cp_async_wait<0>();
+    if constexpr (SPLIT) {  // this thread's chunks of key tile nb are in
+      T* tile = sK + (nb % 2) * BN * PITCH;
+      split_tile_tf32<BN, D, THREADS>(tile, tile + kRest / sizeof(T));
+      tile = sV + (nb % 2) * BN * PITCH;
+      split_tile_tf32<BN, D, THREADS>(tile, tile + kRest / sizeof(T));
+    }
     Tile::publish();
     __syncthreads();
     if (nb + 1 < n_blocks) load_kv(nb + 1, tile_at[nb % 2].next);
@@ -448,7 +468,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float p[MT][BN / 8][4], dp[MT][BN / 8][4];
     zero(p);
     zero(dp);
-    Tile::template mma_abt<MT, BN, D>(p, smem_addr(sQ), warp_row, k_tile, lane);
+    Tile::template mma_abt<MT, BN, D, false, kRest>(p, smem_addr(sQ), warp_row, k_tile, lane);
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
@@ -471,7 +491,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
         }
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
-    if constexpr (!WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
+    if constexpr (!WG) Tile::template mma_abt<MT, BN, D, false, kRest>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<0>(dp);
     float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
 #pragma unroll
@@ -484,7 +504,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                   : p[mt][nt][c] * (dp[mt][nt][c] - row_delta[mt][c / 2]);
           if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
         }
-    Tile::template mma_pb<MT, BN, D>(acc_dq, ds, k_tile, 0, lane);
+    Tile::template mma_pb<MT, BN, D, false, kRest>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
   // dQ goes out through this warp's own rows of sQ. With no key tile, Q (copied by every thread) may

@@ -96,10 +96,19 @@ def fp32_fwd_tile(bucket: int, arch: str = "sm_80") -> tuple[int, int, int, int]
 
 
 def fp32_split_kv(bucket: int, arch: str) -> bool:
-    """Whether fp32 forward tiles of this bucket split K and V into TF32 parts once per tile
-    (kernels/flash_fwd.cu SPLIT) instead of per fragment: 1.2x faster (H100); it needs sm_90's
-    shared memory."""
+    """Whether the fp32 kernels of this bucket split their streamed tiles (K and V in the forward and dQ
+    kernels, Q and dO in dK/dV) into TF32 parts once per tile (SPLIT in kernels/flash_fwd.cu and
+    flash_bwd.cu) instead of per fragment. This needs sm_90's shared memory for the second set of slots."""
     return arch == "sm_90a" and bucket <= 128
+
+
+def fp32_bwd_tiles(bucket: int, arch: str = "sm_80") -> tuple[int, int, int, int, int]:
+    """fp32 backward tiles, warps of 16 rows (see fp32_fwd_tile): (dK/dV keys, its query tile, column
+    splits, dQ queries, its key tile); beyond d = 128 dK/dV is computed in two column halves. With split
+    tiles (fp32_split_kv), one block of 8 warps per SM instead of two of 4."""
+    if fp32_split_kv(bucket, arch):
+        return 128, 16, 1, 128, 16
+    return (64, 16, 1, 64, 16) if bucket <= 128 else (32, 16, 2, 32, 16)
 
 
 FP32_HEAD_DIM_BUCKETS = (64, 128, 256)  # fewer fp32 instances: each compiles slowly and runs far from peak anyway
@@ -413,12 +422,14 @@ class BwdDkdvVariant:
     wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     stages: int = 2  # query-tile ring slots (3: wgmma products run on across tiles; bwd_stages)
     source: str = "flash_bwd.cu"
+    split: bool = False  # fp32: Q and dO split into TF32 parts once per tile, in a second set of slots
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, {self.stages}, "
-                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
+                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}"
+                f"{', true' if self.split else ''}>")
 
     @property
     def threads(self) -> int:
@@ -427,8 +438,8 @@ class BwdDkdvVariant:
     @property
     def smem_bytes(self) -> int:  # K, V tiles and the slots of Q and dO (the small stats are static)
         kv_buffers = 2 if self.stages == 3 else 1  # three slots: the next item's K and V land ahead
-        return tiles_smem(2 * kv_buffers * self.block_n + 2 * self.stages * self.block_q, self.dtype, self.head_dim,
-                          self.wgmma)
+        q_rows = 2 * self.stages * self.block_q * (2 if self.split else 1)
+        return tiles_smem(2 * kv_buffers * self.block_n + q_rows, self.dtype, self.head_dim, self.wgmma)
 
 
 @dataclass(frozen=True)
@@ -445,12 +456,14 @@ class BwdDqVariant:
     dropout: bool = False
     wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     source: str = "flash_bwd.cu"
+    split: bool = False  # fp32: K and V split into TF32 parts once per tile, in a second set of slots
 
     @functools.cached_property
     def name(self) -> str:
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
                 f"{self.block_n}, {self.warps}, "
-                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}>")
+                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}"
+                f"{', true' if self.split else ''}>")
 
     @property
     def threads(self) -> int:
@@ -458,7 +471,8 @@ class BwdDqVariant:
 
     @property
     def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
-        return tiles_smem(2 * self.block_m + 4 * self.block_n, self.dtype, self.head_dim, self.wgmma)
+        return tiles_smem(2 * self.block_m + 4 * self.block_n * (2 if self.split else 1), self.dtype, self.head_dim,
+                          self.wgmma)
 
 
 def bwd_stages(variant: BwdDkdvVariant) -> BwdDkdvVariant:
@@ -496,10 +510,10 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif mask_blocks or band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
-    if dtype == "float32":  # twice the bytes per tile, 16-row warps (see fp32_fwd_tile)
-        block_n, block_q, splits = (64, 16, 1) if bucket <= 128 else (32, 16, 2)
-        warps, dq_m, dq_n = block_n // 16, block_n, 16
-        dq_warps = dq_m // 16
+    split = dtype == "float32" and fp32_split_kv(bucket, arch)
+    if dtype == "float32":
+        block_n, block_q, splits, dq_m, dq_n = fp32_bwd_tiles(bucket, arch)
+        warps, dq_warps = block_n // 16, dq_m // 16
     mods = (bool(alibi), bool(softcap), bool(dropout))
     if softcap or (dropout and alibi):  # tanh's derivative per score, or the RNG: half the query rows per tile
         block_q = max(16, block_q // 2)
@@ -508,16 +522,16 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
     if mask_blocks is None:
         return (BwdPreprocessVariant(dtype),
                 bwd_stages(BwdDkdvVariant(dtype, bucket, block_n, block_q, warps, splits, int(band), False, *mods,
-                                          wgmma)),
-                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, int(band), False, *mods, wgmma))
+                                          wgmma, split=split)),
+                BwdDqVariant(dtype, bucket, dq_m, dq_n, dq_warps, int(band), False, *mods, wgmma, split=split))
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
     return (BwdPreprocessVariant(dtype),
             bwd_stages(BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16),
-                                      splits, NO_BAND, True, *mods, wgmma)),
+                                      splits, NO_BAND, True, *mods, wgmma, split=split)),
             BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), NO_BAND, True, *mods,
-                         wgmma))
+                         wgmma, split=split))
 
 
 def all_bwd_variants(arch: str = "sm_80") -> list:
