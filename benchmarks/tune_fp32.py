@@ -7,6 +7,7 @@ cuflash._dispatch.fp32_fwd_tile, fp32_bwd_tiles and fp32_split_kv (results/h100-
     PYTHONPATH=src python benchmarks/tune_fp32.py
 """
 from cuflash import _compile, _dispatch
+from tune_fwd import median_ms  # benchmarks/ is on the path when this script runs
 
 FWD_TILES = [(128, 32, 8, 2), (64, 16, 4, 2), (128, 16, 8, 2)]
 BWD_TILES = [(True, (128, 16, 128, 16)), (False, (64, 16, 64, 16)), (False, (128, 16, 128, 16)),
@@ -19,20 +20,6 @@ def use(fwd_tile=FWD_TILES[0], split=True, bwd_tile=BWD_TILES[0][1]):
     _dispatch.fp32_bwd_tiles = lambda bucket, arch="sm_80": (bwd_tile[0], bwd_tile[1], 1, bwd_tile[2], bwd_tile[3])
     _dispatch.choose_fwd.cache_clear()
     _dispatch.choose_bwd.cache_clear()
-
-
-def median_ms(fn, reps=10):
-    import torch
-
-    for _ in range(2):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in events)[reps // 2]
 
 
 def main():
@@ -65,8 +52,8 @@ def main():
             for c in cfgs:
                 use(**c) if c else None
                 with torch.no_grad():
-                    fwd = median_ms(f)
-                bwd = median_ms(lambda: f().backward(dout)) - fwd
+                    fwd = median_ms(f, reps=10)
+                bwd = median_ms(lambda: f().backward(dout), reps=10) - fwd
                 print(f"causal={causal} {name} {c} fwd {fwd:.3f} bwd {bwd:.3f} ms", flush=True)
 
 
