@@ -342,7 +342,7 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
     the log-sum-exp is a contiguous float32 (batch, nheads, seqlen_q) buffer.
     The grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid
     dimension can pass 65535. The warp-specialised forward is persistent: persistent = (its tile
-    counter, the SMs it fills); its grid is at most one block per SM.
+    counter, the most blocks that are resident at once: SMs x blocks per SM); its grid is at most that.
     """
     num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     blocks = num_m_blocks * p.batch * p.nheads
@@ -355,8 +355,8 @@ def fwd_launch(variant: FwdVariant, p: FwdProblem, q, k, v, o, lse_ptr: int,
         *p.kernel_scales(), *alibi, *seq_args(p, varlen), *lists, *dropout,
     )
     if variant.warp_specialised:
-        counter, sms = persistent
-        return min(blocks, sms), variant.threads, args + (counter, blocks)
+        counter, resident = persistent
+        return min(blocks, resident), variant.threads, args + (counter, blocks)
     return blocks, variant.threads, args
 
 
