@@ -91,11 +91,17 @@ struct Tf32Split {
   }
 };
 
-// D += A B from split operands, small terms first so that they are added before the large one.
-__device__ __forceinline__ void mma_1688_split(float (&d)[4], const Tf32Split<4>& a, const Tf32Split<2>& b) {
-  mma_1688_tf32(d, a.small, b.big[0], b.big[1]);
-  mma_1688_tf32(d, a.big, b.small[0], b.small[1]);
-  mma_1688_tf32(d, a.big, b.big[0], b.big[1]);
+// d[g] += A B[g] for G column tiles from split operands, small terms first so that they are added
+// before the large one. One product of each tile in turn: a chain into one accumulator waits for each
+// product, so G independent chains keep the tensor cores busy (the forward ran 1 chain at a time).
+template <int G>
+__device__ __forceinline__ void mma_1688_split(float (&d)[G][4], const Tf32Split<4>& a, const Tf32Split<2> (&b)[G]) {
+#pragma unroll
+  for (int g = 0; g < G; ++g) mma_1688_tf32(d[g], a.small, b[g].big[0], b[g].big[1]);
+#pragma unroll
+  for (int g = 0; g < G; ++g) mma_1688_tf32(d[g], a.big, b[g].small[0], b[g].small[1]);
+#pragma unroll
+  for (int g = 0; g < G; ++g) mma_1688_tf32(d[g], a.big, b[g].big[0], b[g].big[1]);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -39,6 +39,7 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
       unsigned a[4];
       ldmatrix_x4(a, a_lane + kk * 32);
       const Tf32Split<4> as(a);
+      Tf32Split<2> bs[N / 8];
 #pragma unroll
       for (int np = 0; np < N / 16; ++np) {
         unsigned b[4], r[4];  // (b0, b1) of column tiles 2 np and 2 np + 1; r: their rest if split already
@@ -47,12 +48,15 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const unsigned b_h[2] = {b[2 * h], b[2 * h + 1]}, r_h[2] = {r[2 * h], r[2 * h + 1]};
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          mma_1688_split(d, as, B_REST > 0 ? Tf32Split<2>(b_h, r_h) : Tf32Split<2>(b_h));
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[0][2 * np + h][i] += d[i];
+          bs[2 * np + h] = B_REST > 0 ? Tf32Split<2>(b_h, r_h) : Tf32Split<2>(b_h);
         }
       }
+      float d[N / 8][4] = {};
+      mma_1688_split(d, as, bs);
+#pragma unroll
+      for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][nt][i] += d[nt][i];
     }
   } else {
 #pragma unroll
@@ -100,9 +104,9 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
     const int g = lane / 4, t = lane % 4;
     const unsigned b_lane = b_rows + 2 * t * PITCH + g * 4;
     static_assert(MT == 1, "fp32 tiles give each warp 16 rows");
-    // P's split fragments for the whole tile, then one output column tile at a time: the tensor cores
-    // sum this tile's k (at most 8 slices, short enough to keep fp32 accuracy) in a fresh accumulator,
-    // which is added to acc in fp32.
+    // P's split fragments for the whole tile, then G output column tiles at a time: the tensor cores
+    // sum this tile's k (at most 8 slices, short enough to keep fp32 accuracy) in fresh accumulators,
+    // which are added to acc in fp32.
     Tf32Split<4> as[K / 8];
 #pragma unroll
     for (int kb = 0; kb < K / 8; ++kb) {
@@ -110,22 +114,31 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
       const unsigned a[4] = {x(0), x(2), x(1), x(3)};
       as[kb] = Tf32Split<4>(a);
     }
+    constexpr int G = N / 8 < 4 ? N / 8 : 4;  // column tiles summed side by side (mma_1688_split)
+    static_assert((N / 8) % G == 0, "whole groups of column tiles");
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int n0 = 0; n0 < N / 8; n0 += G) {
+      float d[G][4] = {};
 #pragma unroll
       for (int kb = 0; kb < K / 8; ++kb) {
-        const unsigned at = b_lane + kb * 8 * PITCH + nt * 32;
-        const unsigned b[2] = {lds32(at), lds32(at + PITCH)};
-        if constexpr (B_REST > 0) {
-          const unsigned r[2] = {lds32(at + B_REST), lds32(at + B_REST + PITCH)};
-          mma_1688_split(d, as[kb], Tf32Split<2>(b, r));
-        } else {
-          mma_1688_split(d, as[kb], Tf32Split<2>(b));
+        Tf32Split<2> bs[G];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const unsigned at = b_lane + kb * 8 * PITCH + (n0 + j) * 32;
+          const unsigned b[2] = {lds32(at), lds32(at + PITCH)};
+          if constexpr (B_REST > 0) {
+            const unsigned r[2] = {lds32(at + B_REST), lds32(at + B_REST + PITCH)};
+            bs[j] = Tf32Split<2>(b, r);
+          } else {
+            bs[j] = Tf32Split<2>(b);
+          }
         }
+        mma_1688_split(d, as[kb], bs);
       }
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[0][nt][c] += d[c];
+      for (int j = 0; j < G; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[0][n0 + j][c] += d[j][c];
     }
   } else {
     const unsigned b_lane = b_rows + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 16;
