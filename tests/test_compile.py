@@ -48,6 +48,20 @@ def test_cache_key_follows_header_contents(tmp_path, monkeypatch):
     assert key1 != key2
 
 
+def test_cubin_holds_its_whole_elf(tmp_path, monkeypatch):
+    """The cached cubin ends where its ELF headers say (CuPy's getCUBIN returns one byte short)."""
+    import struct
+
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
+    from cuflash._dispatch import choose_fwd
+
+    v = choose_fwd("float16", 64, False)
+    data = _compile.cached_cubin(v.source, v.name, "sm_80")[0].read_bytes()
+    ph_off, sh_off = struct.unpack_from("<QQ", data, 0x20)
+    ph_size, ph_num, sh_size, sh_num = struct.unpack_from("<HHHH", data, 0x36)
+    assert data[:4] == b"\x7fELF" and len(data) >= max(ph_off + ph_size * ph_num, sh_off + sh_size * sh_num)
+
+
 def test_disk_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
     from cuflash._dispatch import choose_fwd

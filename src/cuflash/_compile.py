@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -120,9 +121,23 @@ def compile_kernel(source: str, name: str, arch: str, verbose: bool = False) -> 
         except nvrtc.NVRTCError as e:
             log = nvrtc.getProgramLog(prog)
             raise CompileError(f"NVRTC failed to compile {name} from {source} for {arch}: {e}\n{log}") from None
-        return CompiledKernel(nvrtc.getCUBIN(prog), nvrtc.getLoweredName(prog, name), nvrtc.getProgramLog(prog))
+        return CompiledKernel(whole_elf(nvrtc.getCUBIN(prog)), nvrtc.getLoweredName(prog, name),
+                              nvrtc.getProgramLog(prog))
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def whole_elf(cubin: bytes) -> bytes:
+    """The cubin padded with zeros to the end of its program and section headers. CuPy 14's
+    nvrtc.getCUBIN returns one byte short (the last program header's last byte, a zero): the driver
+    read past the end into the NUL that follows every Python bytes object, and cuobjdump and nvdisasm
+    rejected the file."""
+    if cubin[:4] != b"\x7fELF" or len(cubin) < 64:
+        return cubin
+    ph_off, sh_off = struct.unpack_from("<QQ", cubin, 0x20)
+    ph_size, ph_num, sh_size, sh_num = struct.unpack_from("<HHHH", cubin, 0x36)
+    end = max(ph_off + ph_size * ph_num, sh_off + sh_size * sh_num)
+    return cubin + b"\0" * (end - len(cubin)) if end > len(cubin) else cubin
 
 
 def cache_dir() -> Path:
