@@ -2,7 +2,7 @@
 4K tokens x 4 batch): forward tiles (block_m, block_n, warps, stages) with K/V split once per tile, and
 backward tiles (dK/dV keys, query tile, dQ queries, key tile) with the streamed tiles split or not;
 backward time = forward+backward - forward (CUDA-event medians). The winners go into
-cuflash._dispatch.fp32_fwd_tile, fp32_bwd_tiles and fp32_split_kv (results/h100-fp32-ab-s11.txt).
+cuflash._dispatch.fp32_fwd_tile, fp32_bwd_tiles and fp32_split_tiles (results/h100-fp32-ab-s11.txt).
 
     PYTHONPATH=src python benchmarks/tune_fp32.py
 """
@@ -15,7 +15,7 @@ BWD_TILES = [(True, (128, 16, 128, 16)), (False, (64, 16, 64, 16)), (False, (128
 
 
 def use(fwd_tile=FWD_TILES[0], split=True, bwd_tile=BWD_TILES[0][1]):
-    _dispatch.fp32_split_kv = lambda bucket, arch: split
+    _dispatch.fp32_split_tiles = lambda bucket, arch: split
     _dispatch.fp32_fwd_tile = lambda bucket, arch="sm_80": fwd_tile
     _dispatch.fp32_bwd_tiles = lambda bucket, arch="sm_80": (bwd_tile[0], bwd_tile[1], 1, bwd_tile[2], bwd_tile[3])
     _dispatch.choose_fwd.cache_clear()

@@ -89,13 +89,13 @@ def spill_allowance(variant) -> int:
 def fp32_fwd_tile(bucket: int, arch: str = "sm_80") -> tuple[int, int, int, int]:
     """fp32 tiles hold twice the bytes and the 3xTF32 products need more registers: warps of 16 rows,
     32 keys (16 beyond d = 128). Up to d = 128 on sm_90a, K and V are split once per tile
-    (fp32_split_kv), which doubles their slots: 128 query rows in one block of 8 warps per SM."""
-    if fp32_split_kv(bucket, arch):
+    (fp32_split_tiles), which doubles their slots: 128 query rows in one block of 8 warps per SM."""
+    if fp32_split_tiles(bucket, arch):
         return 128, 32, 8, 2
     return 64, 32 if bucket <= 128 else 16, 4, 2
 
 
-def fp32_split_kv(bucket: int, arch: str) -> bool:
+def fp32_split_tiles(bucket: int, arch: str) -> bool:
     """Whether the fp32 kernels of this bucket split their streamed tiles (K and V in the forward and dQ
     kernels, Q and dO in dK/dV) into TF32 parts once per tile (SPLIT in kernels/flash_fwd.cu and
     flash_bwd.cu) instead of per fragment. This needs sm_90's shared memory for the second set of slots."""
@@ -105,8 +105,8 @@ def fp32_split_kv(bucket: int, arch: str) -> bool:
 def fp32_bwd_tiles(bucket: int, arch: str = "sm_80") -> tuple[int, int, int, int, int]:
     """fp32 backward tiles, warps of 16 rows (see fp32_fwd_tile): (dK/dV keys, its query tile, column
     splits, dQ queries, its key tile); beyond d = 128 dK/dV is computed in two column halves. With split
-    tiles (fp32_split_kv), one block of 8 warps per SM instead of two of 4."""
-    if fp32_split_kv(bucket, arch):
+    tiles (fp32_split_tiles), one block of 8 warps per SM instead of two of 4."""
+    if fp32_split_tiles(bucket, arch):
         return 128, 16, 1, 128, 16
     return (64, 16, 1, 64, 16) if bucket <= 128 else (32, 16, 2, 32, 16)
 
@@ -201,7 +201,7 @@ def choose_fwd(dtype: str, head_dim: int, band: int, tile: tuple[int, int, int, 
             block_n = _divides(block_n, mask_blocks[1])
         return FwdVariant(dtype, bucket, block_m, block_n, warps, stages, NO_BAND if sparse else int(band), sparse,
                           bool(alibi), bool(softcap), bool(dropout), wgmma=True, warp_specialised=True)
-    split = dtype == "float32" and fp32_split_kv(bucket, arch)
+    split = dtype == "float32" and fp32_split_tiles(bucket, arch)
     if dtype == "float32":
         tile = tile or fp32_fwd_tile(bucket, arch)
     wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_FWD_TILES
@@ -510,7 +510,7 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif mask_blocks or band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
-    split = dtype == "float32" and fp32_split_kv(bucket, arch)
+    split = dtype == "float32" and fp32_split_tiles(bucket, arch)
     if dtype == "float32":
         block_n, block_q, splits, dq_m, dq_n = fp32_bwd_tiles(bucket, arch)
         warps, dq_warps = block_n // 16, dq_m // 16
