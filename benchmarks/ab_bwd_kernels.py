@@ -3,7 +3,7 @@ an A/B of kernel changes: run it once per tree (a checkout of the old commit and
 in the same session on the same GPU. bf16, 16K tokens, 16 heads, d = 128.
 
     python benchmarks/ab_bwd_kernels.py TREE [causal,bm_causal,window,alibi_nc,alibi_c,dropout_nc,softcap_nc,
-                                              bm_window,bm_butterfly]
+                                              bm_window,bm_butterfly,bm_local_global,dense]
 
 Used for the three-slot dK/dV kernel (results/h100-bwd-stages.txt, and with ALiBi, softcap and dropout
 results/h100-bwd-stages-flagged.txt), and the persistent dK/dV kernel (results/h100-persistent-s10.txt).
@@ -26,7 +26,8 @@ cases = {"causal": dict(causal=True), "bm_causal": dict(block_mask=BlockMask.cau
          "alibi_c": dict(causal=True, alibi_slopes=torch.rand(H, device="cuda")),
          "dropout_nc": dict(dropout_p=0.1), "softcap_nc": dict(softcap=30.0),
          "bm_window": dict(block_mask=BS.build_mask("sliding_window_1024", S)[0]),
-         "bm_butterfly": dict(block_mask=BS.build_mask("butterfly", S)[0])}
+         "bm_butterfly": dict(block_mask=BS.build_mask("butterfly", S)[0]),
+         "bm_local_global": dict(block_mask=BS.build_mask("local_global", S)[0]), "dense": dict()}
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
 for name in only:
     kw = cases[name]

@@ -387,7 +387,7 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
 WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
 WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
 
-BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "qi"
+BWD_PREPROCESS_PARAM_FORMAT = "QQQ" + "q" * 6 + "iii" + "ii"
 BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                          + DROPOUT_FORMAT + "Qi")  # persistent: its tile counter and the number of items
 BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
@@ -547,6 +547,9 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
     return out
 
 
+PREPROCESS_ROWS = 4  # rows per thread of the backward's preprocess kernel (kernels/flash_bwd.cu kPreprocessRows)
+
+
 def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
     """Lanes per row of the backward's preprocess kernel: one per 16-byte chunk of the row, rounded up
     to a power of two, at most a warp."""
@@ -572,9 +575,10 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
     launches = []
     if rows:
         lanes = preprocess_row_lanes(p.head_dim, pre.dtype)
-        launches.append((pre, -(-rows // (pre.threads // lanes)), pre.threads,
+        blocks_per_bh = -(-pre_seqlen // (PREPROCESS_ROWS * pre.threads // lanes))
+        launches.append((pre, pre_batch * p.nheads * blocks_per_bh, pre.threads,
                          (dout[0], out[0], delta_ptr, *dout[1][:3], *out[1][:3], pre_seqlen, p.nheads, p.head_dim,
-                          rows, lanes)))
+                          blocks_per_bh, lanes)))
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)  # in order: no heaviest-first mapping
     blocks = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     common = (p.seqlen_q, p.seqlen_k, p.nheads, group, p.head_dim)
