@@ -116,3 +116,24 @@ def test_band_args():
     assert band(window=(10**9, 0)) == (window, (400, 0))  # clipped, so the kernels' sums never overflow
     # A window takes narrower tiles than causal where registers are short (no spills; tests/test_compile.py).
     assert choose_fwd("bfloat16", 64, window).block_n <= choose_fwd("bfloat16", 64, causal).block_n
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(8, "bfloat16"), (64, "float16"), (128, "bfloat16"), (256, "float32")])
+@pytest.mark.parametrize("batch, seqlen_q, nheads", [(1, 1, 1), (3, 1023, 5), (7000, 300, 10)])
+def test_preprocess_grid_covers_every_row(head_dim, dtype, batch, seqlen_q, nheads):
+    """The backward's preprocess: blocks_per_bh blocks per (batch, head), each 128 / lanes rows per pass times
+    PREPROCESS_ROWS (kernels/flash_bwd.cu), cover seqlen_q rows, with no block left over."""
+    pre, dkdv, dq = _dispatch.choose_bwd(dtype, head_dim, False)
+    p = FwdProblem(batch=batch, seqlen_q=seqlen_q, seqlen_k=64, nheads=nheads, nheads_k=nheads, head_dim=head_dim,
+                   softmax_scale=0.1)
+    t = (0x7F0000000000, (seqlen_q * nheads * head_dim, nheads * head_dim, head_dim))
+    kv = (0x7F0000000000, (64 * nheads * head_dim, nheads * head_dim, head_dim))
+    launches = _dispatch.bwd_launches((pre, dkdv, dq), p, t, kv, kv, t, t, 0, 0, t, kv, kv)
+    variant, blocks, threads, args = launches[0]
+    assert variant is pre and threads == 128
+    lanes = _dispatch.preprocess_row_lanes(head_dim, dtype)
+    blocks_per_bh = args[-2]
+    rows_per_block = 128 // lanes * _dispatch.PREPROCESS_ROWS
+    assert blocks == batch * nheads * blocks_per_bh and args[-1] == lanes
+    assert (blocks_per_bh - 1) * rows_per_block < seqlen_q <= blocks_per_bh * rows_per_block
+    struct.Struct("@" + flat(_dispatch.param_format(pre))).pack(*args)
