@@ -25,17 +25,16 @@ namespace cuflash {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // delta = sum_d dO * O in fp32 for each row of (batch, head, query): row_lanes lanes per row (a power
-// of two <= 32 covering its 16-byte chunks, so that no lane idles at small head dims), kPreprocessRows
-// rows per thread (their loads in flight together), blocks_per_bh blocks per (batch, head). A block's
-// (batch, head) comes from one 32-bit division: per-row 64-bit divisions made this kernel compute-bound
-// (53 us under ncu for 16K x 16 heads x 128 on the H200, FlexAttention's 34; 41 -> 38 us timed).
-constexpr int kPreprocessRows = 4;  // _dispatch.PREPROCESS_ROWS
+// of two <= 32 covering its 16-byte chunks, so that no lane idles at small head dims), kRows rows per
+// thread (their loads in flight together), blocks_per_bh blocks per (batch, head). A block's (batch,
+// head) comes from one 32-bit division: per-row 64-bit divisions made this kernel compute-bound (53 us
+// under ncu for 16K x 16 heads x 128 on the H200, FlexAttention's 34; 41 -> 38 us timed).
 template <typename T>
 __global__ void __launch_bounds__(128)
 flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
                             long long do_sb, long long do_ss, long long do_sh, long long o_sb, long long o_ss,
                             long long o_sh, int seqlen_q, int nheads, int head_dim, int blocks_per_bh, int row_lanes) {
-  constexpr int kRows = kPreprocessRows;
+  constexpr int kRows = 4;  // _dispatch.PREPROCESS_ROWS
   const unsigned bh = blockIdx.x / static_cast<unsigned>(blocks_per_bh);
   const int per_pass = 128 / row_lanes;
   const int i0 = static_cast<int>(blockIdx.x - bh * blocks_per_bh) * per_pass * kRows + threadIdx.x / row_lanes;

@@ -547,7 +547,7 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
     return out
 
 
-PREPROCESS_ROWS = 4  # rows per thread of the backward's preprocess kernel (kernels/flash_bwd.cu kPreprocessRows)
+PREPROCESS_ROWS = 4  # rows per thread of the backward's preprocess kernel (kernels/flash_bwd.cu kRows)
 
 
 def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
