@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import cuflash
 from cuflash import _bench_sparse, _dispatch
+from tune_fwd import median_ms
 
 CANDIDATES = [(128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 64, 8)]  # (query rows, keys, warps)
 choose_bwd = _dispatch.choose_bwd
@@ -31,15 +32,9 @@ q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, requires
 dout = torch.randn_like(q)
 
 
-def measure(kwargs, reps=20):
+def measure(kwargs):
     run = lambda: torch.autograd.grad(cuflash.flash_attn_func(q, k, v, **kwargs), (q, k, v), dout)
-    for _ in range(3):
-        run()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record(); run(); b.record()
-    torch.cuda.synchronize()
-    wall = sorted(a.elapsed_time(b) for a, b in events)[reps // 2]
+    wall = median_ms(run, reps=20)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             run()
