@@ -15,6 +15,8 @@
 #include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
+#include "fwd_common.cuh"  // BlockCoords, KeyTiles
+#include "mbarrier.cuh"
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "tile_mma.cuh"
@@ -58,12 +60,21 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
   }
 }
 
-// p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf).
-// PRECISE (fp32 inputs): expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e).
+// p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf),
+// from scale and lse in the exponent's units: times log2(e) (ex2.approx), or as they are for PRECISE (fp32
+// inputs: expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e)).
+template <bool PRECISE>
+__device__ __forceinline__ float exp_units(float x) {
+  return PRECISE ? x : x * kLog2e;
+}
+template <bool PRECISE>
+__device__ __forceinline__ float recompute_p_units(float s, float scale_u, float lse_u, bool visible) {
+  if (!visible || lse_u == kNegInf) return 0.f;
+  return PRECISE ? expf(fmaf(s, scale_u, -lse_u)) : fast_exp2(fmaf(s, scale_u, -lse_u));
+}
 template <bool PRECISE>
 __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bool visible) {
-  if (!visible || lse == kNegInf) return 0.f;
-  return PRECISE ? expf(fmaf(s, scale, -lse)) : fast_exp2(fmaf(s, scale * kLog2e, -lse * kLog2e));
+  return recompute_p_units<PRECISE>(s, exp_units<PRECISE>(scale), exp_units<PRECISE>(lse), visible);
 }
 
 // ---- dK, dV ------------------------------------------------------------------------------------
@@ -525,6 +536,242 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int out_row = seq.q_start + m0 + warp_row;
   store_rows_staged(acc_dq, sQ + warp_row * PITCH, PITCH, dq + b * dq_sb + h * dq_sh + out_row * dq_ss, dq_ss,
                     seq.seqlen_q - m0 - warp_row, head_dim, softmax_scale, lane);
+}
+
+// ---- dQ, warp-specialised (Hopper) -------------------------------------------------------------------
+// As flash_fwd_ws.cu does for the forward: the block's first warpgroup only copies (each item's Q and dO,
+// then its K/V tiles through a STAGES-slot ring whose slots have mbarriers: K landed, V landed, both
+// consumers done), and two consumer warpgroups of 64 query rows only compute, taking turns at the tensor
+// cores through two named barriers. A turn issues dQ += dS K of the previous key tile with S = Q Kᵀ and
+// dP = dO Vᵀ of the next, so one warpgroup's softmax and dS run while the other's products do. Persistent:
+// items come from tile_counter in the order of one block per item (BlockCoords: heaviest first), and the
+// producer copies the next item's Q and dO once both consumers have issued their last S and dP.
+// Work in progress (session 12): compiled, not yet run.
+constexpr int kDqProducerRegisters = 40, kDqConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
+
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
+          bool DROPOUT>
+__global__ void __launch_bounds__(WARPS * 32 + 128, 1)
+flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                       T* __restrict__ dq, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
+                       long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long do_sb,
+                       long long do_ss, long long do_sh, long long dq_sb, long long dq_ss, long long dq_sh,
+                       int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_m_blocks,
+                       int window_left, int window_right, float softmax_scale, float softcap_mult,
+                       const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
+                       const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
+                       const DropoutArgs dropout, unsigned* __restrict__ tile_counter, int num_items) {
+#ifdef CUFLASH_HAS_WGMMA
+  static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
+  static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
+  static_assert(BN % 16 == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
+  constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  using Smem = Tiles<T, D, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(Smem::align(smem_raw));
+  T* sdO = sQ + BM * D;
+  T* sK = sdO + BM * D;          // STAGES slots of BN rows
+  T* sV = sK + STAGES * BN * D;  // likewise
+  constexpr unsigned kv_slot_bytes = BN * D * sizeof(T);
+
+  __shared__ MBarrier q_full, q_empty, k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
+  __shared__ FwdItem items[2];
+  if (threadIdx.x == 0) {
+    mbar_init(&q_full, kProducers + 1);  // every producer thread's copies of Q and dO, and the item's fields
+    mbar_init(&q_empty, WARPS);          // every consumer warp has issued its last S and dP
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&k_full[s], kProducers);
+      mbar_init(&v_full[s], kProducers);
+      mbar_init(&kv_empty[s], WARPS);  // every consumer warp is done with the slot (its dQ product read K)
+    }
+  }
+  __syncthreads();
+  auto key_tiles = [&](const FwdItem& w) {
+    const Band<BAND> band{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right};
+    return KeyTiles<BN, BAND, SPARSE>(band, lists, w.list, w.m0, BM, w.seq.seqlen_k);
+  };
+
+  if (threadIdx.x < kProducers) {  // ---- producer: per item, Q and dO, then K and V tile by tile ----
+    warpgroup_release_registers<kDqProducerRegisters>();
+    int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
+    for (int n = 0;; ++n) {
+      FwdItem& w = items[n % 2];
+      if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);  // Q, dO and item n - 2's fields are free
+      if (threadIdx.x == 0) {
+        const int item = n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u);
+        if (item >= num_items) {
+          w.n_blocks = -1;
+          __threadfence();  // this block's last take from the counter comes before its exit count
+          if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+        } else {
+          const BlockCoords<BAND, SPARSE, BM> blk(item, num_m_blocks, nheads, lists);
+          w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
+          w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+          if (SPARSE) {
+            const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
+            w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
+          }
+          if (DROPOUT) w.rng = DropoutRng::make(dropout, blk.bh);
+          w.n_blocks = w.m0 < w.seq.seqlen_q ? key_tiles(w).count : 0;
+        }
+      }
+      named_bar_sync(3, kProducers);  // every producer thread sees the item
+      if (w.n_blocks < 0) {
+        if (threadIdx.x == 0) mbar_arrive(&q_full);
+        mbar_arrive(&q_full);
+        break;
+      }
+      const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+      const int n_blocks = w.n_blocks, hk = w.h / kv_group, q_row = w.seq.q_start + w.m0;
+      const T* k_head = k + w.b * k_sb + hk * k_sh + w.seq.k_start * k_ss;
+      const T* v_head = v + w.b * v_sb + hk * v_sh + w.seq.k_start * v_ss;
+      if (n_blocks > 0) {
+        Smem::template load<BM, kProducers>(sQ, q + w.b * q_sb + w.h * q_sh + q_row * q_ss, q_ss,
+                                            w.seq.seqlen_q - w.m0, head_dim);
+        Smem::template load<BM, kProducers>(sdO, dout + w.b * do_sb + w.h * do_sh + q_row * do_ss, do_ss,
+                                            w.seq.seqlen_q - w.m0, head_dim);
+      }
+      cp_async_mbar_arrive(&q_full);
+      if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
+      for (int it = 0; it < n_blocks; ++it, ++ring) {
+        const int slot = ring % STAGES;
+        if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+        const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
+        Smem::template load<BN, kProducers>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
+        cp_async_mbar_arrive(&k_full[slot]);
+        Smem::template load<BN, kProducers>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
+        cp_async_mbar_arrive(&v_full[slot]);
+      }
+    }
+    cp_async_wait_all();
+    return;
+  }
+
+  // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each item ----
+  warpgroup_claim_registers<kDqConsumerRegisters>();
+  const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
+  const int warp_row = (tid / 32) * 16;  // first row of this warp inside the item
+  const float scale_u = exp_units<false>(softmax_scale);
+  int ring = 0;  // as the producer's
+  for (int n = 0;; ++n) {
+    mbar_wait(&q_full, n & 1);
+    const FwdItem& w = items[n % 2];
+    const int n_blocks = w.n_blocks;
+    if (n_blocks < 0) break;
+    const int m0 = w.m0, seqlen_q = w.seq.seqlen_q, seqlen_k = w.seq.seqlen_k, diag = seqlen_k - seqlen_q;
+    const Band<BAND> band{diag, window_left, window_right};
+    const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+    const float alibi_slope = ALIBI ? alibi_slopes[w.b * alibi_sb + w.h] / softmax_scale : 0.f;
+    float row_lse[2], row_delta[2];  // this thread's two rows: lse in the exponent's units
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = m0 + warp_row + lane / 4 + half * 8;
+      const long long at = w.b * lse_sb + w.h * lse_sh + w.seq.q_start + i;
+      row_lse[half] = i < seqlen_q ? exp_units<false>(lse[at]) : kNegInf;
+      row_delta[half] = i < seqlen_q ? delta[at] : 0.f;
+    }
+    float acc_dq[1][D / 8][4];
+    zero(acc_dq);
+    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
+    auto end_turn = [&](bool last) {
+      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
+    };
+    if (n_blocks > 0) {
+      if (wg == 1) named_bar_arrive(1, kConsumers);
+      float acc_s[1][BN / 8][4], acc_dp[1][BN / 8][4];
+      unsigned ds[BN / 16][4];  // dS of the previous key tile, as the A operand of dQ += dS K
+      SparseTile at = tiles.at(lists, w.list, 0);
+      // Turn `it` issues dQ += dS K of key tile it - 1 (DQ), and S, dP of tile it (SDP); the first turn has
+      // no dQ product, the last no S and dP. The kinds are separate instances, so that no product is
+      // issued on a branch (ptxas serialises every product of a kernel that does).
+      auto turn = [&](int it, bool DQ, bool SDP) {
+        const int g = ring + it, slot = g % STAGES, prev = (g + STAGES - 1) % STAGES;
+        const SparseTile at_next = tiles.at(lists, w.list, it + 1 < n_blocks ? it + 1 : 0);
+        PartialBits<1, BN / 8> bits;
+        if constexpr (SPARSE)
+          if (SDP && at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
+        if (SDP) {
+          mbar_wait(&k_full[slot], (g / STAGES) & 1);
+          mbar_wait(&v_full[slot], (g / STAGES) & 1);
+        }
+        fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
+        begin_turn();
+        if (DQ) wg_mma_frag_b_async<T, BN, D, D>(acc_dq, ds, smem_addr(sK) + prev * kv_slot_bytes);
+        if (SDP) {
+          Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
+                                                 lane);
+          Smem::template mma_abt<1, BN, D, true>(acc_dp, smem_addr(sdO), warp_row,
+                                                 smem_addr(sV) + slot * kv_slot_bytes, lane);
+        }
+        end_turn(!SDP);
+        if (DQ) {  // dQ's product is done: tile it - 1's slot is free once both warpgroups say so
+          if (SDP)
+            wg_wait<2>(acc_dq);
+          else
+            wg_wait<0>(acc_dq);
+          if (lane == 0) mbar_arrive(&kv_empty[prev]);
+        }
+        if (SDP) {
+          wg_wait<1>(acc_s);
+          const int n0 = tiles.first_key(lists, it, at);
+          float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BN / 8 : 1][4];
+          if constexpr (SOFTCAP) apply_softcap<false>(acc_s, softcap_mult, dtanh);
+          if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
+          if constexpr (SPARSE)
+            if (at.slot >= 0) bits.apply(acc_s, at.offset, seqlen_k - n0, lane);
+          const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
+#pragma unroll
+          for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int i = m0 + warp_row + lane / 4 + (c / 2) * 8;
+              const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
+              const bool visible = !needs_mask || (j < seqlen_k && (!BAND || band.visible(i, j)));
+              acc_s[0][nt][c] = recompute_p_units<false>(acc_s[0][nt][c], scale_u, row_lse[c / 2], visible);
+            }
+          if constexpr (DROPOUT) w.rng.drop_rows_queries<true>(acc_s, m0 + warp_row, n0, lane);
+          wg_wait<0>(acc_dp);
+          if (it == n_blocks - 1 && lane == 0) mbar_arrive(&q_empty);  // the producer may load the next Q, dO
+#pragma unroll
+          for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              float x = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], row_delta[c / 2], dropout.keep_scale)
+                                : acc_s[0][nt][c] * (acc_dp[0][nt][c] - row_delta[c / 2]);
+              if constexpr (SOFTCAP) x *= dtanh[0][nt][c];
+              acc_dp[0][nt][c] = x;
+            }
+          wg_a_fragments<T, BN>(ds, acc_dp);
+        }
+        at = at_next;
+      };
+      turn(0, false, true);
+      for (int it = 1; it < n_blocks; ++it) turn(it, true, true);
+      turn(n_blocks, true, false);
+      ring += n_blocks;
+    } else if (lane == 0) {
+      mbar_arrive(&q_empty);  // no product reads Q or dO
+    }
+    // dQ straight from registers: sQ may already hold the next item's Q. An item with no key tile writes
+    // zeros; rows past the sequence's end nothing.
+    T* dq_rows = dq + w.b * dq_sb + w.h * dq_sh + (w.seq.q_start + m0 + warp_row) * dq_ss;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = lane / 4 + half * 8;
+      if (m0 + warp_row + r >= seqlen_q) continue;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const int c = nt * 8 + (lane % 4) * 2;  // head_dim is a multiple of 8, so c < head_dim covers c + 1
+        if (c < head_dim)
+          store2(dq_rows + r * dq_ss + c, acc_dq[0][nt][2 * half] * softmax_scale,
+                 acc_dq[0][nt][2 * half + 1] * softmax_scale);
+      }
+    }
+  }
+#else
+  __trap();  // compiled for sm_90a only
+#endif
 }
 
 }  // namespace cuflash

@@ -14,16 +14,6 @@ namespace cuflash {
 
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
 
-// One work item (a query tile of one batch element and head) as the producer hands it to the
-// consumers through shared memory: two of them, so that the producer fills item n + 1's while the
-// consumers still read item n's.
-struct FwdItem {
-  int m0, b, h, n_blocks;  // n_blocks < 0: no item left
-  SeqRange seq;
-  ListRow list;
-  DropoutRng rng;
-};
-
 // Thread blocks stay resident (one per SM) and take query tiles one after another from tile_counter
 // (next, exited), in the order the launch order of one block per tile would run them: query tiles of a
 // head are neighbours, the heaviest first (BlockCoords). The last block to exit resets the counter for

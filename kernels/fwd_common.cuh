@@ -54,6 +54,16 @@ struct BlockCoords {
   }
 };
 
+// One work item of a warp-specialised kernel (a query tile of one batch element and head: the forward's,
+// flash_fwd_ws.cu, and the backward's dQ, flash_bwd.cu) as the producer hands it to the consumers through
+// shared memory: two of them, so that the producer fills item n + 1's while the consumers still read item n's.
+struct FwdItem {
+  int m0, b, h, n_blocks;  // n_blocks < 0: no item left
+  SeqRange seq;
+  ListRow list;
+  DropoutRng rng;
+};
+
 // The key tiles (BN keys each) that the query tile of rows [m0, m0 + BM) visits, in visiting order.
 // SPARSE: the tiles of the blocks a block mask lists for it (block_sparse.cuh); otherwise every key
 // tile inside the band (BAND: kNoBand, kCausal or kWindow, band.cuh), from the last to the first.

@@ -392,6 +392,7 @@ BWD_DKDV_PARAM_FORMAT = ("Q" * 8 + "q" * 18 + "i" * 8 + "ff" + ALIBI_FORMAT + SE
                          + DROPOUT_FORMAT + "Qi")  # persistent: its tile counter and the number of items
 BWD_DQ_PARAM_FORMAT = ("Q" * 7 + "q" * 15 + "i" * 8 + "ff" + ALIBI_FORMAT + SEQ_FORMAT + BLOCK_LISTS_FORMAT
                        + DROPOUT_FORMAT)
+BWD_DQ_WS_PARAM_FORMAT = BWD_DQ_PARAM_FORMAT + "Qi"  # persistent: its tile counter and the number of items
 
 
 @dataclass(frozen=True)
@@ -457,22 +458,28 @@ class BwdDqVariant:
     wgmma: bool = False  # Hopper warpgroup products (kernels/tile_mma.cuh)
     source: str = "flash_bwd.cu"
     split: bool = False  # fp32: K and V split into TF32 parts once per tile, in a second set of slots
+    warp_specialised: bool = False  # flash_bwd_dq_ws_kernel: a producer warpgroup, persistent (wgmma only)
+    stages: int = 2  # K/V ring slots
 
     @functools.cached_property
     def name(self) -> str:
+        flags = _flags(self.sparse, self.alibi, self.softcap, self.dropout)
+        if self.warp_specialised:
+            return (f"cuflash::flash_bwd_dq_ws_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
+                    f"{self.block_n}, {self.warps}, {self.stages}, {self.band}, {flags}>")
         return (f"cuflash::flash_bwd_dq_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_m}, "
                 f"{self.block_n}, {self.warps}, "
-                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}"
+                f"{self.band}, {flags}, {_flags(self.wgmma)}"
                 f"{', true' if self.split else ''}>")
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps
+        return 32 * self.warps + (128 if self.warp_specialised else 0)
 
     @property
-    def smem_bytes(self) -> int:  # Q, dO tiles and two slots each of K and V
-        return tiles_smem(2 * self.block_m + 4 * self.block_n * (2 if self.split else 1), self.dtype, self.head_dim,
-                          self.wgmma)
+    def smem_bytes(self) -> int:  # Q, dO tiles and `stages` slots each of K and V
+        kv_rows = 2 * self.stages * self.block_n * (2 if self.split else 1)
+        return tiles_smem(2 * self.block_m + kv_rows, self.dtype, self.head_dim, self.wgmma)
 
 
 def bwd_stages(variant: BwdDkdvVariant) -> BwdDkdvVariant:
@@ -527,11 +534,27 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
     mask_m, mask_n = mask_blocks
     block_n = _divides(block_n, mask_n)
     dq_m = _divides(dq_m, mask_m)
+    dq = BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), NO_BAND, True, *mods,
+                      wgmma, split=split)
     return (BwdPreprocessVariant(dtype),
             bwd_stages(BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16),
                                       splits, NO_BAND, True, *mods, wgmma, split=split)),
-            BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), NO_BAND, True, *mods,
-                         wgmma, split=split))
+            ws_dq(dq))
+
+
+# Work in progress (session 12, not yet run on a GPU): the warp-specialised dQ kernel, taken with CUFLASH_DQ_WS=1
+# for block masks whose query blocks its 128-row tiles divide.
+WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)} if os.environ.get("CUFLASH_DQ_WS") == "1" else {}
+
+
+def ws_dq(variant: BwdDqVariant) -> BwdDqVariant:
+    """The warp-specialised dQ variant (WS_DQ_TILES) where it applies, else `variant`."""
+    tile = WS_DQ_TILES.get(variant.head_dim)
+    if not (variant.wgmma and variant.sparse and tile and variant.block_m == tile[0]):
+        return variant
+    m, n, warps, stages = tile
+    return dataclasses.replace(variant, block_m=m, block_n=min(n, variant.block_n), warps=warps, stages=stages,
+                               warp_specialised=True)
 
 
 def all_bwd_variants(arch: str = "sm_80") -> list:
@@ -559,7 +582,8 @@ def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
 
 def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
-                 dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1)):
+                 dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1),
+                 persistent_dq: tuple[int, int] = (0, 1)):
     """[(variant, blocks, threads, args)] for the three backward kernels, in launch order.
 
     Arrays are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim); lse and
@@ -591,12 +615,14 @@ def bwd_launches(variants, p: FwdProblem, q, k, v, dout, out, lse_ptr: int, delt
     num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     blocks = num_m_blocks * p.batch * p.nheads
     if blocks:
-        launches.append((dqv, blocks, dqv.threads,
+        ws = (persistent_dq[0], blocks) if dqv.warp_specialised else ()  # persistent: counter, items
+        launches.append((dqv, min(blocks, persistent_dq[1]) if ws else blocks, dqv.threads,
                          (q[0], k[0], v[0], dout[0], lse_ptr, delta_ptr, dq[0],
                           *q[1][:3], *k[1][:3], *v[1][:3], *dout[1][:3], *dq[1][:3],
-                          *common, num_m_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen), *query_lists, *dropout)))
+                          *common, num_m_blocks, *p.band_args(), *p.kernel_scales(), *alibi, *seq_args(p, varlen),
+                          *query_lists, *dropout, *ws)))
     for variant, n, _, args in launches:
-        n = args[-1] if variant is dkdv else n  # the persistent kernel's items: one block each without it
+        n = args[-1] if variant is dkdv or getattr(variant, "warp_specialised", False) else n  # persistent: items
         if n >= 2**31:
             raise ValueError(f"problem too large: {n} thread blocks exceed the grid limit 2^31 - 1")
     return launches
@@ -608,4 +634,6 @@ PARAM_FORMATS = {BwdPreprocessVariant: BWD_PREPROCESS_PARAM_FORMAT, BwdDkdvVaria
 
 def param_format(variant) -> str:
     """The kernel parameters of a variant, as struct codes (_launch.Launcher)."""
-    return FWD_WS_PARAM_FORMAT if getattr(variant, "warp_specialised", False) else PARAM_FORMATS[type(variant)]
+    if getattr(variant, "warp_specialised", False):
+        return FWD_WS_PARAM_FORMAT if isinstance(variant, FwdVariant) else BWD_DQ_WS_PARAM_FORMAT
+    return PARAM_FORMATS[type(variant)]

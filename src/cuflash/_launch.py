@@ -135,10 +135,13 @@ class TileCounters:
                 counters = cls._devices.get(device) or cls._devices.setdefault(device, cls(device))
         return counters
 
-    def for_stream(self, stream_ptr: int) -> int:
-        """The device address of `stream_ptr`'s counter pair."""
-        slot = self._slots.get(stream_ptr)
+    def for_stream(self, stream_ptr: int, kernel: str = "") -> int:
+        """The device address of `stream_ptr`'s counter pair for `kernel` (a kernel launched from this
+        stream onto another, the backward's dQ kernel, takes its own pair: keyed by the caller's stream, as
+        a CUDA graph captured there keeps it)."""
+        key = (stream_ptr, kernel)
+        slot = self._slots.get(key)
         if slot is None:
             with self._lock:
-                slot = self._slots.setdefault(stream_ptr, len(self._slots) % self.SLOTS)
+                slot = self._slots.setdefault(key, len(self._slots) % self.SLOTS)
         return self._memory.ptr + 8 * slot

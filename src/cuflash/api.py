@@ -264,14 +264,15 @@ def _launcher(variant, device: int) -> Launcher:
     return launcher
 
 
-def _persistent(variant, device: int, stream_ptr: int) -> tuple[int, int]:
-    """(tile counter, blocks the GPU holds at once) for a persistent kernel launched on stream_ptr.
-    CUFLASH_PERSISTENT=0 launches one block per tile instead, as a plain grid would (for A/B timing)."""
+def _persistent(variant, device: int, stream_ptr: int, kernel: str = "") -> tuple[int, int]:
+    """(tile counter, blocks the GPU holds at once) for a persistent kernel launched from stream_ptr
+    (TileCounters.for_stream). CUFLASH_PERSISTENT=0 launches one block per tile instead, as a plain grid
+    would (for A/B timing)."""
     counters = TileCounters.of_device(device)
     if os.environ.get("CUFLASH_PERSISTENT") == "0":
-        return counters.for_stream(stream_ptr), 2**31 - 1
+        return counters.for_stream(stream_ptr, kernel), 2**31 - 1
     per_sm = _launcher(variant, device).blocks_per_sm(variant.threads, variant.smem_bytes, device)
-    return counters.for_stream(stream_ptr), counters.sms * per_sm
+    return counters.for_stream(stream_ptr, kernel), counters.sms * per_sm
 
 
 def _launch_on(device: int, launches, stream_ptr: int, beside=()) -> None:
@@ -397,7 +398,7 @@ def run_bwd(p, q, k, v, dout, out, lse, delta, dq, dk, dv, stream_ptr: int, list
     launches = _dispatch.bwd_launches(
         variants, p, *((a.ptr, a.strides) for a in (q, k, v, dout, out)), lse.ptr, delta.ptr,
         *((a.ptr, a.strides) for a in (dq, dk, dv)), *sparse_args, alibi or _dispatch.NO_ALIBI, varlen, dropout,
-        _persistent(variants[1], q.device, stream_ptr),
+        _persistent(variants[1], q.device, stream_ptr), _persistent(variants[2], q.device, stream_ptr, "dq"),
     )
     # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream
     # (CUFLASH_BWD_STREAMS=1 queues all three kernels on the caller's stream).
