@@ -546,8 +546,10 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // dP = dO Vᵀ of the next, so one warpgroup's softmax and dS run while the other's products do. Persistent:
 // items come from tile_counter in the order of one block per item (BlockCoords: heaviest first), and the
 // producer copies the next item's Q and dO once both consumers have issued their last S and dP.
-// Work in progress (session 12): compiled, not yet run.
-constexpr int kDqProducerRegisters = 40, kDqConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
+// Work in progress (session 12): 46 block-sparse GPU tests passed with it on the H100, the dQ kernel 13-14%
+// faster on window and butterfly masks (benchmarks/results/ws-dq-s12.txt); the full suite has not run with it.
+constexpr int kDqProducerRegisters = 56, kDqConsumerRegisters = 224;  // 128 * 56 + 256 * 224 <= 65536: the
+// producer copies Q, dO, K and V (at 40 registers it spilled 32 bytes of addresses)
 
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT>

@@ -542,7 +542,7 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
             ws_dq(dq))
 
 
-# Work in progress (session 12, not yet run on a GPU): the warp-specialised dQ kernel, taken with CUFLASH_DQ_WS=1
+# Work in progress (session 12; benchmarks/results/ws-dq-s12.txt): the warp-specialised dQ kernel, taken with CUFLASH_DQ_WS=1
 # for block masks whose query blocks its 128-row tiles divide.
 WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)} if os.environ.get("CUFLASH_DQ_WS") == "1" else {}
 
