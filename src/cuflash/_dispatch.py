@@ -544,13 +544,16 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
 
 # Work in progress (session 12; benchmarks/results/ws-dq-s12.txt): the warp-specialised dQ kernel, taken with CUFLASH_DQ_WS=1
 # for block masks whose query blocks its 128-row tiles divide.
-WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)} if os.environ.get("CUFLASH_DQ_WS") == "1" else {}
+WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
+WS_DQ = os.environ.get("CUFLASH_DQ_WS") == "1"
 
 
-def ws_dq(variant: BwdDqVariant) -> BwdDqVariant:
-    """The warp-specialised dQ variant (WS_DQ_TILES) where it applies, else `variant`."""
+def ws_dq(variant: BwdDqVariant, enabled: bool | None = None) -> BwdDqVariant:
+    """The warp-specialised dQ variant (WS_DQ_TILES) where it applies and is enabled (default: WS_DQ), else
+    `variant`."""
     tile = WS_DQ_TILES.get(variant.head_dim)
-    if not (variant.wgmma and variant.sparse and tile and variant.block_m == tile[0]):
+    if not ((WS_DQ if enabled is None else enabled) and variant.wgmma and variant.sparse and tile
+            and variant.block_m == tile[0]):
         return variant
     m, n, warps, stages = tile
     return dataclasses.replace(variant, block_m=m, block_n=min(n, variant.block_n), warps=warps, stages=stages,
@@ -565,8 +568,9 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
                 for band in BANDS:
                     out += [v for v in choose_bwd(dt, d, band, None, alibi, softcap, dropout, arch) if v not in out]
                 for blocks in MASK_BLOCKS:
-                    out += [v for v in choose_bwd(dt, d, NO_BAND, blocks, alibi, softcap, dropout, arch)
-                            if v not in out]
+                    chosen = choose_bwd(dt, d, NO_BAND, blocks, alibi, softcap, dropout, arch)
+                    chosen += (ws_dq(chosen[2], enabled=True),)  # built whether CUFLASH_DQ_WS is set or not
+                    out += [v for v in chosen if v not in out]
     return out
 
 
