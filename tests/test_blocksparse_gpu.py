@@ -208,20 +208,22 @@ def test_window_with_block_mask_and_head_dim_128():
 @pytest.mark.parametrize("case", [c for c in CASES if c[8] == 128 and c[7] in (64, 128)],
                          ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("causal", [False, True])
-def test_warp_specialised_dq(monkeypatch, causal, case):
-    """The warp-specialised dQ kernel (kernels/flash_bwd.cu flash_bwd_dq_ws_kernel), which CUFLASH_DQ_WS=1 turns
-    on for block masks of 128-row query blocks at head dims 64 and 128 on Hopper."""
+@pytest.mark.parametrize("warp_specialised", [True, False], ids=["ws", "plain"])
+def test_dq_kernel_both_ways(monkeypatch, warp_specialised, causal, case):
+    """Block masks of 128-row query blocks at head dims 64 and 128 take the warp-specialised dQ kernel on Hopper
+    (kernels/flash_bwd.cu flash_bwd_dq_ws_kernel); CUFLASH_DQ_WS=0 takes the plain one. Both must be right."""
     import torch
 
     from cuflash import _compile, _dispatch
 
     if _compile.device_arch() != "sm_90a":
         pytest.skip("the warp-specialised dQ kernel needs an sm_90 GPU")
-    monkeypatch.setattr(_dispatch, "WS_DQ", True)
+    monkeypatch.setattr(_dispatch, "WS_DQ", warp_specialised)
     _dispatch.choose_bwd.cache_clear()
     try:
         b, h, hk, mb, mh, sq, sk, d, bm, bn = case
-        assert _dispatch.choose_bwd("bfloat16", d, _dispatch.NO_BAND, (bm, bn), arch="sm_90a")[2].warp_specialised
+        chosen = _dispatch.choose_bwd("bfloat16", d, _dispatch.NO_BAND, (bm, bn), arch="sm_90a")[2]
+        assert chosen.warp_specialised == warp_specialised
         mask, elements = random_mask(mb, mh, sq, sk, bm, bn, seed=sum(case) + causal + 7)
         q = randn((b, sq, h, d), torch.bfloat16, 1)
         k, v = randn((b, sk, hk, d), torch.bfloat16, 2), randn((b, sk, hk, d), torch.bfloat16, 3)

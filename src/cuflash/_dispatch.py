@@ -542,10 +542,11 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
             ws_dq(dq))
 
 
-# Work in progress (session 12; benchmarks/results/ws-dq-s12.txt): the warp-specialised dQ kernel, taken with CUFLASH_DQ_WS=1
-# for block masks whose query blocks its 128-row tiles divide.
+# The warp-specialised dQ kernel (benchmarks/results/ws-dq-s12.txt: 13-14% faster than the plain one on window
+# and butterfly masks), taken for block masks whose query blocks its 128-row tiles divide; CUFLASH_DQ_WS=0 turns
+# it off (for A/B timing). (block_m, block_n, warps, K/V slots) by head dim.
 WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
-WS_DQ = os.environ.get("CUFLASH_DQ_WS") == "1"
+WS_DQ = os.environ.get("CUFLASH_DQ_WS", "1") != "0"
 
 
 def ws_dq(variant: BwdDqVariant, enabled: bool | None = None) -> BwdDqVariant:
