@@ -77,6 +77,91 @@ __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bo
   return recompute_p_units<PRECISE>(s, exp_units<PRECISE>(scale), exp_units<PRECISE>(lse), visible);
 }
 
+// ---- dK, dV work items ------------------------------------------------------------------------------
+// The dK/dV kernels (flash_bwd_dkdv_kernel; flash_bwd_dkdv_ws_kernel on Hopper) are persistent: blocks
+// stay resident and take work items (BN keys of one batch element and K/V head, output columns from c0)
+// from tile_counter (next, exited), in the order one block per item would run them (a causal mask's
+// heaviest key blocks first); the last block to exit resets the counter for the next launch on its
+// stream. One thread fills an item's fields in shared memory, the next item's while the block finishes
+// this one, so that its K, V and first query tile can be copied ahead.
+struct DkdvItem {
+  int b, hk, c0, n0, n_iters;  // n_iters < 0: no item left
+  int m_first, tiles_per_head;  // the query tiles of each head that can see these keys (BAND: the band's)
+  long long q_off, do_off, lse_off;  // where query head 0 of the group starts in q, dout and lse (delta)
+  SeqRange seq;                 // this batch element's sequences (varlen.cuh)
+  ListRow list;                 // SPARSE: the key block's list
+  DropoutRng rng;               // for query head 0 of batch b; bh is moved to each tile's head
+};
+
+// An item's query tiles, walked by a cursor with no division: tile `sub` of listed entry `e` (SPARSE),
+// or of group member `e` (tiles m_first + sub of query head e).
+struct QueryTile {
+  int m0, g, slot, offset;  // first query, group member; SPARSE: bit slot (-1: full), offset in the block
+  TileCursor next;          // where the tile after this one is
+};
+
+// The kernel parameters that place work items and their query tiles.
+template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPOUT>
+struct DkdvWork {
+  long long q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh;
+  const int *cu_seqlens_q, *cu_seqlens_k;
+  int max_seqlen_q, max_seqlen_k, nheads, kv_group, nheads_k, num_n_blocks, window_left, window_right, num_items;
+  unsigned* tile_counter;
+  const BlockLists& lists;
+  const DropoutArgs& dropout;
+
+  // Item `index` into w; past the last item, w.n_iters = -1 and this block's exit is counted. One thread.
+  __device__ __forceinline__ void fill(unsigned index, DkdvItem& w) const {
+    if (index >= static_cast<unsigned>(num_items)) {
+      w.n_iters = -1;
+      __threadfence();  // this block's last take from the counter comes before its exit count
+      if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+      return;
+    }
+    const int n_block = index % num_n_blocks;
+    index /= num_n_blocks;
+    w.c0 = (index % SPLITS) * DV;
+    index /= SPLITS;
+    w.b = index / nheads_k, w.hk = index % nheads_k;
+    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, w.b, max_seqlen_q, max_seqlen_k);
+    if (DROPOUT) w.rng = DropoutRng::make(dropout, w.b * nheads);
+    const int h0 = w.hk * kv_group;
+    w.q_off = w.b * q_sb + h0 * q_sh + w.seq.q_start * q_ss;
+    w.do_off = w.b * do_sb + h0 * do_sh + w.seq.q_start * do_ss;
+    w.lse_off = w.b * lse_sb + h0 * lse_sh + w.seq.q_start;
+    w.n0 = n_block * BN;
+    // Query tiles that can see these keys: for each query head g of the group, all of them or those
+    // inside the band (BAND, band.cuh); or (SPARSE) the tiles of the listed (g, query block) pairs.
+    int m_first = 0, tiles_per_head = (w.seq.seqlen_q + BMQ - 1) / BMQ;
+    if (BAND)
+      Band<BAND>{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right}.query_tiles(
+          w.n0, w.n0 + BN - 1, w.seq.seqlen_q, BMQ, m_first, tiles_per_head);
+    w.m_first = m_first, w.tiles_per_head = tiles_per_head;
+    int n_iters = tiles_per_head * kv_group;
+    if (SPARSE) {
+      const long long row = lists.row(w.b, w.hk, w.n0 / lists.row_block);
+      w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
+      n_iters = w.list.count * (lists.col_block / BMQ);
+    }
+    w.n_iters = w.n0 < w.seq.seqlen_k ? n_iters : 0;  // a packed sequence shorter than the longest: no keys
+  }
+
+  // The query tile of item w at cursor `at`.
+  __device__ __forceinline__ QueryTile tile(const DkdvItem& w, TileCursor at) const {
+    QueryTile t;
+    if constexpr (SPARSE) {
+      const SparseTile e = at.in(lists, w.list.entries, BMQ);
+      t = {(e.block & ((1 << lists.group_shift) - 1)) * lists.col_block + e.offset, e.block >> lists.group_shift,
+           e.slot, e.offset, at};
+      t.next.advance(lists.col_block / BMQ);
+    } else {
+      t = {(w.m_first + at.sub) * BMQ, at.e, -1, 0, at};
+      t.next.advance(w.tiles_per_head);
+    }
+    return t;
+  }
+};
+
 // ---- dK, dV ------------------------------------------------------------------------------------
 // Work item: BN = 16 * MT * WARPS keys of one (batch, K/V head), output columns [c0, c0 + DV) (DV = D, or
 // D / 2 for large heads so that the dK and dV accumulators fit in registers). Query tiles of BMQ rows
@@ -119,78 +204,21 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
-  const int nheads_k = nheads / kv_group;
 
-  // Blocks stay resident and take work items (BN keys of one batch element and K/V head, output columns
-  // from c0) from tile_counter (next, exited), in the order one block per item would run them (a causal
-  // mask's heaviest key blocks first); the last block to exit resets the counter for the next launch
-  // on its stream. Thread 0 fills an item's fields in shared memory: the next item's while the block
-  // finishes this one, so that its K, V and first query tile can be copied ahead.
-  struct Item {
-    int b, hk, c0, n0, n_iters;  // n_iters < 0: no item left
-    int m_first, tiles_per_head;  // the query tiles of each head that can see these keys (BAND: the band's)
-    long long q_off, do_off, lse_off;  // where query head 0 of the group starts in q, dout and lse (delta)
-    SeqRange seq;                 // this batch element's sequences (varlen.cuh)
-    ListRow list;                 // SPARSE: the key block's list
-    DropoutRng rng;               // for query head 0 of batch b; bh is moved to each tile's head
-  };
+  const DkdvWork<BN, BMQ, DV, SPLITS, BAND, SPARSE, DROPOUT> work{
+      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
+      tile_counter, lists, dropout};
+  using Item = DkdvItem;
   __shared__ Item items[2];
-  auto fill_item = [&](unsigned index, Item& w) {  // thread 0
-    if (index >= static_cast<unsigned>(num_items)) {
-      w.n_iters = -1;
-      __threadfence();  // this block's last take from the counter comes before its exit count
-      if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
-      return;
-    }
-    const int n_block = index % num_n_blocks;
-    index /= num_n_blocks;
-    w.c0 = (index % SPLITS) * DV;
-    index /= SPLITS;
-    w.b = index / nheads_k, w.hk = index % nheads_k;
-    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, w.b, max_seqlen_q, max_seqlen_k);
-    if (DROPOUT) w.rng = DropoutRng::make(dropout, w.b * nheads);
-    const int h0 = w.hk * kv_group;
-    w.q_off = w.b * q_sb + h0 * q_sh + w.seq.q_start * q_ss;
-    w.do_off = w.b * do_sb + h0 * do_sh + w.seq.q_start * do_ss;
-    w.lse_off = w.b * lse_sb + h0 * lse_sh + w.seq.q_start;
-    w.n0 = n_block * BN;
-    // Query tiles that can see these keys: for each query head g of the group, all of them or those
-    // inside the band (BAND, band.cuh); or (SPARSE) the tiles of the listed (g, query block) pairs.
-    int m_first = 0, tiles_per_head = (w.seq.seqlen_q + BMQ - 1) / BMQ;
-    if (BAND)
-      Band<BAND>{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right}.query_tiles(
-          w.n0, w.n0 + BN - 1, w.seq.seqlen_q, BMQ, m_first, tiles_per_head);
-    w.m_first = m_first, w.tiles_per_head = tiles_per_head;
-    int n_iters = tiles_per_head * kv_group;
-    if (SPARSE) {
-      const long long row = lists.row(w.b, w.hk, w.n0 / lists.row_block);
-      w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
-      n_iters = w.list.count * (lists.col_block / BMQ);
-    }
-    w.n_iters = w.n0 < w.seq.seqlen_k ? n_iters : 0;  // a packed sequence shorter than the longest: no keys
-  };
 
-  // An item's query tiles, walked by a cursor with no division: tile `sub` of listed entry `e` (SPARSE),
-  // or of group member `e` (tiles m_first + sub of query head e). A tile's place, and the cursor of the
-  // next, go through shared memory (thread 0 writes them with the tile's copy; read after the barrier).
-  struct QueryTile {
-    int m0, g, slot, offset;  // first query, group member; SPARSE: bit slot (-1: full), offset in the block
-    TileCursor next;          // where the tile after this one is
-  };
+  // A tile's place, and the cursor of the next, go through shared memory (thread 0 writes them with the
+  // tile's copy; read after the barrier).
   __shared__ QueryTile tile_at[2];
   // Copy the query tile of item w at cursor `at`, the block's g-th, into ring slot g % STAGES; its rows'
   // lse and delta, one per thread.
   auto load_q_tile = [&](const Item& w, int g, TileCursor at, float& l, float& d) {
-    QueryTile t;
-    if constexpr (SPARSE) {
-      const SparseTile e = at.in(lists, w.list.entries, BMQ);
-      t = {(e.block & ((1 << lists.group_shift) - 1)) * lists.col_block + e.offset, e.block >> lists.group_shift,
-           e.slot, e.offset, at};
-      t.next.advance(lists.col_block / BMQ);
-    } else {
-      t = {(w.m_first + at.sub) * BMQ, at.e, -1, 0, at};
-      t.next.advance(w.tiles_per_head);
-    }
+    const QueryTile t = work.tile(w, at);
     if (threadIdx.x == 0) tile_at[g % 2] = t;
     const int slot = g % STAGES, seqlen_q = w.seq.seqlen_q;
     Tile::template load<BMQ, THREADS>(sQ + slot * BMQ * PITCH, q + w.q_off + t.g * q_sh + t.m0 * q_ss, q_ss,
@@ -224,7 +252,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     cp_async_commit();
   };
 
-  if (threadIdx.x == 0) fill_item(blockIdx.x, items[0]);
+  if (threadIdx.x == 0) work.fill(blockIdx.x, items[0]);
   __syncthreads();
   start_item(items[0], 0, 0);
   int g = 0;  // query tiles so far, over every item: ring slot g % STAGES, pair g % 2
@@ -236,7 +264,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     // The next item is taken one query tile before this one's last (whose barrier publishes it), not
     // earlier: a block that took it while far from done would hold it back from a block that is free.
     auto take_next = [&] {
-      if (threadIdx.x == 0) fill_item(gridDim.x + atomicAdd(tile_counter, 1u), items[(n + 1) % 2]);
+      if (threadIdx.x == 0) work.fill(gridDim.x + atomicAdd(tile_counter, 1u), items[(n + 1) % 2]);
     };
     if (n_iters < 2) take_next();
     const T* sK = sKV + buf * 2 * BN * PITCH;
@@ -361,6 +389,220 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     __syncthreads();  // the staging rows are read and this item's fields used: both may be refilled
     if (!(kPrefetchKV && n_iters > 0)) start_item(next, kPrefetchKV ? buf ^ 1 : 0, g);
   }
+}
+
+// ---- dK, dV, warp-specialised (Hopper) -------------------------------------------------------------
+// As flash_bwd_dq_ws_kernel does for dQ: the block's first warpgroup only copies (each item's K and V, then
+// its query tiles -- Q, dO and the rows' lse and delta -- through a STAGES-slot ring whose slots have
+// mbarriers: landed, and both consumers done), and two consumer warpgroups of 64 keys only compute,
+// taking turns at the tensor cores through two named barriers. A turn issues dK += dSᵀ Q of the previous
+// query tile with Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of this one; dV += Pᵀ dO follows once Pᵀ is known. So one
+// warpgroup's softmax and dS run while the other's products do. Persistent, with the work items of
+// flash_bwd_dkdv_kernel (DkdvWork); the producer copies the next item's K and V once both consumers'
+// last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK and dV.
+// A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32) and one of the A operands
+// Pᵀ, dSᵀ (16): every wait below is placed so that no more are live.
+constexpr int kDkdvProducerRegisters = 40, kDkdvConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
+
+template <typename T, int D, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
+          bool SOFTCAP, bool DROPOUT>
+__global__ void __launch_bounds__(WARPS * 32 + 128, 1)
+flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                         T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
+                         long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss,
+                         long long v_sh, long long do_sb, long long do_ss, long long do_sh, long long dk_sb,
+                         long long dk_ss, long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh,
+                         int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks,
+                         int window_left, int window_right, float softmax_scale, float softcap_mult,
+                         const float* __restrict__ alibi_slopes, long long alibi_sb,
+                         const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                         long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
+                         unsigned* __restrict__ tile_counter, int num_items) {
+#ifdef CUFLASH_HAS_WGMMA
+  static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
+  static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
+  static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
+  constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  static_assert(2 * BMQ <= kProducers, "a producer thread per row's lse, and one per row's delta");
+  using Smem = Tiles<T, D, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(Smem::align(smem_raw));
+  T* sV = sK + BN * D;
+  T* sQ = sV + BN * D;             // STAGES slots of BMQ rows
+  T* sdO = sQ + STAGES * BMQ * D;  // likewise
+  constexpr unsigned q_slot_bytes = BMQ * D * sizeof(T);
+  __shared__ float s_lse[STAGES][BMQ], s_delta[STAGES][BMQ];  // a slot's rows
+  __shared__ QueryTile tile_at[STAGES];                        // a slot's tile
+  __shared__ DkdvItem items[2];
+  __shared__ MBarrier kv_full, kv_empty, q_full[STAGES], q_empty[STAGES];
+  if (threadIdx.x == 0) {
+    mbar_init(&kv_full, kProducers + 1);  // every producer thread's copies of K and V, and the item's fields
+    mbar_init(&kv_empty, WARPS);          // every consumer warp's last Sᵀ and dPᵀ of the item have completed
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&q_full[s], kProducers + 1);  // every producer thread's copies, and the tile's fields
+      mbar_init(&q_empty[s], WARPS);  // every consumer warp's dK and dV products have read the slot
+    }
+  }
+  __syncthreads();
+  const DkdvWork<BN, BMQ, D, 1, BAND, SPARSE, DROPOUT> work{
+      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
+      tile_counter, lists, dropout};
+
+  if (threadIdx.x < kProducers) {  // ---- producer: per item, K and V, then the query tiles one by one ----
+    warpgroup_release_registers<kDkdvProducerRegisters>();
+    int ring = 0;  // query tiles issued so far, over all items: the ring's slot and phase
+    for (int n = 0;; ++n) {
+      DkdvItem& w = items[n % 2];
+      if (n > 0) mbar_wait(&kv_empty, (n - 1) & 1);  // K, V and item n - 2's fields are free
+      if (threadIdx.x == 0) work.fill(n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u), w);
+      named_bar_sync(3, kProducers);  // every producer thread sees the item
+      const int n_iters = w.n_iters;
+      if (n_iters < 0) {
+        if (threadIdx.x == 0) mbar_arrive(&kv_full);
+        mbar_arrive(&kv_full);
+        break;
+      }
+      const int key_row = w.seq.k_start + w.n0, keys_left = w.seq.seqlen_k - w.n0, seqlen_q = w.seq.seqlen_q;
+#pragma unroll 1
+      for (int r = 0; r < BN; r += BMQ) {  // in tiles of BMQ rows: the copies of all BN rows at once spill
+        Smem::template load<BMQ, kProducers>(sK + r * D, k + w.b * k_sb + w.hk * k_sh + (key_row + r) * k_ss, k_ss,
+                                             keys_left - r, head_dim);
+        Smem::template load<BMQ, kProducers>(sV + r * D, v + w.b * v_sb + w.hk * v_sh + (key_row + r) * v_ss, v_ss,
+                                             keys_left - r, head_dim);
+      }
+      cp_async_mbar_arrive(&kv_full);
+      if (threadIdx.x == 0) mbar_arrive(&kv_full);  // the item's fields are written
+      TileCursor at{0, 0};
+      for (int it = 0; it < n_iters; ++it, ++ring) {
+        const int slot = ring % STAGES;
+        if (ring >= STAGES) mbar_wait(&q_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+        const QueryTile t = work.tile(w, at);
+        at = t.next;
+        Smem::template load<BMQ, kProducers>(sQ + slot * BMQ * D, q + w.q_off + t.g * q_sh + t.m0 * q_ss, q_ss,
+                                             seqlen_q - t.m0, head_dim);
+        Smem::template load<BMQ, kProducers>(sdO + slot * BMQ * D, dout + w.do_off + t.g * do_sh + t.m0 * do_ss,
+                                             do_ss, seqlen_q - t.m0, head_dim);
+        const int r = threadIdx.x % BMQ, i = t.m0 + r;  // this thread's row: its lse, or its delta (rows past
+        const float* stat = threadIdx.x < BMQ ? lse : delta;  // the end: zeros, which no visible score reads)
+        if (threadIdx.x < 2 * BMQ)
+          cp_async_4(threadIdx.x < BMQ ? &s_lse[slot][r] : &s_delta[slot][r], stat + w.lse_off + t.g * lse_sh + i,
+                     i < seqlen_q);
+        cp_async_mbar_arrive(&q_full[slot]);
+        if (threadIdx.x == 0) {
+          tile_at[slot] = t;
+          mbar_arrive(&q_full[slot]);
+        }
+      }
+    }
+    cp_async_wait_all();
+    return;
+  }
+
+  // ---- consumers: warpgroup wg owns keys [64 wg, 64 wg + 64) of each item ----
+  warpgroup_claim_registers<kDkdvConsumerRegisters>();
+  const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
+  const int warp_row = (tid / 32) * 16;  // this warp's first key inside the item
+  int ring = 0;  // as the producer's
+  for (int n = 0;; ++n) {
+    mbar_wait(&kv_full, n & 1);
+    const DkdvItem& w = items[n % 2];
+    const int n_iters = w.n_iters;
+    if (n_iters < 0) break;
+    const int n0 = w.n0, seqlen_q = w.seq.seqlen_q, seqlen_k = w.seq.seqlen_k, diag = seqlen_k - seqlen_q;
+    const Band<BAND> band{diag, window_left, window_right};
+    const int key_in_block = SPARSE ? n0 % lists.row_block : 0;  // SPARSE: this item's first key in its block
+    float acc_dk[1][D / 8][4], acc_dv[1][D / 8][4];
+    zero(acc_dk);
+    zero(acc_dv);
+    pin(acc_dk);
+    pin(acc_dv);
+    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
+    auto end_turn = [&](bool last) {
+      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
+    };
+    if (n_iters > 0) {
+      if (wg == 1) named_bar_arrive(1, kConsumers);
+      float acc_s[1][BMQ / 8][4], acc_dp[1][BMQ / 8][4];
+      // Turn `it` issues dK += dSᵀ Q of query tile it - 1 (DK), and Sᵀ, dPᵀ of tile it (SDP); the first turn
+      // has no dK product, the last no Sᵀ and dPᵀ. The kinds are separate instances, so that no product is
+      // issued on a branch (ptxas serialises every product of a kernel that does).
+      auto turn = [&](int it) {
+        const int g = ring + it, slot = g % STAGES;
+        PartialBits<1, BMQ / 8> bits;
+        mbar_wait(&q_full[slot], (g / STAGES) & 1);
+        if constexpr (SPARSE)  // rows are keys, columns queries (the key-major lists' bits)
+          if (tile_at[slot].slot >= 0)
+            bits.load(lists, tile_at[slot].slot, key_in_block + warp_row, tile_at[slot].offset, lane);
+        fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
+        if (it > 0) wg_wait<1>(acc_dv);  // tile it - 1's dV product is done: its Pᵀ operand's registers are free
+        begin_turn();
+        Smem::template mma_abt<1, BMQ, D, true>(acc_s, smem_addr(sK), warp_row, smem_addr(sQ) + slot * q_slot_bytes,
+                                                lane);
+        Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
+                                                lane);
+        end_turn(it == n_iters - 1);
+        wg_wait<1>(acc_s);  // and tile it - 1's dK product: its slot is free
+        if (it > 0 && lane == 0) mbar_arrive(&q_empty[(g + STAGES - 1) % STAGES]);
+        const QueryTile t = tile_at[slot];
+        float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
+        if constexpr (SOFTCAP) apply_softcap<false>(acc_s, softcap_mult, dtanh);
+        if constexpr (ALIBI)  // keys are rows here, hence -diag
+          add_alibi(acc_s, n0 + warp_row, t.m0, -diag,
+                    alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale, lane);
+        if constexpr (SPARSE)
+          if (t.slot >= 0) bits.apply(acc_s, t.offset, seqlen_q - t.m0, lane);
+        const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
+                                (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
+#pragma unroll
+        for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int j = n0 + warp_row + lane / 4 + (c / 2) * 8;  // key
+            const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
+            const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
+            acc_s[0][nt][c] = recompute_p<false>(acc_s[0][nt][c], softmax_scale, s_lse[slot][col], visible);
+          }
+        if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
+          DropoutRng head_rng = w.rng;
+          head_rng.bh += w.hk * kv_group + t.g;
+          head_rng.drop_rows_keys<true>(acc_s, n0 + warp_row, t.m0, lane);
+        }
+        wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
+        wg_wait<1>(acc_dp);
+        if (it == n_iters - 1 && lane == 0) mbar_arrive(&kv_empty);  // the producer may load the next K, V
+        float ds[1][BMQ / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BMQ / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float delta_i = s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2];
+            ds[0][nt][c] = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], delta_i, dropout.keep_scale)
+                                   : acc_s[0][nt][c] * (acc_dp[0][nt][c] - delta_i);
+            if constexpr (SOFTCAP) ds[0][nt][c] *= dtanh[0][nt][c];
+          }
+        wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+      };
+      for (int it = 0; it < n_iters; ++it) turn(it);
+      wg_wait<0>(acc_dk);
+      wg_wait<0>(acc_dv);
+      if (lane == 0) mbar_arrive(&q_empty[(ring + n_iters - 1) % STAGES]);
+      ring += n_iters;
+    } else if (lane == 0) {
+      mbar_arrive(&kv_empty);  // no product reads K or V
+    }
+    // dK and dV straight from registers: sK and sV may already hold the next item's. An item with no query
+    // tile writes zeros; rows past the sequence's end nothing.
+    const int rows_valid = seqlen_k - n0 - warp_row, out_row = w.seq.k_start + n0 + warp_row;
+    store_rows_direct(acc_dk, dk + w.b * dk_sb + w.hk * dk_sh + out_row * dk_ss, dk_ss, rows_valid, head_dim,
+                      softmax_scale, lane);
+    store_rows_direct(acc_dv, dv + w.b * dv_sb + w.hk * dv_sh + out_row * dv_ss, dv_ss, rows_valid, head_dim,
+                      DROPOUT ? dropout.keep_scale : 1.f, lane);
+  }
+#else
+  __trap();  // compiled for sm_90a only
+#endif
 }
 
 // ---- dQ ----------------------------------------------------------------------------------------
@@ -757,19 +999,8 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
     // dQ straight from registers: sQ may already hold the next item's Q. An item with no key tile writes
     // zeros; rows past the sequence's end nothing.
-    T* dq_rows = dq + w.b * dq_sb + w.h * dq_sh + (w.seq.q_start + m0 + warp_row) * dq_ss;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = lane / 4 + half * 8;
-      if (m0 + warp_row + r >= seqlen_q) continue;
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt) {
-        const int c = nt * 8 + (lane % 4) * 2;  // head_dim is a multiple of 8, so c < head_dim covers c + 1
-        if (c < head_dim)
-          store2(dq_rows + r * dq_ss + c, acc_dq[0][nt][2 * half] * softmax_scale,
-                 acc_dq[0][nt][2 * half + 1] * softmax_scale);
-      }
-    }
+    store_rows_direct(acc_dq, dq + w.b * dq_sb + w.h * dq_sh + (w.seq.q_start + m0 + warp_row) * dq_ss, dq_ss,
+                      seqlen_q - m0 - warp_row, head_dim, softmax_scale, lane);
   }
 #else
   __trap();  // compiled for sm_90a only

@@ -172,4 +172,23 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[MT][NT][4],
   copy_rows_out<MT * 16, NT * 8>(gmem, row_stride, stage, pitch, rows_valid, cols_valid, lane);
 }
 
+// A warp's 16 accumulator rows (times scale) straight from registers, pairs of elements per store, for a
+// kernel whose shared memory holds the next tile's operands by then: rows < rows_valid, columns <
+// cols_valid (a multiple of 8, so that a pair is inside or outside together).
+template <typename T, int NT>
+__device__ __forceinline__ void store_rows_direct(const float (&acc)[1][NT][4], T* gmem, long long row_stride,
+                                                  int rows_valid, int cols_valid, float scale, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = lane / 4 + half * 8;
+    if (r >= rows_valid) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + (lane % 4) * 2;
+      if (c < cols_valid)
+        store2(gmem + r * row_stride + c, acc[0][nt][2 * half] * scale, acc[0][nt][2 * half + 1] * scale);
+    }
+  }
+}
+
 }  // namespace cuflash

@@ -205,28 +205,46 @@ def test_window_with_block_mask_and_head_dim_128():
                 block_mask=mask)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[8] == 128 and c[7] in (64, 128)],
-                         ids=lambda c: "-".join(map(str, c)))
+WS_CASES = [  # as CASES; the warp-specialised kernels' shapes: head dims 64 and 128, 128-row query or key blocks
+    (2, 3, 3, 1, 1, 256, 256, 64, 128, 128),
+    (1, 4, 2, 1, 4, 333, 200, 128, 128, 128),   # GQA with a mask per query head
+    (2, 2, 1, 2, 1, 1023, 517, 128, 64, 128),   # MQA, 64-row query blocks (the dQ kernel's plain tiles)
+    (1, 2, 2, 1, 2, 17, 300, 128, 128, 64),     # 17 queries, 64-key blocks (the dK/dV kernel's plain tiles)
+]
+FEATURES = {"plain": {}, "alibi": {"alibi_slopes": 0.5}, "softcap": {"softcap": 5.0},
+            "dropout": {"dropout_p": 0.2, "dropout_seed": 11}}
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("warp_specialised", [True, False], ids=["ws", "plain"])
-def test_dq_kernel_both_ways(monkeypatch, warp_specialised, causal, case):
-    """Block masks of 128-row query blocks at head dims 64 and 128 take the warp-specialised dQ kernel on Hopper
-    (kernels/flash_bwd.cu flash_bwd_dq_ws_kernel); CUFLASH_DQ_WS=0 takes the plain one. Both must be right."""
+def test_warp_specialised_backward_kernels(monkeypatch, warp_specialised, feature, causal, case):
+    """On Hopper, block masks of 128-row query blocks take the warp-specialised dQ kernel and (with
+    CUFLASH_DKDV_WS=1) block masks of 128-key blocks the warp-specialised dK/dV kernel (kernels/flash_bwd.cu
+    flash_bwd_dq_ws_kernel, flash_bwd_dkdv_ws_kernel) at head dims 64 and 128; with both off, the plain ones.
+    Both ways must be right, with each score modification."""
     import torch
 
     from cuflash import _compile, _dispatch
 
     if _compile.device_arch() != "sm_90a":
-        pytest.skip("the warp-specialised dQ kernel needs an sm_90 GPU")
+        pytest.skip("the warp-specialised backward kernels need an sm_90 GPU")
     monkeypatch.setattr(_dispatch, "WS_DQ", warp_specialised)
+    monkeypatch.setattr(_dispatch, "WS_DKDV", warp_specialised)
     _dispatch.choose_bwd.cache_clear()
     try:
         b, h, hk, mb, mh, sq, sk, d, bm, bn = case
-        chosen = _dispatch.choose_bwd("bfloat16", d, _dispatch.NO_BAND, (bm, bn), arch="sm_90a")[2]
-        assert chosen.warp_specialised == warp_specialised
+        kw = dict(FEATURES[feature])
+        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", d, _dispatch.NO_BAND, (bm, bn), "alibi_slopes" in kw,
+                                           "softcap" in kw, "dropout_p" in kw, arch="sm_90a")
+        assert dq.warp_specialised == (warp_specialised and bm == 128)
+        assert dkdv.warp_specialised == (warp_specialised and bn == 128)
+        if "alibi_slopes" in kw:
+            kw["alibi_slopes"] = torch.rand(h, device="cuda") * kw["alibi_slopes"]
         mask, elements = random_mask(mb, mh, sq, sk, bm, bn, seed=sum(case) + causal + 7)
         q = randn((b, sq, h, d), torch.bfloat16, 1)
         k, v = randn((b, sk, hk, d), torch.bfloat16, 2), randn((b, sk, hk, d), torch.bfloat16, 3)
-        check_grads(q, k, v, causal, mask=elements, block_mask=mask)
+        check_grads(q, k, v, causal, mask=elements, block_mask=mask, **kw)
     finally:
         _dispatch.choose_bwd.cache_clear()

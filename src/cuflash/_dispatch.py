@@ -424,21 +424,28 @@ class BwdDkdvVariant:
     stages: int = 2  # query-tile ring slots (3: wgmma products run on across tiles; bwd_stages)
     source: str = "flash_bwd.cu"
     split: bool = False  # fp32: Q and dO split into TF32 parts once per tile, in a second set of slots
+    warp_specialised: bool = False  # flash_bwd_dkdv_ws_kernel: a producer warpgroup (wgmma only; ws_dkdv)
 
     @functools.cached_property
     def name(self) -> str:
+        flags = _flags(self.sparse, self.alibi, self.softcap, self.dropout)
+        if self.warp_specialised:
+            return (f"cuflash::flash_bwd_dkdv_ws_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, {self.block_n}, "
+                    f"{self.block_q}, {self.warps}, {self.stages}, {self.band}, {flags}>")
         return (f"cuflash::flash_bwd_dkdv_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.head_dim // self.splits}, {self.block_n}, {self.block_q}, {self.warps}, {self.stages}, "
-                f"{self.band}, {_flags(self.sparse, self.alibi, self.softcap, self.dropout, self.wgmma)}"
+                f"{self.band}, {flags}, {_flags(self.wgmma)}"
                 f"{', true' if self.split else ''}>")
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps
+        return 32 * self.warps + (128 if self.warp_specialised else 0)
 
     @property
     def smem_bytes(self) -> int:  # K, V tiles and the slots of Q and dO (the small stats are static)
-        kv_buffers = 2 if self.stages == 3 else 1  # three slots: the next item's K and V land ahead
+        # Three slots: the next item's K and V land ahead in a second buffer (the warp-specialised kernel
+        # copies them once the last query tile's products have read K and V).
+        kv_buffers = 2 if self.stages == 3 and not self.warp_specialised else 1
         q_rows = 2 * self.stages * self.block_q * (2 if self.split else 1)
         return tiles_smem(2 * kv_buffers * self.block_n + q_rows, self.dtype, self.head_dim, self.wgmma)
 
@@ -537,8 +544,9 @@ def choose_bwd(dtype: str, head_dim: int, band: int, mask_blocks: tuple[int, int
     dq = BwdDqVariant(dtype, bucket, dq_m, _divides(dq_n, mask_n), min(dq_warps, dq_m // 16), NO_BAND, True, *mods,
                       wgmma, split=split)
     return (BwdPreprocessVariant(dtype),
-            bwd_stages(BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m), min(warps, block_n // 16),
-                                      splits, NO_BAND, True, *mods, wgmma, split=split)),
+            ws_dkdv(bwd_stages(BwdDkdvVariant(dtype, bucket, block_n, _divides(block_q, mask_m),
+                                              min(warps, block_n // 16), splits, NO_BAND, True, *mods, wgmma,
+                                              split=split)), mask_m),
             ws_dq(dq))
 
 
@@ -561,6 +569,24 @@ def ws_dq(variant: BwdDqVariant, enabled: bool | None = None) -> BwdDqVariant:
                                warp_specialised=True)
 
 
+# The warp-specialised dK/dV kernel (work in progress, session 13), taken with CUFLASH_DKDV_WS=1 for block
+# masks whose key blocks its 128-key tiles divide: (query tile rows, query-tile slots) by head dim. At d = 128
+# its consumers have no registers for 64-row query tiles (ptxas serialises the products).
+WS_DKDV_TILES = {64: (64, 4), 128: (32, 4)}
+WS_DKDV = os.environ.get("CUFLASH_DKDV_WS") == "1"
+
+
+def ws_dkdv(variant: BwdDkdvVariant, mask_m: int, enabled: bool | None = None) -> BwdDkdvVariant:
+    """The warp-specialised dK/dV variant (WS_DKDV_TILES) for a block mask of mask_m-row query blocks where it
+    applies and is enabled (default: WS_DKDV), else `variant`."""
+    tile = WS_DKDV_TILES.get(variant.head_dim)
+    if not ((WS_DKDV if enabled is None else enabled) and variant.wgmma and variant.sparse and tile
+            and variant.block_n == 128 and mask_m % tile[0] == 0):
+        return variant
+    block_q, stages = tile
+    return dataclasses.replace(variant, block_q=block_q, warps=8, stages=stages, warp_specialised=True)
+
+
 def all_bwd_variants(arch: str = "sm_80") -> list:
     out = []
     for dt in DTYPES:
@@ -570,7 +596,8 @@ def all_bwd_variants(arch: str = "sm_80") -> list:
                     out += [v for v in choose_bwd(dt, d, band, None, alibi, softcap, dropout, arch) if v not in out]
                 for blocks in MASK_BLOCKS:
                     chosen = choose_bwd(dt, d, NO_BAND, blocks, alibi, softcap, dropout, arch)
-                    chosen += (ws_dq(chosen[2], enabled=True),)  # built whether CUFLASH_DQ_WS is set or not
+                    # built whether CUFLASH_DQ_WS / CUFLASH_DKDV_WS are set or not
+                    chosen += (ws_dq(chosen[2], enabled=True), ws_dkdv(chosen[1], blocks[0], enabled=True))
                     out += [v for v in chosen if v not in out]
     return out
 
@@ -639,6 +666,6 @@ PARAM_FORMATS = {BwdPreprocessVariant: BWD_PREPROCESS_PARAM_FORMAT, BwdDkdvVaria
 
 def param_format(variant) -> str:
     """The kernel parameters of a variant, as struct codes (_launch.Launcher)."""
-    if getattr(variant, "warp_specialised", False):
+    if getattr(variant, "warp_specialised", False) and not isinstance(variant, BwdDkdvVariant):
         return FWD_WS_PARAM_FORMAT if isinstance(variant, FwdVariant) else BWD_DQ_WS_PARAM_FORMAT
     return PARAM_FORMATS[type(variant)]
