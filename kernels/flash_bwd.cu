@@ -402,7 +402,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK and dV.
 // A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32) and one of the A operands
 // Pᵀ, dSᵀ (16): every wait below is placed so that no more are live.
-constexpr int kDkdvProducerRegisters = 40, kDkdvConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
+constexpr int kDkdvProducerRegisters = 40, kDkdvConsumerRegisters = 232;
 
 template <typename T, int D, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
           bool SOFTCAP, bool DROPOUT>
@@ -424,6 +424,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
   static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  static_assert(launch_registers_cover<kProducers, kDkdvProducerRegisters, kConsumers, kDkdvConsumerRegisters>, "registers the launch did not allocate");
   static_assert(2 * BMQ <= kProducers, "a producer thread per row's lse, and one per row's delta");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -525,9 +526,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     if (n_iters > 0) {
       if (wg == 1) named_bar_arrive(1, kConsumers);
       float acc_s[1][BMQ / 8][4], acc_dp[1][BMQ / 8][4];
-      // Turn `it` issues dK += dSᵀ Q of query tile it - 1 (DK), and Sᵀ, dPᵀ of tile it (SDP); the first turn
-      // has no dK product, the last no Sᵀ and dPᵀ. The kinds are separate instances, so that no product is
-      // issued on a branch (ptxas serialises every product of a kernel that does).
+      // Turn `it` issues Sᵀ and dPᵀ of query tile it; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn,
+      // once Pᵀ and dSᵀ are known: while this warpgroup waits for them, the other's Sᵀ and dPᵀ are queued.
       auto turn = [&](int it) {
         const int g = ring + it, slot = g % STAGES;
         PartialBits<1, BMQ / 8> bits;
@@ -536,15 +536,13 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           if (tile_at[slot].slot >= 0)
             bits.load(lists, tile_at[slot].slot, key_in_block + warp_row, tile_at[slot].offset, lane);
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
-        if (it > 0) wg_wait<1>(acc_dv);  // tile it - 1's dV product is done: its Pᵀ operand's registers are free
         begin_turn();
         Smem::template mma_abt<1, BMQ, D, true>(acc_s, smem_addr(sK), warp_row, smem_addr(sQ) + slot * q_slot_bytes,
                                                 lane);
         Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
                                                 lane);
         end_turn(it == n_iters - 1);
-        wg_wait<1>(acc_s);  // and tile it - 1's dK product: its slot is free
-        if (it > 0 && lane == 0) mbar_arrive(&q_empty[(g + STAGES - 1) % STAGES]);
+        wg_wait<1>(acc_s);
         const QueryTile t = tile_at[slot];
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
         if constexpr (SOFTCAP) apply_softcap<false>(acc_s, softcap_mult, dtanh);
@@ -569,25 +567,28 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           head_rng.bh += w.hk * kv_group + t.g;
           head_rng.drop_rows_keys<true>(acc_s, n0 + warp_row, t.m0, lane);
         }
-        wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
-        wg_wait<1>(acc_dp);
+        wg_wait<0>(acc_dp);
         if (it == n_iters - 1 && lane == 0) mbar_arrive(&kv_empty);  // the producer may load the next K, V
-        float ds[1][BMQ / 8][4];
+        float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
 #pragma unroll
         for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const float delta_i = s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2];
-            ds[0][nt][c] = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], delta_i, dropout.keep_scale)
-                                   : acc_s[0][nt][c] * (acc_dp[0][nt][c] - delta_i);
-            if constexpr (SOFTCAP) ds[0][nt][c] *= dtanh[0][nt][c];
+            float x = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], delta_i, dropout.keep_scale)
+                              : acc_s[0][nt][c] * (acc_dp[0][nt][c] - delta_i);
+            if constexpr (SOFTCAP) x *= dtanh[0][nt][c];
+            ds[0][nt][c] = x;
           }
+        wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
         wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+        // Done before the next turn: register operands of products still running at the loop's back edge
+        // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
+        wg_wait<0>(acc_dk);
+        pin(acc_dv);
+        if (lane == 0) mbar_arrive(&q_empty[slot]);  // the slot is free
       };
       for (int it = 0; it < n_iters; ++it) turn(it);
-      wg_wait<0>(acc_dk);
-      wg_wait<0>(acc_dv);
-      if (lane == 0) mbar_arrive(&q_empty[(ring + n_iters - 1) % STAGES]);
       ring += n_iters;
     } else if (lane == 0) {
       mbar_arrive(&kv_empty);  // no product reads K or V
@@ -790,8 +791,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // producer copies the next item's Q and dO once both consumers have issued their last S and dP.
 // Work in progress (session 12): 46 block-sparse GPU tests passed with it on the H100, the dQ kernel 13-14%
 // faster on window and butterfly masks (benchmarks/results/ws-dq-s12.txt); the full suite has not run with it.
-constexpr int kDqProducerRegisters = 56, kDqConsumerRegisters = 224;  // 128 * 56 + 256 * 224 <= 65536: the
-// producer copies Q, dO, K and V (at 40 registers it spilled 32 bytes of addresses)
+constexpr int kDqProducerRegisters = 56, kDqConsumerRegisters = 224;  // the producer copies Q, dO, K and V
+// (at 40 registers it spilled 32 bytes of addresses)
 
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT>
@@ -811,6 +812,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  static_assert(launch_registers_cover<kProducers, kDqProducerRegisters, kConsumers, kDqConsumerRegisters>, "registers the launch did not allocate");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(Smem::align(smem_raw));

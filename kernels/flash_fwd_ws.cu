@@ -12,7 +12,7 @@
 
 namespace cuflash {
 
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 * 40 + 256 * 232 <= 65536
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // mbarrier.cuh launch_registers_cover
 
 // Thread blocks stay resident (one per SM) and take query tiles one after another from tile_counter
 // (next, exited), in the order the launch order of one block per tile would run them: query tiles of a
@@ -37,6 +37,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 16 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>, "registers the launch did not allocate");
   using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = Smem::align(smem_raw);

@@ -48,6 +48,12 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
 
 // Give registers back to the block's pool (a producer warpgroup) or take them (consumers): all threads
 // of a warpgroup execute it together.
+// Whether warpgroups of P and C threads can take P_REGS and C_REGS registers each: setmaxnreg.inc waits
+// until the block's pool holds what it asks for, and the pool holds only what the launch allocated (a
+// block of P + C threads and min-blocks 1 gets 65536 / (P + C) registers a thread, rounded down to 8).
+template <int P, int P_REGS, int C, int C_REGS>
+constexpr bool launch_registers_cover = P * P_REGS + C * C_REGS <= (65536 / (P + C)) / 8 * 8 * (P + C);
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <int N>
 __device__ __forceinline__ void warpgroup_release_registers() {

@@ -102,11 +102,16 @@ __device__ __forceinline__ void load_tile_async_wg(T* smem, const T* gmem, long 
   const T* src = gmem + r * row_stride + c;
   const long long src_step = ROWS_PER_PASS * row_stride;
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  // Passes of whole 8-row groups keep r % 8, so a chunk's offset steps by a constant from pass to pass
+  // (the compiler, not knowing that tid >= 0, would keep one offset per pass in a register).
+  const unsigned first = wg_tile_offset<D>(r, c);
+  constexpr unsigned kPassBytes = ROWS_PER_PASS % 8 == 0 ? ROWS_PER_PASS / 8 * (D / 64) * 1024 : 0;
 #pragma unroll
   for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
     if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
       const bool valid = r < rows_valid && c < cols_valid;
-      cp_async_16(base + wg_tile_offset<D>(r, c), valid ? src : gmem, valid);
+      cp_async_16(base + (kPassBytes ? first + pass * kPassBytes : wg_tile_offset<D>(r, c)), valid ? src : gmem,
+                  valid);
     }
     r += ROWS_PER_PASS;
     src += src_step;

@@ -220,10 +220,10 @@ FEATURES = {"plain": {}, "alibi": {"alibi_slopes": 0.5}, "softcap": {"softcap": 
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("warp_specialised", [True, False], ids=["ws", "plain"])
 def test_warp_specialised_backward_kernels(monkeypatch, warp_specialised, feature, causal, case):
-    """On Hopper, block masks of 128-row query blocks take the warp-specialised dQ kernel and (with
-    CUFLASH_DKDV_WS=1) block masks of 128-key blocks the warp-specialised dK/dV kernel (kernels/flash_bwd.cu
-    flash_bwd_dq_ws_kernel, flash_bwd_dkdv_ws_kernel) at head dims 64 and 128; with both off, the plain ones.
-    Both ways must be right, with each score modification."""
+    """On Hopper, block masks of 128-row query blocks take the warp-specialised dQ kernel and block masks of
+    128-key blocks the warp-specialised dK/dV kernel (kernels/flash_bwd.cu flash_bwd_dq_ws_kernel,
+    flash_bwd_dkdv_ws_kernel) at head dims 64 and 128; with CUFLASH_DQ_WS=0 and CUFLASH_DKDV_WS=0, the plain
+    ones. Both ways must be right, with each score modification."""
     import torch
 
     from cuflash import _compile, _dispatch

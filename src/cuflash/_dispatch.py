@@ -569,17 +569,21 @@ def ws_dq(variant: BwdDqVariant, enabled: bool | None = None) -> BwdDqVariant:
                                warp_specialised=True)
 
 
-# The warp-specialised dK/dV kernel (work in progress, session 13), taken with CUFLASH_DKDV_WS=1 for block
-# masks whose key blocks its 128-key tiles divide: (query tile rows, query-tile slots) by head dim. At d = 128
-# its consumers have no registers for 64-row query tiles (ptxas serialises the products).
-WS_DKDV_TILES = {64: (64, 4), 128: (32, 4)}
-WS_DKDV = os.environ.get("CUFLASH_DKDV_WS") == "1"
+# The warp-specialised dK/dV kernel (benchmarks/results/h100-s13-ws-dkdv.txt: 5-12% faster than the plain one
+# on block masks at d = 128), taken for block masks whose key blocks its 128-key tiles divide; CUFLASH_DKDV_WS=0
+# turns it off (for A/B timing). (query tile rows, query-tile slots) by head dim; with tanh or the RNG at d = 128,
+# WS_DKDV_HALF_TILE (64-row tiles spill there, as in the plain kernel).
+WS_DKDV_TILES = {64: (64, 4), 128: (64, 3)}
+WS_DKDV_HALF_TILE = (32, 4)
+WS_DKDV = os.environ.get("CUFLASH_DKDV_WS", "1") != "0"
 
 
 def ws_dkdv(variant: BwdDkdvVariant, mask_m: int, enabled: bool | None = None) -> BwdDkdvVariant:
     """The warp-specialised dK/dV variant (WS_DKDV_TILES) for a block mask of mask_m-row query blocks where it
     applies and is enabled (default: WS_DKDV), else `variant`."""
     tile = WS_DKDV_TILES.get(variant.head_dim)
+    if tile and variant.head_dim == 128 and (variant.softcap or variant.dropout):
+        tile = WS_DKDV_HALF_TILE
     if not ((WS_DKDV if enabled is None else enabled) and variant.wgmma and variant.sparse and tile
             and variant.block_n == 128 and mask_m % tile[0] == 0):
         return variant
