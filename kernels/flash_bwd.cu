@@ -26,8 +26,6 @@
 
 namespace cuflash {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 // delta = sum_d dO * O in fp32 for each row of (batch, head, query): row_lanes lanes per row (a power
 // of two <= 32 covering its 16-byte chunks, so that no lane idles at small head dims), kRows rows per
 // thread (their loads in flight together), blocks_per_bh blocks per (batch, head). A block's (batch,
@@ -67,7 +65,7 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
 // inputs: expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e)).
 template <bool PRECISE>
 __device__ __forceinline__ float exp_units(float x) {
-  return PRECISE ? x : x * kLog2e;
+  return PRECISE ? x : x * 1.4426950408889634f;  // log2(e)
 }
 template <bool PRECISE>
 __device__ __forceinline__ float recompute_p_units(float s, float scale_u, float lse_u, bool visible) {
@@ -116,8 +114,7 @@ struct DkdvWork {
   __device__ __forceinline__ void fill(unsigned index, DkdvItem& w) const {
     if (index >= static_cast<unsigned>(num_items)) {
       w.n_iters = -1;
-      __threadfence();  // this block's last take from the counter comes before its exit count
-      if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+      count_block_exit(tile_counter);
       return;
     }
     const int n_block = index % num_n_blocks;
@@ -397,15 +394,13 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // As flash_bwd_dq_ws_kernel does for dQ: the block's first warpgroup only copies (each item's K and V, then
 // its query tiles -- Q, dO and the rows' lse and delta -- through a STAGES-slot ring whose slots have
 // mbarriers: landed, and both consumers done), and two consumer warpgroups of 64 keys only compute,
-// taking turns at the tensor cores through two named barriers. A turn issues dK += dSᵀ Q of the previous
-// query tile with Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of this one; dV += Pᵀ dO follows once Pᵀ is known. So one
-// warpgroup's softmax and dS run while the other's products do. Persistent, with the work items of
-// flash_bwd_dkdv_kernel (DkdvWork); the producer copies the next item's K and V once both consumers'
-// last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK and dV.
-// A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32) and one of the A operands
-// Pᵀ, dSᵀ (16): every wait below is placed so that no more are live.
-constexpr int kDkdvProducerRegisters = 40, kDkdvConsumerRegisters = 232;
-
+// taking turns at the tensor cores through two named barriers. A turn issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of
+// a query tile; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn, and are waited for before the next
+// one. So one warpgroup's softmax and dS run while the other's products do. Persistent, with the work
+// items of flash_bwd_dkdv_kernel (DkdvWork); the producer copies the next item's K and V once both
+// consumers' last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK, dV.
+// A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32): 232 registers leave room for
+// little else (benchmarks/NOTES.md, session 13).
 template <typename T, int D, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
           bool SOFTCAP, bool DROPOUT>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
@@ -426,7 +421,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
   static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  static_assert(launch_registers_cover<kProducers, kDkdvProducerRegisters, kConsumers, kDkdvConsumerRegisters>, "registers the launch did not allocate");
+  constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
+                "registers the launch did not allocate");
   static_assert(2 * BMQ <= kProducers, "a producer thread per row's lse, and one per row's delta");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -454,7 +451,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
       tile_counter, lists, dropout};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, K and V, then the query tiles one by one ----
-    warpgroup_release_registers<kDkdvProducerRegisters>();
+    warpgroup_release_registers<kProducerRegisters>();
     int ring = 0;  // query tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       DkdvItem& w = items[n % 2];
@@ -504,7 +501,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   }
 
   // ---- consumers: warpgroup wg owns keys [64 wg, 64 wg + 64) of each item ----
-  warpgroup_claim_registers<kDkdvConsumerRegisters>();
+  warpgroup_claim_registers<kConsumerRegisters>();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // this warp's first key inside the item
   int ring = 0;  // as the producer's
@@ -521,12 +518,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     zero(acc_dv);
     pin(acc_dk);
     pin(acc_dv);
-    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
-    auto end_turn = [&](bool last) {
-      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
-    };
+    const ConsumerTurns turns{wg, kConsumers};
     if (n_iters > 0) {
-      if (wg == 1) named_bar_arrive(1, kConsumers);
+      turns.start();
       float acc_s[1][BMQ / 8][4], acc_dp[1][BMQ / 8][4];
       // Turn `it` issues Sᵀ and dPᵀ of query tile it; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn,
       // once Pᵀ and dSᵀ are known: while this warpgroup waits for them, the other's Sᵀ and dPᵀ are queued.
@@ -538,12 +532,12 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           if (tile_at[slot].slot >= 0)
             bits.load(lists, tile_at[slot].slot, key_in_block + warp_row, tile_at[slot].offset, lane);
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
-        begin_turn();
+        turns.begin();
         Smem::template mma_abt<1, BMQ, D, true>(acc_s, smem_addr(sK), warp_row, smem_addr(sQ) + slot * q_slot_bytes,
                                                 lane);
         Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
                                                 lane);
-        end_turn(it == n_iters - 1);
+        turns.end(it == n_iters - 1);
         wg_wait<1>(acc_s);
         const QueryTile t = tile_at[slot];
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
@@ -792,8 +786,6 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // items come from tile_counter in the order of one block per item (BlockCoords: heaviest first), and the
 // producer copies the next item's Q and dO once both consumers have issued their last S and dP.
 // 13-14% faster than flash_bwd_dq_kernel on window and butterfly masks (benchmarks/results/ws-dq-s12.txt).
-constexpr int kDqProducerRegisters = 56, kDqConsumerRegisters = 224;  // the producer copies Q, dO, K and V
-// (at 40 registers it spilled 32 bytes of addresses)
 
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT>
@@ -813,7 +805,10 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  static_assert(launch_registers_cover<kProducers, kDqProducerRegisters, kConsumers, kDqConsumerRegisters>, "registers the launch did not allocate");
+  // The producer copies Q, dO, K and V (at 40 registers it spilled 32 bytes of addresses).
+  constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
+  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
+                "registers the launch did not allocate");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(Smem::align(smem_raw));
@@ -834,42 +829,24 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
   }
   __syncthreads();
-  auto key_tiles = [&](const FwdItem& w) {
-    const Band<BAND> band{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right};
-    return KeyTiles<BN, BAND, SPARSE>(band, lists, w.list, w.m0, BM, w.seq.seqlen_k);
-  };
+  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                   max_seqlen_k, nheads, num_m_blocks, window_left, window_right,
+                                                   num_items, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q and dO, then K and V tile by tile ----
-    warpgroup_release_registers<kDqProducerRegisters>();
+    warpgroup_release_registers<kProducerRegisters>();
     int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       FwdItem& w = items[n % 2];
       if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);  // Q, dO and item n - 2's fields are free
-      if (threadIdx.x == 0) {
-        const int item = n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u);
-        if (item >= num_items) {
-          w.n_blocks = -1;
-          __threadfence();  // this block's last take from the counter comes before its exit count
-          if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
-        } else {
-          const BlockCoords<BAND, SPARSE, BM> blk(item, num_m_blocks, nheads, lists);
-          w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
-          w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
-          if (SPARSE) {
-            const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
-            w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
-          }
-          if (DROPOUT) w.rng = DropoutRng::make(dropout, blk.bh);
-          w.n_blocks = w.m0 < w.seq.seqlen_q ? key_tiles(w).count : 0;
-        }
-      }
+      if (threadIdx.x == 0) work.take(n, w);
       named_bar_sync(3, kProducers);  // every producer thread sees the item
       if (w.n_blocks < 0) {
         if (threadIdx.x == 0) mbar_arrive(&q_full);
         mbar_arrive(&q_full);
         break;
       }
-      const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+      const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
       const int n_blocks = w.n_blocks, hk = w.h / kv_group, q_row = w.seq.q_start + w.m0;
       const T* k_head = k + w.b * k_sb + hk * k_sh + w.seq.k_start * k_ss;
       const T* v_head = v + w.b * v_sb + hk * v_sh + w.seq.k_start * v_ss;
@@ -881,22 +858,15 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
       }
       cp_async_mbar_arrive(&q_full);
       if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
-      for (int it = 0; it < n_blocks; ++it, ++ring) {
-        const int slot = ring % STAGES;
-        if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
-        const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
-        Smem::template load<BN, kProducers>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
-        cp_async_mbar_arrive(&k_full[slot]);
-        Smem::template load<BN, kProducers>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
-        cp_async_mbar_arrive(&v_full[slot]);
-      }
+      produce_key_tiles<Smem, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss, v_head,
+                                                         v_ss, head_dim, k_full, v_full, kv_empty);
     }
     cp_async_wait_all();
     return;
   }
 
   // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each item ----
-  warpgroup_claim_registers<kDqConsumerRegisters>();
+  warpgroup_claim_registers<kConsumerRegisters>();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // first row of this warp inside the item
   const float scale_u = exp_units<false>(softmax_scale);
@@ -908,7 +878,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     if (n_blocks < 0) break;
     const int m0 = w.m0, seqlen_q = w.seq.seqlen_q, seqlen_k = w.seq.seqlen_k, diag = seqlen_k - seqlen_q;
     const Band<BAND> band{diag, window_left, window_right};
-    const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+    const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
     const float alibi_slope = ALIBI ? alibi_slopes[w.b * alibi_sb + w.h] / softmax_scale : 0.f;
     float row_lse[2], row_delta[2];  // this thread's two rows: lse in the exponent's units
 #pragma unroll
@@ -920,12 +890,9 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
     float acc_dq[1][D / 8][4];
     zero(acc_dq);
-    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
-    auto end_turn = [&](bool last) {
-      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
-    };
+    const ConsumerTurns turns{wg, kConsumers};
     if (n_blocks > 0) {
-      if (wg == 1) named_bar_arrive(1, kConsumers);
+      turns.start();
       float acc_s[1][BN / 8][4], acc_dp[1][BN / 8][4];
       unsigned ds[BN / 16][4];  // dS of the previous key tile, as the A operand of dQ += dS K
       SparseTile at = tiles.at(lists, w.list, 0);
@@ -943,7 +910,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
           mbar_wait(&v_full[slot], (g / STAGES) & 1);
         }
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
-        begin_turn();
+        turns.begin();
         if (DQ) wg_mma_frag_b_async<T, BN, D, D>(acc_dq, ds, smem_addr(sK) + prev * kv_slot_bytes);
         if (SDP) {
           Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
@@ -951,7 +918,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
           Smem::template mma_abt<1, BN, D, true>(acc_dp, smem_addr(sdO), warp_row,
                                                  smem_addr(sV) + slot * kv_slot_bytes, lane);
         }
-        end_turn(!SDP);
+        turns.end(!SDP);
         if (DQ) {  // dQ's product is done: tile it - 1's slot is free once both warpgroups say so
           if (SDP)
             wg_wait<2>(acc_dq);

@@ -37,7 +37,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 16 == 0 && sizeof(T) == 2, "bad tile shape");
   constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>, "registers the launch did not allocate");
+  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
+                "registers the launch did not allocate");
   using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = Smem::align(smem_raw);
@@ -59,10 +60,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   }
   __syncthreads();
   // The key tiles of an item, as both sides compute them.
-  auto key_tiles = [&](const FwdItem& w) {
-    const Band<BAND> band{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right};
-    return KeyTiles<BN, BAND, SPARSE>(band, lists, w.list, w.m0, BM, w.seq.seqlen_k);
-  };
+  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                   max_seqlen_k, nheads, num_m_blocks, window_left, window_right,
+                                                   num_tiles, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q, then K and V tile by tile ----
     warpgroup_release_registers<kProducerRegisters>();
@@ -71,31 +71,14 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       FwdItem& w = items[n % 2];
       // Q and item n - 2's fields are free once both consumers have issued item n - 1's last Q Kᵀ.
       if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);
-      if (threadIdx.x == 0) {
-        const int tile = n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u);
-        if (tile >= num_tiles) {
-          w.n_blocks = -1;
-          __threadfence();  // this block's last take from the counter comes before its exit count
-          if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
-        } else {
-          const BlockCoords<BAND, SPARSE, BM> blk(tile, num_m_blocks, nheads, lists);
-          w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
-          w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
-          if (SPARSE) {
-            const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
-            w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
-          }
-          if (DROPOUT) w.rng = DropoutRng::make(dropout, blk.bh);
-          w.n_blocks = w.m0 < w.seq.seqlen_q ? key_tiles(w).count : 0;  // a packed sequence shorter than the longest
-        }
-      }
+      if (threadIdx.x == 0) work.take(n, w);
       named_bar_sync(3, kProducers);  // every producer thread sees the item
       if (w.n_blocks < 0) {
         if (threadIdx.x == 0) mbar_arrive(&q_full);
         mbar_arrive(&q_full);
         break;
       }
-      const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+      const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
       const int n_blocks = w.n_blocks, hk = w.h / kv_group;
       const T* k_head = k + w.b * k_sb + hk * k_sh + w.seq.k_start * k_ss;
       const T* v_head = v + w.b * v_sb + hk * v_sh + w.seq.k_start * v_ss;
@@ -104,15 +87,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                             w.seq.seqlen_q - w.m0, head_dim);
       cp_async_mbar_arrive(&q_full);
       if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
-      for (int it = 0; it < n_blocks; ++it, ++ring) {
-        const int slot = ring % STAGES;
-        if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
-        const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
-        Smem::template load<BN, kProducers>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
-        cp_async_mbar_arrive(&k_full[slot]);
-        Smem::template load<BN, kProducers>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
-        cp_async_mbar_arrive(&v_full[slot]);
-      }
+      produce_key_tiles<Smem, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss, v_head,
+                                                         v_ss, head_dim, k_full, v_full, kv_empty);
     }
     cp_async_wait_all();
     return;
@@ -131,7 +107,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if (n_blocks < 0) break;
     const int m0 = w.m0, seqlen_k = w.seq.seqlen_k;
     const Band<BAND> band{seqlen_k - w.seq.seqlen_q, window_left, window_right};
-    const KeyTiles<BN, BAND, SPARSE> tiles = key_tiles(w);
+    const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
     const float alibi_slope = ALIBI ? alibi_slopes[w.b * alibi_sb + w.h] / softmax_scale : 0.f;
     float acc_o[1][D / 8][4];
     zero(acc_o);
@@ -139,12 +115,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // Turns at the tensor cores: named barrier 1 + w opens warpgroup w's turn, which the other one's
     // arrival grants. Warpgroup 0 goes first; each turn ends by granting the other warpgroup its next.
     // Both take n_blocks + 1 turns; warpgroup 1 grants none after its last, so every arrival is awaited.
-    auto begin_turn = [&] { named_bar_sync(1 + wg, kConsumers); };
-    auto end_turn = [&](bool last) {
-      if (!(last && wg == 1)) named_bar_arrive(2 - wg, kConsumers);
-    };
+    const ConsumerTurns turns{wg, kConsumers};
     if (n_blocks > 0) {
-      if (wg == 1) named_bar_arrive(1, kConsumers);
+      turns.start();
       float acc_s[1][BN / 8][4];
       unsigned p[BN / 16][4];  // P of the previous key tile, as the A operand of P V
       // SPARSE: where tile `it` lies in the mask is read one tile ahead, and a partial block's element bits
@@ -163,12 +136,12 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         if (QK) mbar_wait(&k_full[slot], (g / STAGES) & 1);
         if (PV) mbar_wait(&v_full[prev], ((g - 1) / STAGES) & 1);
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
-        begin_turn();
+        turns.begin();
         if (PV) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
         if (QK)
           Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
                                                  lane);
-        end_turn(!QK);
+        turns.end(!QK);
         if (PV) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
           if (QK)
             wg_wait<1>(acc_o);

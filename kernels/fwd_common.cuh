@@ -5,6 +5,7 @@
 #include "band.cuh"
 #include "block_sparse.cuh"
 #include "dropout.cuh"
+#include "mbarrier.cuh"
 #include "mma.cuh"
 #include "score_mods.cuh"
 #include "softmax.cuh"
@@ -86,6 +87,70 @@ struct KeyTiles {
     return SPARSE ? at.block * lists.col_block + at.offset : (first + count - 1 - it) * BN;
   }
 };
+
+// A persistent kernel's block that finds no item left counts its exit in tile_counter (next, exited); the
+// last block to exit resets both for the next launch on its stream. One thread.
+__device__ __forceinline__ void count_block_exit(unsigned* tile_counter) {
+  __threadfence();  // this block's last take from the counter comes before its exit count
+  if (atomicAdd(tile_counter + 1, 1u) == gridDim.x - 1) tile_counter[0] = tile_counter[1] = 0;
+}
+
+// The kernel parameters that place the work items of a persistent warp-specialised kernel walking key
+// tiles (the forward and the backward's dQ): items are query tiles of BM rows, taken in BlockCoords order.
+template <int BN, int BM, int BAND, bool SPARSE, bool DROPOUT>
+struct FwdWork {
+  const BlockLists& lists;
+  const DropoutArgs& dropout;
+  const int *cu_seqlens_q, *cu_seqlens_k;
+  int max_seqlen_q, max_seqlen_k, nheads, num_m_blocks, window_left, window_right, num_items;
+  unsigned* tile_counter;
+
+  // Item w's key tiles.
+  __device__ __forceinline__ KeyTiles<BN, BAND, SPARSE> key_tiles(const FwdItem& w) const {
+    const Band<BAND> band{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right};
+    return KeyTiles<BN, BAND, SPARSE>(band, lists, w.list, w.m0, BM, w.seq.seqlen_k);
+  }
+  // The block's n-th item into w (the first is blockIdx.x, the rest come from the counter); past the last,
+  // w.n_blocks = -1. One thread.
+  __device__ __forceinline__ void take(int n, FwdItem& w) const {
+    const int item = n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u);
+    if (item >= num_items) {
+      w.n_blocks = -1;
+      count_block_exit(tile_counter);
+      return;
+    }
+    const BlockCoords<BAND, SPARSE, BM> blk(item, num_m_blocks, nheads, lists);
+    w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
+    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+    if (SPARSE) {
+      const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
+      w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};
+    }
+    if (DROPOUT) w.rng = DropoutRng::make(dropout, blk.bh);
+    w.n_blocks = w.m0 < w.seq.seqlen_q ? key_tiles(w).count : 0;  // a packed sequence shorter than the longest
+  }
+};
+
+// The producer warpgroup's copies of item w's key tiles in a warp-specialised kernel whose consumers walk
+// them (the forward, flash_fwd_ws.cu, and the backward's dQ, flash_bwd.cu): K, then V, of each tile into
+// ring slot ring % STAGES once both consumers are done with the slot's last tile (kv_empty), each landing
+// on its mbarrier. `ring` counts the tiles of every item so far; n_blocks = w.n_blocks.
+template <typename Smem, int BN, int D, int STAGES, int THREADS, int BAND, bool SPARSE, typename T>
+__device__ __forceinline__ void produce_key_tiles(const KeyTiles<BN, BAND, SPARSE>& tiles, const BlockLists& lists,
+                                                  const FwdItem& w, int n_blocks, int& ring, T* sK, T* sV,
+                                                  const T* k_head, long long k_ss, const T* v_head, long long v_ss,
+                                                  int head_dim, MBarrier* k_full, MBarrier* v_full,
+                                                  MBarrier* kv_empty) {
+  for (int it = 0; it < n_blocks; ++it, ++ring) {
+    const int slot = ring % STAGES;
+    if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+    const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
+    Smem::template load<BN, THREADS>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
+    cp_async_mbar_arrive(&k_full[slot]);
+    Smem::template load<BN, THREADS>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
+    cp_async_mbar_arrive(&v_full[slot]);
+  }
+}
 
 // From the scores S of key tile n0 (this warp's rows from row0 = m0 + warp_row) to the probabilities
 // P that multiply V, in place:

@@ -46,6 +46,20 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Two consumer warpgroups (`threads` threads in all) taking turns at the tensor cores through named
+// barriers 1 and 2: warpgroup 0 issues first in each item (start), each turn is begin() ... end(); the
+// item's last turn of warpgroup 1 leaves the barrier for the next item's start.
+struct ConsumerTurns {
+  int wg, threads;
+  __device__ __forceinline__ void start() const {
+    if (wg == 1) named_bar_arrive(1, threads);
+  }
+  __device__ __forceinline__ void begin() const { named_bar_sync(1 + wg, threads); }
+  __device__ __forceinline__ void end(bool last) const {
+    if (!(last && wg == 1)) named_bar_arrive(2 - wg, threads);
+  }
+};
+
 // Give registers back to the block's pool (a producer warpgroup) or take them (consumers): all threads
 // of a warpgroup execute it together.
 // Whether warpgroups of P and C threads can take P_REGS and C_REGS registers each: setmaxnreg.inc waits
