@@ -484,11 +484,12 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                                              seqlen_q - t.m0, head_dim);
         Smem::template load<BMQ, kProducers>(sdO + slot * BMQ * D, dout + w.do_off + t.g * do_sh + t.m0 * do_ss,
                                              do_ss, seqlen_q - t.m0, head_dim);
-        const int r = threadIdx.x % BMQ, i = t.m0 + r;  // this thread's row: its lse, or its delta (rows past
-        const float* stat = threadIdx.x < BMQ ? lse : delta;  // the end: zeros, which no visible score reads)
+        // This thread's row: its lse, or its delta (rows past the end: zeros, which no visible score reads).
+        const int r = threadIdx.x % BMQ, i = t.m0 + r;
+        const float* stat = threadIdx.x < BMQ ? lse : delta;
         if (threadIdx.x < 2 * BMQ)
-          cp_async_4(threadIdx.x < BMQ ? &s_lse[slot][r] : &s_delta[slot][r], stat + w.lse_off + t.g * lse_sh + i,
-                     i < seqlen_q);
+          cp_async_4(threadIdx.x < BMQ ? &s_lse[slot][r] : &s_delta[slot][r],
+                     i < seqlen_q ? stat + w.lse_off + t.g * lse_sh + i : stat, i < seqlen_q);
         cp_async_mbar_arrive(&q_full[slot]);
         if (threadIdx.x == 0) {
           tile_at[slot] = t;
