@@ -137,3 +137,37 @@ def test_preprocess_grid_covers_every_row(head_dim, dtype, batch, seqlen_q, nhea
     assert blocks == batch * nheads * blocks_per_bh and args[-1] == lanes
     assert (blocks_per_bh - 1) * rows_per_block < seqlen_q <= blocks_per_bh * rows_per_block
     struct.Struct("@" + flat(_dispatch.param_format(pre))).pack(*args)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_block_masks_take_the_warp_specialised_backward_on_hopper(monkeypatch, head_dim):
+    """Block masks of 128-key blocks take the warp-specialised dK/dV kernel and those of 128-row query blocks
+    the warp-specialised dQ kernel on sm_90a (fp16/bf16, d = 64 and 128), each within Hopper's shared memory;
+    tanh and the RNG take half-height query tiles at d = 128; the environment switches turn both off; other
+    GPUs, fp32 and dense calls keep the plain kernels."""
+    limit = _dispatch.shared_memory_limit("sm_90a")
+    for softcap, dropout in [(False, False), (True, False), (False, True)]:
+        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (128, 128), False, softcap,
+                                            dropout, arch="sm_90a")
+        assert dkdv.warp_specialised and dq.warp_specialised
+        assert dkdv.threads == dq.threads == 384 and dkdv.block_n == 128 and dq.block_m == 128
+        assert dkdv.smem_bytes <= limit and dq.smem_bytes <= limit
+        assert dkdv.block_q == (32 if head_dim == 128 and (softcap or dropout) else 64)
+        assert _dispatch.param_format(dkdv) == _dispatch.BWD_DKDV_PARAM_FORMAT
+        assert _dispatch.param_format(dq) == _dispatch.BWD_DQ_WS_PARAM_FORMAT
+        assert "flash_bwd_dkdv_ws_kernel<" in dkdv.name and "flash_bwd_dq_ws_kernel<" in dq.name
+    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (64, 64), arch="sm_90a")
+    assert not dkdv.warp_specialised and not dq.warp_specialised  # 64-key and 64-row blocks: the plain tiles
+    for dtype, arch in [("bfloat16", "sm_80"), ("float32", "sm_90a")]:
+        assert not any(getattr(v, "warp_specialised", False)
+                       for v in _dispatch.choose_bwd(dtype, head_dim, _dispatch.NO_BAND, (128, 128), arch=arch))
+    assert not any(getattr(v, "warp_specialised", False)
+                   for v in _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.CAUSAL, arch="sm_90a"))
+    monkeypatch.setattr(_dispatch, "WS_DKDV", False)
+    monkeypatch.setattr(_dispatch, "WS_DQ", False)
+    _dispatch.choose_bwd.cache_clear()
+    try:
+        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (128, 128), arch="sm_90a")
+        assert not dkdv.warp_specialised and not dq.warp_specialised
+    finally:
+        _dispatch.choose_bwd.cache_clear()
