@@ -55,10 +55,13 @@ def sdpa_fwd_bwd():
 
 print(f"cuflash forward (no grad)            {per_call_us(cuflash_fwd):7.1f} us/call")
 print(f"cuflash forward+backward, eager      {per_call_us(cuflash_fwd_bwd):7.1f} us/call")
-eager = cf_torch._eager
-cf_torch._eager = lambda *tensors: False
-print(f"cuflash forward+backward, custom ops {per_call_us(cuflash_fwd_bwd):7.1f} us/call")
-cf_torch._eager = eager
+eager = getattr(cf_torch, "_eager", None)  # the switch between the eager path and the custom ops
+if eager is None:
+    print("cuflash forward+backward, custom ops  (not measured: cuflash.torch has no _eager switch)")
+else:
+    cf_torch._eager = lambda *tensors: False
+    print(f"cuflash forward+backward, custom ops {per_call_us(cuflash_fwd_bwd):7.1f} us/call")
+    cf_torch._eager = eager
 print(f"sdpa_flash forward (no grad)         {per_call_us(sdpa_fwd):7.1f} us/call")
 print(f"sdpa_flash forward+backward          {per_call_us(sdpa_fwd_bwd):7.1f} us/call")
 if "--profile" in sys.argv:

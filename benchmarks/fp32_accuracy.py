@@ -1,5 +1,10 @@
 """fp32 accuracy diagnosis: cuflash's error against float64 next to plain float32 autograd and a plain float32
-implementation of FlashAttention's backward formula, worst rows included (see benchmarks/NOTES.md)."""
+implementation of FlashAttention's backward formula, worst rows included (docs/kernel-design.md, float32
+section; output in benchmarks/results/h100-fp32-accuracy.txt). Run from the repository root (it imports
+tests/gpu_helpers.py):
+
+    PYTHONPATH=src python benchmarks/fp32_accuracy.py
+"""
 import sys, torch
 sys.path.insert(0, "tests")  # gpu_helpers: run from the repository root
 import cuflash

@@ -2,7 +2,8 @@
 8 blocks per SM adds a 16 KiB tile, step after step, into rotating places of a 128 MiB buffer, with
 red.global.add.v2.f32 per thread, or bulk reductions (cp.reduce.async.bulk .add.f32, the TMA unit) of
 256 B, 4 KiB or the whole 16 KiB. This bounds any backward that accumulates dQ with atomics: 32 KiB of
-fp32 per (64-query, 128-key) tile pair (results/dq-in-dkdv-s12.txt).
+fp32 per (64-query, 128-key) tile pair (docs/kernel-design.md; output in
+benchmarks/results/h200-l2-reduction.txt).
 
     python benchmarks/l2_reduction_throughput.py
 """

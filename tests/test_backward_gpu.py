@@ -5,16 +5,11 @@ import math
 import pytest
 
 import cuflash
-from cuflash import _bridge
+from cuflash._options import override
 
 from gpu_helpers import HEADDIMS, SEQLENS, check_grads, grads, grid_inputs, randn, strided_inputs
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
 
 
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -28,33 +23,11 @@ def test_backward_grid(dtype, causal, headdim, seqlens):
 @pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_mma_sync_kernels_on_hopper(monkeypatch, causal, headdim, seqlens):
-    """On an sm_90 GPU the grid above runs the wgmma kernels; CUFLASH_WGMMA=0 keeps the mma.sync ones
-    (what sm_80 runs) tested there too."""
-    monkeypatch.setenv("CUFLASH_WGMMA", "0")
-    check_grads(*grid_inputs("bfloat16", causal, headdim, seqlens, "bwd"), causal)
-
-
-@pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_wgmma_forward_on_hopper(monkeypatch, causal, headdim, seqlens):
-    """The wgmma forward without warp specialisation (the WG flag of kernels/flash_fwd.cu) is off by
-    default, slower than the others (benchmarks/NOTES.md); chosen here through WGMMA_FWD_TILES, with the
-    warp-specialised forward turned off, it must stay exact."""
-    from cuflash import _compile, _dispatch
-
-    if _compile.device_arch() != "sm_90a":
-        pytest.skip("wgmma needs an sm_90 GPU")
-    monkeypatch.setattr(_dispatch, "WS_FWD_TILES", {})
-    monkeypatch.setitem(_dispatch.WGMMA_FWD_TILES, headdim, (128, 128, 8, 2))
-    _dispatch.choose_fwd.cache_clear()
-    try:
-        variant = _dispatch.choose_fwd("bfloat16", headdim, causal, arch="sm_90a")
-        assert variant.wgmma and not variant.warp_specialised
+def test_mma_sync_kernels_on_hopper(causal, headdim, seqlens):
+    """On an sm_90 GPU the grid above runs the wgmma kernels; with wgmma off (CUFLASH_WGMMA=0) the mma.sync
+    ones (what sm_80 runs) are tested there too."""
+    with override(wgmma=False):
         check_grads(*grid_inputs("bfloat16", causal, headdim, seqlens, "bwd"), causal)
-    finally:
-        _dispatch.choose_fwd.cache_clear()
 
 
 @pytest.mark.parametrize("layout", ["qkv_packed", "bhsd_transposed", "noncontiguous_v"])
@@ -208,14 +181,14 @@ def test_jax_grad_eager_and_jit(dtype):
             np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), expected.float().cpu().numpy())
 
 
-def test_one_stream_backward_equals_the_side_stream_one(monkeypatch):
-    """CUFLASH_BWD_STREAMS=1 queues the dQ kernel on the caller's stream instead of beside the dK/dV
-    kernel: the same gradients, bit for bit."""
+def test_one_stream_backward_equals_the_side_stream_one():
+    """Without the side stream (CUFLASH_BWD_STREAMS=1) the dQ kernel queues on the caller's stream instead
+    of beside the dK/dV kernel: the same gradients, bit for bit."""
     import torch
 
     q, k, v, dout = (randn((2, 300, 4, 64), torch.bfloat16, 60 + i) for i in range(4))
     side = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
-    monkeypatch.setenv("CUFLASH_BWD_STREAMS", "1")
-    one = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
+    with override(bwd_side_stream=False):
+        one = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
     for x, y in zip(side, one):
         assert torch.equal(x, y)

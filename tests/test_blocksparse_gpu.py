@@ -4,16 +4,12 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import BlockMask, _bridge
+from cuflash._options import override
+from cuflash import BlockMask
 
 from gpu_helpers import assert_close_2x, assert_lse_close, check_grads, grads, plain_attention, randn, reference
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
 
 
 def random_mask(batch, nheads, sq, sk, block_m, block_n, seed, empty_rows=True):
@@ -219,32 +215,30 @@ FEATURES = {"plain": {}, "alibi": {"alibi_slopes": 0.5}, "softcap": {"softcap": 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("warp_specialised", [True, False], ids=["ws", "plain"])
-def test_warp_specialised_backward_kernels(monkeypatch, warp_specialised, feature, causal, case):
+def test_warp_specialised_backward_kernels(warp_specialised, feature, causal, case):
     """On Hopper, block masks of 128-row query blocks take the warp-specialised dQ kernel and block masks of
     128-key blocks the warp-specialised dK/dV kernel (kernels/flash_bwd.cu flash_bwd_dq_ws_kernel,
-    flash_bwd_dkdv_ws_kernel) at head dims 64 and 128; with CUFLASH_DQ_WS=0 and CUFLASH_DKDV_WS=0, the plain
+    flash_bwd_dkdv_ws_kernel) at head dims 64 and 128; with them off (CUFLASH_DQ_WS=0, CUFLASH_DKDV_WS=0), the plain
     ones. Both ways must be right, with each score modification."""
     import torch
 
-    from cuflash import _compile, _dispatch
+    from cuflash import _arch, _dispatch
+    from cuflash._options import Options
+    from cuflash._tiles import Flags
 
-    if _compile.device_arch() != "sm_90a":
+    if _arch.device_arch() != "sm_90a":
         pytest.skip("the warp-specialised backward kernels need an sm_90 GPU")
-    monkeypatch.setattr(_dispatch, "WS_DQ", warp_specialised)
-    monkeypatch.setattr(_dispatch, "WS_DKDV", warp_specialised)
-    _dispatch.choose_bwd.cache_clear()
-    try:
-        b, h, hk, mb, mh, sq, sk, d, bm, bn = case
-        kw = dict(FEATURES[feature])
-        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", d, _dispatch.NO_BAND, (bm, bn), "alibi_slopes" in kw,
-                                           "softcap" in kw, "dropout_p" in kw, arch="sm_90a")
-        assert dq.warp_specialised == (warp_specialised and bm == 128)
-        assert dkdv.warp_specialised == (warp_specialised and bn == 128)
-        if "alibi_slopes" in kw:
-            kw["alibi_slopes"] = torch.rand(h, device="cuda") * kw["alibi_slopes"]
-        mask, elements = random_mask(mb, mh, sq, sk, bm, bn, seed=sum(case) + causal + 7)
-        q = randn((b, sq, h, d), torch.bfloat16, 1)
-        k, v = randn((b, sk, hk, d), torch.bfloat16, 2), randn((b, sk, hk, d), torch.bfloat16, 3)
+    options = dict(dq_warp_specialised=warp_specialised, dkdv_warp_specialised=warp_specialised)
+    b, h, hk, mb, mh, sq, sk, d, bm, bn = case
+    kw = dict(FEATURES[feature])
+    flags = Flags(mask_blocks=(bm, bn), alibi="alibi_slopes" in kw, softcap="softcap" in kw, dropout="dropout_p" in kw)
+    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", d, flags, "sm_90a", Options(**options))
+    assert dq.warp_specialised == (warp_specialised and bm == 128)
+    assert dkdv.warp_specialised == (warp_specialised and bn == 128)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(h, device="cuda") * kw["alibi_slopes"]
+    mask, elements = random_mask(mb, mh, sq, sk, bm, bn, seed=sum(case) + causal + 7)
+    q = randn((b, sq, h, d), torch.bfloat16, 1)
+    k, v = randn((b, sk, hk, d), torch.bfloat16, 2), randn((b, sk, hk, d), torch.bfloat16, 3)
+    with override(**options):
         check_grads(q, k, v, causal, mask=elements, block_mask=mask, **kw)
-    finally:
-        _dispatch.choose_bwd.cache_clear()

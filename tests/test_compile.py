@@ -1,17 +1,22 @@
-"""NVRTC compilation without a GPU: every variant for sm_80 and sm_90a, the resource report, errors
-that carry the compiler's log, and cache keys that follow header edits."""
+"""NVRTC compilation without a GPU: a representative sample of the kernel variants for sm_80 and sm_90a
+(every kind and dtype; `python -m cuflash compile-check` builds all of them, as CI does in its own step),
+the resource report, errors that carry the compiler's log, and cache keys that follow header edits."""
 import io
 
 import pytest
 
-from cuflash import _compile
+from cuflash import _compile, _compile_check
+from cuflash._dispatch import choose_fwd
 
 
-def test_every_variant_compiles_without_spills_for_sm80_and_sm90a():
+def test_representative_variants_compile_without_spills_for_sm80_and_sm90a():
+    pairs = [(v, arch) for arch in ("sm_80", "sm_90a") for v in _compile_check.representative_variants(arch)]
+    kinds = {(_compile_check.variant_kind(v), v.dtype, arch) for v, arch in pairs}
+    assert len(kinds) >= 20 and any("ws" in k[0] for k in kinds)  # every family, the warp-specialised ones too
     report = io.StringIO()
-    failures = _compile.compile_check(("sm_80", "sm_90a"), out=report)
+    failures = _compile_check.compile_check(variants=pairs, out=report)
     assert failures == 0, report.getvalue()
-    assert "sm_90a" in report.getvalue() and "sm_80" in report.getvalue()
+    assert f"[{len(pairs)}/{len(pairs)}]" in report.getvalue()
 
 
 def test_ptxas_log_parsing():
@@ -19,7 +24,7 @@ def test_ptxas_log_parsing():
 ptxas info    : Function properties for _Z3fooPf
 ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size"""
-    assert _compile.parse_ptxas_log(log) == {
+    assert _compile_check.parse_ptxas_log(log) == {
         "_Z3fooPf": {"stack": 16, "spill_stores": 8, "spill_loads": 4, "registers": 255}
     }
 
@@ -53,22 +58,59 @@ def test_cubin_holds_its_whole_elf(tmp_path, monkeypatch):
     import struct
 
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
-    from cuflash._dispatch import choose_fwd
-
-    v = choose_fwd("float16", 64, False)
-    data = _compile.cached_cubin(v.source, v.name, "sm_80")[0].read_bytes()
+    v = choose_fwd("float16", 64)
+    data = _compile.cached_cubin(v.source, v.name, "sm_80")[0]
     ph_off, sh_off = struct.unpack_from("<QQ", data, 0x20)
     ph_size, ph_num, sh_size, sh_num = struct.unpack_from("<HHHH", data, 0x36)
     assert data[:4] == b"\x7fELF" and len(data) >= max(ph_off + ph_size * ph_num, sh_off + sh_size * sh_num)
 
 
+def _entry(tmp_path):
+    v = choose_fwd("float16", 64)
+    key = _compile.cache_key(v.source, v.name, "sm_80")
+    return v, tmp_path / f"{key}.cubin", tmp_path / f"{key}.json"
+
+
 def test_disk_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
-    from cuflash._dispatch import choose_fwd
+    v, cubin_path, _ = _entry(tmp_path)
+    cubin, lowered = _compile.cached_cubin(v.source, v.name, "sm_80")
+    assert cubin_path.read_bytes() == cubin and len(cubin) > 1000 and lowered.startswith("_Z")
+    mtime = cubin_path.stat().st_mtime_ns
+    assert _compile.cached_cubin(v.source, v.name, "sm_80") == (cubin, lowered)
+    assert cubin_path.stat().st_mtime_ns == mtime  # served from the cache, not rebuilt
 
-    v = choose_fwd("float16", 64, False)
-    path, lowered = _compile.cached_cubin(v.source, v.name, "sm_80")
-    assert path.parent == tmp_path and path.stat().st_size > 1000 and lowered.startswith("_Z")
-    mtime = path.stat().st_mtime_ns
-    assert _compile.cached_cubin(v.source, v.name, "sm_80") == (path, lowered)
-    assert path.stat().st_mtime_ns == mtime  # served from the cache, not rebuilt
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "metadata", "no metadata"])
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path, monkeypatch, damage):
+    """A cubin cut short (a full disk, a killed process), overwritten or copied without its metadata is
+    never handed to the driver: its size and checksum do not match, so it is compiled again and replaced."""
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
+    v, cubin_path, meta_path = _entry(tmp_path)
+    good, lowered = _compile.cached_cubin(v.source, v.name, "sm_80")
+    if damage == "truncated":
+        cubin_path.write_bytes(good[: len(good) // 2])
+    elif damage == "overwritten":
+        cubin_path.write_bytes(bytes(len(good)))
+    elif damage == "metadata":
+        meta_path.write_text("{not json")
+    else:
+        meta_path.unlink()
+    assert _compile.cached_cubin(v.source, v.name, "sm_80") == (good, lowered)
+    assert cubin_path.read_bytes() == good and _compile._read_entry(cubin_path, meta_path) == (good, lowered)
+
+
+def test_an_unusable_cache_folder_compiles_in_memory_with_one_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a plain file where the cache folder would be")
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(_compile, "_cache_warned", False)
+    v = choose_fwd("float16", 64)
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        cubin, lowered = _compile.cached_cubin(v.source, v.name, "sm_80")
+    assert cubin[:4] == b"\x7fELF" and lowered.startswith("_Z")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compile.cached_cubin(v.source, v.name, "sm_80")[1] == lowered  # warned once only

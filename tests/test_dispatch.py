@@ -1,17 +1,104 @@
-"""Variant choice and launch parameters (pure Python)."""
+"""Variant choice, the tile policy and launch values (pure Python)."""
 import struct
 
 import pytest
 
-from cuflash import _dispatch
-from cuflash._dispatch import FwdProblem, choose_fwd, fwd_launch, head_dim_bucket
-from cuflash._launch import flat, param_offsets
+from cuflash import _dispatch, _tiles
+from cuflash._arch import shared_memory_limit
+from cuflash._dispatch import choose_bwd, choose_fwd, fwd_launch
+from cuflash._options import Options, override
+from cuflash._params import param_struct
+from cuflash._problem import Problem
+from cuflash._tiles import CAUSAL, NO_BAND, WINDOW, Flags, head_dim_bucket
+
+
+def problem(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=8, nheads_k=8, head_dim=128, dtype="bfloat16", **kw):
+    return Problem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, 0.1, **kw)
+
+
+def values(variant, packed):
+    """Launch values by field name (nested structs as tuples)."""
+    out, i = {}, 0
+    for name, code in param_struct(variant.params).fields:
+        n = len(_dispatch.NO_LISTS) if code == "BlockLists" else len(_dispatch.NO_DROPOUT) if code == "DropoutArgs" else 1
+        out[name] = packed[i] if n == 1 else packed[i:i + n]
+        i += n
+    assert i == len(packed)
+    return out
 
 
 @pytest.mark.parametrize("d, bucket", [(8, 32), (32, 32), (40, 64), (64, 64), (80, 96), (128, 128), (136, 160),
                                        (200, 224), (256, 256)])
 def test_head_dim_buckets(d, bucket):
     assert head_dim_bucket(d) == bucket
+
+
+# The tile policy as a table: (arch, dtype, head dim, flags) -> the forward tile and the backward's
+# (dK/dV, dQ) kernels. Each row is a decision documented in _tiles.py.
+FWD_TABLE = [
+    ("sm_80", "bfloat16", 128, Flags(), (128, 48, 4, 2, False)),
+    ("sm_80", "bfloat16", 128, Flags(band=WINDOW), (128, 32, 4, 2, False)),  # a window's bounds: 32 keys
+    ("sm_80", "bfloat16", 256, Flags(softcap=True), (128, 32, 8, 2, False)),  # beyond d=128: warps of 16 rows
+    ("sm_80", "bfloat16", 64, Flags(mask_blocks=(64, 64)), (64, 64, 4, 2, False)),  # tiles divide the blocks
+    ("sm_90a", "bfloat16", 256, Flags(), (128, 48, 8, 2, False)),  # Hopper's shared memory: wider tiles
+    ("sm_90a", "bfloat16", 128, Flags(band=CAUSAL), (128, 128, 8, 3, True)),  # warp-specialised, 3 slots
+    ("sm_90a", "bfloat16", 64, Flags(short_keys=True), (128, 128, 4, 2, False)),  # short keys: mma.sync
+    ("sm_90a", "bfloat16", 64, Flags(mask_blocks=(64, 128)), (64, 128, 4, 2, False)),  # 64-row blocks: mma.sync
+    ("sm_90a", "float32", 128, Flags(), (128, 32, 8, 2, False)),  # fp32 split tiles
+    ("sm_80", "float32", 256, Flags(), (64, 16, 4, 2, False)),
+]
+
+
+@pytest.mark.parametrize("arch, dtype, head_dim, flags, expected", FWD_TABLE)
+def test_forward_tile_policy(arch, dtype, head_dim, flags, expected):
+    t = _tiles.fwd_tile(arch, dtype, head_dim_bucket(head_dim, dtype), flags, Options())
+    assert (t.block_m, t.block_n, t.warps, t.stages, t.warp_specialised) == expected
+
+
+BWD_TABLE = [  # dK/dV (block_n, block_q, warps, stages, ws); dQ (block_m, block_n, warps, ws)
+    ("sm_80", "bfloat16", 128, Flags(), (128, 32, 8, 2, False), (64, 64, 4, False)),
+    ("sm_90a", "bfloat16", 128, Flags(), (128, 64, 8, 3, False), (192, 64, 12, False)),  # wgmma, 3 slots
+    ("sm_90a", "bfloat16", 128, Flags(softcap=True), (128, 32, 8, 3, False), (128, 64, 8, False)),
+    ("sm_90a", "bfloat16", 128, Flags(mask_blocks=(128, 128)), (128, 64, 8, 3, True), (128, 64, 8, True)),
+    ("sm_90a", "bfloat16", 128, Flags(mask_blocks=(128, 128), dropout=True), (128, 32, 8, 4, True),
+     (128, 64, 8, True)),
+    ("sm_90a", "bfloat16", 64, Flags(mask_blocks=(64, 64)), (64, 64, 4, 3, False), (64, 64, 4, False)),
+    ("sm_90a", "float32", 128, Flags(), (128, 16, 8, 2, False), (128, 16, 8, False)),
+]
+
+
+@pytest.mark.parametrize("arch, dtype, head_dim, flags, dkdv, dq", BWD_TABLE)
+def test_backward_tile_policy(arch, dtype, head_dim, flags, dkdv, dq):
+    a, b = _tiles.bwd_tiles(arch, dtype, head_dim_bucket(head_dim, dtype), flags, Options())
+    assert (a.block_n, a.block_q, a.warps, a.stages, a.warp_specialised) == dkdv
+    assert (b.block_m, b.block_n, b.warps, b.warp_specialised) == dq
+
+
+def test_tile_policy_is_a_pure_function_of_its_arguments():
+    """Same arguments, same tile; options change it only through the argument (no module state)."""
+    flags = Flags(mask_blocks=(128, 128))
+    first = _tiles.bwd_tiles("sm_90a", "bfloat16", 128, flags, Options())
+    off = _tiles.bwd_tiles("sm_90a", "bfloat16", 128, flags, Options(dq_warp_specialised=False,
+                                                                          dkdv_warp_specialised=False))
+    assert _tiles.bwd_tiles("sm_90a", "bfloat16", 128, flags, Options()) == first
+    assert first[0].warp_specialised and first[1].warp_specialised
+    assert not off[0].warp_specialised and not off[1].warp_specialised
+    assert not _tiles.fwd_tile("sm_90a", "bfloat16", 128, Flags(), Options(fwd_warp_specialised=False)).warp_specialised
+
+
+def test_options_from_the_environment_and_override():
+    env = {"CUFLASH_WGMMA": "0", "CUFLASH_FWD_WS": "all", "CUFLASH_DQ_WS": "0", "CUFLASH_PERSISTENT": "0",
+           "CUFLASH_BWD_STREAMS": "1"}
+    o = Options.from_env(env)
+    assert not o.wgmma and o.fwd_warp_specialised and o.fwd_warp_specialised_short and not o.dq_warp_specialised
+    assert o.dkdv_warp_specialised and not o.persistent and not o.bwd_side_stream
+    assert Options.from_env({}) == Options()
+    from cuflash import _options
+
+    before = _options.current()
+    with override(wgmma=False):
+        assert _options.current() == Options(**{**vars(before), "wgmma": False})
+    assert _options.current() == before
 
 
 @pytest.mark.parametrize("arch, limit_kib", [("sm_80", 163), ("sm_90a", 227)])
@@ -23,99 +110,91 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
     for v in variants:
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
-    dims = 2 * len(_dispatch.HEAD_DIM_BUCKETS) + len(_dispatch.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
+    dims = 2 * len(_tiles.HEAD_DIM_BUCKETS) + len(_tiles.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
     if arch == "sm_90a":  # short calls of these buckets take the mma.sync forward there
-        dims += 2 * len(_dispatch.WS_FWD_MIN_SEQLEN_K)
+        dims += 2 * len(_tiles.WS_FWD_MIN_SEQLEN_K)
     assert len(dense) == dims * 3 * 4 * 2  # dims x band (none, causal, window) x mods x dropout
 
 
 def test_hopper_d64_takes_the_warp_specialised_forward_from_2048_keys():
-    def variant(seqlen_k, **kw):
-        short = _dispatch.short_keys_for("bfloat16", 64, seqlen_k)
-        return choose_fwd("bfloat16", 64, True, arch="sm_90a", short_keys=short, **kw)
-    assert variant(2048).warp_specialised and variant(65536, alibi=True).warp_specialised
+    def variant(seqlen_k, mask_blocks=None, **kw):
+        p = problem(seqlen_k=seqlen_k, head_dim=64, causal=True, mask_blocks=mask_blocks, **kw)
+        return choose_fwd("bfloat16", 64, p.flags(Options()), "sm_90a")
+    assert variant(2048).warp_specialised and variant(65536, alibi_sb=0).warp_specialised
     assert not variant(2047).warp_specialised and not variant(512, mask_blocks=(128, 128)).warp_specialised
-    assert variant(2047).wgmma is False and variant(2047).block_m == 128  # the mma.sync forward
-    assert choose_fwd("bfloat16", 128, True, arch="sm_90a",
-                      short_keys=_dispatch.short_keys_for("bfloat16", 128, 1)).warp_specialised
+    assert variant(2047).block_m == 128  # the mma.sync forward
+    assert choose_fwd("bfloat16", 64, problem(seqlen_k=1, head_dim=64).flags(Options(fwd_warp_specialised_short=True)),
+                      "sm_90a").warp_specialised
+    assert choose_fwd("bfloat16", 128, problem(seqlen_k=1).flags(Options()), "sm_90a").warp_specialised
 
 
 def test_variant_name_is_a_template_instance():
-    v = choose_fwd("bfloat16", 72, True)
+    v = choose_fwd("bfloat16", 72, Flags(band=CAUSAL))
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
                       f"{v.stages}, 1, false, false, false, false, false>")  # band 1: causal
 
 
-def test_launch_args_are_64_bit_and_grid_is_one_dimensional():
-    v = choose_fwd("float16", 128, False)
+def test_launch_values_are_64_bit_and_grid_is_one_dimensional():
+    v = choose_fwd("float16", 128)
     # 70,000 (batch x heads) would overflow a 65535 grid.y; here everything is on grid.x.
-    p = FwdProblem(batch=7000, seqlen_q=300, seqlen_k=300, nheads=10, nheads_k=5, head_dim=128, softmax_scale=0.1)
+    p = problem(batch=7000, seqlen_q=300, seqlen_k=300, nheads=10, nheads_k=5, dtype="float16")
     big = 3 * 2**31  # strides past 2^31 elements must survive
     t = (0x7F0000000000, (big, 1280, 128))
-    blocks, threads, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000)
+    blocks, threads, packed = fwd_launch(v, p, t, t, t, t, 0x7F0000001000)
     assert blocks == -(-300 // v.block_m) * 70000 and threads == v.threads
-    packed = struct.Struct("@" + flat(_dispatch.FWD_PARAM_FORMAT)).pack(*args)  # as many as, and fitting, the C types
-    assert struct.unpack_from("@q", packed, 40)[0] == big
-    assert args[_dispatch.FWD_PARAM_FORMAT.index("i") + 3] == 2  # query heads per K/V head
+    params = param_struct("FwdParams")
+    raw = struct.Struct("@" + params.format).pack(*packed)  # as many as, and fitting, the C types
+    assert struct.unpack_from("@q", raw, params.offsets()["q_sb"])[0] == big
+    assert values(v, packed)["kv_group"] == 2 and values(v, packed)["q_sb"] == big
 
 
 def test_warp_specialised_forward_is_persistent():
-    v = choose_fwd("bfloat16", 128, True, arch="sm_90a")
-    assert v.warp_specialised and _dispatch.param_format(v) == _dispatch.FWD_PARAM_FORMAT + "Qi"
-    p = FwdProblem(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=8, nheads_k=8, head_dim=128, softmax_scale=0.1)
+    v = choose_fwd("bfloat16", 128, Flags(band=CAUSAL), "sm_90a")
+    assert v.warp_specialised and v.persistent and v.params == "FwdParams"
+    p = problem()
     t = (0x7F0000000000, (1024000, 1024, 128))
     tiles = -(-1000 // v.block_m) * 16
-    blocks, _, args = fwd_launch(v, p, t, t, t, t, 0x7F0000001000, persistent=(0x7F0000002000, 132))
-    assert blocks == min(tiles, 132) and args[-2:] == (0x7F0000002000, tiles)  # the counter, every tile
-    struct.Struct("@" + flat(_dispatch.param_format(v))).pack(*args)
+    blocks, _, packed = fwd_launch(v, p, t, t, t, t, 0x7F0000001000, persistent=(0x7F0000002000, 132))
+    f = values(v, packed)
+    assert blocks == min(tiles, 132) and (f["tile_counter"], f["num_tiles"]) == (0x7F0000002000, tiles)
     assert fwd_launch(v, p, t, t, t, t, 0, persistent=(0, 1000))[0] == tiles  # never more blocks than tiles
 
 
 def test_grid_limit_is_checked():
-    v = choose_fwd("float16", 64, False)
-    p = FwdProblem(batch=2**20, seqlen_q=2**16, seqlen_k=1, nheads=64, nheads_k=64, head_dim=64, softmax_scale=1.0)
+    v = choose_fwd("float16", 64)
+    p = problem(batch=2**20, seqlen_q=2**16, seqlen_k=1, nheads=64, nheads_k=64, head_dim=64, dtype="float16")
     t = (0, (0, 0, 0))
     with pytest.raises(ValueError, match="grid limit"):
         fwd_launch(v, p, t, t, t, t, 0)
 
 
 def test_dropout_variants_and_launch_fields():
-    v = _dispatch.choose_fwd("bfloat16", 64, True, dropout=True)
+    v = choose_fwd("bfloat16", 64, Flags(band=CAUSAL, dropout=True))
     assert v.dropout and v.name.endswith("false, false, false, true, false>")
-    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True)
+    _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True))
     assert dkdv.dropout and dq.dropout and dkdv.name.endswith("true, false>")  # dropout on, wgmma off
-    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", 64, False, dropout=True, arch="sm_90a")
+    _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True), "sm_90a")
     assert dkdv.wgmma and dq.wgmma and dkdv.name.endswith("true, true>")
     assert _dispatch.dropout_threshold(0.1) == 6554 and _dispatch.dropout_threshold(0.99999999) == 65535
     state, seed, offset, threshold, scale = _dispatch.dropout_args(0.5, 2**64 + 3, 8)
     assert (state, seed, offset, threshold, scale) == (0, 3, 8, 32768, 2.0)
     assert _dispatch.dropout_args(0.0) == _dispatch.NO_DROPOUT
-    # The two struct parameters are one kernel parameter each: the 32nd (block lists) and the 33rd (dropout).
-    fmt = _dispatch.FWD_PARAM_FORMAT
-    offsets = param_offsets(fmt)
-    assert len(offsets) == 35 and offsets[-2:] == [224, 296] and struct.calcsize("@" + flat(fmt)) == 328
-
-
-def test_param_offsets_group_structs():
-    assert param_offsets("iQ(QQi)f(Qif)") == [0, 8, 16, 40, 48]
-    assert param_offsets("QQ") == [0, 8] and flat("i(QQ)") == "i0QQQ0Q"
 
 
 def test_band_args():
     def band(causal=False, window=(-1, -1), sq=100, sk=300):
-        p = _dispatch.FwdProblem(1, sq, sk, 1, 1, 64, 0.125, causal=causal, window=window)
+        p = problem(seqlen_q=sq, seqlen_k=sk, causal=causal, window=window)
         return p.band, p.band_args()
 
-    none, causal, window = _dispatch.NO_BAND, _dispatch.CAUSAL, _dispatch.WINDOW
-    assert band() == (none, (400, 400))
-    assert band(causal=True) == (causal, (400, 0))  # right capped at 0; an unbounded side is seqlen_q + seqlen_k
-    assert band(causal=True, window=(-1, 7)) == (causal, (400, 0))  # causal wins over the right side
-    assert band(window=(3, 5)) == (window, (3, 5))
-    assert band(causal=True, window=(3, 5)) == (window, (3, 0))
-    assert band(window=(-1, 2)) == (window, (400, 2))
-    assert band(window=(10**9, 0)) == (window, (400, 0))  # clipped, so the kernels' sums never overflow
-    # A window takes narrower tiles than causal where registers are short (no spills; tests/test_compile.py).
-    assert choose_fwd("bfloat16", 64, window).block_n <= choose_fwd("bfloat16", 64, causal).block_n
+    assert band() == (NO_BAND, (400, 400))
+    assert band(causal=True) == (CAUSAL, (400, 0))  # right capped at 0; an unbounded side is seqlen_q + seqlen_k
+    assert band(causal=True, window=(-1, 7)) == (CAUSAL, (400, 0))  # causal wins over the right side
+    assert band(window=(3, 5)) == (WINDOW, (3, 5))
+    assert band(causal=True, window=(3, 5)) == (WINDOW, (3, 0))
+    assert band(window=(-1, 2)) == (WINDOW, (400, 2))
+    assert band(window=(10**9, 0)) == (WINDOW, (400, 0))  # clipped, so the kernels' sums never overflow
+    # A window takes narrower tiles than causal where registers are short (no spills; compile-check).
+    assert choose_fwd("bfloat16", 64, Flags(band=WINDOW)).block_n <= choose_fwd("bfloat16", 64, Flags(band=CAUSAL)).block_n
 
 
 @pytest.mark.parametrize("head_dim, dtype", [(8, "bfloat16"), (64, "float16"), (128, "bfloat16"), (256, "float32")])
@@ -123,51 +202,44 @@ def test_band_args():
 def test_preprocess_grid_covers_every_row(head_dim, dtype, batch, seqlen_q, nheads):
     """The backward's preprocess: blocks_per_bh blocks per (batch, head), each 128 / lanes rows per pass times
     PREPROCESS_ROWS (kernels/flash_bwd.cu), cover seqlen_q rows, with no block left over."""
-    pre, dkdv, dq = _dispatch.choose_bwd(dtype, head_dim, False)
-    p = FwdProblem(batch=batch, seqlen_q=seqlen_q, seqlen_k=64, nheads=nheads, nheads_k=nheads, head_dim=head_dim,
-                   softmax_scale=0.1)
+    pre, dkdv, dq = choose_bwd(dtype, head_dim)
+    p = problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=64, nheads=nheads, nheads_k=nheads, head_dim=head_dim,
+                dtype=dtype)
     t = (0x7F0000000000, (seqlen_q * nheads * head_dim, nheads * head_dim, head_dim))
     kv = (0x7F0000000000, (64 * nheads * head_dim, nheads * head_dim, head_dim))
     launches = _dispatch.bwd_launches((pre, dkdv, dq), p, t, kv, kv, t, t, 0, 0, t, kv, kv)
-    variant, blocks, threads, args = launches[0]
+    variant, blocks, threads, packed = launches[0]
     assert variant is pre and threads == 128
+    f = values(pre, packed)
     lanes = _dispatch.preprocess_row_lanes(head_dim, dtype)
-    blocks_per_bh = args[-2]
     rows_per_block = 128 // lanes * _dispatch.PREPROCESS_ROWS
-    assert blocks == batch * nheads * blocks_per_bh and args[-1] == lanes
-    assert (blocks_per_bh - 1) * rows_per_block < seqlen_q <= blocks_per_bh * rows_per_block
-    struct.Struct("@" + flat(_dispatch.param_format(pre))).pack(*args)
+    assert blocks == batch * nheads * f["blocks_per_bh"] and f["row_lanes"] == lanes
+    assert (f["blocks_per_bh"] - 1) * rows_per_block < seqlen_q <= f["blocks_per_bh"] * rows_per_block
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_block_masks_take_the_warp_specialised_backward_on_hopper(monkeypatch, head_dim):
+def test_block_masks_take_the_warp_specialised_backward_on_hopper(head_dim):
     """Block masks of 128-key blocks take the warp-specialised dK/dV kernel and those of 128-row query blocks
     the warp-specialised dQ kernel on sm_90a (fp16/bf16, d = 64 and 128), each within Hopper's shared memory;
-    tanh and the RNG take half-height query tiles at d = 128; the environment switches turn both off; other
-    GPUs, fp32 and dense calls keep the plain kernels."""
-    limit = _dispatch.shared_memory_limit("sm_90a")
+    tanh and the RNG take half-height query tiles at d = 128; the options turn both off; other GPUs, fp32
+    and dense calls keep the plain kernels."""
+    limit = shared_memory_limit("sm_90a")
     for softcap, dropout in [(False, False), (True, False), (False, True)]:
-        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (128, 128), False, softcap,
-                                            dropout, arch="sm_90a")
-        assert dkdv.warp_specialised and dq.warp_specialised
+        _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(128, 128), softcap=softcap,
+                                                             dropout=dropout), "sm_90a")
+        assert dkdv.warp_specialised and dq.warp_specialised and dkdv.persistent and dq.persistent
         assert dkdv.threads == dq.threads == 384 and dkdv.block_n == 128 and dq.block_m == 128
         assert dkdv.smem_bytes <= limit and dq.smem_bytes <= limit
         assert dkdv.block_q == (32 if head_dim == 128 and (softcap or dropout) else 64)
-        assert _dispatch.param_format(dkdv) == _dispatch.BWD_DKDV_PARAM_FORMAT
-        assert _dispatch.param_format(dq) == _dispatch.BWD_DQ_WS_PARAM_FORMAT
+        assert (dkdv.params, dq.params) == ("BwdDkdvParams", "BwdDqParams")
         assert "flash_bwd_dkdv_ws_kernel<" in dkdv.name and "flash_bwd_dq_ws_kernel<" in dq.name
-    _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (64, 64), arch="sm_90a")
+    _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(64, 64)), "sm_90a")
     assert not dkdv.warp_specialised and not dq.warp_specialised  # 64-key and 64-row blocks: the plain tiles
     for dtype, arch in [("bfloat16", "sm_80"), ("float32", "sm_90a")]:
         assert not any(getattr(v, "warp_specialised", False)
-                       for v in _dispatch.choose_bwd(dtype, head_dim, _dispatch.NO_BAND, (128, 128), arch=arch))
+                       for v in choose_bwd(dtype, head_dim, Flags(mask_blocks=(128, 128)), arch))
     assert not any(getattr(v, "warp_specialised", False)
-                   for v in _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.CAUSAL, arch="sm_90a"))
-    monkeypatch.setattr(_dispatch, "WS_DKDV", False)
-    monkeypatch.setattr(_dispatch, "WS_DQ", False)
-    _dispatch.choose_bwd.cache_clear()
-    try:
-        _, dkdv, dq = _dispatch.choose_bwd("bfloat16", head_dim, _dispatch.NO_BAND, (128, 128), arch="sm_90a")
-        assert not dkdv.warp_specialised and not dq.warp_specialised
-    finally:
-        _dispatch.choose_bwd.cache_clear()
+                   for v in choose_bwd("bfloat16", head_dim, Flags(band=CAUSAL), "sm_90a"))
+    off = Options(dq_warp_specialised=False, dkdv_warp_specialised=False)
+    _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(128, 128)), "sm_90a", off)
+    assert not dkdv.warp_specialised and not dq.warp_specialised

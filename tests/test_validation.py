@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 
 import cuflash
+from cuflash import _arrays, _problem
 from cuflash._bridge import DeviceArray
-from cuflash.api import check_fwd_args
+
+
+def check_fwd_args(q, k, v, softmax_scale, softcap=0.0, dropout_p=0.0, **kw):
+    return _problem.build(q, k, v, softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p, **kw)
 
 
 def arr(shape, dtype="float16", strides=None, device=0, framework="cupy", ptr=4096):
@@ -122,24 +126,22 @@ def test_bad_dropout_p_is_named(p, exc):
 
 
 def test_dropout_rng_checks():
-    from cuflash import api
-
     p = check_fwd_args(*qkv(), None, 0.0, 0.1)
     assert p.dropout_p == 0.1
     with pytest.raises(ValueError, match="rng_state"):
-        api.dropout_launch_args(p, None)
+        _arrays.dropout_fields(p, None)
     with pytest.raises(TypeError, match="rng_state"):
-        api.dropout_launch_args(p, (1, 2, 3))
+        _arrays.dropout_fields(p, (1, 2, 3))
     with pytest.raises(TypeError, match="dropout_seed"):
-        api.resolve_rng(0.1, -5, None)
+        _arrays.framework_rng(0.1, -5, None)
     with pytest.raises(TypeError, match="dropout_seed"):
-        api.resolve_rng(0.1, 1.5, None)
-    assert api.resolve_rng(0.0, None, None) is None
-    assert api.resolve_rng(0.1, 2**64 - 1, None) == (2**64 - 1, 0)
+        _arrays.framework_rng(0.1, 1.5, None)
+    assert _arrays.framework_rng(0.0, None, None) is None
+    assert _arrays.framework_rng(0.1, 2**64 - 1, None) == (2**64 - 1, 0)
     np.random.seed(3)
-    a = api.resolve_rng(0.1, None, np.zeros(1))
+    a = _arrays.framework_rng(0.1, None, np.zeros(1))
     np.random.seed(3)
-    assert api.resolve_rng(0.1, None, np.zeros(1)) == a  # NumPy's global generator: reproducible
+    assert _arrays.framework_rng(0.1, None, np.zeros(1)) == a  # NumPy's global generator: reproducible
 
 
 @pytest.mark.parametrize("window", [(1,), (-2, 0), (1.5, 0), "ab", None])
@@ -173,13 +175,46 @@ def test_bad_softcap_is_named(softcap, exc):
 
 def test_float32_inputs_are_accepted_and_bucketed():
     from cuflash import _dispatch
+    from cuflash._tiles import CAUSAL, Flags
 
     p = check_fwd_args(*qkv(d=40, dtype="float32"), None)
     assert p.head_dim == 40
-    v = _dispatch.choose_fwd("float32", 40, False)
+    v = _dispatch.choose_fwd("float32", 40)
     assert v.head_dim == 64 and v.name.startswith("cuflash::flash_fwd_kernel<float, 64,")
-    assert _dispatch.choose_fwd("float32", 160, True).head_dim == 256
+    assert _dispatch.choose_fwd("float32", 160, Flags(band=CAUSAL)).head_dim == 256
     with pytest.raises(TypeError, match="one dtype"):
         q, k, v = qkv(dtype="float32")
         k.dtype = "bfloat16"
         check_fwd_args(q, k, v, None)
+
+
+@pytest.mark.parametrize("causal", ["no", 1, None])
+def test_causal_must_be_a_bool(causal):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        check_fwd_args(*qkv(), None, causal=causal)
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        cuflash.flash_attn_func(x, x, x, causal=causal)
+
+
+def test_packed_problem_is_the_dense_one_with_offsets():
+    """Packed q, k, v ((total, heads, dim)) are checked as (batch, max_seqlen, heads, dim) views with batch
+    stride 0; the log-sum-exp is (nheads, total_q); max_seqlen must be an int whatever the framework."""
+    q, k, v = arr((50, 4, 64)), arr((70, 2, 64)), arr((70, 2, 64))
+    cu = (arr((4,), "int32"), arr((4,), "int32"))
+    p = _problem.build(q, k, v, cu_seqlens=cu, max_seqlen=(20, 30))
+    assert (p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.packed) == (3, 20, 30, 4, 2, (50, 70))
+    assert p.lse_shape == (4, 50) and p.q_shape == (50, 4, 64) and p.k_shape == (70, 2, 64)
+    assert p.batched(q).shape == (3, 20, 4, 64) and p.batched(q).strides[0] == 0
+    with pytest.raises(ValueError, match="max_seqlen_q must be an int"):
+        _problem.build(q, k, v, cu_seqlens=cu, max_seqlen=(20.0, 30))
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        _problem.build(arr((1, 50, 4, 64)), k, v, cu_seqlens=cu, max_seqlen=(20, 30))
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a contiguous int32"):
+        _problem.build(q, k, v, cu_seqlens=(cu[0], arr((4,), "int64")), max_seqlen=(20, 30))
+
+
+def test_unpad_input_rejects_host_arrays():
+    x = np.zeros((2, 5, 3), np.float16)
+    with pytest.raises(TypeError, match="hidden_states must be a PyTorch CUDA tensor or a CuPy array"):
+        cuflash.unpad_input(x, np.ones((2, 5), bool))

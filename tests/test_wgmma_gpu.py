@@ -3,7 +3,7 @@ from shared memory) and of P B (P from registers), against NumPy. Needs an sm_90
 import numpy as np
 import pytest
 
-from cuflash import _compile
+from cuflash import _arch, _compile
 
 pytestmark = pytest.mark.gpu
 
@@ -45,7 +45,7 @@ __global__ void wg_products(const T* a, const T* b, const T* b2, float* c, float
 def test_wgmma_products(dtype, n, k, n2):
     import cupy
 
-    if _compile.device_arch() != "sm_90a":
+    if _arch.device_arch() != "sm_90a":
         pytest.skip("wgmma needs an sm_90 GPU")
     import ml_dtypes  # noqa: F401  (bfloat16 for NumPy, shipped with JAX)
 

@@ -1,8 +1,8 @@
 """cuflash: FlashAttention as raw CUDA kernels compiled at run time by NVRTC through CuPy."""
-from .api import flash_attn_backward, flash_attn_func
+from .api import flash_attn_backward, flash_attn_func, flash_attn_varlen_backward, flash_attn_varlen_func
 from .masks import BlockMask
 from .reference import attention_reference
-from .varlen import flash_attn_varlen_backward, flash_attn_varlen_func, pad_input, unpad_input
+from .varlen import pad_input, unpad_input
 
 __version__ = "0.1.0"
 __all__ = ["flash_attn_func", "flash_attn_backward", "flash_attn_varlen_func", "flash_attn_varlen_backward",

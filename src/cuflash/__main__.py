@@ -6,7 +6,7 @@ import sys
 
 
 def _compile_check(argv) -> int:
-    from . import _compile
+    from . import _compile_check
 
     ap = argparse.ArgumentParser(prog="python -m cuflash compile-check",
                                  description="Compile every kernel variant with NVRTC (no GPU needed); "
@@ -14,20 +14,20 @@ def _compile_check(argv) -> int:
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90a"])
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
-    return 1 if _compile.compile_check(tuple(args.arch), args.jobs) else 0
+    return 1 if _compile_check.compile_check(tuple(args.arch), args.jobs) else 0
 
 
 def _warmup(argv) -> int:
     """Compile, in parallel, every variant the present GPU can use into the on-disk cache."""
     import time
 
-    from . import _compile, _dispatch
+    from . import _arch, _compile, _dispatch
 
     ap = argparse.ArgumentParser(prog="python -m cuflash warmup", description=_warmup.__doc__)
     ap.add_argument("--arch", help="compile for this arch instead of the present GPU's (e.g. sm_90a)")
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
-    arch = args.arch or _compile.device_arch()
+    arch = args.arch or _arch.device_arch()
     variants = _dispatch.all_variants(arch)
     t0 = time.perf_counter()
     for name in _compile.precompile(variants, arch, args.jobs):
@@ -37,7 +37,7 @@ def _warmup(argv) -> int:
 
 
 def _info(argv) -> int:
-    from . import __version__, _compile
+    from . import __version__, _arch, _compile
 
     print(f"cuflash {__version__}")
     print(f"kernels: {_compile.kernels_dir()}")
@@ -45,11 +45,11 @@ def _info(argv) -> int:
     try:
         import cupy
 
-        print(f"cupy {cupy.__version__}, NVRTC {_compile._nvrtc_version()}, headers {_compile.cuda_include_dir()}")
+        print(f"cupy {cupy.__version__}, NVRTC {_compile.nvrtc_version()}, headers {_compile.cuda_include_dir()}")
         n = cupy.cuda.runtime.getDeviceCount()
         for i in range(n):
             props = cupy.cuda.runtime.getDeviceProperties(i)
-            print(f"cuda:{i} {props['name'].decode()} -> {_compile.device_arch(i)}")
+            print(f"cuda:{i} {props['name'].decode()} -> {_arch.device_arch(i)}")
     except Exception as e:  # no GPU or no driver: still useful output
         print(f"no CUDA device available: {e}")
     return 0

@@ -99,11 +99,11 @@ def tflops_per_s(n_flops, ms):
     return n_flops / (ms * 1e-3) / 1e12
 
 
-def _log(msg=""):
+def log(msg=""):
     print(msg, flush=True)
 
 
-def _first_line(exc):
+def first_line(exc):
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(exc).__name__}: {line}"[:200]
@@ -114,12 +114,12 @@ def _torch_dtype(name):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _oom_error():
+def oom_error():
     import torch
     return getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _free_memory():
+def free_memory():
     import torch
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -305,8 +305,8 @@ def reference_output(q, k, v, causal, allow_math):
                 out = _sdpa(*args, causal)
             torch.cuda.synchronize()
             return out, name
-        except _oom_error():
-            _free_memory()
+        except oom_error():
+            free_memory()
         except Exception:
             pass
     return None, None
@@ -321,7 +321,7 @@ def check_correctness(fn, q, k, v, causal, allow_math):
     if ref is None:
         return None, None, False
     if tuple(out.shape) != tuple(ref.shape):
-        _log(f"!!! cuflash output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+        log(f"!!! cuflash output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
         return None, ref_name, False
     diff = (out.float() - ref.float()).abs().max().item()
     ok = math.isfinite(diff) and diff < MAX_ABS_DIFF_TOL
@@ -394,7 +394,7 @@ def _git_commit():
     return None
 
 
-def _cupy_version():
+def cupy_version():
     try:
         import cupy
         return cupy.__version__
@@ -411,7 +411,7 @@ def write_json(path, argv, results, program="python -m cuflash bench"):
         "command": " ".join([program, *(shlex.quote(a) for a in argv)]),
         "commit": _git_commit(),
         "torch": torch.__version__,
-        "cupy": _cupy_version(),
+        "cupy": cupy_version(),
         "cuda": torch.version.cuda,
         "results": results,
     }
@@ -511,15 +511,15 @@ def main(argv):
         try:
             impls[name] = get_impl(name)
         except Exception as exc:
-            _log(f"!!! cannot set up {name}: {_first_line(exc)} -- skipping it")
+            log(f"!!! cannot set up {name}: {first_line(exc)} -- skipping it")
             failed = failed or name == "cuflash"
 
-    _log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-         f"cuda {torch.version.cuda}  cupy {_cupy_version()}")
-    _log(f"impls: {', '.join(impls)}")
+    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+         f"cuda {torch.version.cuda}  cupy {cupy_version()}")
+    log(f"impls: {', '.join(impls)}")
     torch.manual_seed(0)
     results = []
-    oom = _oom_error()
+    oom = oom_error()
     try:
         for dtype_name in dtypes:
             dtype = _torch_dtype(dtype_name)
@@ -528,14 +528,14 @@ def main(argv):
                 for causal in causals:
                     for seqlen in seqlens:
                         batch = max(1, args.total_tokens // seqlen)
-                        _free_memory()
-                        _log(f"\n[{'/'.join(passes)} {dtype_name} headdim={headdim} causal={causal} "
+                        free_memory()
+                        log(f"\n[{'/'.join(passes)} {dtype_name} headdim={headdim} causal={causal} "
                              f"seqlen={seqlen} batch={batch} nheads={nheads}]")
                         try:
                             input_sets = make_inputs(batch, seqlen, nheads, headdim, dtype)
                         except oom:
-                            _free_memory()
-                            _log("  out of memory allocating inputs -- skipping shape")
+                            free_memory()
+                            log("  out of memory allocating inputs -- skipping shape")
                             continue
                         quad_ok, quad_why = quadratic_allowed(
                             batch, nheads, seqlen, seqlen, args.quadratic_max_seqlen)
@@ -543,7 +543,7 @@ def main(argv):
                             n_flops = flops(batch, seqlen, seqlen, nheads, headdim, causal, pass_)
                             for name, (fn, ctx) in impls.items():
                                 if name in QUADRATIC_IMPLS and not quad_ok:
-                                    _log(f"  {name:<15} skipped: {quad_why}")
+                                    log(f"  {name:<15} skipped: {quad_why}")
                                     continue
                                 extra = {}
                                 if name == "cuflash" and pass_ == "fwd":
@@ -552,32 +552,32 @@ def main(argv):
                                             fn, *input_sets[0], causal, quad_ok)
                                     except Exception as exc:
                                         diff, ref_name, ok = None, None, False
-                                        _log(f"!!! cuflash raised during the check: {_first_line(exc)}")
+                                        log(f"!!! cuflash raised during the check: {first_line(exc)}")
                                     extra = {"max_abs_diff": diff, "reference": ref_name, "correct": ok}
                                     if not ok:
                                         failed = True
-                                        _log("!" * 78)
-                                        _log(f"!!! CUFLASH CORRECTNESS CHECK FAILED: max_abs_diff={diff} "
+                                        log("!" * 78)
+                                        log(f"!!! CUFLASH CORRECTNESS CHECK FAILED: max_abs_diff={diff} "
                                              f"(tol {MAX_ABS_DIFF_TOL}) vs {ref_name}")
-                                        _log("!" * 78)
-                                    _free_memory()
+                                        log("!" * 78)
+                                    free_memory()
                                 try:
                                     with warnings.catch_warnings(record=True) as caught:
                                         warnings.simplefilter("always")
                                         res = run_impl(fn, ctx, input_sets, causal, timing, pass_)
                                 except oom:
-                                    _free_memory()
-                                    _log(f"  {name:<15} skipped: out of memory")
+                                    free_memory()
+                                    log(f"  {name:<15} skipped: out of memory")
                                     continue
                                 except Exception as exc:
-                                    why = _first_line(exc)
+                                    why = first_line(exc)
                                     if caught:
                                         why += f" ({str(caught[0].message).strip()[:160]})"
-                                    _log(f"  {name:<15} skipped: {why}")
+                                    log(f"  {name:<15} skipped: {why}")
                                     if name == "cuflash":
                                         failed = True
-                                        _log("!!! cuflash FAILED to run on this shape")
-                                    _free_memory()
+                                        log("!!! cuflash FAILED to run on this shape")
+                                    free_memory()
                                     continue
                                 res["tflops"] = tflops_per_s(n_flops, res["ms"])
                                 results.append({
@@ -591,17 +591,17 @@ def main(argv):
                                 line = _describe_run(name, res)
                                 if name == "cuflash" and extra.get("max_abs_diff") is not None:
                                     line += f"  max_abs_diff {extra['max_abs_diff']:.2e}"
-                                _log(line)
+                                log(line)
                         del input_sets
     except KeyboardInterrupt:
-        _log("\ninterrupted -- reporting what was measured so far")
+        log("\ninterrupted -- reporting what was measured so far")
 
-    _log("\n" + format_table(results))
+    log("\n" + format_table(results))
     if args.json:
         write_json(args.json, argv, results)
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}")
     if failed:
-        _log("!!! cuflash failed a correctness check or failed to run (see above)")
+        log("!!! cuflash failed a correctness check or failed to run (see above)")
         return 1
     return 0
 

@@ -53,7 +53,7 @@ import sys
 import numpy as np
 
 from . import _bench
-from ._bench import _first_line, _free_memory, _log, _oom_error
+from ._bench import first_line, free_memory, log, oom_error
 from .masks import BlockMask
 
 BLOCK = 128                 # FlexAttention's default BLOCK_SIZE
@@ -259,17 +259,17 @@ def run_case(suite, pattern, seqlen, batch, nheads, headdim, passes, impls, timi
     """Time every pass and impl on one mask and shape; append records to results.
     Returns False when cuflash failed to run or disagreed with flex."""
     import torch
-    oom = _oom_error()
+    oom = oom_error()
     m, mask_mod = build_mask(pattern, seqlen)
-    _log(f"\n[{suite}: {pattern} density={m.density:.4f} seqlen={seqlen} batch={batch} "
+    log(f"\n[{suite}: {pattern} density={m.density:.4f} seqlen={seqlen} batch={batch} "
          f"nheads={nheads} headdim={headdim}]")
-    _free_memory()
+    free_memory()
     ok = True
     try:
         input_sets = _bench.make_inputs(batch, seqlen, nheads, headdim, torch.bfloat16)
     except oom:
-        _free_memory()
-        _log("  out of memory allocating inputs -- skipping case")
+        free_memory()
+        log("  out of memory allocating inputs -- skipping case")
         return ok
     fns, sets = {"cuflash": cuflash_fn(m)}, {"cuflash": input_sets}
     if "flex" in impls:
@@ -280,19 +280,19 @@ def run_case(suite, pattern, seqlen, batch, nheads, headdim, passes, impls, timi
             fns["flex"] = flex_fn(fbm)
             sets["flex"] = [tuple(x.transpose(1, 2).contiguous() for x in qkv) for qkv in input_sets]
         except Exception as exc:
-            _log(f"  flex skipped: {_first_line(exc)}")
+            log(f"  flex skipped: {first_line(exc)}")
 
     diffs = {}
     if "flex" in fns:
         try:
             diffs = compare(fns["cuflash"], fns["flex"], input_sets[0], sets["flex"][0], "fwd_bwd" in passes)
             good = check_fields(diffs, "fwd_bwd")["correct"]
-            _log("  cuflash - flex: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            log("  cuflash - flex: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
                  + ("" if good else f"  !!! OVER TOLERANCE (out {OUT_TOL}, grads {GRAD_TOL})"))
             ok = ok and good
         except Exception as exc:
-            _log(f"  check skipped: {_first_line(exc)}")
-        _free_memory()
+            log(f"  check skipped: {first_line(exc)}")
+        free_memory()
 
     for pass_ in passes:
         recs = {}
@@ -300,17 +300,17 @@ def run_case(suite, pattern, seqlen, batch, nheads, headdim, passes, impls, timi
             try:
                 res = _bench.run_impl(fn, contextlib.nullcontext, sets[impl], False, timing, pass_)
             except Exception as exc:
-                why = "out of memory" if isinstance(exc, oom) else _first_line(exc)
-                _log(f"  {pass_:<7} {impl:<7} skipped: {why}")
+                why = "out of memory" if isinstance(exc, oom) else first_line(exc)
+                log(f"  {pass_:<7} {impl:<7} skipped: {why}")
                 ok = ok and impl != "cuflash"
-                _free_memory()
+                free_memory()
                 continue
             rec = make_record(suite, pattern, m, pass_, impl, batch, nheads, headdim, res)
             if impl == "cuflash" and diffs:
                 rec.update(check_fields(diffs, pass_))
             recs[impl] = rec
             results.append(rec)
-            _log(f"  {pass_:<7} {impl:<7} {rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s "
+            log(f"  {pass_:<7} {impl:<7} {rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s "
                  f"{rec['peak_mib']:9.1f} MiB  ({rec['reps']} reps)")
         if "cuflash" in recs and "flex" in recs:
             recs["cuflash"]["speedup_vs_flex"] = recs["flex"]["ms"] / recs["cuflash"]["ms"]
@@ -434,8 +434,8 @@ def main(argv):
         return 2
     timing = _bench.QUICK_TIMING if args.quick else _bench.Timing()
     passes = list(dict.fromkeys(args.passes))
-    _log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-         f"cuda {torch.version.cuda}  cupy {_bench._cupy_version()}")
+    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+         f"cuda {torch.version.cuda}  cupy {_bench.cupy_version()}")
     torch.manual_seed(0)
     results, ok = [], True
     try:
@@ -453,16 +453,16 @@ def main(argv):
                 ok &= run_case("long", "local_global", seqlen, 1, LONG_NHEADS, LONG_HEADDIM, ["fwd_bwd"],
                                impls, timing, results)
     except KeyboardInterrupt:
-        _log("\ninterrupted -- reporting what was measured so far")
+        log("\ninterrupted -- reporting what was measured so far")
 
     for suite, table in (("cases", format_cases), ("sweep", format_sweep), ("long", format_long)):
         if any(r["suite"] == suite for r in results):
-            _log("\n" + table(results))
+            log("\n" + table(results))
     if args.json:
         _bench.write_json(args.json, argv, results, program="python -m cuflash bench-sparse")
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}")
     if not ok:
-        _log("!!! cuflash failed to run or disagreed with flex (see above)")
+        log("!!! cuflash failed to run or disagreed with flex (see above)")
         return 1
     return 0
 

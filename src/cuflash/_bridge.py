@@ -105,6 +105,32 @@ def _describe(x, argname: str) -> DeviceArray:
     )
 
 
+def torch_needs_grad(*tensors) -> bool:
+    """Whether PyTorch would record gradients through any of these tensors."""
+    import torch
+
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in tensors)
+
+
+def host_lengths(cu_seqlens, name: str) -> tuple[int, ...]:
+    """Each sequence's length from a cu_seqlens array, read on the host (a device-to-host copy)."""
+    import numpy as np
+
+    framework = framework_of(cu_seqlens)
+    try:
+        if framework == "torch":
+            host = cu_seqlens.cpu().numpy()
+        elif framework == "cupy":
+            host = cu_seqlens.get()
+        else:
+            host = np.asarray(cu_seqlens)
+    except Exception as e:  # a JAX tracer
+        raise ValueError(f"{name}: a block mask with window_size or causal on packed sequences needs the "
+                         f"sequence lengths on the host, and they could not be read ({type(e).__name__}); "
+                         f"under jax.jit pass concrete cu_seqlens (closed over), not traced arguments") from None
+    return tuple(int(n) for n in np.diff(host.astype(np.int64)))
+
+
 def current_stream(a: DeviceArray) -> int:
     """The CUDA stream (cudaStream_t as an int) the caller's framework is using now."""
     if a.framework == "torch":
@@ -117,12 +143,9 @@ def current_stream(a: DeviceArray) -> int:
     return cupy.cuda.get_current_stream(a.device).ptr
 
 
-# Tests set this to fill every new output with NaN, so that an element the kernel fails to write shows.
-poison_outputs = False
-
-
-def empty(like: DeviceArray, shape: tuple[int, ...], dtype: str):
-    """(native array, DeviceArray) of a new contiguous array from `like`'s framework and device."""
+def empty(like: DeviceArray, shape: tuple[int, ...], dtype: str, poison_outputs: bool = False):
+    """(native array, DeviceArray) of a new contiguous array from `like`'s framework and device; filled
+    with NaN when poison_outputs (tests: an element a kernel fails to write shows)."""
     if like.framework == "torch":
         import torch
 

@@ -8,20 +8,18 @@ cupy.RawModule. Compilation itself needs no GPU, which is how CI checks every va
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
-import re
 import struct
-import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-# sm_90a unlocks Hopper-only instructions; everything else compiles for its own sm_XY.
-_ARCH_SUFFIX = {"90": "a"}
-_SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024}
+from ._arch import device_arch
 
 
 class CompileError(RuntimeError):
@@ -61,22 +59,6 @@ def cuda_include_dir() -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def device_arch(device_id: int | None = None) -> str:
-    """The -arch value for a CUDA device: sm_<major><minor>, with 'a' on Hopper."""
-    import cupy
-
-    device = cupy.cuda.Device(device_id)
-    cc = str(device.compute_capability)
-    if int(cc) < 80:
-        raise RuntimeError(f"cuflash needs compute capability 8.0 or newer; device {device.id} has {cc}")
-    return f"sm_{cc}{_ARCH_SUFFIX.get(cc, '')}"
-
-
-def shared_memory_limit(arch: str) -> int:
-    return _SHARED_MEMORY_LIMIT.get(arch, 99 * 1024)
-
-
 def nvrtc_options(arch: str, verbose: bool = False) -> list[str]:
     opts = ["-std=c++17", f"-arch={arch}", "--use_fast_math", f"-I{kernels_dir()}", f"-I{cuda_include_dir()}"]
     if verbose:
@@ -95,7 +77,7 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-def _nvrtc_version() -> str:
+def nvrtc_version() -> str:
     from cupy.cuda import nvrtc
 
     return ".".join(map(str, nvrtc.getVersion()))
@@ -148,46 +130,110 @@ def cache_dir() -> Path:
 
 
 def cache_key(source: str, name: str, arch: str) -> str:
-    parts = [_sources_digest(), source, name, arch, " ".join(nvrtc_options(arch)), _nvrtc_version()]
+    parts = [_sources_digest(), source, name, arch, " ".join(nvrtc_options(arch)), nvrtc_version()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def cached_cubin(source: str, name: str, arch: str) -> tuple[Path, str]:
-    """Path of the cubin for (source, name, arch) and its lowered name, compiling on a cache miss."""
+_cache_warned = False
+
+
+def _warn_cache_unusable(folder: Path, error: OSError) -> None:
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        warnings.warn(f"cuflash: the kernel cache {folder} cannot be written ({error}); kernels are compiled in "
+                      f"memory for this process (set CUFLASH_CACHE_DIR to a writable folder)", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _read_entry(cubin_path: Path, meta_path: Path) -> tuple[bytes, str] | None:
+    """A cache entry's (cubin, lowered name) if both files are there and the cubin has the size and
+    checksum its metadata records; None for a miss or a damaged entry (cut short, overwritten, copied)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        cubin = cubin_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("size") != len(cubin) or \
+            meta.get("sha256") != hashlib.sha256(cubin).hexdigest() or "lowered_name" not in meta:
+        return None
+    return cubin, meta["lowered_name"]
+
+
+def cached_cubin(source: str, name: str, arch: str, rebuild: bool = False) -> tuple[bytes, str]:
+    """(cubin, lowered name) for (source, name, arch): from the disk cache when its entry is whole, else
+    compiled and written back (rebuild=True: compiled whatever the cache holds). An unwritable cache
+    folder costs a warning, once, and the kernels are compiled in memory."""
     key = cache_key(source, name, arch)
     folder = cache_dir()
     cubin_path, meta_path = folder / f"{key}.cubin", folder / f"{key}.json"
-    if cubin_path.is_file() and meta_path.is_file():
-        return cubin_path, json.loads(meta_path.read_text())["lowered_name"]
+    entry = None if rebuild else _read_entry(cubin_path, meta_path)
+    if entry is not None:
+        return entry
     compiled = compile_kernel(source, name, arch)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(cubin_path, compiled.cubin)
-    _write_atomic(meta_path, json.dumps({"name": name, "arch": arch, "lowered_name": compiled.lowered_name}).encode())
-    return cubin_path, compiled.lowered_name
+    meta = {"name": name, "arch": arch, "lowered_name": compiled.lowered_name, "size": len(compiled.cubin),
+            "sha256": hashlib.sha256(compiled.cubin).hexdigest()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cubin_path, compiled.cubin)  # the cubin first: metadata never vouches for a missing one
+        _write_atomic(meta_path, json.dumps(meta).encode())
+    except OSError as e:
+        _warn_cache_unusable(folder, e)
+    return compiled.cubin, compiled.lowered_name
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-_loaded: dict[tuple[str, str, int], object] = {}
+@dataclass
+class Kernel:
+    """A loaded kernel: its CUfunction, and the module that holds it (kept loaded with it)."""
+
+    ptr: int
+    module: object
 
 
-def get_kernel(source: str, name: str, smem_bytes: int, device_id: int):
-    """A launchable cupy.RawKernel for the current device, compiled or loaded once per process."""
+_loaded: dict[tuple[str, str, int], Kernel] = {}
+
+
+def _load(cubin: bytes, lowered: str, smem_bytes: int) -> Kernel:
+    from cupy.cuda import function
+    from cupy_backends.cuda.api import driver
+
+    module = function.Module()
+    module.load(cubin)
+    func = module.get_function(lowered)
+    if smem_bytes:  # static + dynamic shared memory past 48 KiB needs the opt-in, even for 48 KiB dynamic
+        driver.funcSetAttribute(func.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes)
+    return Kernel(func.ptr, module)
+
+
+def get_kernel(source: str, name: str, smem_bytes: int, device_id: int) -> Kernel:
+    """The kernel loaded on a device, compiled or read from the cache once per process. A cached cubin the
+    driver rejects is compiled again and its entry replaced."""
     key = (source, name, device_id)
     kernel = _loaded.get(key)
     if kernel is None:
         import cupy
+        from cupy_backends.cuda.api.driver import CUDADriverError
 
-        cubin_path, lowered = cached_cubin(source, name, device_arch(device_id))
+        arch = device_arch(device_id)
         with cupy.cuda.Device(device_id):
-            kernel = cupy.RawModule(path=str(cubin_path)).get_function(lowered)
-            if smem_bytes:  # static + dynamic shared memory past 48 KiB needs the opt-in, even for 48 KiB dynamic
-                kernel.max_dynamic_shared_size_bytes = smem_bytes
+            cubin, lowered = cached_cubin(source, name, arch)
+            try:
+                kernel = _load(cubin, lowered, smem_bytes)
+            except CUDADriverError:
+                cubin, lowered = cached_cubin(source, name, arch, rebuild=True)
+                kernel = _load(cubin, lowered, smem_bytes)
         _loaded[key] = kernel
     return kernel
 
@@ -205,95 +251,3 @@ def precompile(variants, arch: str, processes: int | None = None):
     jobs = [(v.source, v.name, arch) for v in variants]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(_cache_job, jobs)
-
-
-# ---- the no-GPU compile check -------------------------------------------------------------------
-
-_PTXAS_FUNC = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_REGS = re.compile(r"Used (\d+) registers")
-
-
-@dataclass
-class ResourceReport:
-    name: str
-    arch: str
-    registers: int
-    stack_bytes: int
-    spill_store_bytes: int
-    spill_load_bytes: int
-    smem_bytes: int
-
-    @property
-    def spills(self) -> bool:
-        return self.stack_bytes > 0 or self.spill_store_bytes > 0 or self.spill_load_bytes > 0
-
-
-def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
-    """Per mangled kernel name: registers, stack frame and spill bytes from `-Xptxas -v` output."""
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _PTXAS_FUNC.search(line):
-            current = out.setdefault(m.group(1), {})
-        elif current is not None and (m := _PTXAS_SPILL.search(line)):
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif current is not None and (m := _PTXAS_REGS.search(line)):
-            current["registers"] = int(m.group(1))
-    return out
-
-
-def resource_report(source: str, name: str, arch: str, smem_bytes: int) -> ResourceReport:
-    compiled = compile_kernel(source, name, arch, verbose=True)
-    info = parse_ptxas_log(compiled.log).get(compiled.lowered_name)
-    if info is None or "registers" not in info:
-        raise CompileError(f"no ptxas resource report for {name} ({arch}):\n{compiled.log}")
-    return ResourceReport(
-        name, arch, info["registers"], info.get("stack", 0), info.get("spill_stores", 0),
-        info.get("spill_loads", 0), smem_bytes,
-    )
-
-
-def _report_job(job):
-    return resource_report(*job)
-
-
-def compile_check(archs=("sm_80", "sm_90a"), jobs: int | None = None, out=sys.stdout) -> int:
-    """Compile every kernel variant the dispatcher can choose, for each arch; print a resource table.
-
-    Returns the number of failures: a compile error, a spill to local memory (beyond
-    _dispatch.spill_allowance), or more shared memory than the arch offers.
-    """
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
-
-    from . import _dispatch
-
-    variants = [(v, arch) for arch in archs for v in _dispatch.all_variants(arch)]
-    work = [(v.source, v.name, arch, v.smem_bytes) for v, arch in variants]
-    jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
-    failures = 0
-    print(f"compiling {len(work)} kernel variants with NVRTC {_nvrtc_version()} ({jobs} processes)", file=out)
-    print(f"{'arch':7} {'regs':>4} {'stack':>5} {'spill':>5} {'smem KiB':>8}  kernel", file=out)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_report_job, job) for job in work]
-        for (variant, _), job, fut in zip(variants, work, futures):
-            try:
-                r = fut.result()
-            except CompileError as e:
-                failures += 1
-                print(f"FAILED {job[1]} ({job[2]}): {e}", file=out)
-                continue
-            problems = []
-            if r.spills and r.stack_bytes > _dispatch.spill_allowance(variant):
-                problems.append("SPILLS to local memory")
-            if r.smem_bytes > shared_memory_limit(r.arch):
-                problems.append(f"needs {r.smem_bytes} B shared memory > {shared_memory_limit(r.arch)}")
-            failures += bool(problems)
-            print(
-                f"{r.arch:7} {r.registers:4d} {r.stack_bytes:5d} {r.spill_store_bytes:5d} {r.smem_bytes / 1024:8.1f}  "
-                f"{r.name}{'  <-- ' + '; '.join(problems) if problems else ''}",
-                file=out,
-            )
-    print(f"{len(work) - failures} ok, {failures} failed", file=out)
-    return failures

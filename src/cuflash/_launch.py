@@ -1,4 +1,4 @@
-"""Kernel launches straight through the CUDA driver (cuLaunchKernel) with the parameters packed by
+"""Kernel launches straight through the CUDA driver (cuLaunchKernel) with the parameter struct packed by
 `struct` in C layout. CuPy's RawKernel call converts every argument to a NumPy scalar first, which
 costs more host time than a small attention problem takes on the GPU."""
 from __future__ import annotations
@@ -9,51 +9,31 @@ import threading
 import numpy as np
 
 
-def flat(param_format: str) -> str:
-    """A parameter format as one struct-module format: a parenthesised group (a struct parameter)
-    starts and ends on an 8-byte boundary, as our structs do (their widest field is 8 bytes)."""
-    return param_format.replace("(", "0Q").replace(")", "0Q")
-
-
-def param_offsets(param_format: str) -> list[int]:
-    """Byte offset of each kernel parameter in the packed values: one per code, or per parenthesised
-    group (a struct passed by value)."""
-    offsets, depth = [], 0
-    for i, ch in enumerate(param_format):
-        if depth == 0 and ch != ")":
-            align = "0Q" if ch == "(" else "0" + ch
-            offsets.append(struct.calcsize("@" + flat(param_format[:i]) + align))
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-    return offsets
-
-
 class Launcher:
-    """Launches one compiled kernel whose parameters follow `param_format` (struct codes with native
-    alignment: Q = pointer, q = int64, i = int32, I = uint32, f = float32; a struct parameter's fields
-    in parentheses). cuLaunchKernel takes one pointer per kernel parameter, so a struct's fields
-    share one."""
+    """Launches one compiled kernel whose only parameter is a struct (kernels/params.cuh) of `size` bytes,
+    packed by `struct_format` (struct-module codes with native alignment, _params.ParamStruct.format)."""
 
-    def __init__(self, kernel, param_format: str):
+    def __init__(self, kernel, struct_format: str, size: int):
         from cupy_backends.cuda.api import driver
 
         self._launch = driver.launchKernel
-        self._func = kernel.kernel.ptr  # the CUfunction inside the cupy.RawKernel
+        self._func = kernel.ptr  # the CUfunction
         self._kernel = kernel  # keeps its module loaded
-        self._struct = struct.Struct("@" + flat(param_format))
-        self._offsets = param_offsets(param_format)
+        self._struct = struct.Struct("@" + struct_format)
+        assert self._struct.size <= size
+        self._size = size
         self._local = threading.local()
 
     def _buffers(self):
-        """This thread's parameter block: a table of pointers (what cuLaunchKernel reads), then the
-        packed values it points into. Reused call after call: the driver copies it at launch."""
+        """This thread's parameter block: the one-entry pointer table cuLaunchKernel reads, then the packed
+        struct it points to. Reused call after call: the driver copies it at launch."""
         local = self._local
         if not hasattr(local, "block"):
-            table = 8 * len(self._offsets)
-            block = np.zeros(table + self._struct.size, np.uint8)
+            block = np.zeros(8 + self._size, np.uint8)
             base = block.ctypes.data
-            block[:table].view(np.uint64)[:] = [base + table + off for off in self._offsets]
-            local.block, local.table_ptr, local.values_at = block, base, table
-        return local.block, local.table_ptr, local.values_at
+            block[:8].view(np.uint64)[0] = base + 8
+            local.block, local.table_ptr = block, base
+        return local.block, local.table_ptr
 
     def blocks_per_sm(self, block: int, shared_mem: int, device: int) -> int:
         """How many blocks of this kernel one SM of `device` holds at once (for a persistent grid)."""
@@ -67,8 +47,8 @@ class Launcher:
         return self._per_sm
 
     def __call__(self, grid: int, block: int, shared_mem: int, stream_ptr: int, args) -> None:
-        buf, table_ptr, values_at = self._buffers()
-        self._struct.pack_into(buf, values_at, *args)
+        buf, table_ptr = self._buffers()
+        self._struct.pack_into(buf, 8, *args)
         self._launch(self._func, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, table_ptr, 0)
 
 

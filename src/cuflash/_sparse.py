@@ -24,16 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .masks import BlockMask, _pack_bits, _unpack_bits
+from .masks import BlockMask, pack_bits, unpack_bits
 
 KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192, 256, ...
 
-# Launch fields of a BlockLists struct (count, index, slot, bits, order pointers; batch and head row
-# strides; entries per row, the rows' and the listed blocks' sizes, group shift), in _launch.Launcher's
-# struct codes.
-BLOCK_LISTS_FORMAT = "(QQQQQqqiiii)"  # one struct parameter (see _launch.param_offsets)
-NO_LISTS = (0,) * 11  # what the dense kernels get
-LISTS_ROW_BLOCK = 8  # where the rows' block size sits in a BlockLists' fields
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class PackedLayout:
         return cls(ListsLayout(*ints[:n]), ListsLayout(*ints[n:2 * n]), *ints[2 * n:])
 
     def lists_args(self, ptr: int, key_major: bool) -> tuple:
-        """The BlockLists launch fields for the packed buffer at `ptr`."""
+        """BlockLists' fields (kernels/block_sparse.cuh, in order) for the packed buffer at `ptr`."""
         lay, bits = (self.key, self.bits_t) if key_major else (self.query, self.bits)
         row_block, col_block = (self.block_n, self.block_m) if key_major else (self.block_m, self.block_n)
         return (ptr + 4 * lay.count, ptr + 4 * lay.index, ptr + 4 * lay.slot, ptr + 4 * bits, 0 if lay.order < 0 else ptr + 4 * lay.order,
@@ -216,7 +210,7 @@ def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:
     k_index = np.where(k_index >= 0, (k_index // max(nq, 1) << group_shift) | (k_index % max(nq, 1)), -1)
 
     bits = mask.partial_bits
-    bits_t = (_pack_bits(_unpack_bits(bits).transpose(0, 2, 1)) if len(bits)
+    bits_t = (pack_bits(unpack_bits(bits).transpose(0, 2, 1)) if len(bits)
               else np.zeros((0, mask.block_n, mask.block_m // 32), np.uint32))
     parts = [q_count, q_index, q_slot, _heaviest_first(q_count), k_count, k_index.astype(np.int32), k_slot,
              bits.view(np.int32), bits_t.view(np.int32)]
@@ -233,6 +227,14 @@ def pack(mask: BlockMask, kv_group: int) -> tuple[np.ndarray, PackedLayout]:
 def _heaviest_first(count: np.ndarray) -> np.ndarray:
     """Per (batch', head'), the rows by descending count (ties in row order)."""
     return np.argsort(-count, axis=-1, kind="stable").astype(np.int32)
+
+
+def device_mask(mask, causal: bool, batch: int, nheads: int, nheads_k: int, seqlen_q: int, seqlen_k: int,
+                device: int, framework: str):
+    """Check a block mask against a problem's shape; (its packed lists on `device` in `framework`'s type,
+    their layout), built once per mask."""
+    check_mask(mask, batch, nheads, seqlen_q, seqlen_k)
+    return device_lists(mask, causal, nheads // nheads_k, device, framework)
 
 
 def device_lists(mask: BlockMask, causal: bool, kv_group: int, device: int, framework: str):

@@ -1,11 +1,12 @@
 """JAX glue: the kernels launched from jax.experimental.buffer_callback, on XLA's stream, writing
 straight into XLA's output buffers, so they work eagerly and inside jax.jit; jax.custom_vjp makes
-the attention differentiable."""
+the attention differentiable. Dense and packed (varlen) calls share one path: the Problem knows which.
+"""
 from __future__ import annotations
 
 import functools
 
-from . import _dispatch, _sparse, api
+from . import _dispatch, _engine, _options, _problem, _sparse
 from ._bridge import DeviceArray, contiguous_strides
 
 
@@ -35,26 +36,25 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
-def _extras(problem, buffers, layout, alibi_sb, totals):
-    """(lists, alibi, varlen, dropout) launch arguments from a callback's extra operands: cu_seqlens_q
-    and cu_seqlens_k (int32, when totals = (total_q, total_k) is not None), the packed block-mask lists
-    (int32, when layout is not None), the ALiBi slopes (float32, when alibi_sb is not None), then the
-    dropout RNG state (uint32 (4,), see _dropout_state, when the problem has dropout)."""
-    buffers = list(buffers)
-    varlen = None
-    if totals is not None:
-        cu_q, cu_k = (_buffer(buffers.pop(0), "int32").ptr for _ in range(2))
-        varlen = (cu_q, cu_k, totals[0])
-    lists = None if layout is None else (_buffer(buffers.pop(0), "int32").ptr, layout)
-    alibi = None if alibi_sb is None else (_buffer(buffers.pop(0), "float32").ptr, alibi_sb)
-    state = _buffer(buffers.pop(0), "uint32").ptr if problem.dropout_p else 0
-    return lists, alibi, varlen, api.dropout_launch_args(problem, None, state)
+def _launch_inputs(p: _problem.Problem, extras, layout) -> dict:
+    """The engine's keyword arguments from a callback's extra operands, in this order: cu_seqlens_q and
+    cu_seqlens_k (int32, packed problems), the block mask's lists (int32, when layout is not None), the
+    ALiBi slopes (float32), then the dropout RNG state (uint32 (4,), see _dropout_state)."""
+    extras = list(extras)
+    cu_seqlens = None
+    if p.packed:
+        cu_seqlens = tuple(_buffer(extras.pop(0), "int32").ptr for _ in range(2))
+    lists = None if layout is None else (_buffer(extras.pop(0), "int32").ptr, layout)
+    alibi = None if not p.alibi else (_buffer(extras.pop(0), "float32").ptr, p.alibi_sb)
+    dropout = _dispatch.NO_DROPOUT
+    if p.dropout_p:
+        dropout = _dispatch.dropout_args(p.dropout_p, state_ptr=_buffer(extras.pop(0), "uint32").ptr)
+    return dict(lists=lists, alibi=alibi, cu_seqlens=cu_seqlens, dropout=dropout)
 
 
-def _dropout_state(dropout_seed, extras) -> None:
-    """Appends the dropout RNG state to the callback's extra operands: uint32 words (seed lo, seed hi,
-    offset lo, offset hi) from an int seed, or from jax.random.bits of a PRNG key (offset 0), so
-    the key can be traced under jit."""
+def _dropout_state(dropout_seed):
+    """The dropout RNG state operand: uint32 words (seed lo, seed hi, offset lo, offset hi) from an int seed,
+    or from jax.random.bits of a PRNG key (offset 0), so the key can be traced under jit."""
     import jax
     import jax.numpy as jnp
 
@@ -62,37 +62,16 @@ def _dropout_state(dropout_seed, extras) -> None:
         raise ValueError("dropout_seed: JAX has no global random generator; pass a PRNG key (jax.random.key(0)) "
                          "or an int")
     if isinstance(dropout_seed, int):
-        seed = api.check_seed(dropout_seed)
-        extras.append(jnp.array([seed & 0xFFFFFFFF, seed >> 32, 0, 0], dtype=jnp.uint32))
-        return
+        seed = _problem.check_seed(dropout_seed)
+        return jnp.array([seed & 0xFFFFFFFF, seed >> 32, 0, 0], dtype=jnp.uint32)
     if not isinstance(dropout_seed, jax.Array):
         raise TypeError(f"dropout_seed must be an int or a JAX PRNG key, got {type(dropout_seed).__name__}")
     bits = jax.random.bits(dropout_seed, (2,), jnp.uint32)
-    extras.append(jnp.concatenate([bits, jnp.zeros((2,), jnp.uint32)]))
-
-
-def _arrays(problem, totals, buffers, dtype, kinds):
-    """DeviceArrays of q-like ("q") or k-like ("k") buffers; packed (varlen) ones seen batched."""
-    from .varlen import _batched
-
-    arrays = [_buffer(b, dtype) for b in buffers]
-    if totals is None:
-        return arrays
-    lengths = {"q": problem.seqlen_q, "k": problem.seqlen_k}
-    return [_batched(a, problem.batch, lengths[kind]) for a, kind in zip(arrays, kinds)]
-
-
-def _shapes(problem, totals):
-    """Shapes of (q, k, lse): 4-D and (batch, nheads, seqlen_q), or packed and (nheads, total_q)."""
-    p = problem
-    if totals is None:
-        return ((p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim),
-                (p.batch, p.nheads, p.seqlen_q))
-    return (totals[0], p.nheads, p.head_dim), (totals[1], p.nheads_k, p.head_dim), (p.nheads, totals[0])
+    return jnp.concatenate([bits, jnp.zeros((2,), jnp.uint32)])
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
+def _fwd_callable(p: _problem.Problem, layout, options: _options.Options):
     import jax
 
     try:
@@ -105,44 +84,41 @@ def _fwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layou
 
     def launch(ctx, outs, q, k, v, *extras):
         out, lse = outs
-        qa, ka, va, oa = _arrays(problem, totals, (q, k, v, out), dtype, "qkkq")
-        lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
-        api.run_fwd(problem, qa, ka, va, oa, _buffer(lse, "float32"), ctx.stream, lists, alibi, varlen, dropout)
+        qa, ka, va, oa = (_buffer(b, p.dtype) for b in (q, k, v, out))
+        _engine.forward(p, qa, ka, va, oa, _buffer(lse, "float32"), ctx.stream, options,
+                        **_launch_inputs(p, extras, layout))
 
-    q_shape, _, lse_shape = _shapes(problem, totals)
     return buffer_callback.buffer_callback(
-        launch, (jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(lse_shape, "float32")))
+        launch, (jax.ShapeDtypeStruct(p.q_shape, p.dtype), jax.ShapeDtypeStruct(p.lse_shape, "float32")))
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
+def _bwd_callable(p: _problem.Problem, layout, options: _options.Options):
     import jax
     from jax.experimental import buffer_callback
 
     def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
         dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
-        arrays = _arrays(problem, totals, (q, k, v, dout, out), dtype, "qkkqq")
-        grads = _arrays(problem, totals, (dq, dk, dv), dtype, "qkk")
-        lists, alibi, varlen, dropout = _extras(problem, extras, layout, alibi_sb, totals)
-        api.run_bwd(problem, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, ctx.stream, lists,
-                    alibi, varlen, dropout)
+        arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
+        grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
+        _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, ctx.stream,
+                         options, **_launch_inputs(p, extras, layout))
 
-    q_shape, k_shape, lse_shape = _shapes(problem, totals)
-    results = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
-    results.append(jax.ShapeDtypeStruct(lse_shape, "float32"))
+    results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
+    results.append(jax.ShapeDtypeStruct(p.lse_shape, "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, layout, alibi_sb, totals=None):
-    """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras are the
-    packed block mask (int32), the ALiBi slopes and the dropout RNG state, which get zero cotangents. The log-sum-exp is an
-    output for callers who want it; gradients do not flow through it."""
+def _differentiable(p: _problem.Problem, layout, options: _options.Options):
+    """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras (the
+    _launch_inputs operands) get zero cotangents. The log-sum-exp is an output for callers who want it;
+    gradients do not flow through it."""
     import jax
     import numpy as np
 
-    fwd = _fwd_callable(problem, dtype, causal, layout, alibi_sb, totals)
-    bwd = _bwd_callable(problem, dtype, causal, layout, alibi_sb, totals)
+    fwd = _fwd_callable(p, layout, options)
+    bwd = _bwd_callable(p, layout, options)
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
@@ -164,68 +140,25 @@ def _differentiable(problem: _dispatch.FwdProblem, dtype: str, causal: bool, lay
     return attention
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, block_mask=None,
-                    alibi_slopes=None, softcap=0.0, dropout_p=0.0, dropout_seed=None, window=(-1, -1)):
-    """cuflash.flash_attn_func for JAX arrays: usable inside jax.jit and differentiable (jax.grad).
-    Dropout needs dropout_seed: a PRNG key (traceable) or an int; window: the kernels' band."""
+def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0,
+              dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None):
+    """(out, lse) for JAX arrays: usable inside jax.jit and differentiable (jax.grad). Dropout needs
+    dropout_seed: a PRNG key (traceable) or an int; window: the kernels' band; packed sequences with
+    cu_seqlens and max_seqlen as for cuflash.flash_attn_varlen_func."""
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
-    problem = api.check_fwd_args(qa, ka, va, softmax_scale, softcap, dropout_p, causal, window)
-    extras, layout = [], None
+    cu = None if cu_seqlens is None else (_meta(cu_seqlens[0], "cu_seqlens_q"), _meta(cu_seqlens[1], "cu_seqlens_k"))
+    alibi = None if alibi_slopes is None else _meta(alibi_slopes, "alibi_slopes")
+    p = _problem.build(qa, ka, va, softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p, causal=causal,
+                       window=window, alibi=alibi, block_mask=block_mask, cu_seqlens=cu, max_seqlen=max_seqlen)
+    extras, layout = [] if cu_seqlens is None else list(cu_seqlens), None
     if block_mask is not None:
-        _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
-        buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
-                                              _device_id(q), "jax")
+        buffer, layout = _sparse.device_lists(block_mask, p.causal, p.nheads // p.nheads_k, _device_id(q), "jax")
         extras.append(buffer)
-    alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
-    if problem.dropout_p:
-        _dropout_state(dropout_seed, extras)
-    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb)(q, k, v, *extras)
-    return (out, lse, None) if return_attn_probs else out
-
-
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                           causal=False, return_attn_probs=False, alibi_slopes=None, softcap=0.0, dropout_p=0.0,
-                           dropout_seed=None, block_mask=None, window=(-1, -1)):
-    """cuflash.flash_attn_varlen_func for JAX arrays (jit, grad); block_mask and window as
-    cuflash.varlen's varlen_mask gives them."""
-    from .varlen import _batched
-
-    qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
-    cu_q, cu_k = _meta(cu_seqlens_q, "cu_seqlens_q"), _meta(cu_seqlens_k, "cu_seqlens_k")
-    for a, name in ((qa, "q"), (ka, "k"), (va, "v")):
-        if a.ndim != 3:
-            raise ValueError(f"{name} must have 3 dimensions (total_tokens, nheads, headdim), got shape {a.shape}")
-    for a, name in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
-        if a.dtype != "int32" or a.ndim != 1 or a.shape[0] < 2 or a.shape != cu_q.shape:
-            raise ValueError(f"{name} must be int32 of shape (batch + 1,) like cu_seqlens_q, got {a.dtype} {a.shape}")
-    batch = cu_q.shape[0] - 1
-    problem = api.check_fwd_args(_batched(qa, batch, int(max_seqlen_q)), _batched(ka, batch, int(max_seqlen_k)),
-                                 _batched(va, batch, int(max_seqlen_k)), softmax_scale, softcap, dropout_p, causal,
-                                 window)
-    extras, layout = [cu_seqlens_q, cu_seqlens_k], None
-    if block_mask is not None:
-        _sparse.check_mask(block_mask, problem.batch, problem.nheads, problem.seqlen_q, problem.seqlen_k)
-        buffer, layout = _sparse.device_lists(block_mask, bool(causal), problem.nheads // problem.nheads_k,
-                                              _device_id(q), "jax")
-        extras.append(buffer)
-    alibi_sb = _alibi_stride(alibi_slopes, problem, extras)
-    if problem.dropout_p:
-        _dropout_state(dropout_seed, extras)
-    totals = (qa.shape[0], ka.shape[0])
-    out, lse = _differentiable(problem, qa.dtype, bool(causal), layout, alibi_sb, totals)(q, k, v, *extras)
-    return (out, lse, None) if return_attn_probs else out
-
-
-def _alibi_stride(alibi_slopes, problem, extras):
-    """Checks JAX ALiBi slopes and appends them to the callback's extra operands; their batch stride."""
-    if alibi_slopes is None:
-        return None
-    slopes = _meta(alibi_slopes, "alibi_slopes")
-    if slopes.dtype != "float32" or slopes.shape not in ((problem.nheads,), (problem.batch, problem.nheads)):
-        raise ValueError(f"alibi_slopes must be float32 of shape (nheads,) or (batch, nheads), got "
-                         f"{slopes.dtype} {slopes.shape}")
-    extras.append(alibi_slopes)
-    return problem.nheads if len(slopes.shape) == 2 and problem.batch > 1 else 0
+    if alibi_slopes is not None:
+        extras.append(alibi_slopes)
+    if p.dropout_p:
+        extras.append(_dropout_state(dropout_seed))
+    return _differentiable(p, layout, _options.current())(q, k, v, *extras)
 
 
 def _device_id(x) -> int:

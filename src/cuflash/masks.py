@@ -185,7 +185,7 @@ class BlockMask:
         visible = (j - i >= lo) & (j - i <= hi) & (i < seqlen_q) & (j < seqlen_k)
         coords = np.stack([np.zeros_like(qb), np.zeros_like(qb), qb, kb], axis=1)
         return cls.from_block_states(states[None, None], seqlen_q, seqlen_k, block_m, block_n, coords,
-                                     _pack_bits(visible))
+                                     pack_bits(visible))
 
     # ---- combining -----------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class BlockMask:
         valid = np.arange(self.partial_index.shape[-1]) < self.partial_count[..., None]
         for b, h, q, s in zip(*np.nonzero(valid)):
             k = self.partial_index[b, h, q, s]
-            out[b, h, q * bm:(q + 1) * bm, k * bn:(k + 1) * bn] = _unpack_bits(self.partial_bits[self.partial_slot[b, h, q, s]])
+            out[b, h, q * bm:(q + 1) * bm, k * bn:(k + 1) * bn] = unpack_bits(self.partial_bits[self.partial_slot[b, h, q, s]])
         return out[:, :, :self.seqlen_q, :self.seqlen_k]
 
     def check(self, batch: int, nheads: int, seqlen_q: int, seqlen_k: int) -> None:
@@ -305,14 +305,14 @@ def _gather(slots: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pack_bits(visible: np.ndarray) -> np.ndarray:
+def pack_bits(visible: np.ndarray) -> np.ndarray:
     """bool (..., rows, cols) -> uint32 (..., rows, cols / 32), bit c % 32 of word c / 32 = column c."""
     *lead, cols = visible.shape
     v = visible.reshape(*lead, cols // 32, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
     return v.sum(-1).astype(np.uint32)
 
 
-def _unpack_bits(words: np.ndarray) -> np.ndarray:
+def unpack_bits(words: np.ndarray) -> np.ndarray:
     return ((words[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool).reshape(*words.shape[:-1], -1)
 
 

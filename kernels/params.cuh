@@ -1,0 +1,176 @@
+// Kernel parameters: one struct per kernel family, passed by value as the kernel's only argument.
+//
+// cuflash/_params.py reads these declarations to pack the launch arguments, and a CPU test checks
+// every field's offset against what NVRTC compiles: keep one field per line, declared as
+// `type name;` at the struct's top level. Strides are in elements, per dimension: batch (sb),
+// sequence (ss), head (sh). Packed variable-length batches have batch strides 0 and cu_seqlens
+// (varlen.cuh); fixed lengths have null cu_seqlens.
+// NVRTC ignores __restrict__ on struct members (it marks only pointer parameters of a kernel), so the
+// qualifiers below document intent, and the kernels' read-only global loads say __ldg (ld.global.nc)
+// themselves, as block_sparse.cuh does for BlockLists.
+#pragma once
+#include "block_sparse.cuh"  // BlockLists
+#include "dropout.cuh"       // DropoutArgs
+
+namespace cuflash {
+
+// flash_fwd_kernel (flash_fwd.cu) and flash_fwd_ws_kernel (flash_fwd_ws.cu).
+template <typename T>
+struct FwdParams {
+  const T* __restrict__ q;
+  const T* __restrict__ k;
+  const T* __restrict__ v;
+  T* __restrict__ o;
+  float* __restrict__ lse;
+  long long q_sb;
+  long long q_ss;
+  long long q_sh;
+  long long k_sb;
+  long long k_ss;
+  long long k_sh;
+  long long v_sb;
+  long long v_ss;
+  long long v_sh;
+  long long o_sb;
+  long long o_ss;
+  long long o_sh;
+  int max_seqlen_q;
+  int max_seqlen_k;
+  int nheads;
+  int kv_group;           // query heads per K/V head
+  int head_dim;
+  int num_m_blocks;       // query tiles per (batch, head)
+  int window_left;        // the band (band.cuh)
+  int window_right;
+  float softmax_scale;    // with a softcap: the cap (score_mods.cuh)
+  float softcap_mult;     // scale / cap, or 0 without a softcap
+  const float* __restrict__ alibi_slopes;
+  long long alibi_sb;
+  const int* __restrict__ cu_seqlens_q;
+  const int* __restrict__ cu_seqlens_k;
+  long long lse_sb;
+  long long lse_sh;
+  BlockLists lists;       // zeros for dense variants
+  DropoutArgs dropout;
+  unsigned* __restrict__ tile_counter;  // persistent (warp-specialised) kernel: (next tile, blocks exited)
+  int num_tiles;
+};
+
+// flash_bwd_preprocess_kernel: delta = rowsum(dO * O).
+template <typename T>
+struct BwdPreprocessParams {
+  const T* __restrict__ dout;
+  const T* __restrict__ out;
+  float* __restrict__ delta;
+  long long do_sb;
+  long long do_ss;
+  long long do_sh;
+  long long o_sb;
+  long long o_ss;
+  long long o_sh;
+  int seqlen_q;
+  int nheads;
+  int head_dim;
+  int blocks_per_bh;      // thread blocks per (batch, head)
+  int row_lanes;          // lanes per row
+};
+
+// flash_bwd_dkdv_kernel and flash_bwd_dkdv_ws_kernel (persistent: tile_counter and num_items).
+template <typename T>
+struct BwdDkdvParams {
+  const T* __restrict__ q;
+  const T* __restrict__ k;
+  const T* __restrict__ v;
+  const T* __restrict__ dout;
+  const float* __restrict__ lse;
+  const float* __restrict__ delta;
+  T* __restrict__ dk;
+  T* __restrict__ dv;
+  long long q_sb;
+  long long q_ss;
+  long long q_sh;
+  long long k_sb;
+  long long k_ss;
+  long long k_sh;
+  long long v_sb;
+  long long v_ss;
+  long long v_sh;
+  long long do_sb;
+  long long do_ss;
+  long long do_sh;
+  long long dk_sb;
+  long long dk_ss;
+  long long dk_sh;
+  long long dv_sb;
+  long long dv_ss;
+  long long dv_sh;
+  int max_seqlen_q;
+  int max_seqlen_k;
+  int nheads;
+  int kv_group;
+  int head_dim;
+  int num_n_blocks;       // key tiles per (batch, K/V head)
+  int window_left;
+  int window_right;
+  float softmax_scale;
+  float softcap_mult;
+  const float* __restrict__ alibi_slopes;
+  long long alibi_sb;
+  const int* __restrict__ cu_seqlens_q;
+  const int* __restrict__ cu_seqlens_k;
+  long long lse_sb;
+  long long lse_sh;
+  BlockLists lists;       // key-major lists
+  DropoutArgs dropout;
+  unsigned* __restrict__ tile_counter;
+  int num_items;
+};
+
+// flash_bwd_dq_kernel and flash_bwd_dq_ws_kernel (persistent: tile_counter and num_items).
+template <typename T>
+struct BwdDqParams {
+  const T* __restrict__ q;
+  const T* __restrict__ k;
+  const T* __restrict__ v;
+  const T* __restrict__ dout;
+  const float* __restrict__ lse;
+  const float* __restrict__ delta;
+  T* __restrict__ dq;
+  long long q_sb;
+  long long q_ss;
+  long long q_sh;
+  long long k_sb;
+  long long k_ss;
+  long long k_sh;
+  long long v_sb;
+  long long v_ss;
+  long long v_sh;
+  long long do_sb;
+  long long do_ss;
+  long long do_sh;
+  long long dq_sb;
+  long long dq_ss;
+  long long dq_sh;
+  int max_seqlen_q;
+  int max_seqlen_k;
+  int nheads;
+  int kv_group;
+  int head_dim;
+  int num_m_blocks;
+  int window_left;
+  int window_right;
+  float softmax_scale;
+  float softcap_mult;
+  const float* __restrict__ alibi_slopes;
+  long long alibi_sb;
+  const int* __restrict__ cu_seqlens_q;
+  const int* __restrict__ cu_seqlens_k;
+  long long lse_sb;
+  long long lse_sh;
+  BlockLists lists;       // query-major lists
+  DropoutArgs dropout;
+  unsigned* __restrict__ tile_counter;
+  int num_items;
+};
+
+}  // namespace cuflash

@@ -1,0 +1,117 @@
+"""The no-GPU compile check: every kernel variant the dispatcher can choose, compiled by NVRTC for sm_80
+and sm_90a, with ptxas's resource report. A variant fails on a compile error, a spill to local memory
+beyond its allowance (_tiles.spill_allowance), or more shared memory than its arch offers."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+from . import _dispatch
+from ._arch import shared_memory_limit
+from ._compile import CompileError, compile_kernel, nvrtc_version
+
+_PTXAS_FUNC = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+@dataclass
+class ResourceReport:
+    name: str
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    smem_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    """Per mangled kernel name: registers, stack frame and spill bytes from `-Xptxas -v` output."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _PTXAS_FUNC.search(line):
+            current = out.setdefault(m.group(1), {})
+        elif current is not None and (m := _PTXAS_SPILL.search(line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current is not None and (m := _PTXAS_REGS.search(line)):
+            current["registers"] = int(m.group(1))
+    return out
+
+
+def resource_report(source: str, name: str, arch: str, smem_bytes: int) -> ResourceReport:
+    compiled = compile_kernel(source, name, arch, verbose=True)
+    info = parse_ptxas_log(compiled.log).get(compiled.lowered_name)
+    if info is None or "registers" not in info:
+        raise CompileError(f"no ptxas resource report for {name} ({arch}):\n{compiled.log}")
+    return ResourceReport(name, arch, info["registers"], info.get("stack", 0), info.get("spill_stores", 0),
+                          info.get("spill_loads", 0), smem_bytes)
+
+
+def _report_job(job):
+    return resource_report(*job)
+
+
+def variant_kind(variant) -> str:
+    return type(variant).__name__ + ("-ws" if getattr(variant, "warp_specialised", False) else "")
+
+
+def representative_variants(arch: str, per_kind: int = 6, seed: int = 0) -> list:
+    """A sample of all_variants(arch) that a quick test compiles: per kernel kind and dtype, the variant
+    with the most flags at the largest head dim, and `per_kind` more drawn at random (fixed seed)."""
+    strata: dict = {}
+    for v in _dispatch.all_variants(arch):
+        strata.setdefault((variant_kind(v), v.dtype), []).append(v)
+    rng, out = random.Random(seed), []
+    for _, variants in sorted(strata.items()):
+        heaviest = max(variants, key=lambda v: (getattr(v, "head_dim", 0), sum(
+            bool(getattr(v, f, False)) for f in ("sparse", "alibi", "softcap", "dropout")), getattr(v, "band", 0)))
+        rest = [v for v in variants if v is not heaviest]
+        out += [heaviest] + rng.sample(rest, min(per_kind, len(rest)))
+    return out
+
+
+def compile_check(archs=("sm_80", "sm_90a"), jobs: int | None = None, out=sys.stdout, variants=None) -> int:
+    """Compile every kernel variant for each arch (or the given (variant, arch) pairs), printing a
+    resource line per variant as it finishes; returns the number of failures."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    pairs = variants if variants is not None else [(v, arch) for arch in archs for v in _dispatch.all_variants(arch)]
+    jobs = jobs or max(1, min(len(pairs), os.cpu_count() or 1))
+    failures, done, t0 = 0, 0, time.perf_counter()
+    print(f"compiling {len(pairs)} kernel variants with NVRTC {nvrtc_version()} ({jobs} processes)", file=out,
+          flush=True)
+    print(f"{'done':>11} {'arch':7} {'regs':>4} {'stack':>5} {'spill':>5} {'smem KiB':>8}  kernel", file=out)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_report_job, (v.source, v.name, arch, v.smem_bytes)): (v, arch) for v, arch in pairs}
+        for fut in as_completed(futures):
+            variant, arch = futures[fut]
+            done += 1
+            progress = f"[{done}/{len(pairs)}]"
+            try:
+                r = fut.result()
+            except CompileError as e:
+                failures += 1
+                print(f"{progress:>11} FAILED {variant.name} ({arch}): {e}", file=out, flush=True)
+                continue
+            problems = []
+            if r.spills and r.stack_bytes > _dispatch.spill_allowance(variant):
+                problems.append("SPILLS to local memory")
+            if r.smem_bytes > shared_memory_limit(r.arch):
+                problems.append(f"needs {r.smem_bytes} B shared memory > {shared_memory_limit(r.arch)}")
+            failures += bool(problems)
+            print(f"{progress:>11} {r.arch:7} {r.registers:4d} {r.stack_bytes:5d} {r.spill_store_bytes:5d} "
+                  f"{r.smem_bytes / 1024:8.1f}  {r.name}{'  <-- ' + '; '.join(problems) if problems else ''}",
+                  file=out, flush=True)
+    print(f"{len(pairs) - failures} ok, {failures} failed in {time.perf_counter() - t0:.0f} s", file=out)
+    return failures

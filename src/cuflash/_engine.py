@@ -1,0 +1,122 @@
+"""The engine: runs a validated Problem on device arrays, on the caller's stream.
+
+It chooses the variants (_dispatch), fills their parameter structs, compiles or loads the kernels
+(_compile) and launches them (_launch): the forward's one kernel, the backward's three (the dQ kernel
+on a side stream beside the dK/dV kernel). Every bridge (CuPy and PyTorch arrays, PyTorch custom ops,
+JAX callbacks) calls down into `forward` and `backward`; nothing here knows a framework.
+
+Device inputs beside the arrays: `lists` = (pointer, _sparse.PackedLayout) of a block mask's packed
+lists; `alibi` = (pointer, batch stride) of the slopes; `cu_seqlens` = (pointer, pointer) of packed
+sequences' offsets; `dropout` = DropoutArgs' fields (_dispatch.dropout_args).
+"""
+from __future__ import annotations
+
+from . import _arch, _compile, _dispatch
+from ._params import param_struct
+from ._bridge import DeviceArray
+from ._launch import Launcher, SideStream, TileCounters
+from ._options import Options
+from ._problem import Problem
+
+
+def _arrays(*arrays: DeviceArray):
+    return tuple((a.ptr, a.strides) for a in arrays)
+
+
+def _seq(p: Problem, cu_seqlens):
+    return None if cu_seqlens is None else (*cu_seqlens, p.packed[0])
+
+
+def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray,
+            stream: int, options: Options, *, lists=None, alibi=None, cu_seqlens=None,
+            dropout: tuple = _dispatch.NO_DROPOUT) -> None:
+    """Write out and lse (a contiguous float32 buffer of p.lse_shape) for problem p."""
+    if p.empty:
+        return
+    arch = _arch.kernel_arch(q.device, options.wgmma)
+    variant = _dispatch.choose_fwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+    persistent = _persistent(variant, q.device, stream, "fwd", options) if variant.persistent else (0, 1)
+    q, k, v, out = p.batched(q), p.batched(k, "k"), p.batched(v, "k"), p.batched(out)
+    blocks, threads, values = _dispatch.fwd_launch(
+        variant, p, *_arrays(q, k, v, out), lse.ptr,
+        _dispatch.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent)
+    _launch_on(q.device, [(variant, blocks, threads, values)], stream)
+
+
+def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: DeviceArray, out: DeviceArray,
+             lse: DeviceArray, delta: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
+             options: Options, *, lists=None, alibi=None, cu_seqlens=None,
+             dropout: tuple = _dispatch.NO_DROPOUT) -> None:
+    """Write dq, dk, dv for problem p; delta is a float32 workspace like lse."""
+    arch = _arch.kernel_arch(q.device, options.wgmma)
+    variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+    if lists is None:
+        query_lists = key_lists = _dispatch.NO_LISTS
+    else:
+        ptr, layout = lists
+        query_lists, key_lists = layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True)
+    q, dout, out, dq = (p.batched(a) for a in (q, dout, out, dq))
+    k, v, dk, dv = (p.batched(a, "k") for a in (k, v, dk, dv))
+    launches = _dispatch.bwd_launches(
+        variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout,
+        _persistent(variants[1], q.device, stream, "dkdv", options),
+        _persistent(variants[2], q.device, stream, "dq", options))
+    pre = [x for x in launches if x[0] is variants[0]]
+    dkdv = [x for x in launches if x[0] is variants[1]]
+    dq_launch = [x for x in launches if x[0] is variants[2]]
+    if not options.bwd_side_stream:
+        dkdv, dq_launch = dkdv + dq_launch, []
+    _launch_on(q.device, pre, stream)
+    # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream.
+    _launch_on(q.device, dkdv, stream, beside=dq_launch)
+
+
+_launchers: dict = {}
+
+
+def _launcher(variant, device: int) -> Launcher:
+    launcher = _launchers.get((variant, device))
+    if launcher is None:
+        kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
+        params = param_struct(variant.params)
+        launcher = _launchers[(variant, device)] = Launcher(kernel, params.format, params.size)
+    return launcher
+
+
+def _persistent(variant, device: int, stream: int, kernel: str, options: Options) -> tuple[int, int]:
+    """(tile counter, blocks the GPU holds at once) for a persistent kernel launched from `stream`; with
+    persistence off, one block per tile, as a plain grid would (for A/B timing)."""
+    if not variant.persistent:
+        return 0, 1
+    counters = TileCounters.of_device(device)
+    if not options.persistent:
+        return counters.for_stream(stream, kernel), 2**31 - 1
+    per_sm = _launcher(variant, device).blocks_per_sm(variant.threads, variant.smem_bytes, device)
+    return counters.for_stream(stream, kernel), counters.sms * per_sm
+
+
+def _launch_on(device: int, launches, stream: int, beside=()) -> None:
+    """Launch `launches` in order on the stream, and `beside` (independent of `launches`, dependent on
+    what the stream holds before them) on the device's side stream, joined back before returning."""
+    import cupy
+
+    def launch(chain, stream):
+        for variant, blocks, threads, values in chain:
+            _launcher(variant, device)(blocks, threads, variant.smem_bytes, stream, values)
+
+    def run():
+        if not beside:
+            return launch(launches, stream)
+        side = SideStream.of_device(device)
+        side.fork(stream)
+        launch(launches, stream)
+        launch(beside, side.ptr)
+        side.join(stream)
+
+    if cupy.cuda.runtime.getDevice() == device:
+        run()
+    else:
+        with cupy.cuda.Device(device):
+            run()

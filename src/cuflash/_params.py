@@ -1,0 +1,118 @@
+"""The kernels' parameter structs (kernels/params.cuh) as Python sees them.
+
+The header is the one declaration: this module reads each struct's fields from it (nested structs
+such as BlockLists and DropoutArgs from their own headers) and packs launch values in that order,
+with C's alignment. tests/test_params.py checks every offset and size against NVRTC's.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import struct
+
+from ._compile import kernels_dir
+
+# C field types -> struct-module codes (native alignment, as the kernels' ABI on x86-64 and aarch64).
+_SCALARS = {"long long": "q", "unsigned long long": "Q", "int": "i", "unsigned": "I", "float": "f"}
+_FIELD = re.compile(r"^\s*(?:const\s+)?([A-Za-z_][\w\s]*?)\s*(\*)?\s*(?:const\s+)?(?:__restrict__\s+)?(\w+)\s*;")
+_NESTED_HEADERS = {"BlockLists": "block_sparse.cuh", "DropoutArgs": "dropout.cuh"}
+
+
+def _struct_body(text: str, name: str) -> list[str]:
+    """The lines at the top level of `struct name { ... };` in a header."""
+    start = re.search(rf"\bstruct\s+{name}\s*\{{", text)
+    if not start:
+        raise ValueError(f"struct {name} not found")
+    lines, depth, line = [], 1, ""
+    for ch in text[start.end():]:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                break
+        elif ch == "\n":
+            if depth == 1:
+                lines.append(line)
+            line = ""
+            continue
+        if depth == 1 and ch not in "{}":
+            line += ch
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def fields(name: str, header: str = "params.cuh") -> tuple[tuple[str, str], ...]:
+    """((field name, struct code or nested struct name), ...) of a struct, in declaration order."""
+    out = []
+    for line in _struct_body((kernels_dir() / header).read_text(), name):
+        code = line.split("//")[0]
+        if "(" in code or not code.strip():
+            continue  # a member function's declaration line, or a comment
+        m = _FIELD.match(code)
+        if not m:
+            raise ValueError(f"cannot read field of struct {name}: {line.strip()!r}")
+        ctype, pointer, field = m.group(1).strip(), m.group(2), m.group(3)
+        if pointer:
+            out.append((field, "Q"))
+        elif ctype in _SCALARS:
+            out.append((field, _SCALARS[ctype]))
+        elif ctype in _NESTED_HEADERS:
+            out.append((field, ctype))
+        else:
+            raise ValueError(f"struct {name}: unknown field type {ctype!r}")
+    return tuple(out)
+
+
+def _format(name: str, header: str = "params.cuh") -> str:
+    """A struct's fields as struct-module codes; a nested struct starts and ends 8-byte aligned (each of
+    ours holds a pointer)."""
+    codes = []
+    for _, code in fields(name, header):
+        codes.append(f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if code in _NESTED_HEADERS else code)
+    return "".join(codes)
+
+
+class ParamStruct:
+    """One kernel family's parameter struct: `pack(**values)` gives the flat values in launch order
+    (nested structs as tuples of their fields), `format` their struct-module codes."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fields = fields(name)
+        self.names = tuple(f for f, _ in self.fields)
+        self.format = _format(name)
+        self._nested = tuple(code in _NESTED_HEADERS for _, code in self.fields)
+        self.size = -(-struct.calcsize("@" + self.format + "0Q") // 8) * 8  # C rounds up to the alignment
+
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of each top-level field."""
+        out, prefix = {}, ""
+        for (field, code) in self.fields:
+            nested = code in _NESTED_HEADERS
+            out[field] = struct.calcsize("@" + prefix + ("0Q" if nested else "0" + code))
+            prefix += f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if nested else code
+        return out
+
+    def pack(self, **values) -> tuple:
+        missing = set(self.names) - values.keys()
+        extra = values.keys() - set(self.names)
+        if missing or extra:
+            raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
+        flat = []
+        for field, nested in zip(self.names, self._nested):
+            if nested:
+                flat.extend(values[field])
+            else:
+                flat.append(values[field])
+        return tuple(flat)
+
+
+@functools.lru_cache(maxsize=None)
+def param_struct(name: str) -> ParamStruct:
+    return ParamStruct(name)
+
+
+def no_fields(nested: str) -> tuple:
+    """Zeros for every field of a nested struct (what a kernel gets where it has none: dense lists)."""
+    return (0,) * len(fields(nested, _NESTED_HEADERS[nested]))

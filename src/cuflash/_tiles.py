@@ -1,0 +1,306 @@
+"""The tile policy: which kernel kind and tile shape a call runs, as pure functions of
+(arch, pass, dtype, head-dim bucket, flags, options), with the measured reason beside each choice.
+
+Measurements are bf16 unless said otherwise; the benchmarks that made them are named in
+docs/kernel-design.md. Every tile here fits its arch's registers without spilling and its shared
+memory (checked for every variant by `python -m cuflash compile-check`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ._arch import shared_memory_limit
+from ._options import Options
+
+DTYPES = ("float16", "bfloat16", "float32")
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+FP32_HEAD_DIM_BUCKETS = (64, 128, 256)  # fewer fp32 instances: each compiles slowly and runs far from peak anyway
+MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+MASK_BLOCKS = ((64, 64), (64, 128), (128, 64), (128, 128))  # block-mask shapes compile-check builds for
+
+# The kernels' band of keys per query (kernels/band.cuh): none, causal, or a sliding window.
+NO_BAND, CAUSAL, WINDOW = 0, 1, 2
+BANDS = (NO_BAND, CAUSAL, WINDOW)
+
+
+def head_dim_bucket(head_dim: int, dtype: str = "float16") -> int:
+    """Smallest compiled head dim >= head_dim (as FlashAttention-2 rounds head dims up)."""
+    for bucket in FP32_HEAD_DIM_BUCKETS if dtype == "float32" else HEAD_DIM_BUCKETS:
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head dim {head_dim} exceeds the largest supported ({MAX_HEAD_DIM})")
+
+
+def row_bytes(dtype: str, head_dim: int, wgmma: bool = False) -> int:
+    """Bytes of one shared-memory tile row: head_dim elements plus one 16-byte chunk of padding
+    (kernels/tile_io.cuh); wgmma tiles (kernels/wgmma.cuh) are swizzled and have no padding."""
+    return head_dim * ITEMSIZE[dtype] + (0 if wgmma else 16)
+
+
+def tiles_smem(rows: int, dtype: str, head_dim: int, wgmma: bool) -> int:
+    """Dynamic shared memory for `rows` tile rows: wgmma tiles start on a 1024-byte boundary
+    (kernels/tile_mma.cuh Tiles::align), so they ask for 1 KiB more."""
+    return rows * row_bytes(dtype, head_dim, wgmma) + (1024 if wgmma else 0)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What a call asks of the kernels beyond the plain product."""
+
+    band: int = NO_BAND  # NO_BAND, CAUSAL or WINDOW; a block mask's causal/window is inside the mask
+    mask_blocks: tuple[int, int] | None = None  # (block_m, block_n) of a block mask
+    alibi: bool = False
+    softcap: bool = False
+    dropout: bool = False
+    short_keys: bool = False  # fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket
+
+    @property
+    def sparse(self) -> bool:
+        return self.mask_blocks is not None
+
+
+def _divides(tile: int, block: int, smaller=(128, 64, 32)) -> int:
+    """The largest of tile and `smaller` (<= tile) that divides a mask's block."""
+    return tile if block % tile == 0 else max(s for s in smaller if s <= tile and block % s == 0)
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FwdTile:
+    block_m: int
+    block_n: int
+    warps: int  # consumer warps (the warp-specialised kernel adds a producer warpgroup)
+    stages: int  # K/V ring slots
+    warp_specialised: bool = False  # kernels/flash_fwd_ws.cu (Hopper, wgmma) instead of flash_fwd.cu
+    split: bool = False  # fp32: K and V split into TF32 parts once per tile, in a second set of slots
+
+
+# mma.sync forward per head-dim bucket: (block_m, block_n, warps, stages). Each warp owns block_m / warps
+# query rows; K/V tiles of block_n rows stream through `stages` slots. Tuned on an H100 (tune sweeps over
+# block_n and warps): the widest key tile that fits 255 registers wins.
+FWD_TILES = {32: (128, 128, 4, 2), 64: (128, 128, 4, 2), 96: (128, 64, 4, 2), 128: (128, 48, 4, 2),
+             160: (128, 32, 4, 2), 192: (128, 48, 8, 2), 224: (128, 32, 8, 2), 256: (128, 32, 8, 2)}
+# Hopper's 227 KiB of shared memory holds wider key tiles at the largest head dims (174 and 169 KiB).
+FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 2)}
+# Hopper warp-specialised forward (fp16/bf16): (block_m, block_n, consumer warps, stages). At d=128,
+# 1.04-1.27x of SDPA FLASH where the mma.sync forward runs at 1.04-1.11x (H100); 3 K/V slots ran 11-37%
+# faster than 2 (H200). At d=64, 373/385 against 338/325 TFLOP/s at 16K (non-causal/causal, H100).
+WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3)}
+# Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
+# pipeline fills and drains in a few key tiles, ran at 0.86-0.89x of it at 512 keys, 0.96-1.00x at 1K.
+WS_FWD_MIN_SEQLEN_K = {64: 2048}
+
+
+def short_keys(dtype: str, head_dim: int, seqlen_k: int, options: Options) -> bool:
+    """Whether a call with seqlen_k keys counts as short for its bucket (Flags.short_keys)."""
+    if options.fwd_warp_specialised_short:
+        return False
+    return seqlen_k < WS_FWD_MIN_SEQLEN_K.get(head_dim_bucket(head_dim, dtype), 0)
+
+
+def fp32_split_tiles(bucket: int, arch: str) -> bool:
+    """Whether fp32 kernels of this bucket split their streamed tiles (K, V in the forward and dQ kernels;
+    Q, dO in dK/dV) into TF32 parts once per tile instead of per fragment. It needs sm_90's shared memory
+    for the second set of slots; 3xTF32 products then ran 1.07-1.19x of SDPA float32 forward (H100)."""
+    return arch == "sm_90a" and bucket <= 128
+
+
+def fp32_fwd_tile(bucket: int, arch: str) -> tuple[int, int, int, int]:
+    """fp32 tiles hold twice the bytes and the 3xTF32 products need more registers: warps of 16 rows,
+    32 keys (16 beyond d = 128); with split tiles, 128 query rows in one block of 8 warps per SM."""
+    if fp32_split_tiles(bucket, arch):
+        return 128, 32, 8, 2
+    return 64, 32 if bucket <= 128 else 16, 4, 2
+
+
+def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options) -> FwdTile:
+    """The forward's kernel and tile for a call."""
+    ws = WS_FWD_TILES.get(bucket) if options.fwd_warp_specialised else None
+    if (arch == "sm_90a" and dtype != "float32" and ws and not flags.short_keys
+            and (not flags.sparse or flags.mask_blocks[0] % ws[0] == 0)):
+        block_m, block_n, warps, stages = ws
+        if flags.sparse:
+            block_n = _divides(block_n, flags.mask_blocks[1])
+        return FwdTile(block_m, block_n, warps, stages, warp_specialised=True)
+    if dtype == "float32":
+        block_m, block_n, warps, stages = fp32_fwd_tile(bucket, arch)
+    else:
+        block_m, block_n, warps, stages = (arch == "sm_90a" and FWD_TILES_SM90.get(bucket)) or FWD_TILES[bucket]
+    if flags.sparse:  # kernel tiles divide the mask's blocks
+        block_m = _divides(block_m, flags.mask_blocks[0])
+        warps = min(warps, block_m // 16)
+    if (flags.sparse or flags.alibi or flags.softcap or flags.dropout or flags.band == WINDOW) and block_m > 16 * warps:
+        # Warps of 32 rows have no registers left for a mask, window, score change or RNG on wide tiles:
+        # fewer keys (tanh needs the most), and beyond d = 128 warps of 16 rows.
+        if bucket > 128 or (flags.softcap and flags.dropout and bucket == 128):
+            warps = block_m // 16
+        else:  # the RNG's registers and a window's bounds tip d = 128 over at 48 keys
+            block_n = min(block_n, 32 if flags.softcap or (bucket == 128 and (flags.dropout or flags.band == WINDOW))
+                          else 64)
+    if flags.sparse:
+        block_n = _divides(block_n, flags.mask_blocks[1])
+    return FwdTile(block_m, block_n, warps, stages, split=dtype == "float32" and fp32_split_tiles(bucket, arch))
+
+
+def fwd_smem(tile: FwdTile, dtype: str, bucket: int) -> int:
+    """Dynamic shared memory of the forward: the Q tile and `stages` slots each of K and V (twice with
+    split fp32 tiles)."""
+    kv_rows = 2 * tile.stages * tile.block_n * (2 if tile.split else 1)
+    return tiles_smem(tile.block_m + kv_rows, dtype, bucket, tile.warp_specialised)
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DkdvTile:
+    block_n: int  # keys per block
+    block_q: int  # query rows per tile of the walk
+    warps: int  # consumer warps (the warp-specialised kernel adds a producer warpgroup)
+    splits: int  # column splits of the head dim (blocks per key tile)
+    stages: int = 2  # query-tile ring slots
+    wgmma: bool = False
+    warp_specialised: bool = False
+    split: bool = False  # fp32: Q and dO split into TF32 parts once per tile
+
+
+@dataclass(frozen=True)
+class DqTile:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int = 2  # K/V ring slots
+    wgmma: bool = False
+    warp_specialised: bool = False
+    split: bool = False  # fp32: K and V split into TF32 parts once per tile
+
+
+# dK/dV (mma.sync): (block_n keys, query tile rows, warps, column splits). Heads above 128 are split in
+# two column halves (two blocks per key tile) so that the dK and dV accumulators fit in registers.
+BWD_DKDV_TILES = {32: (128, 64, 8, 1), 64: (128, 64, 8, 1), 96: (128, 64, 8, 1), 128: (128, 32, 8, 1),
+                  160: (64, 64, 4, 2), 192: (64, 64, 4, 2), 224: (64, 32, 4, 2), 256: (64, 32, 4, 2)}
+# dQ (mma.sync): (block_m queries, block_n keys, warps).
+BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64, 4),
+                160: (64, 32, 4), 192: (64, 32, 4), 224: (64, 32, 4), 256: (64, 32, 4)}
+# Hopper wgmma backward (fp16/bf16): warpgroups own 64 rows. The largest tiles that fit registers win
+# (one-warpgroup tiles ran at 0.55-0.6x of these); dQ takes three warpgroups (192 query rows share each
+# K/V tile). dK/dV: (block_n, block_q, warps); dQ: (block_m, block_n, warps).
+WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
+WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
+# Warp-specialised dQ for block masks of 128-row query blocks: 13-14% faster than the plain one on window
+# and butterfly masks. (block_m, block_n, warps, K/V slots).
+WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
+# Warp-specialised dK/dV for block masks of 128-key blocks: 5-12% faster than the plain one at d = 128
+# (H100). (query tile rows, query-tile slots); with tanh or the RNG at d = 128, WS_DKDV_HALF_TILE (64-row
+# tiles spill there, as in the plain kernel).
+WS_DKDV_TILES = {64: (64, 4), 128: (64, 3)}
+WS_DKDV_HALF_TILE = (32, 4)
+
+
+def fp32_bwd_tiles(bucket: int, arch: str) -> tuple[int, int, int, int, int]:
+    """fp32 backward tiles, warps of 16 rows (see fp32_fwd_tile): (dK/dV keys, its query tile, column
+    splits, dQ queries, its key tile); beyond d = 128 dK/dV is computed in two column halves."""
+    if fp32_split_tiles(bucket, arch):
+        return 128, 16, 1, 128, 16
+    return (64, 16, 1, 64, 16) if bucket <= 128 else (32, 16, 2, 32, 16)
+
+
+def dkdv_smem(tile: DkdvTile, dtype: str, bucket: int) -> int:
+    """K and V (and, with three slots in the plain kernel, the next item's K and V, copied ahead), then the
+    slots of Q and dO (twice with split fp32 tiles); the small row statistics are static."""
+    kv_buffers = 2 if tile.stages == 3 and not tile.warp_specialised else 1
+    q_rows = 2 * tile.stages * tile.block_q * (2 if tile.split else 1)
+    return tiles_smem(2 * kv_buffers * tile.block_n + q_rows, dtype, bucket, tile.wgmma)
+
+
+def dq_smem(tile: DqTile, dtype: str, bucket: int) -> int:
+    """Q and dO tiles and `stages` slots each of K and V."""
+    kv_rows = 2 * tile.stages * tile.block_n * (2 if tile.split else 1)
+    return tiles_smem(2 * tile.block_m + kv_rows, dtype, bucket, tile.wgmma)
+
+
+def _three_stages(tile: DkdvTile, dtype: str, bucket: int) -> DkdvTile:
+    """Three query-tile slots where the dK/dV kernel runs wgmma on tiles of at most 64 queries and they fit:
+    a tile's dK product runs on while the next tile loads (H100, d = 128, 16K: 9% faster causal, 2-3%
+    with tanh or dropout, 4.5-7% with ALiBi). With 128-query tiles ptxas serialises the products for want
+    of registers."""
+    if not tile.wgmma or tile.block_q > 64:
+        return tile
+    three = dataclasses.replace(tile, stages=3)
+    return three if dkdv_smem(three, dtype, bucket) <= shared_memory_limit("sm_90a") else tile
+
+
+def ws_dq_tile(tile: DqTile, bucket: int, sparse: bool, enabled: bool) -> DqTile:
+    """The warp-specialised dQ tile where it applies (wgmma, a block mask of 128-row query blocks) and is
+    enabled, else `tile`."""
+    ws = WS_DQ_TILES.get(bucket)
+    if not (enabled and tile.wgmma and sparse and ws and tile.block_m == ws[0]):
+        return tile
+    m, n, warps, stages = ws
+    return dataclasses.replace(tile, block_m=m, block_n=min(n, tile.block_n), warps=warps, stages=stages,
+                               warp_specialised=True)
+
+
+def ws_dkdv_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> DkdvTile:
+    """The warp-specialised dK/dV tile where it applies (wgmma, a block mask of 128-key blocks) and is
+    enabled, else `tile`."""
+    ws = WS_DKDV_TILES.get(bucket)
+    if ws and bucket == 128 and (flags.softcap or flags.dropout):
+        ws = WS_DKDV_HALF_TILE
+    if not (enabled and tile.wgmma and flags.sparse and ws and tile.block_n == 128
+            and flags.mask_blocks[0] % ws[0] == 0):
+        return tile
+    block_q, stages = ws
+    return dataclasses.replace(tile, block_q=block_q, warps=8, stages=stages, warp_specialised=True)
+
+
+def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options) -> tuple[DkdvTile, DqTile]:
+    """The dK/dV and dQ kernels' tiles for a backward call."""
+    block_n, block_q, warps, splits = BWD_DKDV_TILES[bucket]
+    dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
+    wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_BWD_DKDV_TILES
+    if wgmma:
+        (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
+        dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
+        # No registers left on the widest dK/dV tiles for a mask, window, tanh or RNG (ALiBi's bias fits).
+        if flags.sparse or flags.softcap or flags.dropout or flags.band == WINDOW:
+            block_q = min(block_q, 64)
+        # dQ: tanh and the RNG take two warpgroups on 64-key tiles (three spill with tanh); a block mask
+        # (whose blocks 192 rows do not divide) or a window takes two warpgroups on 128-key tiles.
+        if flags.softcap or flags.dropout:
+            dq_m, dq_n, dq_warps = 128, 64, 8
+        elif flags.sparse or flags.band == WINDOW:
+            dq_m, dq_n, dq_warps = 128, 128, 8
+    split = dtype == "float32" and fp32_split_tiles(bucket, arch)
+    if dtype == "float32":
+        block_n, block_q, splits, dq_m, dq_n = fp32_bwd_tiles(bucket, arch)
+        warps, dq_warps = block_n // 16, dq_m // 16
+    if flags.softcap or (flags.dropout and flags.alibi):  # tanh's derivative or the RNG: half the query rows
+        block_q = max(16, block_q // 2)
+    if flags.dropout and (flags.alibi or flags.softcap):  # likewise in the dQ kernel: half the keys
+        dq_n = min(dq_n, 32)
+    if flags.sparse:  # kernel tiles divide the mask's blocks
+        mask_m, mask_n = flags.mask_blocks
+        block_n, block_q = _divides(block_n, mask_n), _divides(block_q, mask_m)
+        warps = min(warps, block_n // 16)
+        dq_m = _divides(dq_m, mask_m)
+        dq_n, dq_warps = _divides(dq_n, mask_n), min(dq_warps, dq_m // 16)
+    dkdv = _three_stages(DkdvTile(block_n, block_q, warps, splits, wgmma=wgmma, split=split), dtype, bucket)
+    dq = DqTile(dq_m, dq_n, dq_warps, wgmma=wgmma, split=split)
+    if flags.sparse:
+        dkdv = ws_dkdv_tile(dkdv, bucket, flags, options.dkdv_warp_specialised)
+        dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised)
+    return dkdv, dq
+
+
+def spill_allowance(dtype: str, stages: int) -> int:
+    """Stack bytes compile-check accepts: none, except
+    - fp32, whose accumulators plus split-TF32 fragments and per-slice partial sums overflow 255 registers
+      in the backward and beyond d = 128 (it costs fp32 speed, not accuracy);
+    - three-slot kernels: the dK/dV kernel with ALiBi and a window at d = 128, and the persistent
+      warp-specialised forward with a block mask and dropout (a partial block's element bits): 8-16 bytes."""
+    if dtype == "float32":
+        return 512
+    return 16 if stages == 3 else 0

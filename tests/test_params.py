@@ -1,0 +1,40 @@
+"""The kernels' parameter structs: the Python mirror (_params.py, read from kernels/params.cuh) has every
+field at the offset NVRTC compiles it to, and the structs' sizes agree. Needs NVRTC, no GPU."""
+import pytest
+
+from cuflash import _compile, _params
+
+STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_struct_layout_matches_nvrtc(arch, tmp_path):
+    checks = []
+    for name in STRUCTS:
+        s = _params.param_struct(name)
+        for t in ("__half", "float"):
+            full = f"cuflash::{name}<{t}>"
+            checks += [f'static_assert(offsetof({full}, {f}) == {off}, "{name}.{f}");' for f, off in s.offsets().items()]
+            checks.append(f'static_assert(sizeof({full}) == {s.size}, "sizeof {name}");')
+    source = "#include <cuda_fp16.h>\n#include \"params.cuh\"\n#define offsetof(T, f) __builtin_offsetof(T, f)\n"
+    source += "\n".join(checks) + "\n__global__ void layout_check() {}\n"
+    (tmp_path / "layout_check.cu").write_text(source)
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(source, "layout_check.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, _compile.nvrtc_options(arch))
+    except nvrtc.NVRTCError:
+        pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_every_field_is_read_with_its_type():
+    fwd = dict(_params.fields("FwdParams"))
+    assert (fwd["q"], fwd["q_sb"], fwd["nheads"], fwd["softmax_scale"]) == ("Q", "q", "i", "f")
+    assert (fwd["lists"], fwd["dropout"]) == ("BlockLists", "DropoutArgs")
+    assert len(_params.no_fields("BlockLists")) == 11 and len(_params.no_fields("DropoutArgs")) == 5
+    s = _params.param_struct("FwdParams")
+    with pytest.raises(TypeError, match="missing fields"):
+        s.pack(q=0)
