@@ -7,13 +7,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _gpu_available() -> tuple[bool, str]:
-    try:
-        import cupy
+    from cuflash._arch import gpu_count
 
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no CuPy build for this CUDA, ...
-        return False, f"no CUDA GPU: {type(e).__name__}: {e}"
-    return (n > 0, "no CUDA GPU: cupy.cuda.runtime.getDeviceCount() == 0")
+    n, why = gpu_count()
+    return n > 0, why
 
 
 @pytest.fixture(autouse=True)

@@ -192,3 +192,16 @@ def test_one_stream_backward_equals_the_side_stream_one():
         one = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
     for x, y in zip(side, one):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "custom-op"])
+def test_gradients_of_gradients_raise(compiled):
+    """A second differentiation through the attention raises instead of returning a first-order-only result
+    (under torch.compile PyTorch says so itself)."""
+    import torch
+
+    q, k, v = (randn((1, 64, 2, 64), torch.bfloat16, seed).detach().requires_grad_() for seed in (81, 82, 83))
+    attention = torch.compile(cuflash.flash_attn_func, fullgraph=True) if compiled else cuflash.flash_attn_func
+    (dq,) = torch.autograd.grad(attention(q, k, v).float().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="gradients of gradients|does not currently support double backward"):
+        torch.autograd.grad(dq.float().sum(), q)

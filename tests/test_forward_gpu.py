@@ -197,6 +197,27 @@ def test_persistent_forward_over_more_tiles_than_sms_on_two_streams():
         assert torch.equal(out, first)
 
 
+def test_persistent_launches_in_flight_never_share_a_tile_counter():
+    """More streams launch the persistent forward (Hopper) at once than the counter pool holds pairs: each
+    launch takes a pair of its own until it is done, so every result equals a lone launch's, bitwise."""
+    import torch
+
+    from cuflash._launch import TileCounters
+
+    q, k, v = (randn((1, 1500, 4, 128), torch.bfloat16, seed) for seed in (41, 42, 43))
+    first = cuflash.flash_attn_func(q, k, v)
+    streams = [torch.cuda.Stream() for _ in range(TileCounters.CHUNK + 64)]
+    outs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs.append(cuflash.flash_attn_func(q, k, v))
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    for out in outs:
+        assert torch.equal(out, first)
+
+
 @pytest.mark.parametrize("seqlens", [(1, 1), (17, 300), (1023, 113), (300, 1023)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -218,3 +218,34 @@ def test_unpad_input_rejects_host_arrays():
     x = np.zeros((2, 5, 3), np.float16)
     with pytest.raises(TypeError, match="hidden_states must be a PyTorch CUDA tensor or a CuPy array"):
         cuflash.unpad_input(x, np.ones((2, 5), bool))
+
+
+def test_backward_names_its_first_bad_argument():
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    with pytest.raises(TypeError, match=r"dout must be a CUDA array .* host memory: move it to the GPU"):
+        cuflash.flash_attn_backward(x, x, x, x, x, np.zeros((1, 1, 4), np.float32))
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_a_scale_the_kernels_cannot_take_says_what_to_do(scale):
+    with pytest.raises(ValueError, match="negate q"):
+        check_fwd_args(*qkv(), scale)
+
+
+def test_head_dim_zero_is_a_value_error():
+    with pytest.raises(ValueError, match="headdim must be from 1 to 256"):
+        check_fwd_args(*qkv(d=0), None)
+
+
+@pytest.mark.parametrize("cu_q, cu_k, match", [
+    ((0, 5, 3), (0, 4, 8), r"cu_seqlens_q must not decrease: entry 2 \(3\) is below entry 1 \(5\)"),
+    ((0, 5, 10), (0, 30, 60, 71), r"cu_seqlens_k ends at row 71, past the 70 rows of k and v"),
+    ((0, 25, 30), (0, 4, 8), r"sequence of 25 tokens \(sequence 0\), longer than max_seqlen_q = 20"),
+    ((-1, 5, 10), (0, 4, 8), r"cu_seqlens_q must start at an offset >= 0"),
+])
+def test_packed_offsets_checked_on_request(cu_q, cu_k, match):
+    """check_inputs=True reads cu_seqlens on the host and rejects offsets that would read or write outside q,
+    k and v, or sequences longer than max_seqlen; good offsets pass."""
+    with pytest.raises(ValueError, match=match):
+        _problem.check_offsets(cu_q, cu_k, 50, 70, 20, 30)
+    _problem.check_offsets((0, 5, 10), (0, 4, 8), 50, 70, 20, 30)

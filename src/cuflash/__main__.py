@@ -42,16 +42,18 @@ def _info(argv) -> int:
     print(f"cuflash {__version__}")
     print(f"kernels: {_compile.kernels_dir()}")
     print(f"cache:   {_compile.cache_dir()}")
+    n, why = _arch.gpu_count()
     try:
         import cupy
 
         print(f"cupy {cupy.__version__}, NVRTC {_compile.nvrtc_version()}, headers {_compile.cuda_include_dir()}")
-        n = cupy.cuda.runtime.getDeviceCount()
-        for i in range(n):
-            props = cupy.cuda.runtime.getDeviceProperties(i)
-            print(f"cuda:{i} {props['name'].decode()} -> {_arch.device_arch(i)}")
-    except Exception as e:  # no GPU or no driver: still useful output
-        print(f"no CUDA device available: {e}")
+    except Exception as e:  # CuPy or the CUDA wheels missing: the line below says what to install
+        print(f"CUDA toolchain: {e}")
+    for i in range(n):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        print(f"cuda:{i} {props['name'].decode()} -> {_arch.device_arch(i)}")
+    if not n:
+        print(why)
     return 0
 
 
@@ -70,7 +72,11 @@ def main(argv=None) -> int:
         from . import _bench_sparse
 
         return _bench_sparse.main(argv[1:])
-    return commands[argv[0]](argv[1:])
+    try:
+        return commands[argv[0]](argv[1:])
+    except Exception as e:  # one line, as bench gives: no GPU, no CuPy, a compile error
+        print(f"python -m cuflash {argv[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

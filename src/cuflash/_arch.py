@@ -9,6 +9,23 @@ _ARCH_SUFFIX = {"90": "a"}
 _SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024}
 
 
+def gpu_count() -> tuple[int, str]:
+    """(number of CUDA GPUs, why there are none): for test skips and `python -m cuflash info`."""
+    try:
+        import cupy
+    except ImportError:
+        return 0, ("CuPy is not installed: pip install 'cuflash[cuda13]' (or 'cuflash[cuda12]' for a CUDA 12 "
+                   "driver; nvidia-smi shows which)")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, or one older than CuPy's CUDA
+        text = f"{type(e).__name__}: {e}"
+        if "InsufficientDriver" in text or "NoDevice" in text or "libcuda" in text:
+            return 0, f"no NVIDIA driver / GPU found ({text})"
+        return 0, f"no usable CUDA GPU ({text})"
+    return n, "" if n else "no NVIDIA GPU found (cupy.cuda.runtime.getDeviceCount() == 0)"
+
+
 def shared_memory_limit(arch: str) -> int:
     """Dynamic shared memory one block may opt in to on `arch`."""
     return _SHARED_MEMORY_LIMIT.get(arch, 99 * 1024)

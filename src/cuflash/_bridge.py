@@ -99,9 +99,11 @@ def _describe(x, argname: str) -> DeviceArray:
         return d
     if fw == "jax":
         raise TypeError(f"{argname}: JAX arrays are handled by cuflash.jax; call cuflash.flash_attn_func")
+    where = " in host memory" if hasattr(x, "__dlpack__") or hasattr(x, "__array__") else ""
     raise TypeError(
-        f"{argname} must be a CUDA array (CuPy array, PyTorch CUDA tensor, JAX array or any object with "
-        f"__dlpack__), got {type(x).__module__}.{type(x).__name__}"
+        f"{argname} must be a CUDA array (CuPy array, PyTorch CUDA tensor, JAX array, or a DLPack object in GPU "
+        f"memory), got {type(x).__module__}.{type(x).__name__}{where}: move it to the GPU first, e.g. "
+        f"cupy.asarray(x) or torch.as_tensor(x, device='cuda')"
     )
 
 
@@ -112,8 +114,8 @@ def torch_needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in tensors)
 
 
-def host_lengths(cu_seqlens, name: str) -> tuple[int, ...]:
-    """Each sequence's length from a cu_seqlens array, read on the host (a device-to-host copy)."""
+def host_offsets(cu_seqlens, name: str) -> tuple[int, ...]:
+    """A cu_seqlens array's offsets, read on the host (a device-to-host copy)."""
     import numpy as np
 
     framework = framework_of(cu_seqlens)
@@ -125,10 +127,10 @@ def host_lengths(cu_seqlens, name: str) -> tuple[int, ...]:
         else:
             host = np.asarray(cu_seqlens)
     except Exception as e:  # a JAX tracer
-        raise ValueError(f"{name}: a block mask with window_size or causal on packed sequences needs the "
-                         f"sequence lengths on the host, and they could not be read ({type(e).__name__}); "
-                         f"under jax.jit pass concrete cu_seqlens (closed over), not traced arguments") from None
-    return tuple(int(n) for n in np.diff(host.astype(np.int64)))
+        raise ValueError(f"{name}: the sequence offsets are needed on the host (a block mask with window_size or "
+                         f"causal, or check_inputs), and they could not be read ({type(e).__name__}); under "
+                         f"jax.jit pass concrete cu_seqlens (closed over), not traced arguments") from None
+    return tuple(int(n) for n in host.astype(np.int64))
 
 
 def current_stream(a: DeviceArray) -> int:

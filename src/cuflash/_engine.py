@@ -35,13 +35,13 @@ def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: Dev
         return
     arch = _arch.kernel_arch(q.device, options.wgmma)
     variant = _dispatch.choose_fwd(p.dtype, p.head_dim, p.flags(options), arch, options)
-    persistent = _persistent(variant, q.device, stream, "fwd", options) if variant.persistent else (0, 1)
+    persistent = _persistent(variant, q.device, options)
     q, k, v, out = p.batched(q), p.batched(k, "k"), p.batched(v, "k"), p.batched(out)
     blocks, threads, values = _dispatch.fwd_launch(
         variant, p, *_arrays(q, k, v, out), lse.ptr,
         _dispatch.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
         alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent)
-    _launch_on(q.device, [(variant, blocks, threads, values)], stream)
+    _launch_on(q.device, [(variant, blocks, threads, values, persistent[0])], stream)
 
 
 def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: DeviceArray, out: DeviceArray,
@@ -58,14 +58,18 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
         query_lists, key_lists = layout.lists_args(ptr, key_major=False), layout.lists_args(ptr, key_major=True)
     q, dout, out, dq = (p.batched(a) for a in (q, dout, out, dq))
     k, v, dk, dv = (p.batched(a, "k") for a in (k, v, dk, dv))
+    pre_variant, dkdv_variant, dq_variant = variants
+    persistent = {x: _persistent(x, q.device, options) for x in (dkdv_variant, dq_variant)}
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
-        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout,
-        _persistent(variants[1], q.device, stream, "dkdv", options),
-        _persistent(variants[2], q.device, stream, "dq", options))
-    pre = [x for x in launches if x[0] is variants[0]]
-    dkdv = [x for x in launches if x[0] is variants[1]]
-    dq_launch = [x for x in launches if x[0] is variants[2]]
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant])
+    launches = [(*x, persistent.get(x[0], (0, 1))[0]) for x in launches]
+    for variant, (counter, _) in persistent.items():  # a kernel with nothing to do gives its counter back
+        if counter and not any(x[0] is variant for x in launches):
+            TileCounters.of_device(q.device).release_after(counter, stream)
+    pre = [x for x in launches if x[0] is pre_variant]
+    dkdv = [x for x in launches if x[0] is dkdv_variant]
+    dq_launch = [x for x in launches if x[0] is dq_variant]
     if not options.bwd_side_stream:
         dkdv, dq_launch = dkdv + dq_launch, []
     _launch_on(q.device, pre, stream)
@@ -85,26 +89,30 @@ def _launcher(variant, device: int) -> Launcher:
     return launcher
 
 
-def _persistent(variant, device: int, stream: int, kernel: str, options: Options) -> tuple[int, int]:
-    """(tile counter, blocks the GPU holds at once) for a persistent kernel launched from `stream`; with
-    persistence off, one block per tile, as a plain grid would (for A/B timing)."""
+def _persistent(variant, device: int, options: Options) -> tuple[int, int]:
+    """(tile counter, blocks the GPU holds at once) for a persistent kernel, (0, 1) for others; the counter
+    is this launch's alone until _launch_on gives it back. With persistence off, one block per tile, as a
+    plain grid would (for A/B timing)."""
     if not variant.persistent:
         return 0, 1
     counters = TileCounters.of_device(device)
     if not options.persistent:
-        return counters.for_stream(stream, kernel), 2**31 - 1
+        return counters.acquire(), 2**31 - 1
     per_sm = _launcher(variant, device).blocks_per_sm(variant.threads, variant.smem_bytes, device)
-    return counters.for_stream(stream, kernel), counters.sms * per_sm
+    return counters.acquire(), counters.sms * per_sm
 
 
 def _launch_on(device: int, launches, stream: int, beside=()) -> None:
-    """Launch `launches` in order on the stream, and `beside` (independent of `launches`, dependent on
-    what the stream holds before them) on the device's side stream, joined back before returning."""
+    """Launch `launches` ((variant, blocks, threads, values, tile counter or 0) in order) on the stream, and
+    `beside` (independent of `launches`, dependent on what the stream holds before them) on the device's
+    side stream, joined back before returning. Each tile counter goes back once its launch is done."""
     import cupy
 
     def launch(chain, stream):
-        for variant, blocks, threads, values in chain:
+        for variant, blocks, threads, values, counter in chain:
             _launcher(variant, device)(blocks, threads, variant.smem_bytes, stream, values)
+            if counter:
+                TileCounters.of_device(device).release_after(counter, stream)
 
     def run():
         if not beside:

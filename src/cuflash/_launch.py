@@ -86,26 +86,28 @@ class SideStream:
 
 
 class TileCounters:
-    """Counters for the persistent forward kernel (kernels/flash_fwd_ws.cu): a (next tile, blocks
-    exited) pair of zeros per stream, which the launch's last block resets, so that launches queued
-    on one stream reuse it while launches on different streams, which may overlap, never share one.
-    A device has SLOTS pairs, made once and zeroed before its first use; more streams than that share
-    pairs round robin."""
+    """Counters of the persistent kernels (a grid of resident blocks taking tiles from a counter): one
+    (next tile, blocks exited) pair of zeros for each launch in flight, which that launch's last block
+    resets to zero. A pair is lent to one launch and returns to the pool once an event recorded after the
+    launch, on its stream, has completed, so launches that may overlap never share a pair, whatever the
+    number of streams a program makes. A launch captured into a CUDA graph keeps its pair for good: every
+    replay of the graph uses it."""
 
-    SLOTS = 1024
+    CHUNK = 1024  # pairs allocated at a time
     _devices: dict = {}
     _lock = threading.Lock()
 
     def __init__(self, device: int):
-        import cupy
         from cupy_backends.cuda.api import runtime
 
-        with cupy.cuda.Device(device):
-            self._memory = cupy.cuda.alloc(8 * self.SLOTS)
-            runtime.memset(self._memory.ptr, 0, 8 * self.SLOTS)
-            runtime.deviceSynchronize()  # zeros before any stream uses them
-            self.sms = runtime.getDeviceProperties(device)["multiProcessorCount"]
-        self._slots: dict = {}
+        self._rt = runtime
+        self._device = device
+        self.sms = runtime.getDeviceProperties(device)["multiProcessorCount"]
+        self._memory: list = []  # keeps the allocations alive
+        self._free: list[int] = []
+        self._lent: list[tuple[int, int]] = []  # (pair address, event recorded after its launch)
+        self._events: list[int] = []  # completed events, for reuse
+        self._grow()
 
     @classmethod
     def of_device(cls, device: int) -> "TileCounters":
@@ -115,13 +117,37 @@ class TileCounters:
                 counters = cls._devices.get(device) or cls._devices.setdefault(device, cls(device))
         return counters
 
-    def for_stream(self, stream_ptr: int, kernel: str = "") -> int:
-        """The device address of `stream_ptr`'s counter pair for `kernel` (a kernel launched from this
-        stream onto another, the backward's dQ kernel, takes its own pair: keyed by the caller's stream, as
-        a CUDA graph captured there keeps it)."""
-        key = (stream_ptr, kernel)
-        slot = self._slots.get(key)
-        if slot is None:
-            with self._lock:
-                slot = self._slots.setdefault(key, len(self._slots) % self.SLOTS)
-        return self._memory.ptr + 8 * slot
+    def _grow(self) -> None:
+        import cupy
+
+        with cupy.cuda.Device(self._device):
+            memory = cupy.cuda.alloc(8 * self.CHUNK)
+            self._rt.memset(memory.ptr, 0, 8 * self.CHUNK)
+            self._rt.deviceSynchronize()  # zeros before any stream uses them
+        self._memory.append(memory)
+        self._free += [memory.ptr + 8 * i for i in range(self.CHUNK)]
+
+    def acquire(self) -> int:
+        """The device address of a pair no launch in flight holds."""
+        with self._lock:
+            if not self._free:
+                lent, self._lent = self._lent, []
+                for address, event in lent:
+                    if self._rt.eventQuery(event) == 0:  # cudaSuccess: the launch is done
+                        self._free.append(address)
+                        self._events.append(event)
+                    else:
+                        self._lent.append((address, event))
+            if not self._free:
+                self._grow()
+            return self._free.pop()
+
+    def release_after(self, address: int, stream: int) -> None:
+        """Return the pair at `address` once what `stream` holds so far (the launch that took it) is done."""
+        if self._rt.streamIsCapturing(stream) != self._rt.streamCaptureStatusNone:
+            return  # a node of a graph being captured: the pair stays with the graph
+        with self._lock:
+            event = self._events.pop() if self._events else self._rt.eventCreateWithFlags(
+                self._rt.eventDisableTiming)
+            self._rt.eventRecord(event, stream)
+            self._lent.append((address, event))

@@ -123,7 +123,8 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+        raise ValueError(f"softmax_scale must be a finite positive number (the kernels take row maxima of unscaled "
+                         f"scores; for a negative scale, negate q), got {softmax_scale}")
     return float(softmax_scale)
 
 
@@ -134,6 +135,23 @@ def resolve_softcap(softcap) -> float:
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
     return float(softcap)
+
+
+def check_offsets(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q, max_seqlen_k) -> None:
+    """Packed sequences' offsets (read on the host) against the arrays' rows and the max_seqlen values."""
+    for cu, total, most, name, rows in ((cu_q, total_q, max_seqlen_q, "q", "q"),
+                                        (cu_k, total_k, max_seqlen_k, "k", "k and v")):
+        if not cu or cu[0] < 0:
+            raise ValueError(f"cu_seqlens_{name} must start at an offset >= 0, got {cu[:1]}")
+        for b, (start, end) in enumerate(zip(cu, cu[1:])):
+            if end < start:
+                raise ValueError(f"cu_seqlens_{name} must not decrease: entry {b + 1} ({end}) is below entry {b} "
+                                 f"({start})")
+            if end - start > most:
+                raise ValueError(f"cu_seqlens_{name} holds a sequence of {end - start} tokens (sequence {b}), "
+                                 f"longer than max_seqlen_{name} = {most}")
+        if cu[-1] > total:
+            raise ValueError(f"cu_seqlens_{name} ends at row {cu[-1]}, past the {total} rows of {rows}")
 
 
 def check_causal(causal) -> bool:

@@ -8,7 +8,7 @@ Problem (_problem.py); the engine below them runs it.
 """
 from __future__ import annotations
 
-from . import _arrays, _bridge, _headdim, _problem, _sparse
+from . import _arrays, _bridge, _headdim, _options, _problem, _sparse
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -44,14 +44,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, *, block_mask=None, dropout_seed=None):
+                           deterministic=False, return_attn_probs=False, *, block_mask=None, dropout_seed=None,
+                           check_inputs=False):
     """Attention over each of a batch of packed sequences of different lengths.
 
     Sequences are concatenated along the first dimension: q is (total_q, nheads, headdim), k and v
     (total_k, nheads_k, headdim), and sequence b occupies rows cu_seqlens[b] to cu_seqlens[b + 1] - 1
     (int32 prefix sums on the device). No padding is stored or computed. max_seqlen_q and max_seqlen_k
-    must be at least the longest sequence (they size the grid; they are not checked against cu_seqlens,
-    which would need a device-to-host copy). The other arguments as for flash_attn_func; causal and
+    must be at least the longest sequence (they size the grid). They are checked against cu_seqlens only
+    with check_inputs=True (or CUFLASH_CHECK_INPUTS=1): the check reads cu_seqlens on the host, a
+    synchronising copy; offsets must not decrease and must stay within q's and k's rows. The other arguments as for flash_attn_func; causal and
     window_size are aligned to each sequence's own bottom-right corner. Together with a block mask, a
     window or causal reads cu_seqlens on the host once per call (under jax.jit they must be concrete).
     A block_mask is built for (max_seqlen_q, max_seqlen_k) with batch 1 or one entry per sequence; its
@@ -59,6 +61,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     its own first row and key, with the sequence's index as its batch index. Returns out (total_q,
     nheads, headdim), or (out, softmax_lse, rng_state) with softmax_lse (nheads, total_q).
     """
+    _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _attention(q, k, v, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), dropout_p, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, return_attn_probs, block_mask, dropout_seed)
 
@@ -83,9 +86,10 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
 def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, *, dropout_p=0.0, softmax_scale=None, causal=False,
                                window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                               block_mask=None, rng_state=None):
+                               block_mask=None, rng_state=None, check_inputs=False):
     """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (nheads, total_q); the
     arguments as for flash_attn_backward and flash_attn_varlen_func."""
+    _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _backward(dout, q, k, v, out, softmax_lse, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k),
                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_mask, rng_state)
 
@@ -98,10 +102,21 @@ def _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask
         block_mask, window = _sparse.window_mask(block_mask, window_size, q, k)
         return block_mask, causal, window
     max_q, max_k = (_problem.check_max_seqlen(m, n) for m, n in zip(max_seqlen, ("max_seqlen_q", "max_seqlen_k")))
-    return _sparse.varlen_mask(block_mask, window_size, causal,
-                               lambda: tuple(_bridge.host_lengths(cu, name)
-                                             for cu, name in zip(cu_seqlens, ("cu_seqlens_q", "cu_seqlens_k"))),
-                               max_q, max_k)
+    def lengths():
+        return tuple(tuple(b - a for a, b in zip(offsets, offsets[1:])) for offsets in _host_offsets(cu_seqlens))
+
+    return _sparse.varlen_mask(block_mask, window_size, causal, lengths, max_q, max_k)
+
+
+def _host_offsets(cu_seqlens):
+    return tuple(_bridge.host_offsets(cu, name) for cu, name in zip(cu_seqlens, ("cu_seqlens_q", "cu_seqlens_k")))
+
+
+def _check_offsets(q, k, cu_seqlens, max_seqlen, check_inputs: bool) -> None:
+    """With check_inputs (or CUFLASH_CHECK_INPUTS=1), cu_seqlens and max_seqlen are read on the host (one
+    synchronising copy) and checked against the packed arrays."""
+    if check_inputs or _options.current().check_inputs:
+        _problem.check_offsets(*_host_offsets(cu_seqlens), q.shape[0], k.shape[0], *max_seqlen)
 
 
 def _attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
