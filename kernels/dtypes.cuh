@@ -8,6 +8,7 @@ namespace cuflash {
 
 // -infinity (NVRTC has no <math.h> INFINITY); a bit pattern, so it folds to a constant.
 #define kNegInf __int_as_float(0xff800000)
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)): softmax runs on exp2
 
 template <typename T> struct ElemTraits;
 

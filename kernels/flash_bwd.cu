@@ -20,6 +20,7 @@
 #include "fwd_common.cuh"  // BlockCoords, KeyTiles
 #include "mbarrier.cuh"
 #include "mma.cuh"
+#include "params.cuh"  // Bwd*Params: the kernels' parameters, field for field
 #include "score_mods.cuh"
 #include "tile_mma.cuh"
 #include "varlen.cuh"
@@ -65,7 +66,7 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
 // inputs: expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e)).
 template <bool PRECISE>
 __device__ __forceinline__ float exp_units(float x) {
-  return PRECISE ? x : x * 1.4426950408889634f;  // log2(e)
+  return PRECISE ? x : x * kLog2e;
 }
 template <bool PRECISE>
 __device__ __forceinline__ float recompute_p_units(float s, float scale_u, float lse_u, bool visible) {
@@ -400,7 +401,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // items of flash_bwd_dkdv_kernel (DkdvWork); the producer copies the next item's K and V once both
 // consumers' last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK, dV.
 // A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32): 232 registers leave room for
-// little else (benchmarks/NOTES.md, session 13).
+// little else (docs/kernel-design.md).
 template <typename T, int D, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
           bool SOFTCAP, bool DROPOUT>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
@@ -623,7 +624,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
-                    long long lse_sh, const BlockLists lists, const DropoutArgs dropout) {
+                    long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
+                    unsigned* /* tile_counter */, int /* num_items: persistent kernels */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   using Tile = Tiles<T, D, WG>;
@@ -786,7 +788,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // dP = dO Vᵀ of the next, so one warpgroup's softmax and dS run while the other's products do. Persistent:
 // items come from tile_counter in the order of one block per item (BlockCoords: heaviest first), and the
 // producer copies the next item's Q and dO once both consumers have issued their last S and dP.
-// 13-14% faster than flash_bwd_dq_kernel on window and butterfly masks (benchmarks/results/ws-dq-s12.txt).
+// 13-14% faster than flash_bwd_dq_kernel on window and butterfly masks (docs/kernel-design.md).
 
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT>

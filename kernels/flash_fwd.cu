@@ -1,23 +1,23 @@
-// FlashAttention forward pass (FlashAttention-2 work split) on mma.sync tensor cores, sm_80+, or with
-// WG on Hopper's warpgroup wgmma (tile_mma.cuh; warps of 16 rows, four to a warpgroup).
+// FlashAttention forward pass (FlashAttention-2 work split) on mma.sync tensor cores, sm_80+. (Hopper's
+// calls at the head dims it is tuned for take flash_fwd_ws.cu: producer and consumer warpgroups, wgmma.)
 //
 // One thread block owns BM query rows of one (batch, head); each warp owns MT = BM / (16 * WARPS)
 // tiles of 16 rows. The block walks the key/value tiles of BN rows from the last to the first:
 //   S = Q K^T (tensor cores) -> mask -> online softmax (row max m, row sum l, rescale O) -> O += P V
 // and finally writes O / l and the log-sum-exp. K/V tiles stream through a multi-stage cp.async ring.
 #include "fwd_common.cuh"
+#include "params.cuh"  // FwdParams: the kernel's parameters, field for field
 
 namespace cuflash {
 
-template <typename T, int D, int BM, int BN, int WARPS, bool WG>
+template <typename T, int D, int BM, int BN, int WARPS>
 struct FwdTile {
   static constexpr int threads = WARPS * 32;
   static constexpr int m_tiles = BM / (16 * WARPS);  // 16-row tiles per warp
   static constexpr int s_tiles = BN / 8;             // 8-column tiles of S per warp row tile
   static constexpr int o_tiles = D / 8;              // 8-column tiles of O
-  static constexpr int pitch = Tiles<T, D, WG>::row_elems;
+  static constexpr int pitch = Tiles<T, D, false>::row_elems;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0 && D % 16 == 0, "bad tile shape");
-  static_assert(!WG || (m_tiles == 1 && WARPS % 4 == 0), "wgmma: warpgroups of 64 rows");
 };
 
 // SPARSE, BAND: which key tiles a query tile visits (fwd_common.cuh KeyTiles); ALIBI, SOFTCAP, DROPOUT:
@@ -26,7 +26,7 @@ struct FwdTile {
 // SPLIT (fp32, 3xTF32): K and V tiles are split into their TF32 parts once as they arrive, the rest
 // going to a second set of slots, instead of by every warp for every fragment (tile_io.cuh).
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool WG, bool SPLIT = false>
+          bool DROPOUT, bool SPLIT = false>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -36,10 +36,10 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  float softcap_mult,
                  const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
                  const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
-                 const DropoutArgs dropout) {
+                 const DropoutArgs dropout, unsigned* /* tile_counter */, int /* num_tiles: persistent kernels */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
-  using Tile = FwdTile<T, D, BM, BN, WARPS, WG>;
-  using Smem = Tiles<T, D, WG>;
+  using Tile = FwdTile<T, D, BM, BN, WARPS>;
+  using Smem = Tiles<T, D, false>;
   constexpr int MT = Tile::m_tiles;
   static_assert(STAGES >= 2, "the K/V ring needs at least two slots");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -48,7 +48,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   T* sV = sK + STAGES * BN * Tile::pitch;  // likewise
   constexpr int kPitchBytes = Tile::pitch * sizeof(T);
   constexpr unsigned kv_slot_bytes = BN * kPitchBytes;
-  static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
+  static_assert(!SPLIT || ElemTraits<T>::is_f32, "split tiles are fp32 tiles");
   constexpr int kRest = SPLIT ? 2 * STAGES * kv_slot_bytes : 0;  // SPLIT: the rest of K and V, after sV
 
   const int tid = threadIdx.x, lane = tid % 32;
@@ -87,7 +87,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   float acc_o[MT][Tile::o_tiles][4];
   zero(acc_o);
   OnlineSoftmax<MT, ElemTraits<T>::is_f32> softmax;
-  const float scale_log2 = softmax_scale * 1.4426950408889634f;
+  const float scale_log2 = softmax_scale * kLog2e;
 
   // K/V tiles go through a ring of STAGES shared-memory slots: tile `it` (counting from the last key
   // tile down) is loaded STAGES - 1 iterations ahead of its use, so its latency hides behind whole
@@ -135,9 +135,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     Smem::template wait<0>(acc_o);
   }
 
-  // Epilogue (fwd_common.cuh store_fwd_rows), through this warp's own rows of the Q tile (wgmma tiles:
-  // the same bytes, as unpadded rows: a warp's 16 rows are two whole 8-row groups). The block's coordinates are derived again rather than kept in
-  // registers through the main loop.
+  // Epilogue (fwd_common.cuh store_fwd_rows), through this warp's own rows of the Q tile. The block's
+  // coordinates are derived again rather than kept in registers through the main loop.
   const BlockCoords<BAND, SPARSE, BM> out_blk(num_m_blocks, nheads, lists);
   const int out_m0 = out_blk.m_block * BM;
   T* stage = sQ + warp_row * Tile::pitch;

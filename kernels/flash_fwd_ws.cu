@@ -9,6 +9,7 @@
 // together with Q K^T of the next.
 #include "fwd_common.cuh"
 #include "mbarrier.cuh"
+#include "params.cuh"  // FwdParams: the kernel's parameters, field for field
 
 namespace cuflash {
 
@@ -98,7 +99,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   warpgroup_claim_registers<kConsumerRegisters>();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // first row of this warp inside the tile
-  const float scale_log2 = softmax_scale * 1.4426950408889634f;
+  const float scale_log2 = softmax_scale * kLog2e;
   int ring = 0;  // as the producer's
   for (int n = 0;; ++n) {
     mbar_wait(&q_full, n & 1);

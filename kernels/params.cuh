@@ -1,13 +1,14 @@
-// Kernel parameters: one struct per kernel family, passed by value as the kernel's only argument.
+// Kernel parameters: one struct per kernel family, the one declaration of what a kernel takes.
 //
-// cuflash/_params.py reads these declarations to pack the launch arguments, and a CPU test checks
-// every field's offset against what NVRTC compiles: keep one field per line, declared as
-// `type name;` at the struct's top level. Strides are in elements, per dimension: batch (sb),
-// sequence (ss), head (sh). Packed variable-length batches have batch strides 0 and cu_seqlens
-// (varlen.cuh); fixed lengths have null cu_seqlens.
-// NVRTC ignores __restrict__ on struct members (it marks only pointer parameters of a kernel), so the
-// qualifiers below document intent, and the kernels' read-only global loads say __ldg (ld.global.nc)
-// themselves, as block_sparse.cuh does for BlockLists.
+// The kernels take these fields as their parameters, in this order and with these types (a CPU test,
+// tests/test_params.py, compiles a check of every kernel's signature against its struct and of every
+// offset against what cuflash/_params.py packs). They take them one by one rather than as one struct by
+// value: by value, the pointer fields lose what a pointer parameter tells the compiler (global memory,
+// __restrict__), and the code changed in 615 of 621 sampled variants, 11 of them spilling more
+// (docs/kernel-design.md). _params.py reads these declarations: keep one field per line, `type name;`,
+// at the struct's top level. Strides are in elements, per dimension: batch (sb), sequence (ss), head
+// (sh). Packed variable-length batches have batch strides 0 and cu_seqlens (varlen.cuh); fixed lengths
+// have null cu_seqlens.
 #pragma once
 #include "block_sparse.cuh"  // BlockLists
 #include "dropout.cuh"       // DropoutArgs

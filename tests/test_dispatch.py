@@ -131,7 +131,7 @@ def test_hopper_d64_takes_the_warp_specialised_forward_from_2048_keys():
 def test_variant_name_is_a_template_instance():
     v = choose_fwd("bfloat16", 72, Flags(band=CAUSAL))
     assert v.name == (f"cuflash::flash_fwd_kernel<__nv_bfloat16, 96, {v.block_m}, {v.block_n}, {v.warps}, "
-                      f"{v.stages}, 1, false, false, false, false, false>")  # band 1: causal
+                      f"{v.stages}, 1, false, false, false, false>")  # band 1: causal
 
 
 def test_launch_values_are_64_bit_and_grid_is_one_dimensional():
@@ -170,7 +170,7 @@ def test_grid_limit_is_checked():
 
 def test_dropout_variants_and_launch_fields():
     v = choose_fwd("bfloat16", 64, Flags(band=CAUSAL, dropout=True))
-    assert v.dropout and v.name.endswith("false, false, false, true, false>")
+    assert v.dropout and v.name.endswith("false, false, false, true>")
     _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True))
     assert dkdv.dropout and dq.dropout and dkdv.name.endswith("true, false>")  # dropout on, wgmma off
     _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True), "sm_90a")

@@ -38,3 +38,37 @@ def test_every_field_is_read_with_its_type():
     s = _params.param_struct("FwdParams")
     with pytest.raises(TypeError, match="missing fields"):
         s.pack(q=0)
+
+
+def test_every_kernel_takes_its_struct_field_for_field():
+    """Each kernel's parameter list is its family's struct, field for field (types and order), so the values
+    _params packs by field name land where the kernel reads them."""
+    from cuflash import _dispatch
+    from cuflash._tiles import Flags
+
+    kernels = [*_dispatch.choose_bwd("bfloat16", 128, Flags(mask_blocks=(128, 128)), "sm_90a"),
+               *_dispatch.choose_bwd("float16", 64, Flags(band=1), "sm_80"),
+               _dispatch.choose_fwd("bfloat16", 128, Flags(), "sm_90a"), _dispatch.choose_fwd("float16", 96)]
+    assert {v.name.split("<")[0] for v in kernels} == {
+        "cuflash::flash_bwd_preprocess_kernel", "cuflash::flash_bwd_dkdv_ws_kernel", "cuflash::flash_bwd_dq_ws_kernel",
+        "cuflash::flash_bwd_dkdv_kernel", "cuflash::flash_bwd_dq_kernel", "cuflash::flash_fwd_ws_kernel",
+        "cuflash::flash_fwd_kernel"}
+    sources, checks = set(), []
+    for v in kernels:
+        element = v.name.split("<")[1].split(",")[0].rstrip(">")
+        types = ", ".join(t.replace("T*", f"{element}*") for t in _params.c_types(v.params))
+        checks.append(f"static_assert(same<decltype({v.name}), void({types})>::value, \"{v.name}\");")
+        sources.add(v.source)
+    source = "".join(f'#include "{s}"\n' for s in sorted(sources))
+    source += "template <class A, class B> struct same { static constexpr bool value = false; };\n"
+    source += "template <class A> struct same<A, A> { static constexpr bool value = true; };\n"
+    source += "namespace cuflash {\n" + "\n".join(checks) + "\n}\n"
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(source, "signature_check.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, _compile.nvrtc_options("sm_90a"))
+    except nvrtc.NVRTCError:
+        pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -84,8 +84,7 @@ def _launcher(variant, device: int) -> Launcher:
     launcher = _launchers.get((variant, device))
     if launcher is None:
         kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
-        params = param_struct(variant.params)
-        launcher = _launchers[(variant, device)] = Launcher(kernel, params.format, params.size)
+        launcher = _launchers[(variant, device)] = Launcher(kernel, param_struct(variant.params))
     return launcher
 
 

@@ -1,4 +1,4 @@
-"""Kernel launches straight through the CUDA driver (cuLaunchKernel) with the parameter struct packed by
+"""Kernel launches straight through the CUDA driver (cuLaunchKernel) with the parameters packed by
 `struct` in C layout. CuPy's RawKernel call converts every argument to a NumPy scalar first, which
 costs more host time than a small attention problem takes on the GPU."""
 from __future__ import annotations
@@ -10,30 +10,32 @@ import numpy as np
 
 
 class Launcher:
-    """Launches one compiled kernel whose only parameter is a struct (kernels/params.cuh) of `size` bytes,
-    packed by `struct_format` (struct-module codes with native alignment, _params.ParamStruct.format)."""
+    """Launches one compiled kernel whose parameters are the fields of a parameter struct
+    (kernels/params.cuh, _params.ParamStruct): the values are packed in the struct's C layout, and
+    cuLaunchKernel gets one pointer per field into them."""
 
-    def __init__(self, kernel, struct_format: str, size: int):
+    def __init__(self, kernel, params):
         from cupy_backends.cuda.api import driver
 
         self._launch = driver.launchKernel
         self._func = kernel.ptr  # the CUfunction
         self._kernel = kernel  # keeps its module loaded
-        self._struct = struct.Struct("@" + struct_format)
-        assert self._struct.size <= size
-        self._size = size
+        self._struct = struct.Struct("@" + params.format)
+        self._size = params.size
+        self._offsets = list(params.offsets().values())
         self._local = threading.local()
 
     def _buffers(self):
-        """This thread's parameter block: the one-entry pointer table cuLaunchKernel reads, then the packed
-        struct it points to. Reused call after call: the driver copies it at launch."""
+        """This thread's parameter block: the table of pointers cuLaunchKernel reads, then the packed values
+        they point into. Reused call after call: the driver copies it at launch."""
         local = self._local
         if not hasattr(local, "block"):
-            block = np.zeros(8 + self._size, np.uint8)
+            table = 8 * len(self._offsets)
+            block = np.zeros(table + self._size, np.uint8)
             base = block.ctypes.data
-            block[:8].view(np.uint64)[0] = base + 8
-            local.block, local.table_ptr = block, base
-        return local.block, local.table_ptr
+            block[:table].view(np.uint64)[:] = [base + table + off for off in self._offsets]
+            local.block, local.table_ptr, local.values_at = block, base, table
+        return local.block, local.table_ptr, local.values_at
 
     def blocks_per_sm(self, block: int, shared_mem: int, device: int) -> int:
         """How many blocks of this kernel one SM of `device` holds at once (for a persistent grid)."""
@@ -47,8 +49,8 @@ class Launcher:
         return self._per_sm
 
     def __call__(self, grid: int, block: int, shared_mem: int, stream_ptr: int, args) -> None:
-        buf, table_ptr = self._buffers()
-        self._struct.pack_into(buf, 8, *args)
+        buf, table_ptr, values_at = self._buffers()
+        self._struct.pack_into(buf, values_at, *args)
         self._launch(self._func, grid, 1, 1, block, 1, 1, shared_mem, stream_ptr, table_ptr, 0)
 
 

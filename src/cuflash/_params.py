@@ -44,6 +44,16 @@ def _struct_body(text: str, name: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def fields(name: str, header: str = "params.cuh") -> tuple[tuple[str, str], ...]:
     """((field name, struct code or nested struct name), ...) of a struct, in declaration order."""
+    return tuple((field, code) for field, code, _ in _declarations(name, header))
+
+
+def c_types(name: str, header: str = "params.cuh") -> tuple[str, ...]:
+    """The C type of each field as a kernel parameter's type (no __restrict__; T for the element type)."""
+    return tuple(" ".join(ctype.replace("__restrict__", "").split()) for _, _, ctype in _declarations(name, header))
+
+
+@functools.lru_cache(maxsize=None)
+def _declarations(name: str, header: str) -> tuple[tuple[str, str, str], ...]:
     out = []
     for line in _struct_body((kernels_dir() / header).read_text(), name):
         code = line.split("//")[0]
@@ -53,12 +63,13 @@ def fields(name: str, header: str = "params.cuh") -> tuple[tuple[str, str], ...]
         if not m:
             raise ValueError(f"cannot read field of struct {name}: {line.strip()!r}")
         ctype, pointer, field = m.group(1).strip(), m.group(2), m.group(3)
+        declared = code.strip()[:-1].rsplit(field, 1)[0]
         if pointer:
-            out.append((field, "Q"))
+            out.append((field, "Q", declared))
         elif ctype in _SCALARS:
-            out.append((field, _SCALARS[ctype]))
+            out.append((field, _SCALARS[ctype], declared))
         elif ctype in _NESTED_HEADERS:
-            out.append((field, ctype))
+            out.append((field, ctype, declared))
         else:
             raise ValueError(f"struct {name}: unknown field type {ctype!r}")
     return tuple(out)
