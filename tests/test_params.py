@@ -37,7 +37,7 @@ def test_every_field_is_read_with_its_type():
     assert len(_params.no_fields("BlockLists")) == 11 and len(_params.no_fields("DropoutArgs")) == 5
     s = _params.param_struct("FwdParams")
     with pytest.raises(TypeError, match="missing fields"):
-        s.pack(q=0)
+        s.pack({"q": 0})
 
 
 def test_every_kernel_takes_its_struct_field_for_field():

@@ -234,27 +234,31 @@ def dropout_args(dropout_p: float, seed: int = 0, offset: int = 0, state_ptr: in
     return state_ptr, seed % 2**64, offset % 2**64, threshold, 65536.0 / (65536 - threshold)
 
 
-def _seq_fields(p, varlen) -> dict:
-    """Fixed lengths: no cu_seqlens, log-sum-exp (batch, nheads, seqlen_q). varlen = (cu_seqlens_q pointer,
-    cu_seqlens_k pointer, total_q): packed sequences, whose log-sum-exp is (nheads, total_q)."""
-    if varlen is None:
-        return dict(cu_seqlens_q=0, cu_seqlens_k=0, lse_sb=p.nheads * p.seqlen_q, lse_sh=p.seqlen_q)
-    cu_q, cu_k, total_q = varlen
-    return dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, lse_sb=0, lse_sh=total_q)
+_STRIDE_FIELDS = {a: (f"{a}_sb", f"{a}_ss", f"{a}_sh") for a in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
 
 
-def _strides(prefix: str, strides) -> dict:
-    sb, ss, sh = strides[:3]
-    return {f"{prefix}_sb": sb, f"{prefix}_ss": ss, f"{prefix}_sh": sh}
+def _put_strides(fields: dict, **arrays) -> None:
+    """The batch, sequence and head strides of each (pointer, strides) array, as fields <name>_sb, _ss, _sh."""
+    for name, (_, strides) in arrays.items():
+        sb, ss, sh = _STRIDE_FIELDS[name]
+        fields[sb], fields[ss], fields[sh] = strides[0], strides[1], strides[2]
 
 
 def _common_fields(p, alibi, varlen, dropout) -> dict:
+    """The fields the forward, dK/dV and dQ kernels share. Fixed lengths have no cu_seqlens and a log-sum-exp
+    (batch, nheads, seqlen_q); varlen = (cu_seqlens_q pointer, cu_seqlens_k pointer, total_q): packed
+    sequences, whose log-sum-exp is (nheads, total_q)."""
     window_left, window_right = p.band_args()
     softmax_scale, softcap_mult = p.kernel_scales()
-    return dict(max_seqlen_q=p.seqlen_q, max_seqlen_k=p.seqlen_k, nheads=p.nheads, kv_group=p.nheads // p.nheads_k,
-                head_dim=p.head_dim, window_left=window_left, window_right=window_right, softmax_scale=softmax_scale,
-                softcap_mult=softcap_mult, alibi_slopes=alibi[0], alibi_sb=alibi[1], dropout=dropout,
-                **_seq_fields(p, varlen))
+    if varlen is None:
+        cu_q, cu_k, lse_sb, lse_sh = 0, 0, p.nheads * p.seqlen_q, p.seqlen_q
+    else:
+        cu_q, cu_k, lse_sb, lse_sh = varlen[0], varlen[1], 0, varlen[2]
+    return {"max_seqlen_q": p.seqlen_q, "max_seqlen_k": p.seqlen_k, "nheads": p.nheads,
+            "kv_group": p.nheads // p.nheads_k, "head_dim": p.head_dim, "window_left": window_left,
+            "window_right": window_right, "softmax_scale": softmax_scale, "softcap_mult": softcap_mult,
+            "alibi_slopes": alibi[0], "alibi_sb": alibi[1], "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
+            "lse_sb": lse_sb, "lse_sh": lse_sh, "dropout": dropout}
 
 
 def row_tiles(seqlen: int, tile: int, lists: tuple) -> int:
@@ -287,12 +291,12 @@ def fwd_launch(variant: FwdVariant, p, q, k, v, o, lse_ptr: int, lists: tuple = 
     num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     tiles = num_m_blocks * p.batch * p.nheads
     _check_grid(tiles)
-    values = param_struct(variant.params).pack(
-        q=q[0], k=k[0], v=v[0], o=o[0], lse=lse_ptr, **_strides("q", q[1]), **_strides("k", k[1]),
-        **_strides("v", v[1]), **_strides("o", o[1]), num_m_blocks=num_m_blocks, lists=lists,
-        tile_counter=persistent[0], num_tiles=tiles, **_common_fields(p, alibi, varlen, dropout))
+    fields = _common_fields(p, alibi, varlen, dropout)
+    fields.update(q=q[0], k=k[0], v=v[0], o=o[0], lse=lse_ptr, num_m_blocks=num_m_blocks, lists=lists,
+                  tile_counter=persistent[0], num_tiles=tiles)
+    _put_strides(fields, q=q, k=k, v=v, o=o)
     blocks = min(tiles, persistent[1]) if variant.persistent else tiles
-    return blocks, variant.threads, values
+    return blocks, variant.threads, param_struct(variant.params).pack(fields)
 
 
 def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
@@ -320,26 +324,28 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
     if pre_batch * p.nheads * pre_seqlen:
         lanes = preprocess_row_lanes(p.head_dim, pre.dtype)
         blocks_per_bh = -(-pre_seqlen // (PREPROCESS_ROWS * pre.threads // lanes))
-        launches.append((pre, pre_batch * p.nheads * blocks_per_bh, pre.threads, param_struct(pre.params).pack(
-            dout=dout[0], out=out[0], delta=delta_ptr, **_strides("do", dout[1]), **_strides("o", out[1]),
-            seqlen_q=pre_seqlen, nheads=p.nheads, head_dim=p.head_dim, blocks_per_bh=blocks_per_bh,
-            row_lanes=lanes)))
+        fields = {"dout": dout[0], "out": out[0], "delta": delta_ptr, "seqlen_q": pre_seqlen, "nheads": p.nheads,
+                  "head_dim": p.head_dim, "blocks_per_bh": blocks_per_bh, "row_lanes": lanes}
+        _put_strides(fields, do=dout, o=out)
+        launches.append((pre, pre_batch * p.nheads * blocks_per_bh, pre.threads, param_struct(pre.params).pack(fields)))
     common = _common_fields(p, alibi, varlen, dropout)
-    arrays = dict(q=q[0], k=k[0], v=v[0], dout=dout[0], lse=lse_ptr, delta=delta_ptr, **_strides("q", q[1]),
-                  **_strides("k", k[1]), **_strides("v", v[1]), **_strides("do", dout[1]))
+    common.update(q=q[0], k=k[0], v=v[0], dout=dout[0], lse=lse_ptr, delta=delta_ptr)
+    _put_strides(common, q=q, k=k, v=v, do=dout)
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)  # in order: the first key tiles of a causal mask are the heaviest
     items = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     if items:
         _check_grid(items)
-        launches.append((dkdv, min(items, persistent[1]), dkdv.threads, param_struct(dkdv.params).pack(
-            dk=dk[0], dv=dv[0], **_strides("dk", dk[1]), **_strides("dv", dv[1]), num_n_blocks=num_n_blocks,
-            lists=key_lists, tile_counter=persistent[0], num_items=items, **arrays, **common)))
+        fields = dict(common, dk=dk[0], dv=dv[0], num_n_blocks=num_n_blocks, lists=key_lists,
+                      tile_counter=persistent[0], num_items=items)
+        _put_strides(fields, dk=dk, dv=dv)
+        launches.append((dkdv, min(items, persistent[1]), dkdv.threads, param_struct(dkdv.params).pack(fields)))
     num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     items = num_m_blocks * p.batch * p.nheads
     if items:
         _check_grid(items)
+        fields = dict(common, dq=dq[0], num_m_blocks=num_m_blocks, lists=query_lists, tile_counter=persistent_dq[0],
+                      num_items=items)
+        _put_strides(fields, dq=dq)
         launches.append((dqv, min(items, persistent_dq[1]) if dqv.persistent else items, dqv.threads,
-                         param_struct(dqv.params).pack(
-                             dq=dq[0], **_strides("dq", dq[1]), num_m_blocks=num_m_blocks, lists=query_lists,
-                             tile_counter=persistent_dq[0], num_items=items, **arrays, **common)))
+                         param_struct(dqv.params).pack(fields)))
     return launches

@@ -7,6 +7,7 @@ with C's alignment. tests/test_params.py checks every offset and size against NV
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 
@@ -85,7 +86,7 @@ def _format(name: str, header: str = "params.cuh") -> str:
 
 
 class ParamStruct:
-    """One kernel family's parameter struct: `pack(**values)` gives the flat values in launch order
+    """One kernel family's parameter struct: `pack(values)` gives the flat values in launch order
     (nested structs as tuples of their fields), `format` their struct-module codes."""
 
     def __init__(self, name: str):
@@ -93,7 +94,8 @@ class ParamStruct:
         self.fields = fields(name)
         self.names = tuple(f for f, _ in self.fields)
         self.format = _format(name)
-        self._nested = tuple(code in _NESTED_HEADERS for _, code in self.fields)
+        self._get = operator.itemgetter(*self.names)
+        self._nested_at = [i for i, (_, code) in enumerate(self.fields) if code in _NESTED_HEADERS][::-1]
         self.size = -(-struct.calcsize("@" + self.format + "0Q") // 8) * 8  # C rounds up to the alignment
 
     def offsets(self) -> dict[str, int]:
@@ -105,17 +107,17 @@ class ParamStruct:
             prefix += f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if nested else code
         return out
 
-    def pack(self, **values) -> tuple:
-        missing = set(self.names) - values.keys()
-        extra = values.keys() - set(self.names)
-        if missing or extra:
-            raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
-        flat = []
-        for field, nested in zip(self.names, self._nested):
-            if nested:
-                flat.extend(values[field])
-            else:
-                flat.append(values[field])
+    def pack(self, values: dict) -> tuple:
+        """The flat values of every field, given by name (nested structs as tuples of their fields)."""
+        try:
+            if len(values) != len(self.names):
+                raise KeyError
+            flat = list(self._get(values))
+        except KeyError:
+            missing, extra = set(self.names) - values.keys(), values.keys() - set(self.names)
+            raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}") from None
+        for i in self._nested_at:  # last first, so earlier positions stay put
+            flat[i:i + 1] = flat[i]
         return tuple(flat)
 
 
