@@ -20,7 +20,7 @@ def values(variant, packed):
     """Launch values by field name (nested structs as tuples)."""
     out, i = {}, 0
     for name, code in param_struct(variant.params).fields:
-        n = len(_dispatch.NO_LISTS) if code == "BlockLists" else len(_dispatch.NO_DROPOUT) if code == "DropoutArgs" else 1
+        n = {"BlockLists": len(_dispatch.NO_LISTS), "DropoutArgs": len(_dispatch.NO_DROPOUT)}.get(code, 1)
         out[name] = packed[i] if n == 1 else packed[i:i + n]
         i += n
     assert i == len(packed)

@@ -54,7 +54,8 @@ class FwdVariant:
     def name(self) -> str:
         head = (f"cuflash::flash_fwd{'_ws' if self.warp_specialised else ''}_kernel<{_CUDA_TYPE[self.dtype]}, "
                 f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.warps}, {self.stages}, {self.band}, ")
-        return head + _flags(self.sparse, self.alibi, self.softcap, self.dropout) + (", true" if self.split else "") + ">"
+        flags = _flags(self.sparse, self.alibi, self.softcap, self.dropout)
+        return head + flags + (", true" if self.split else "") + ">"
 
     @property
     def threads(self) -> int:

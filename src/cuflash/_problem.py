@@ -241,8 +241,8 @@ def check_alibi(alibi: DeviceArray, q: DeviceArray, batch: int, nheads: int) -> 
 
 def build(q: DeviceArray, k: DeviceArray, v: DeviceArray, *, softmax_scale=None, softcap=0.0, dropout_p=0.0,
           causal=False, window=(-1, -1), alibi: DeviceArray | None = None, block_mask=None,
-          mask_blocks: tuple[int, int] | None = None, cu_seqlens: tuple[DeviceArray, DeviceArray] | None = None, max_seqlen: tuple[int, int] | None = None
-          ) -> Problem:
+          mask_blocks: tuple[int, int] | None = None, cu_seqlens: tuple[DeviceArray, DeviceArray] | None = None,
+          max_seqlen: tuple[int, int] | None = None) -> Problem:
     """The Problem of a call, validated. Dense: q (batch, seqlen_q, nheads, d), k and v (batch, seqlen_k,
     nheads_k, d). Packed: q (total_q, nheads, d), k and v (total_k, nheads_k, d), with cu_seqlens =
     (cu_seqlens_q, cu_seqlens_k) and max_seqlen = (max_seqlen_q, max_seqlen_k). window is the kernels' band

@@ -53,13 +53,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (int32 prefix sums on the device). No padding is stored or computed. max_seqlen_q and max_seqlen_k
     must be at least the longest sequence (they size the grid). They are checked against cu_seqlens only
     with check_inputs=True (or CUFLASH_CHECK_INPUTS=1): the check reads cu_seqlens on the host, a
-    synchronising copy; offsets must not decrease and must stay within q's and k's rows. The other arguments as for flash_attn_func; causal and
-    window_size are aligned to each sequence's own bottom-right corner. Together with a block mask, a
-    window or causal reads cu_seqlens on the host once per call (under jax.jit they must be concrete).
-    A block_mask is built for (max_seqlen_q, max_seqlen_k) with batch 1 or one entry per sequence; its
-    indices count from each sequence's first query and key. Dropout numbers each sequence's scores from
-    its own first row and key, with the sequence's index as its batch index. Returns out (total_q,
-    nheads, headdim), or (out, softmax_lse, rng_state) with softmax_lse (nheads, total_q).
+    synchronising copy; offsets must not decrease and must stay within q's and k's rows. The other
+    arguments as for flash_attn_func; causal and window_size are aligned to each sequence's own
+    bottom-right corner. Together with a block mask, a window or causal reads cu_seqlens on the host once
+    per call (under jax.jit they must be concrete). A block_mask is built for (max_seqlen_q, max_seqlen_k)
+    with batch 1 or one entry per sequence; its indices count from each sequence's first query and key.
+    Dropout numbers each sequence's scores from its own first row and key, with the sequence's index as
+    its batch index. Returns out (total_q, nheads, headdim), or (out, softmax_lse, rng_state) with
+    softmax_lse (nheads, total_q).
     """
     _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _attention(q, k, v, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), dropout_p, softmax_scale,

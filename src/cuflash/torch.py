@@ -158,7 +158,8 @@ def _eager_function(name: str, fwd, setup_context, backward):
         output = fwd(*args)
         setup_context(ctx, args, output)
         return output
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
 _EagerFlashAttn = _eager_function("_EagerFlashAttn", _fwd_impl, _setup_context, _backward_with(_eager_bwd))
