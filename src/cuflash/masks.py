@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_SIZES = (64, 128)  # what the kernels will tile; any multiple of 16 is accepted here
+# Block sizes: the builders accept multiples of 16 (block_n of 32, for the element bits' 32-bit words); the
+# kernels run masks whose blocks are multiples of 64 (_sparse.KERNEL_BLOCK_MULTIPLE).
 
 
 def _blocks(n: int, size: int) -> int:
@@ -285,7 +286,7 @@ class BlockMask:
 def _check_block_sizes(block_m: int, block_n: int) -> None:
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if not isinstance(v, (int, np.integer)) or v < 16 or v % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16 (the kernels tile 64 and 128), got {v}")
+            raise ValueError(f"{name} must be a positive multiple of 16 (the kernels run multiples of 64), got {v}")
     if block_n % 32:
         raise ValueError(f"block_n must be a multiple of 32 (element bits are packed in 32-bit words), got {block_n}")
 
