@@ -9,6 +9,7 @@
 // visited as col_block / tile consecutive kernel tiles.
 #pragma once
 #include "dtypes.cuh"
+#include "mma.cuh"  // frag_row
 
 namespace cuflash {
 
@@ -94,7 +95,7 @@ struct PartialBits {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int r = r0 + mt * 16 + lane / 4 + half * 8;
+        const int r = frag_row(r0 + mt * 16, lane, half);
         const unsigned* row_bits = lists.bits + (static_cast<long long>(slot) * lists.row_block + r) * words + c0 / 32;
 #pragma unroll
         for (int w = 0; w < W; ++w) word[mt][half][w] = __ldg(row_bits + w);

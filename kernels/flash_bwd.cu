@@ -16,6 +16,7 @@
 // flash_bwd_dq_ws_kernel): a producer warpgroup copies, two consumer warpgroups take turns at the tensor cores.
 #include "band.cuh"
 #include "block_sparse.cuh"
+#include "bwd_common.cuh"  // BwdScores: scores to P and dS
 #include "dropout.cuh"
 #include "fwd_common.cuh"  // BlockCoords, KeyTiles
 #include "mbarrier.cuh"
@@ -59,23 +60,6 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
     const int i = i0 + r * per_pass;
     if (i < seqlen_q && lane == 0) delta[static_cast<long long>(bh) * seqlen_q + i] = acc[r];
   }
-}
-
-// p = exp(s * scale - lse) for a visible score, 0 otherwise (and for a row that saw no key, lse = -inf),
-// from scale and lse in the exponent's units: times log2(e) (ex2.approx), or as they are for PRECISE (fp32
-// inputs: expf of one fused s * scale - lse, not ex2.approx after rounding lse * log2(e)).
-template <bool PRECISE>
-__device__ __forceinline__ float exp_units(float x) {
-  return PRECISE ? x : x * kLog2e;
-}
-template <bool PRECISE>
-__device__ __forceinline__ float recompute_p_units(float s, float scale_u, float lse_u, bool visible) {
-  if (!visible || lse_u == kNegInf) return 0.f;
-  return PRECISE ? expf(fmaf(s, scale_u, -lse_u)) : fast_exp2(fmaf(s, scale_u, -lse_u));
-}
-template <bool PRECISE>
-__device__ __forceinline__ float recompute_p(float s, float scale, float lse, bool visible) {
-  return recompute_p_units<PRECISE>(s, exp_units<PRECISE>(scale), exp_units<PRECISE>(lse), visible);
 }
 
 // ---- dK, dV work items ------------------------------------------------------------------------------
@@ -322,25 +306,16 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
       Tile::template wait<WG ? 1 : 0>(p);
       float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
-      if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
-      if constexpr (ALIBI)  // keys are rows here, hence -diag
-        add_alibi(p, n0 + warp_row, t.m0, -diag,
-                  alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale, lane);
-      if constexpr (SPARSE)  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
-        if (t.slot >= 0) mask_partial_block(p, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
+      bwd_score_mods<true, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
+          p, dtanh, t.m0, n0, diag, warp_row, lane, softcap_mult,
+          [&] { return alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale; },
+          [&](auto& s) {  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
+            if (t.slot >= 0) mask_partial_block(s, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
+          });
       const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
                               (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int key = warp_row + mt * 16 + lane / 4 + (c / 2) * 8, j = n0 + key;
-            const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
-            const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-            p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, s_lse[stat][col], visible);
-          }
+      bwd_recompute_p<true, ElemTraits<T>::is_f32, false>(p, needs_mask, t.m0, n0, seqlen_q, seqlen_k, band, warp_row,
+                                                          lane, softmax_scale, s_lse[stat]);
       if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
         DropoutRng head_rng = w.rng;
         head_rng.bh += w.hk * kv_group + t.g;
@@ -354,17 +329,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
       // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
       float ds[MT][BMQ / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const float delta_i = s_delta[stat][nt * 8 + (lane % 4) * 2 + c % 2];
-            ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], delta_i, dropout.keep_scale)
-                                    : p[mt][nt][c] * (dp[mt][nt][c] - delta_i);
-            if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
-          }
+      bwd_probs_to_ds<DROPOUT, SOFTCAP, false>(ds, p, dp, dtanh, s_delta[stat], dropout.keep_scale, lane);
       Tile::template mma_pb<MT, BMQ, DV, false, kRest>(acc_dk, ds, q_tile, c0, lane);
       if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
         Tile::template wait<0>(acc_dk);
@@ -421,10 +386,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
   static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
-  constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
-                "registers the launch did not allocate");
+  using Roles = WarpRoles<WARPS, 40, 232>;
+  constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   static_assert(2 * BMQ <= kProducers, "a producer thread per row's lse, and one per row's delta");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -452,7 +415,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
       tile_counter, lists, dropout};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, K and V, then the query tiles one by one ----
-    warpgroup_release_registers<kProducerRegisters>();
+    Roles::become_producer();
     int ring = 0;  // query tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       DkdvItem& w = items[n % 2];
@@ -503,7 +466,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   }
 
   // ---- consumers: warpgroup wg owns keys [64 wg, 64 wg + 64) of each item ----
-  warpgroup_claim_registers<kConsumerRegisters>();
+  Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // this warp's first key inside the item
   int ring = 0;  // as the producer's
@@ -543,6 +506,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         wg_wait<1>(acc_s);
         const QueryTile t = tile_at[slot];
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
+        // (This kernel keeps its own copy of bwd_score_mods and bwd_recompute_p's steps: through them, ptxas's
+        // code for its block-sparse variants changed.)
         if constexpr (SOFTCAP) apply_softcap<false>(acc_s, softcap_mult, dtanh);
         if constexpr (ALIBI)  // keys are rows here, hence -diag
           add_alibi(acc_s, n0 + warp_row, t.m0, -diag,
@@ -555,7 +520,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int j = n0 + warp_row + lane / 4 + (c / 2) * 8;  // key
+            const int j = n0 + warp_row + lane / 4 + (c / 2) * 8;  // key (frag_row spelled out, as in bwd_recompute_p)
             const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
             const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
             acc_s[0][nt][c] = recompute_p<false>(acc_s[0][nt][c], softmax_scale, s_lse[slot][col], visible);
@@ -568,16 +533,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         wg_wait<0>(acc_dp);
         if (it == n_iters - 1 && lane == 0) mbar_arrive(&kv_empty);  // the producer may load the next K, V
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
-#pragma unroll
-        for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const float delta_i = s_delta[slot][nt * 8 + (lane % 4) * 2 + c % 2];
-            float x = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], delta_i, dropout.keep_scale)
-                              : acc_s[0][nt][c] * (acc_dp[0][nt][c] - delta_i);
-            if constexpr (SOFTCAP) x *= dtanh[0][nt][c];
-            ds[0][nt][c] = x;
-          }
+        bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, s_delta[slot], dropout.keep_scale, lane);
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
         wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
         // Done before the next turn: register operands of products still running at the loop's back edge
@@ -703,7 +659,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int i = m0 + warp_row + mt * 16 + lane / 4 + half * 8;
+      const int i = frag_row(m0 + warp_row + mt * 16, lane, half);
       const long long at = b * lse_sb + h * lse_sh + seq.q_start + i;
       row_lse[mt][half] = i < seqlen_q ? lse[at] : kNegInf;
       row_delta[mt][half] = i < seqlen_q ? delta[at] : 0.f;
@@ -737,37 +693,20 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
-    if constexpr (SOFTCAP) apply_softcap<ElemTraits<T>::is_f32>(p, softcap_mult, dtanh);
-    if constexpr (ALIBI) add_alibi(p, m0 + warp_row, n0, diag, alibi_slope, lane);
-    if constexpr (SPARSE)  // a partial block: hidden scores become -inf, so p = 0 below
-      if (t.slot >= 0)
-        mask_partial_block(p, lists, t.slot, m0 % lists.row_block + warp_row, t.offset, seqlen_k - n0, lane);
+    bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
+        p, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
+        [&](auto& s) {  // a partial block: hidden scores become -inf, so p = 0 below
+          if (t.slot >= 0)
+            mask_partial_block(s, lists, t.slot, m0 % lists.row_block + warp_row, t.offset, seqlen_k - n0, lane);
+        });
     const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int i = m0 + warp_row + mt * 16 + lane / 4 + (c / 2) * 8;
-          const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
-          const bool visible = !needs_mask || (j < seqlen_k && (!BAND || band.visible(i, j)));
-          p[mt][nt][c] = recompute_p<ElemTraits<T>::is_f32>(p[mt][nt][c], softmax_scale, row_lse[mt][c / 2], visible);
-        }
+    bwd_recompute_p<false, ElemTraits<T>::is_f32, false>(p, needs_mask, m0, n0, seqlen_q, seqlen_k, band, warp_row,
+                                                         lane, softmax_scale, row_lse);
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
     if constexpr (!WG) Tile::template mma_abt<MT, BN, D, false, kRest>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<0>(dp);
     float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          ds[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], row_delta[mt][c / 2], dropout.keep_scale)
-                                  : p[mt][nt][c] * (dp[mt][nt][c] - row_delta[mt][c / 2]);
-          if constexpr (SOFTCAP) ds[mt][nt][c] *= dtanh[mt][nt][c];
-        }
+    bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, p, dp, dtanh, row_delta, dropout.keep_scale, lane);
     Tile::template mma_pb<MT, BN, D, false, kRest>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
@@ -807,11 +746,9 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
-  constexpr int kProducers = 128, kConsumers = WARPS * 32;
   // The producer copies Q, dO, K and V (at 40 registers it spilled 32 bytes of addresses).
-  constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
-  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
-                "registers the launch did not allocate");
+  using Roles = WarpRoles<WARPS, 56, 224>;
+  constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(Smem::align(smem_raw));
@@ -837,7 +774,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
                                                    num_items, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q and dO, then K and V tile by tile ----
-    warpgroup_release_registers<kProducerRegisters>();
+    Roles::become_producer();
     int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       FwdItem& w = items[n % 2];
@@ -869,7 +806,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   }
 
   // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each item ----
-  warpgroup_claim_registers<kConsumerRegisters>();
+  Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // first row of this warp inside the item
   const float scale_u = exp_units<false>(softmax_scale);
@@ -883,13 +820,13 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     const Band<BAND> band{diag, window_left, window_right};
     const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
     const float alibi_slope = ALIBI ? alibi_slopes[w.b * alibi_sb + w.h] / softmax_scale : 0.f;
-    float row_lse[2], row_delta[2];  // this thread's two rows: lse in the exponent's units
+    float row_lse[1][2], row_delta[1][2];  // this thread's two rows: lse in the exponent's units
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int i = m0 + warp_row + lane / 4 + half * 8;
+      const int i = frag_row(m0 + warp_row, lane, half);
       const long long at = w.b * lse_sb + w.h * lse_sh + w.seq.q_start + i;
-      row_lse[half] = i < seqlen_q ? exp_units<false>(lse[at]) : kNegInf;
-      row_delta[half] = i < seqlen_q ? delta[at] : 0.f;
+      row_lse[0][half] = i < seqlen_q ? exp_units<false>(lse[at]) : kNegInf;
+      row_delta[0][half] = i < seqlen_q ? delta[at] : 0.f;
     }
     float acc_dq[1][D / 8][4];
     zero(acc_dq);
@@ -933,32 +870,17 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
           wg_wait<1>(acc_s);
           const int n0 = tiles.first_key(lists, it, at);
           float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BN / 8 : 1][4];
-          if constexpr (SOFTCAP) apply_softcap<false>(acc_s, softcap_mult, dtanh);
-          if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, diag, alibi_slope, lane);
-          if constexpr (SPARSE)
-            if (at.slot >= 0) bits.apply(acc_s, at.offset, seqlen_k - n0, lane);
+          bwd_score_mods<false, false, SPARSE, ALIBI, SOFTCAP>(
+              acc_s, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; }, [&](auto& s) {
+                if (at.slot >= 0) bits.apply(s, at.offset, seqlen_k - n0, lane);
+              });
           const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int i = m0 + warp_row + lane / 4 + (c / 2) * 8;
-              const int j = n0 + nt * 8 + (lane % 4) * 2 + c % 2;
-              const bool visible = !needs_mask || (j < seqlen_k && (!BAND || band.visible(i, j)));
-              acc_s[0][nt][c] = recompute_p_units<false>(acc_s[0][nt][c], scale_u, row_lse[c / 2], visible);
-            }
+          bwd_recompute_p<false, false, true>(acc_s, needs_mask, m0, n0, seqlen_q, seqlen_k, band, warp_row, lane,
+                                              scale_u, row_lse);
           if constexpr (DROPOUT) w.rng.drop_rows_queries<true>(acc_s, m0 + warp_row, n0, lane);
           wg_wait<0>(acc_dp);
           if (it == n_blocks - 1 && lane == 0) mbar_arrive(&q_empty);  // the producer may load the next Q, dO
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              float x = DROPOUT ? dropout_ds(acc_s[0][nt][c], acc_dp[0][nt][c], row_delta[c / 2], dropout.keep_scale)
-                                : acc_s[0][nt][c] * (acc_dp[0][nt][c] - row_delta[c / 2]);
-              if constexpr (SOFTCAP) x *= dtanh[0][nt][c];
-              acc_dp[0][nt][c] = x;
-            }
+          bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(acc_dp, acc_s, acc_dp, dtanh, row_delta, dropout.keep_scale, lane);
           wg_a_fragments<T, BN>(ds, acc_dp);
         }
         at = at_next;

@@ -13,7 +13,7 @@
 
 namespace cuflash {
 
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // mbarrier.cuh launch_registers_cover
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // mbarrier.cuh WarpRoles
 
 // Thread blocks stay resident (one per SM) and take query tiles one after another from tile_counter
 // (next, exited), in the order the launch order of one block per tile would run them: query tiles of a
@@ -37,9 +37,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 16 == 0 && sizeof(T) == 2, "bad tile shape");
-  constexpr int kProducers = 128, kConsumers = WARPS * 32;
-  static_assert(launch_registers_cover<kProducers, kProducerRegisters, kConsumers, kConsumerRegisters>,
-                "registers the launch did not allocate");
+  using Roles = WarpRoles<WARPS, kProducerRegisters, kConsumerRegisters>;
+  constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = Smem::align(smem_raw);
@@ -66,7 +65,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                                    num_tiles, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q, then K and V tile by tile ----
-    warpgroup_release_registers<kProducerRegisters>();
+    Roles::become_producer();
     int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       FwdItem& w = items[n % 2];
@@ -96,7 +95,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   }
 
   // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile ----
-  warpgroup_claim_registers<kConsumerRegisters>();
+  Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
   const int warp_row = (tid / 32) * 16;  // first row of this warp inside the tile
   const float scale_log2 = softmax_scale * kLog2e;

@@ -24,7 +24,7 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int r
     for (int nt = 0; nt < NTILES; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;
+        const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;  // frag_row spelled out: through it, ptxas's code changes
         const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
         if (!visible(i, j)) acc_s[mt][nt][c] = kNegInf;
       }
@@ -194,7 +194,7 @@ __device__ __forceinline__ void store_fwd_rows(const float (&acc_o)[MT][D / 8][4
                                                float softmax_scale, float out_scale, int lane) {
   stage_rows_at<T>(acc_o, at, lane, [&](int mt, int half) {
     const float l = softmax.row_sum_total(mt, half);
-    const int row = row0 + mt * 16 + lane / 4 + half * 8;
+    const int row = frag_row(row0 + mt * 16, lane, half);
     if (lane % 4 == 0 && row < seqlen_q)
       lse_head[row] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
     return l > 0.f ? out_scale / l : 0.f;
@@ -214,7 +214,7 @@ __device__ __forceinline__ void store_fwd_rows_direct(const float (&acc_o)[MT][D
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_sum_total(mt, half);
-      const int r = mt * 16 + lane / 4 + half * 8;
+      const int r = frag_row(mt * 16, lane, half);
       if (row0 + r >= seqlen_q) continue;
       if (lane % 4 == 0) lse_head[row0 + r] = l > 0.f ? softmax.row_max[mt][half] * softmax_scale + logf(l) : kNegInf;
       const float scale = l > 0.f ? out_scale / l : 0.f;

@@ -84,4 +84,17 @@ template <int N>
 __device__ __forceinline__ void warpgroup_claim_registers() {}
 #endif
 
+// The roles of a warp-specialised kernel's block (flash_fwd_ws.cu; flash_bwd.cu's dK/dV and dQ versions):
+// its first warpgroup produces (copies) with PRODUCER_REGS registers a thread, and WARPS consumer warps
+// (two warpgroups taking turns, ConsumerTurns) compute with CONSUMER_REGS. A kernel branches on
+// threadIdx.x < kProducers; each side then calls its become_*() first.
+template <int WARPS, int PRODUCER_REGS, int CONSUMER_REGS>
+struct WarpRoles {
+  static constexpr int kProducers = 128, kConsumers = WARPS * 32;
+  static_assert(launch_registers_cover<kProducers, PRODUCER_REGS, kConsumers, CONSUMER_REGS>,
+                "registers the launch did not allocate");
+  static __device__ __forceinline__ void become_producer() { warpgroup_release_registers<PRODUCER_REGS>(); }
+  static __device__ __forceinline__ void become_consumer() { warpgroup_claim_registers<CONSUMER_REGS>(); }
+};
+
 }  // namespace cuflash

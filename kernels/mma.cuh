@@ -109,6 +109,13 @@ __device__ __forceinline__ void mma_1688_split(float (&d)[G][4], const Tf32Split
   for (int g = 0; g < G; ++g) mma_1688_tf32(d[g], a.big, b[g].big[0], b[g].big[1]);
 }
 
+// The row of an mma accumulator element: lane holds elements c = 2 half and 2 half + 1 of rows lane / 4 and
+// lane / 4 + 8 of each 16-row fragment; `base` is the fragment's first row. Summed as (base + lane / 4) +
+// half * 8: callers pass their own sums as base, as a regrouped sum changes ptxas's code. (The loops over
+// each element c -- mask_scores, bwd_recompute_p, the dK/dV warp-specialised kernel -- spell it out: a call
+// there changes ptxas's code too.)
+__device__ __forceinline__ int frag_row(int base, int lane, int half) { return base + lane / 4 + half * 8; }
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

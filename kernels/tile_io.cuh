@@ -132,7 +132,7 @@ __device__ __forceinline__ void stage_rows_at(const float (&acc)[MT][NT][4], con
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float scale = row_scale(mt, half);
-      const int r = mt * 16 + lane / 4 + half * 8;
+      const int r = frag_row(mt * 16, lane, half);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         store2(static_cast<T*>(at(r, nt * 8 + (lane % 4) * 2)), acc[mt][nt][2 * half] * scale,
@@ -185,7 +185,7 @@ __device__ __forceinline__ void store_rows_direct(const float (&acc)[1][NT][4], 
                                                   int rows_valid, int cols_valid, float scale, int lane) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int r = lane / 4 + half * 8;
+    const int r = frag_row(0, lane, half);
     if (r >= rows_valid) continue;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
