@@ -87,6 +87,9 @@ class SideStream:
         self._rt.streamWaitEvent(stream_ptr, self._done, 0)
 
 
+_CUDA_ERROR_NOT_READY = 600
+
+
 class TileCounters:
     """Counters of the persistent kernels (a grid of resident blocks taking tiles from a counter): one
     (next tile, blocks exited) pair of zeros for each launch in flight, which that launch's last block
@@ -135,7 +138,7 @@ class TileCounters:
             if not self._free:
                 lent, self._lent = self._lent, []
                 for address, event in lent:
-                    if self._rt.eventQuery(event) == 0:  # cudaSuccess: the launch is done
+                    if self._done(event):
                         self._free.append(address)
                         self._events.append(event)
                     else:
@@ -143,6 +146,15 @@ class TileCounters:
             if not self._free:
                 self._grow()
             return self._free.pop()
+
+    def _done(self, event: int) -> bool:
+        """Whether the work before the event's record has completed (cudaErrorNotReady: not yet)."""
+        try:
+            return self._rt.eventQuery(event) == 0
+        except self._rt.CUDARuntimeError as e:
+            if e.status == _CUDA_ERROR_NOT_READY:
+                return False
+            raise
 
     def release_after(self, address: int, stream: int) -> None:
         """Return the pair at `address` once what `stream` holds so far (the launch that took it) is done."""
