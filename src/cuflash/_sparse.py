@@ -29,7 +29,6 @@ from .masks import BlockMask, pack_bits, unpack_bits
 KERNEL_BLOCK_MULTIPLE = 64  # block sizes the kernel tiles divide: 64, 128, 192, 256, ...
 
 
-
 @dataclass(frozen=True)
 class ListsLayout:
     """Where one direction's lists live in the packed buffer (offsets in int32 elements)."""
