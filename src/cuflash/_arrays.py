@@ -78,10 +78,10 @@ def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=Fals
     """(dq, dk, dv) from the forward's output and log-sum-exp; the other arguments as for forward."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
-    _bridge.describe(dout, "dout")  # the first argument is checked first
+    doa = _bridge.describe(dout, "dout")  # the first argument is checked first
     p, qa, ka, va, launch = _inputs(q, k, v, softmax_scale, causal, window, softcap, dropout_p, alibi_slopes,
                                     block_mask, lists, cu_seqlens, max_seqlen)
-    doa, oa, la = _describe_all(((dout, "dout"), (out, "out"), (softmax_lse, "softmax_lse")))
+    oa, la = _describe_all(((out, "out"), (softmax_lse, "softmax_lse")))
     _problem.check_backward(p, qa, doa, oa, la)
     dropout = dropout_fields(p, rng)
     options = _options.current()
