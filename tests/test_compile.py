@@ -29,28 +29,23 @@ ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack s
     }
 
 
-def test_compile_error_carries_the_nvrtc_log(tmp_path, monkeypatch):
+def test_compile_error_carries_the_nvrtc_log(tmp_path):
     (tmp_path / "flash_fwd.cu").write_text("__global__ void broken() { this is not C++; }\n")
-    monkeypatch.setattr(_compile, "kernels_dir", lambda: tmp_path)
-    _compile._sources_digest.cache_clear()
     with pytest.raises(_compile.CompileError, match=r"flash_fwd\.cu\(1\): error"):
-        _compile.compile_kernel("flash_fwd.cu", "broken", "sm_80")
-    _compile._sources_digest.cache_clear()
+        _compile.compile_kernel("flash_fwd.cu", "broken", "sm_80", kernels=tmp_path)
 
 
-def test_cache_key_follows_header_contents(tmp_path, monkeypatch):
-    src = _compile.kernels_dir()
-    for f in src.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    monkeypatch.setattr(_compile, "kernels_dir", lambda: tmp_path)
-    _compile._sources_digest.cache_clear()
-    key1 = _compile.cache_key("flash_fwd.cu", "x", "sm_90a")
-    with open(tmp_path / "softmax.cuh", "a") as f:
+def test_cache_key_follows_header_contents(tmp_path):
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder in (before, after):
+        folder.mkdir()
+        for f in _compile.kernels_dir().iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+    with open(after / "softmax.cuh", "a") as f:
         f.write("\n// edited\n")
-    _compile._sources_digest.cache_clear()
-    key2 = _compile.cache_key("flash_fwd.cu", "x", "sm_90a")
-    _compile._sources_digest.cache_clear()
-    assert key1 != key2
+    key = _compile.cache_key("flash_fwd.cu", "x", "sm_90a", kernels=before)
+    assert _compile.cache_key("flash_fwd.cu", "x", "sm_90a", kernels=after) != key
+    assert _compile.cache_key("flash_fwd.cu", "x", "sm_90a", kernels=before) == key
 
 
 def test_cubin_holds_its_whole_elf(tmp_path, monkeypatch):

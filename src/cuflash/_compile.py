@@ -59,18 +59,19 @@ def cuda_include_dir() -> str:
     )
 
 
-def nvrtc_options(arch: str, verbose: bool = False) -> list[str]:
-    opts = ["-std=c++17", f"-arch={arch}", "--use_fast_math", f"-I{kernels_dir()}", f"-I{cuda_include_dir()}"]
+def nvrtc_options(arch: str, verbose: bool = False, kernels: Path | None = None) -> list[str]:
+    opts = ["-std=c++17", f"-arch={arch}", "--use_fast_math", f"-I{kernels or kernels_dir()}",
+            f"-I{cuda_include_dir()}"]
     if verbose:
         opts.append("-Xptxas=-v")
     return opts
 
 
 @functools.lru_cache(maxsize=None)
-def _sources_digest() -> str:
-    """Hash of every kernel source and header: part of each cache key."""
+def _sources_digest(folder: Path) -> str:
+    """Hash of every kernel source and header in `folder`: part of each cache key."""
     h = hashlib.sha256()
-    for path in sorted(kernels_dir().iterdir()):
+    for path in sorted(folder.iterdir()):
         if path.suffix in (".cu", ".cuh"):
             h.update(path.name.encode())
             h.update(path.read_bytes())
@@ -90,16 +91,19 @@ class CompiledKernel:
     log: str
 
 
-def compile_kernel(source: str, name: str, arch: str, verbose: bool = False) -> CompiledKernel:
-    """Compile one template instance of kernels/<source> to a cubin with NVRTC (no GPU needed)."""
+def compile_kernel(source: str, name: str, arch: str, verbose: bool = False,
+                   kernels: Path | None = None) -> CompiledKernel:
+    """Compile one template instance of kernels/<source> (or of another folder's) to a cubin with NVRTC
+    (no GPU needed)."""
     from cupy.cuda import nvrtc
 
-    code = (kernels_dir() / source).read_text()
+    kernels = kernels or kernels_dir()
+    code = (kernels / source).read_text()
     prog = nvrtc.createProgram(code, source, [], [])
     try:
         nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, nvrtc_options(arch, verbose))
+            nvrtc.compileProgram(prog, nvrtc_options(arch, verbose, kernels))
         except nvrtc.NVRTCError as e:
             log = nvrtc.getProgramLog(prog)
             raise CompileError(f"NVRTC failed to compile {name} from {source} for {arch}: {e}\n{log}") from None
@@ -129,8 +133,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cache_key(source: str, name: str, arch: str) -> str:
-    parts = [_sources_digest(), source, name, arch, " ".join(nvrtc_options(arch)), nvrtc_version()]
+def cache_key(source: str, name: str, arch: str, kernels: Path | None = None) -> str:
+    kernels = kernels or kernels_dir()
+    parts = [_sources_digest(kernels), source, name, arch, " ".join(nvrtc_options(arch, kernels=kernels)),
+             nvrtc_version()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
