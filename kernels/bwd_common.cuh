@@ -105,24 +105,13 @@ __device__ __forceinline__ void bwd_probs_to_ds(float (&ds)[MT][NT][4], const fl
                                                 const Delta& delta, float keep_scale, int lane) {
   float local[MT][NT][4];
   float(&out)[MT][NT][4] = IN_PLACE ? ds : local;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float d = query_stat(delta, mt, nt * 8 + (lane % 4) * 2 + c % 2, c);
-        out[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], d, keep_scale)
-                                 : p[mt][nt][c] * (dp[mt][nt][c] - d);
-        if constexpr (SOFTCAP) out[mt][nt][c] *= dtanh[mt][nt][c];
-      }
-  if constexpr (!IN_PLACE)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ds[mt][nt][c] = out[mt][nt][c];
+  for_each_element<MT, NT>([&](int mt, int nt, int c) {
+    const float d = query_stat(delta, mt, nt * 8 + (lane % 4) * 2 + c % 2, c);
+    out[mt][nt][c] = DROPOUT ? dropout_ds(p[mt][nt][c], dp[mt][nt][c], d, keep_scale)
+                             : p[mt][nt][c] * (dp[mt][nt][c] - d);
+    if constexpr (SOFTCAP) out[mt][nt][c] *= dtanh[mt][nt][c];
+  });
+  if constexpr (!IN_PLACE) for_each_element<MT, NT>([&](int mt, int nt, int c) { ds[mt][nt][c] = out[mt][nt][c]; });
 }
 
 }  // namespace cuflash

@@ -18,16 +18,11 @@ namespace cuflash {
 template <int MT, int NTILES, typename Visible>
 __device__ __forceinline__ void mask_scores(float (&acc_s)[MT][NTILES][4], int row0, int col0, int lane,
                                             const Visible& visible) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;  // frag_row spelled out: through it, ptxas's code changes
-        const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
-        if (!visible(i, j)) acc_s[mt][nt][c] = kNegInf;
-      }
+  for_each_element<MT, NTILES>([&](int mt, int nt, int c) {
+    const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8;  // frag_row spelled out: through it, ptxas's code changes
+    const int j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
+    if (!visible(i, j)) acc_s[mt][nt][c] = kNegInf;
+  });
 }
 
 // Thread block -> (query tile of BM rows, batch, head); query tiles of one head are neighbours in

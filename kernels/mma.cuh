@@ -44,6 +44,17 @@ __device__ __forceinline__ unsigned lds32(unsigned smem) {
   return v;
 }
 
+// Calls f(mt, nt, c) for every element of an [MT][NT][4] accumulator fragment, unrolled.
+template <int MT, int NT, typename F>
+__device__ __forceinline__ void for_each_element(F&& f) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f(mt, nt, c);
+}
+
 // D = A(16x16, row) * B(16x8, col) + D, fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {

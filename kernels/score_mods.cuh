@@ -2,6 +2,7 @@
 // accumulator layout (rows from row0, columns from col0). The same functions serve the forward and,
 // on recomputed scores, the backward, so both see exactly the same scores.
 #pragma once
+#include "mma.cuh"
 
 namespace cuflash {
 
@@ -15,15 +16,10 @@ __device__ __forceinline__ void add_alibi(float (&acc)[MT][NT][4], int row0, int
   // row + diag - col = base + a constant per element: one int-to-float conversion per tile instead of one
   // per score (exact below 2^24, like the conversion of the int difference).
   const float base = static_cast<float>(row0 + lane / 4 + diag - col0 - (lane % 4) * 2);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float offset = static_cast<float>(mt * 16 + (c / 2) * 8 - nt * 8 - c % 2);
-        acc[mt][nt][c] -= slope_unscaled * fabsf(base + offset);
-      }
+  for_each_element<MT, NT>([&](int mt, int nt, int c) {
+    const float offset = static_cast<float>(mt * 16 + (c / 2) * 8 - nt * 8 - c % 2);
+    acc[mt][nt][c] -= slope_unscaled * fabsf(base + offset);
+  });
 }
 
 // tanh in one instruction (sm_75+; relative error about 2^-11, as FlashAttention-2's fast_tanh):
@@ -47,26 +43,17 @@ __device__ __forceinline__ float softcap_tanh(float x) {
 
 template <bool PRECISE, int MT, int NT>
 __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult);
+  for_each_element<MT, NT>(
+      [&](int mt, int nt, int c) { acc[mt][nt][c] = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult); });
 }
 
 template <bool PRECISE, int MT, int NT>
 __device__ __forceinline__ void apply_softcap(float (&acc)[MT][NT][4], float mult, float (&dtanh)[MT][NT][4]) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float t = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult);
-        acc[mt][nt][c] = t;
-        dtanh[mt][nt][c] = mult * (1.f - t * t);
-      }
+  for_each_element<MT, NT>([&](int mt, int nt, int c) {
+    const float t = softcap_tanh<PRECISE>(acc[mt][nt][c] * mult);
+    acc[mt][nt][c] = t;
+    dtanh[mt][nt][c] = mult * (1.f - t * t);
+  });
 }
 
 }  // namespace cuflash

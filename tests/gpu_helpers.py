@@ -144,6 +144,21 @@ SEQLENS = [(1, 1), (17, 17), (113, 203), (128, 217), (1023, 1024), (1024, 1023),
 HEADDIMS = [8, 32, 40, 64, 80, 96, 128, 160, 192, 256]
 
 
+def grid(seqlens=SEQLENS, headdims=HEADDIMS, dtypes=("float16", "bfloat16")):
+    """The test grid as one decorator: dtype x causal x head dim x (seqlen_q, seqlen_k)."""
+    import pytest
+
+    marks = [pytest.mark.parametrize("dtype", dtypes), pytest.mark.parametrize("causal", [False, True]),
+             pytest.mark.parametrize("headdim", headdims),
+             pytest.mark.parametrize("seqlens", seqlens, ids=lambda s: f"{s[0]}x{s[1]}")]
+
+    def apply(test):
+        for mark in marks:
+            test = mark(test)
+        return test
+    return apply
+
+
 def grid_inputs(dtype: str, causal: bool, headdim: int, seqlens, tag: str):
     """q, k, v for one point of the test grid; a stable seed per point (hash() is salted per run)."""
     import torch

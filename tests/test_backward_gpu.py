@@ -7,15 +7,12 @@ import pytest
 import cuflash
 from cuflash._options import override
 
-from gpu_helpers import HEADDIMS, SEQLENS, check_grads, grads, grid_inputs, randn, strided_inputs
+from gpu_helpers import check_grads, grads, grid, grid_inputs, randn, strided_inputs
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", HEADDIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@grid()
 def test_backward_grid(dtype, causal, headdim, seqlens):
     check_grads(*grid_inputs(dtype, causal, headdim, seqlens, "bwd"), causal)
 

@@ -10,7 +10,7 @@ import pytest
 import cuflash
 from cuflash.reference import dropout_keep_mask
 
-from gpu_helpers import assert_close_2x, check_grads, grads, grid_inputs, plain_attention, randn
+from gpu_helpers import assert_close_2x, check_grads, grads, grid, grid_inputs, plain_attention, randn
 
 pytestmark = pytest.mark.gpu
 
@@ -59,10 +59,7 @@ def test_torch_generator_seed_is_reproducible_and_advances():
 SEQLENS = [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)]
 
 
-@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [40, 64, 128, 256])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@grid(seqlens=SEQLENS, headdims=[40, 64, 128, 256])
 def test_dropout_forward_and_grads(dtype, causal, headdim, seqlens):
     import torch
 

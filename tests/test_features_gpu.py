@@ -6,9 +6,12 @@ import pytest
 
 import cuflash
 
-from gpu_helpers import assert_close_2x, assert_lse_close, check_grads, plain_attention, randn, reference
+from gpu_helpers import assert_close_2x, assert_lse_close, check_grads, grid, plain_attention, randn, reference
 
 pytestmark = pytest.mark.gpu
+
+
+FEATURE_GRID = grid(seqlens=[(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)], headdims=[64, 128, 160, 256])
 
 
 def alibi_slopes(nheads, batch=None):
@@ -19,11 +22,7 @@ def alibi_slopes(nheads, batch=None):
     return slopes if batch is None else slopes[None] * torch.linspace(0.5, 1.5, batch, device="cuda")[:, None]
 
 
-@pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [64, 128, 160, 256])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@FEATURE_GRID
 def test_alibi_forward_and_grads(dtype, causal, headdim, seqlens):
     import torch
 
@@ -138,11 +137,7 @@ def test_any_head_dim_cupy_explicit_backward_and_jax():
     np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), out.float().cpu().numpy())
 
 
-@pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (113, 203), (300, 129), (1023, 1024)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", [64, 128, 160, 256])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@FEATURE_GRID
 def test_softcap_forward_and_grads(dtype, causal, headdim, seqlens):
     import torch
 

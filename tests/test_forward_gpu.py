@@ -4,8 +4,8 @@ import pytest
 import cuflash
 from cuflash._options import override
 
-from gpu_helpers import (HEADDIMS, SEQLENS, assert_close_2x, assert_lse_close, grid_inputs, plain_attention, randn,
-                         reference, strided_inputs)
+from gpu_helpers import (assert_close_2x, assert_lse_close, grid, grid_inputs, plain_attention, randn, reference,
+                         strided_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -26,10 +26,7 @@ def check(q, k, v, causal, scale=None):
     return out
 
 
-@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("headdim", HEADDIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@grid()
 def test_forward_grid(dtype, causal, headdim, seqlens):
     check(*grid_inputs(dtype, causal, headdim, seqlens, "fwd"), causal)
 

@@ -45,22 +45,16 @@ def test_bad_dtype_or_device(kw, exc, match):
         check_fwd_args(*qkv(**kw), None)
 
 
-def test_mixed_dtypes():
-    q, k, v = qkv()
-    v.dtype = "bfloat16"
-    with pytest.raises(TypeError, match="one dtype"):
-        check_fwd_args(q, k, v, None)
-
-
-def test_mixed_devices_and_frameworks():
-    q, k, v = qkv()
-    k.device = 1
-    with pytest.raises(ValueError, match="one device"):
-        check_fwd_args(q, k, v, None)
-    q, k, v = qkv()
-    v.framework = "torch"
-    with pytest.raises(TypeError, match="one framework"):
-        check_fwd_args(q, k, v, None)
+@pytest.mark.parametrize("which, field, value, exc, match", [
+    ("v", "dtype", "bfloat16", TypeError, "one dtype"),
+    ("k", "device", 1, ValueError, "one device"),
+    ("v", "framework", "torch", TypeError, "one framework"),
+])
+def test_mixed_dtypes_devices_and_frameworks(which, field, value, exc, match):
+    arrays = dict(zip("qkv", qkv()))
+    setattr(arrays[which], field, value)
+    with pytest.raises(exc, match=match):
+        check_fwd_args(*arrays.values(), None)
 
 
 def test_rank():
