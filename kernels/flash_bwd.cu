@@ -309,7 +309,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       bwd_score_mods<true, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
           p, dtanh, t.m0, n0, diag, warp_row, lane, softcap_mult,
           [&] { return alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale; },
-          [&](auto& s) {  // a partial block (its bits transposed: rows are keys): hidden scores become -inf
+          [&](float (&s)[MT][BMQ / 8][4]) {  // a partial block (bits transposed: rows are keys): hidden -> -inf
             if (t.slot >= 0) mask_partial_block(s, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
           });
       const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
@@ -695,7 +695,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
     bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
         p, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
-        [&](auto& s) {  // a partial block: hidden scores become -inf, so p = 0 below
+        [&](float (&s)[MT][BN / 8][4]) {  // a partial block: hidden scores become -inf, so p = 0 below
           if (t.slot >= 0)
             mask_partial_block(s, lists, t.slot, m0 % lists.row_block + warp_row, t.offset, seqlen_k - n0, lane);
         });
@@ -871,7 +871,8 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
           const int n0 = tiles.first_key(lists, it, at);
           float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BN / 8 : 1][4];
           bwd_score_mods<false, false, SPARSE, ALIBI, SOFTCAP>(
-              acc_s, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; }, [&](auto& s) {
+              acc_s, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
+              [&](float (&s)[1][BN / 8][4]) {
                 if (at.slot >= 0) bits.apply(s, at.offset, seqlen_k - n0, lane);
               });
           const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));

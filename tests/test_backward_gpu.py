@@ -98,10 +98,13 @@ def test_custom_op_opcheck():
     import torch
 
     q, k, v = (randn((1, 64, 2, 64), torch.float16, 40 + i).requires_grad_() for i in range(3))
-    for dropout in ((0.0, None), (0.1, 5)):
-        torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
-                              (q, k, v, 0.125, True, None, None, None, 0.0, *dropout, -1, -1),
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    cu = torch.tensor([0, 30, 64], dtype=torch.int32, device="cuda")
+    for packed in (False, True):  # one op for dense and packed batches: cu_seqlens None or given
+        args = (q[0], k[0], v[0], cu, cu, 34, 34) if packed else (q, k, v, None, None, 64, 64)
+        for dropout in ((0.0, None), (0.1, 5)):
+            torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
+                                  (*args, 0.125, True, None, None, None, 0.0, *dropout, -1, -1),
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def _sampled_row_grads(q, k, v, dout, rows, causal, chunk=2048):

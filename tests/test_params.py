@@ -1,33 +1,65 @@
 """The kernels' parameter structs: the Python mirror (_params.py, read from kernels/params.cuh) has every
-field at the offset NVRTC compiles it to, and the structs' sizes agree. Needs NVRTC, no GPU."""
+field at the offset and with the size the compiler gives it, and the structs' sizes agree. Needs NVRTC,
+no GPU."""
+import struct
+
 import pytest
 
 from cuflash import _compile, _params
 
-STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams")
+STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BlockLists", "DropoutArgs")
+
+
+def kernel_param_layout(cubin: bytes, kernel: str) -> list[tuple[int, int]]:
+    """(offset, size) of each parameter of `kernel` (its lowered name) as the compiler laid them out: the
+    EIATTR_KPARAM_INFO records of the cubin's .nv.info.<kernel> section, in parameter order."""
+    sh_off, = struct.unpack_from("<Q", cubin, 0x28)
+    sh_size, sh_num, names_at = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, sh_off + i * sh_size) for i in range(sh_num)]
+    names = sections[names_at][4]
+    for name_off, _, _, _, offset, size in sections:
+        if cubin[names + name_off:cubin.index(b"\0", names + name_off)] == f".nv.info.{kernel}".encode():
+            info = cubin[offset:offset + size]
+            break
+    else:
+        raise LookupError(f"no .nv.info section for {kernel}")
+    params, i = {}, 0
+    while i < len(info):  # records: format, attribute, then a 16-bit length and a payload (format 4)
+        fmt, attr = info[i], info[i + 1]
+        length = struct.unpack_from("<H", info, i + 2)[0] if fmt == 4 else 0
+        if attr == 0x17:  # EIATTR_KPARAM_INFO: index, ordinal, offset, flags (size in bits 18-31)
+            _, ordinal, param_offset, flags = struct.unpack_from("<IHHI", info, i + 4)
+            params[ordinal] = (param_offset, (flags >> 18) & 0x3FFF)
+        i += 4 + length if fmt == 4 else 4 if fmt == 3 else 2
+    return [params[k] for k in sorted(params)]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_struct_layout_matches_nvrtc(arch, tmp_path):
-    checks = []
-    for name in STRUCTS:
-        s = _params.param_struct(name)
-        for t in ("__half", "float"):
-            full = f"cuflash::{name}<{t}>"
-            checks += [f'static_assert(offsetof({full}, {f}) == {off}, "{name}.{f}");' for f, off in s.offsets().items()]
-            checks.append(f'static_assert(sizeof({full}) == {s.size}, "sizeof {name}");')
-    source = "#include <cuda_fp16.h>\n#include \"params.cuh\"\n#define offsetof(T, f) __builtin_offsetof(T, f)\n"
-    source += "\n".join(checks) + "\n__global__ void layout_check() {}\n"
-    (tmp_path / "layout_check.cu").write_text(source)
+def test_struct_layout_matches_the_compilers(arch):
+    """A kernel that takes a struct's fields as its parameters gets them where C places the struct's fields
+    (natural alignment), so each offset and size _params packs must equal the compiler's; and sizeof."""
     from cupy.cuda import nvrtc
 
+    source = '#include <cuda_fp16.h>\n#include "params.cuh"\nnamespace cuflash {\n'
+    for name in STRUCTS:
+        s = _params.param_struct(name)
+        types = ", ".join(t.replace("T*", "__half*") for t in _params.c_types(name, s.header))
+        source += f'extern "C" __global__ void layout_{name}({types}) {{}}\n'
+        full = name + ("<__half>" if s.header == "params.cuh" else "")
+        source += f'static_assert(sizeof({full}) == {s.size}, "sizeof {name}");\n'
+    source += "}\n"
     prog = nvrtc.createProgram(source, "layout_check.cu", [], [])
     try:
         nvrtc.compileProgram(prog, _compile.nvrtc_options(arch))
+        cubin = _compile.whole_elf(nvrtc.getCUBIN(prog))
     except nvrtc.NVRTCError:
         pytest.fail(nvrtc.getProgramLog(prog))
     finally:
         nvrtc.destroyProgram(prog)
+    for name in STRUCTS:
+        s = _params.param_struct(name)
+        expected = [(s.offsets()[f], s.sizes()[f]) for f in s.names]
+        assert kernel_param_layout(cubin, f"layout_{name}") == expected, name
 
 
 def test_every_field_is_read_with_its_type():

@@ -2,7 +2,7 @@
 
 The header is the one declaration: this module reads each struct's fields from it (nested structs
 such as BlockLists and DropoutArgs from their own headers) and packs launch values in that order,
-with C's alignment. tests/test_params.py checks every offset and size against NVRTC's.
+with C's alignment. tests/test_params.py checks every offset and size against the compiler's.
 """
 from __future__ import annotations
 
@@ -89,11 +89,11 @@ class ParamStruct:
     """One kernel family's parameter struct: `pack(values)` gives the flat values in launch order
     (nested structs as tuples of their fields), `format` their struct-module codes."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.fields = fields(name)
+    def __init__(self, name: str, header: str = "params.cuh"):
+        self.name, self.header = name, header
+        self.fields = fields(name, header)
         self.names = tuple(f for f, _ in self.fields)
-        self.format = _format(name)
+        self.format = _format(name, header)
         self._get = operator.itemgetter(*self.names)
         self._nested_at = [i for i, (_, code) in enumerate(self.fields) if code in _NESTED_HEADERS][::-1]
         self.size = -(-struct.calcsize("@" + self.format + "0Q") // 8) * 8  # C rounds up to the alignment
@@ -106,6 +106,11 @@ class ParamStruct:
             out[field] = struct.calcsize("@" + prefix + ("0Q" if nested else "0" + code))
             prefix += f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if nested else code
         return out
+
+    def sizes(self) -> dict[str, int]:
+        """Byte size of each top-level field (a nested struct's whole size)."""
+        return {field: param_struct(code).size if code in _NESTED_HEADERS else struct.calcsize(code)
+                for field, code in self.fields}
 
     def pack(self, values: dict) -> tuple:
         """The flat values of every field, given by name (nested structs as tuples of their fields)."""
@@ -123,7 +128,8 @@ class ParamStruct:
 
 @functools.lru_cache(maxsize=None)
 def param_struct(name: str) -> ParamStruct:
-    return ParamStruct(name)
+    """A kernel family's struct (params.cuh) or a nested one (BlockLists, DropoutArgs)."""
+    return ParamStruct(name, _NESTED_HEADERS.get(name, "params.cuh"))
 
 
 def no_fields(nested: str) -> tuple:
