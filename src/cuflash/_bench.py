@@ -10,6 +10,8 @@ All implementations are timed in one process on the same random inputs:
   ``sdpa_efficient``
   ``sdpa_math``
 * ``standard``        -- plain torch: softmax(q @ k^T * scale) @ v
+* ``fa4``             -- FlashAttention-4 (``flash_attn.cute.flash_attn_func``, CuTe-DSL kernels with
+                         an sm90 path), where it is importable; skipped with the reason otherwise
 
 Shapes follow FlashAttention-2's benchmark: batch * seqlen = 16384 tokens, hidden
 size 2048 (nheads = 2048 / headdim).  Each timing is the median of many
@@ -36,9 +38,10 @@ import sys
 import time
 import warnings
 
-IMPLS = ("cuflash", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "standard")
+IMPLS = ("cuflash", "fa4", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "standard")
 SHORT_NAMES = {
     "cuflash": "cuflash",
+    "fa4": "fa4",
     "sdpa_flash": "flash",
     "sdpa_cudnn": "cudnn",
     "sdpa_efficient": "effic",
@@ -60,7 +63,7 @@ SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
 TOTAL_TOKENS = 16384
 HIDDEN = 2048
-DEFAULT_HEADDIMS = [64, 128]
+DEFAULT_HEADDIMS = [64, 128, 256]
 DEFAULT_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 QUICK_SEQLENS = [1024, 4096]
 
@@ -188,6 +191,14 @@ def get_impl(name):
         return run_cuflash, contextlib.nullcontext
     if name == "standard":
         return standard_attention, contextlib.nullcontext
+    if name == "fa4":
+        from flash_attn.cute import flash_attn_func as fa4_attention  # raises where FA4 is not installed
+
+        def run_fa4(q, k, v, causal):
+            out = fa4_attention(q, k, v, causal=causal)
+            return out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
+
+        return run_fa4, contextlib.nullcontext
     from torch.nn.attention import sdpa_kernel
     backend = _sdpa_backend(name)
     return _sdpa, (lambda: sdpa_kernel(backend))
