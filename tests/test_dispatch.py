@@ -243,3 +243,26 @@ def test_block_masks_take_the_warp_specialised_backward_on_hopper(head_dim):
     off = Options(dq_warp_specialised=False, dkdv_warp_specialised=False)
     _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(128, 128)), "sm_90a", off)
     assert not dkdv.warp_specialised and not dq.warp_specialised
+
+
+def test_explain_names_each_kernel_a_call_runs(capsys):
+    """`python -m cuflash explain` (no GPU needed): one line per kernel, forward and backward, then the
+    template instances; a block mask on Hopper takes the warp-specialised backward; wgmma off, sm_80's."""
+    from cuflash.__main__ import main
+
+    p = Problem(1, 4096, 4096, 1, 1, 128, "bfloat16", 0.125, causal=True)
+    lines = _dispatch.explain(p, "sm_90a")
+    fwd = choose_fwd("bfloat16", 128, Flags(band=CAUSAL), "sm_90a")
+    bwd = choose_bwd("bfloat16", 128, Flags(band=CAUSAL), "sm_90a")
+    assert lines[0].startswith("forward   flash_fwd_ws_kernel (warp-specialised")
+    assert [line.strip() for line in lines[-4:]] == [v.name for v in (fwd, *bwd)]
+    assert main(["explain", "--head-dim", "64", "--block-mask", "128x128", "--arch", "sm_90a"]) == 0
+    out = capsys.readouterr().out
+    assert "flash_bwd_dkdv_ws_kernel (warp-specialised" in out and "flash_bwd_dq_ws_kernel" in out
+    with override(wgmma=False):
+        assert main(["explain", "--arch", "sm_90a"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sm_90a (sm_80 kernels); options changed from the defaults: {'wgmma': False}")
+    assert "wgmma" not in out.split("\n", 1)[1]
+    assert main(["explain", "--head-dim", "300"]) == 1  # one line, as bench and warmup give
+    assert "head dim 300 exceeds" in capsys.readouterr().err

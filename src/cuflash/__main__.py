@@ -1,4 +1,4 @@
-"""python -m cuflash {compile-check, warmup, bench, bench-sparse, info}"""
+"""python -m cuflash {compile-check, warmup, explain, bench, bench-sparse, info}"""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,42 @@ def _warmup(argv) -> int:
     return 0
 
 
+def _explain(argv) -> int:
+    """Which kernels, tiles and shared memory a call runs, forward and backward (no GPU needed)."""
+    import dataclasses
+    import math
+
+    from . import _arch, _dispatch, _options
+    from ._problem import Problem
+
+    ap = argparse.ArgumentParser(prog="python -m cuflash explain", description=_explain.__doc__)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--seqlen-q", type=int, default=4096)
+    ap.add_argument("--seqlen-k", type=int, default=None, help="default: seqlen-q")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"))
+    ap.add_argument("--block-mask", default=None, metavar="MxN", help="a block mask of M x N blocks, e.g. 128x128")
+    ap.add_argument("--alibi", action="store_true")
+    ap.add_argument("--softcap", type=float, default=0.0)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--arch", default=None, help="sm_80, sm_90a, ... (default: the present GPU's, else sm_90a)")
+    args = ap.parse_args(argv)
+    arch = args.arch or (_arch.device_arch() if _arch.gpu_count()[0] else "sm_90a")
+    blocks = tuple(int(x) for x in args.block_mask.lower().split("x")) if args.block_mask else None
+    p = Problem(1, args.seqlen_q, args.seqlen_k or args.seqlen_q, 1, 1, args.head_dim, args.dtype,
+                1 / math.sqrt(args.head_dim), args.softcap, args.dropout, args.causal, tuple(args.window),
+                0 if args.alibi else None, blocks)
+    options = _options.current()
+    changed = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+               if getattr(options, f.name) != getattr(_options.Options(), f.name)}
+    kernels = _arch.policy_arch(arch, options.wgmma)
+    print(f"{arch}{f' ({kernels} kernels)' if kernels != arch else ''}; options changed from the defaults: "
+          f"{changed or 'none'}")
+    print("\n".join(_dispatch.explain(p, kernels, options)))
+    return 0
+
+
 def _info(argv) -> int:
     from . import __version__, _arch, _compile
 
@@ -59,7 +95,7 @@ def _info(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"compile-check": _compile_check, "warmup": _warmup, "info": _info}
+    commands = {"compile-check": _compile_check, "warmup": _warmup, "explain": _explain, "info": _info}
     if not argv or argv[0] not in commands and argv[0] not in ("bench", "bench-sparse"):
         print(f"usage: python -m cuflash {{{', '.join([*commands, 'bench', 'bench-sparse'])}}} [options]",
               file=sys.stderr)

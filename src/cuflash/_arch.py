@@ -44,7 +44,11 @@ def device_arch(device_id: int | None = None) -> str:
 
 
 def kernel_arch(device_id: int, wgmma: bool = True) -> str:
-    """The arch whose kernels a call takes: the device's, or with wgmma off (Options.wgmma) on Hopper the
-    sm_80 (mma.sync) kernels, so that both paths can be compared on one GPU."""
-    arch = device_arch(device_id)
+    """The arch whose kernels a call on this device takes (policy_arch of the device's)."""
+    return policy_arch(device_arch(device_id), wgmma)
+
+
+def policy_arch(arch: str, wgmma: bool = True) -> str:
+    """The arch whose kernels run on `arch`: itself, or with wgmma off (Options.wgmma) on Hopper the sm_80
+    (mma.sync) kernels, so that both paths can be compared on one GPU."""
     return "sm_80" if arch == "sm_90a" and not wgmma else arch

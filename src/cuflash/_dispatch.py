@@ -70,6 +70,9 @@ class FwdVariant:
         tile = _tiles.FwdTile(self.block_m, self.block_n, self.warps, self.stages, self.warp_specialised, self.split)
         return _tiles.fwd_smem(tile, self.dtype, self.head_dim)
 
+    def describe(self) -> str:
+        return _describe(self, f"{self.block_m} queries x {self.block_n} keys", "K/V")
+
 
 @dataclass(frozen=True)
 class BwdPreprocessVariant:
@@ -83,6 +86,9 @@ class BwdPreprocessVariant:
     @functools.cached_property
     def name(self) -> str:
         return f"cuflash::flash_bwd_preprocess_kernel<{_CUDA_TYPE[self.dtype]}>"
+
+    def describe(self) -> str:
+        return "flash_bwd_preprocess_kernel: delta = rowsum(dO * O), 4 rows per thread"
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,11 @@ class BwdDkdvVariant(_BwdVariant):
     def smem_bytes(self) -> int:
         return _tiles.dkdv_smem(self.tile, self.dtype, self.head_dim)
 
+    def describe(self) -> str:
+        t = self.tile
+        split = f" ({t.splits} blocks per key tile, a column part each)" if t.splits > 1 else ""
+        return _describe(self, f"{t.block_n} keys x {t.block_q} queries{split}", "Q/dO")
+
 
 @dataclass(frozen=True)
 class BwdDqVariant(_BwdVariant):
@@ -151,6 +162,31 @@ class BwdDqVariant(_BwdVariant):
     @property
     def smem_bytes(self) -> int:
         return _tiles.dq_smem(self.tile, self.dtype, self.head_dim)
+
+    def describe(self) -> str:
+        return _describe(self, f"{self.tile.block_m} queries x {self.tile.block_n} keys", "K/V")
+
+
+def _describe(v, tile: str, ring: str) -> str:
+    """One line on what a variant runs: its kernel, products, tile, warps, ring slots, shared memory."""
+    kernel = v.name.split("::")[1].split("<")[0]
+    how = ["warp-specialised (a producer warpgroup copies)" if v.warp_specialised else None,
+           "wgmma" if v.wgmma else "mma.sync", "3xTF32 split tiles" if getattr(v, "split", False) else None,
+           "persistent" if v.persistent else None]
+    warps = f"{v.warps} {'consumer ' if v.warp_specialised else ''}warps"
+    return (f"{kernel} ({', '.join(h for h in how if h)}): {tile}, {warps}, {v.stages} {ring} slots, "
+            f"{v.smem_bytes / 1024:.1f} KiB shared memory")
+
+
+def explain(p, arch: str, options: Options = DEFAULT_OPTIONS) -> list[str]:
+    """What a call (a _problem.Problem) runs on `arch`: the forward's and the backward's kernels, one line
+    each, then their template instances."""
+    flags = p.flags(options)
+    fwd = choose_fwd(p.dtype, p.head_dim, flags, arch, options)
+    bwd = choose_bwd(p.dtype, p.head_dim, flags, arch, options)
+    lines = [f"forward   {fwd.describe()}"]
+    lines += [f"{label:9} {v.describe()}" for label, v in zip(("backward", "", ""), bwd)]
+    return lines + ["", "instances:"] + [f"  {v.name}" for v in (fwd, *bwd)]
 
 
 def _mods(flags: Flags) -> tuple:
