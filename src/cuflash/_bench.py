@@ -521,6 +521,9 @@ def main(argv):
     for name in (args.impls or IMPLS):
         try:
             impls[name] = get_impl(name)
+        except ImportError as exc:  # an optional peer (FlashAttention-4) that is not installed
+            log(f"{name}: not installed ({first_line(exc)}) -- skipping it")
+            failed = failed or name == "cuflash"
         except Exception as exc:
             log(f"!!! cannot set up {name}: {first_line(exc)} -- skipping it")
             failed = failed or name == "cuflash"
