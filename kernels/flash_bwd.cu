@@ -531,7 +531,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           head_rng.drop_rows_keys<true>(acc_s, n0 + warp_row, t.m0, lane);
         }
         wg_wait<0>(acc_dp);
-        if (it == n_iters - 1 && lane == 0) mbar_arrive(&kv_empty);  // the producer may load the next K, V
+        if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);  // the producer may load the next K, V
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
         bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, s_delta[slot], dropout.keep_scale, lane);
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
@@ -540,7 +540,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
         wg_wait<0>(acc_dk);
         pin(acc_dv);
-        if (lane == 0) mbar_arrive(&q_empty[slot]);  // the slot is free
+        mbar_arrive_warp(&q_empty[slot], lane);  // the slot (its lse, delta and tile fields too) is free
       };
       for (int it = 0; it < n_iters; ++it) turn(it);
       ring += n_iters;

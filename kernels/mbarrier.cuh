@@ -30,6 +30,15 @@ __device__ __forceinline__ void mbar_arrive(MBarrier* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// One arrival for the whole warp, after every lane's earlier shared-memory reads: __syncwarp orders the
+// other lanes' reads before lane 0's arrival, so a producer that waits on `bar` and refills what they read
+// cannot overwrite it early (the memory model asks for it; lanes in step never showed a difference). Slots
+// that only the tensor cores read are freed after wgmma's wait and need no __syncwarp.
+__device__ __forceinline__ void mbar_arrive_warp(MBarrier* bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
 // Arrive on `bar` once every cp.async this thread issued so far has landed (counts as one arrival).
 __device__ __forceinline__ void cp_async_mbar_arrive(MBarrier* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
