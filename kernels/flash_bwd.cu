@@ -90,6 +90,7 @@ template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPO
 struct DkdvWork {
   long long q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh;
   const int *cu_seqlens_q, *cu_seqlens_k;
+  int total_q, total_k;
   int max_seqlen_q, max_seqlen_k, nheads, kv_group, nheads_k, num_n_blocks, window_left, window_right, num_items;
   unsigned* tile_counter;
   const BlockLists& lists;
@@ -107,7 +108,7 @@ struct DkdvWork {
     w.c0 = (index % SPLITS) * DV;
     index /= SPLITS;
     w.b = index / nheads_k, w.hk = index % nheads_k;
-    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, w.b, max_seqlen_q, max_seqlen_k);
+    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, w.b, max_seqlen_q, max_seqlen_k, total_q, total_k);
     if (DROPOUT) w.rng = DropoutRng::make(dropout, w.b * nheads);
     const int h0 = w.hk * kv_group;
     w.q_off = w.b * q_sb + h0 * q_sh + w.seq.q_start * q_ss;
@@ -166,7 +167,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int max_seqlen_q,
                       int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, int window_left,
                       int window_right, float softmax_scale, float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
-                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                      int total_q, int total_k, long long lse_sb,
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                       unsigned* __restrict__ tile_counter, int num_items) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
@@ -190,8 +192,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
 
   const DkdvWork<BN, BMQ, DV, SPLITS, BAND, SPARSE, DROPOUT> work{
-      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
+      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+      max_seqlen_q, max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
       tile_counter, lists, dropout};
   using Item = DkdvItem;
   __shared__ Item items[2];
@@ -379,7 +381,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                          int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks,
                          int window_left, int window_right, float softmax_scale, float softcap_mult,
                          const float* __restrict__ alibi_slopes, long long alibi_sb,
-                         const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                         const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                         int total_q, int total_k, long long lse_sb,
                          long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                          unsigned* __restrict__ tile_counter, int num_items) {
 #ifdef CUFLASH_HAS_WGMMA
@@ -410,8 +413,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   }
   __syncthreads();
   const DkdvWork<BN, BMQ, D, 1, BAND, SPARSE, DROPOUT> work{
-      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
+      q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+      max_seqlen_q, max_seqlen_k, nheads, kv_group, nheads / kv_group, num_n_blocks, window_left, window_right, num_items,
       tile_counter, lists, dropout};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, K and V, then the query tiles one by one ----
@@ -579,7 +582,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     int nheads, int kv_group, int head_dim, int num_m_blocks, int window_left, int window_right,
                     float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
-                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                    int total_q, int total_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                     unsigned* /* tile_counter */, int /* num_items: persistent kernels */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
@@ -605,7 +609,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ SeqRange seq;  // this batch element's sequences (varlen.cuh)
   __shared__ DropoutRng rng;
   if (threadIdx.x == 0) {
-    seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k);
+    seq = seq_range(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, total_q, total_k);
     if (DROPOUT) rng = DropoutRng::make(dropout, bh);
   }
   __syncthreads();
@@ -740,7 +744,8 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
                        int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_m_blocks,
                        int window_left, int window_right, float softmax_scale, float softcap_mult,
                        const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
-                       const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
+                       const int* __restrict__ cu_seqlens_k,
+                       int total_q, int total_k, long long lse_sb, long long lse_sh, const BlockLists lists,
                        const DropoutArgs dropout, unsigned* __restrict__ tile_counter, int num_items) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
@@ -769,9 +774,9 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
   }
   __syncthreads();
-  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                   max_seqlen_k, nheads, num_m_blocks, window_left, window_right,
-                                                   num_items, tile_counter};
+  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+                                                   max_seqlen_q, max_seqlen_k, nheads, num_m_blocks, window_left,
+                                                   window_right, num_items, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q and dO, then K and V tile by tile ----
     Roles::become_producer();

@@ -35,7 +35,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  int head_dim, int num_m_blocks, int window_left, int window_right, float softmax_scale,
                  float softcap_mult,
                  const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
-                 const int* __restrict__ cu_seqlens_k, long long lse_sb, long long lse_sh, const BlockLists lists,
+                 const int* __restrict__ cu_seqlens_k, int total_q, int total_k, long long lse_sb, long long lse_sh,
+                 const BlockLists lists,
                  const DropoutArgs dropout, unsigned* /* tile_counter */, int /* num_tiles: persistent kernels */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
@@ -65,7 +66,7 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
   {
     const int hk = blk.h / kv_group;
     if (threadIdx.x == 0) {
-      seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+      seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k, total_q, total_k);
       kv_heads[0] = k + blk.b * k_sb + hk * k_sh + seq.k_start * k_ss;
       kv_heads[1] = v + blk.b * v_sb + hk * v_sh + seq.k_start * v_ss;
     }

@@ -30,7 +30,8 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     long long o_ss, long long o_sh, int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group,
                     int head_dim, int num_m_blocks, int window_left, int window_right, float softmax_scale,
                     float softcap_mult, const float* __restrict__ alibi_slopes, long long alibi_sb,
-                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, long long lse_sb,
+                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                    int total_q, int total_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                     unsigned* __restrict__ tile_counter, int num_tiles) {
 #ifdef CUFLASH_HAS_WGMMA
@@ -60,9 +61,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   }
   __syncthreads();
   // The key tiles of an item, as both sides compute them.
-  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                   max_seqlen_k, nheads, num_m_blocks, window_left, window_right,
-                                                   num_tiles, tile_counter};
+  const FwdWork<BN, BM, BAND, SPARSE, DROPOUT> work{lists, dropout, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
+                                                   max_seqlen_q, max_seqlen_k, nheads, num_m_blocks, window_left,
+                                                   window_right, num_tiles, tile_counter};
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q, then K and V tile by tile ----
     Roles::become_producer();

@@ -97,6 +97,7 @@ struct FwdWork {
   const BlockLists& lists;
   const DropoutArgs& dropout;
   const int *cu_seqlens_q, *cu_seqlens_k;
+  int total_q, total_k;
   int max_seqlen_q, max_seqlen_k, nheads, num_m_blocks, window_left, window_right, num_items;
   unsigned* tile_counter;
 
@@ -116,7 +117,7 @@ struct FwdWork {
     }
     const BlockCoords<BAND, SPARSE, BM> blk(item, num_m_blocks, nheads, lists);
     w.m0 = blk.m_block * BM, w.b = blk.b, w.h = blk.h;
-    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k);
+    w.seq = seq_range(cu_seqlens_q, cu_seqlens_k, blk.b, max_seqlen_q, max_seqlen_k, total_q, total_k);
     if (SPARSE) {
       const long long row = lists.row(blk.b, blk.h, w.m0 / lists.row_block);
       w.list = ListRow{row * lists.cap, __ldg(lists.count + row)};

@@ -49,6 +49,8 @@ struct FwdParams {
   long long alibi_sb;
   const int* __restrict__ cu_seqlens_q;
   const int* __restrict__ cu_seqlens_k;
+  int total_q;            // packed sequences: the rows of q, and of k and v (varlen.cuh clamps to them)
+  int total_k;
   long long lse_sb;
   long long lse_sh;
   BlockLists lists;       // zeros for dense variants
@@ -119,6 +121,8 @@ struct BwdDkdvParams {
   long long alibi_sb;
   const int* __restrict__ cu_seqlens_q;
   const int* __restrict__ cu_seqlens_k;
+  int total_q;            // packed sequences: the rows of q, and of k and v (varlen.cuh clamps to them)
+  int total_k;
   long long lse_sb;
   long long lse_sh;
   BlockLists lists;       // key-major lists
@@ -166,6 +170,8 @@ struct BwdDqParams {
   long long alibi_sb;
   const int* __restrict__ cu_seqlens_q;
   const int* __restrict__ cu_seqlens_k;
+  int total_q;            // packed sequences: the rows of q, and of k and v (varlen.cuh clamps to them)
+  int total_k;
   long long lse_sb;
   long long lse_sh;
   BlockLists lists;       // query-major lists

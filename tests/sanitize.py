@@ -57,6 +57,11 @@ def calls():
     out = cuflash.flash_attn_varlen_func(qv, kv, vv, cu, cu, max(lengths), max(lengths), causal=True)
     out.float().sum().backward()
     print("  varlen", flush=True)
+    bad = torch.tensor([-8, 100, 1000], dtype=torch.int32, device="cuda")  # clamped by the kernels to the rows
+    qv, kv, vv = (randn(300, 2, 64) for _ in range(3))
+    out = cuflash.flash_attn_varlen_func(qv, kv, vv, bad, bad, 300, 300, causal=True)
+    out.float().sum().backward()
+    print("  varlen, offsets outside the rows", flush=True)
     if _arch.device_arch() == "sm_90a":
         with override(fwd_warp_specialised_short=True):
             run("warp-specialised forward, d=64, short keys", *(randn(1, 300, 2, 64) for _ in range(3)))

@@ -129,6 +129,38 @@ def test_varlen_argument_errors():
         cuflash.flash_attn_varlen_func(q, q, q, good, good, 6, 6, window_size=(4, -2))
 
 
+@pytest.mark.parametrize("offsets, clamped", [
+    ([0, 100, 1000], [0, 100, 300]),    # the last offset past the rows
+    ([-64, 100, 300], [0, 100, 300]),   # a negative first offset
+    ([0, 300, 100], [0, 300, 300]),     # decreasing: the second sequence is empty
+], ids=["past-end", "negative", "decreasing"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bad_offsets_touch_nothing_outside_the_tensors(offsets, clamped, causal):
+    """Unchecked offsets (check_inputs off) are clamped by the kernels to the packed rows: the result is the
+    clamped offsets' result, bit for bit, and the NaN rows around q, k, v and dout are neither read (the
+    outputs stay finite) nor written."""
+    import torch
+
+    rows, guard = 300, 64
+    buffers = [torch.full((rows + 2 * guard, 2, 64), float("nan"), dtype=torch.float16, device="cuda")
+               for _ in range(4)]
+    for i, b in enumerate(buffers):
+        b[guard:guard + rows] = randn((rows, 2, 64), torch.float16, 60 + i)
+    q, k, v, dout = (b[guard:guard + rows] for b in buffers)
+    bad, good = (torch.tensor(o, dtype=torch.int32, device="cuda") for o in (offsets, clamped))
+
+    def run(cu_seqlens):
+        return grads(lambda a, b, c: cuflash.flash_attn_varlen_func(a, b, c, cu_seqlens, cu_seqlens, 300, 300,
+                                                                    causal=causal), q, k, v, dout)
+
+    ours, expected = run(bad), run(good)
+    for x, y in zip(ours, expected):
+        assert torch.isfinite(x).all()
+        assert torch.equal(x, y)
+    for b in buffers:
+        assert b[:guard].isnan().all() and b[guard + rows:].isnan().all()
+
+
 @pytest.mark.parametrize("window, causal", [((32, 0), False), ((100, 17), True), ((-1, 5), False), ((0, 0), False)])
 def test_varlen_window_is_bitwise_each_sequence_alone(window, causal):
     """window_size with packed sequences: each sequence's own window (bottom-right aligned), forward and

@@ -283,19 +283,20 @@ def _put_strides(fields: dict, **arrays) -> None:
 
 def _common_fields(p, alibi, varlen, dropout) -> dict:
     """The fields the forward, dK/dV and dQ kernels share. Fixed lengths have no cu_seqlens and a log-sum-exp
-    (batch, nheads, seqlen_q); varlen = (cu_seqlens_q pointer, cu_seqlens_k pointer, total_q): packed
-    sequences, whose log-sum-exp is (nheads, total_q)."""
+    (batch, nheads, seqlen_q); varlen = (cu_seqlens_q pointer, cu_seqlens_k pointer, total_q, total_k): packed
+    sequences, whose log-sum-exp is (nheads, total_q), and whose offsets the kernels clamp to the rows."""
     window_left, window_right = p.band_args()
     softmax_scale, softcap_mult = p.kernel_scales()
     if varlen is None:
-        cu_q, cu_k, lse_sb, lse_sh = 0, 0, p.nheads * p.seqlen_q, p.seqlen_q
+        cu_q, cu_k, total_q, total_k, lse_sb, lse_sh = 0, 0, 0, 0, p.nheads * p.seqlen_q, p.seqlen_q
     else:
-        cu_q, cu_k, lse_sb, lse_sh = varlen[0], varlen[1], 0, varlen[2]
+        cu_q, cu_k, total_q, total_k = varlen
+        lse_sb, lse_sh = 0, total_q
     return {"max_seqlen_q": p.seqlen_q, "max_seqlen_k": p.seqlen_k, "nheads": p.nheads,
             "kv_group": p.nheads // p.nheads_k, "head_dim": p.head_dim, "window_left": window_left,
             "window_right": window_right, "softmax_scale": softmax_scale, "softcap_mult": softcap_mult,
             "alibi_slopes": alibi[0], "alibi_sb": alibi[1], "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
-            "lse_sb": lse_sb, "lse_sh": lse_sh, "dropout": dropout}
+            "total_q": total_q, "total_k": total_k, "lse_sb": lse_sb, "lse_sh": lse_sh, "dropout": dropout}
 
 
 def row_tiles(seqlen: int, tile: int, lists: tuple) -> int:

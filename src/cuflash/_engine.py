@@ -24,7 +24,7 @@ def _arrays(*arrays: DeviceArray):
 
 
 def _seq(p: Problem, cu_seqlens):
-    return None if cu_seqlens is None else (*cu_seqlens, p.packed[0])
+    return None if cu_seqlens is None else (*cu_seqlens, *p.packed)
 
 
 def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray,
