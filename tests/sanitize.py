@@ -1,7 +1,7 @@
 """compute-sanitizer over one small forward and backward of every kernel family: memcheck, racecheck and
 synccheck, failing on any report. Needs a GPU, PyTorch and compute-sanitizer on the PATH.
 
-    python tests/sanitize.py [--tools memcheck racecheck synccheck] [--log DIR]
+    python tests/sanitize.py [--tools memcheck racecheck synccheck] [--log DIR] [--cases NAME ...]
 
 It first runs the calls plainly (filling the kernel cache, so the sanitized runs compile nothing), then
 once under each tool; the exit status is the number of tools that reported anything.
@@ -29,8 +29,16 @@ def calls():
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_()
 
-    def run(name, q, k, v, **kw):
-        out = cuflash.flash_attn_func(q, k, v, **kw)
+    only = [c for c in os.environ.get("SANITIZE_CASES", "").split(",") if c]
+
+    def run(name, q, k, v, packed=None, **kw):
+        """Forward and backward of one case (packed = (cu_seqlens, max_seqlen): a varlen call)."""
+        if only and not any(c in name for c in only):
+            return
+        if packed:
+            out = cuflash.flash_attn_varlen_func(q, k, v, packed[0], packed[0], packed[1], packed[1], **kw)
+        else:
+            out = cuflash.flash_attn_func(q, k, v, **kw)
         out.float().sum().backward()
         torch.cuda.synchronize()
         print(f"  {name}", flush=True)
@@ -53,15 +61,9 @@ def calls():
             dropout_p=0.1)
     lengths = [37, 130, 64]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
-    qv, kv, vv = (randn(sum(lengths), 2, 64) for _ in range(3))
-    out = cuflash.flash_attn_varlen_func(qv, kv, vv, cu, cu, max(lengths), max(lengths), causal=True)
-    out.float().sum().backward()
-    print("  varlen", flush=True)
+    run("varlen", *(randn(sum(lengths), 2, 64) for _ in range(3)), packed=(cu, max(lengths)), causal=True)
     bad = torch.tensor([-8, 100, 1000], dtype=torch.int32, device="cuda")  # clamped by the kernels to the rows
-    qv, kv, vv = (randn(300, 2, 64) for _ in range(3))
-    out = cuflash.flash_attn_varlen_func(qv, kv, vv, bad, bad, 300, 300, causal=True)
-    out.float().sum().backward()
-    print("  varlen, offsets outside the rows", flush=True)
+    run("varlen, offsets outside the rows", *(randn(300, 2, 64) for _ in range(3)), packed=(bad, 300), causal=True)
     if _arch.device_arch() == "sm_90a":
         with override(fwd_warp_specialised_short=True):
             run("warp-specialised forward, d=64, short keys", *(randn(1, 300, 2, 64) for _ in range(3)))
@@ -77,11 +79,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tools", nargs="+", default=["memcheck", "racecheck", "synccheck"])
     ap.add_argument("--log", type=Path, default=None, help="write each tool's full output here")
+    ap.add_argument("--cases", nargs="+", default=[], help="only the cases whose names contain one of these")
     ap.add_argument("--calls", action="store_true", help=argparse.SUPPRESS)  # the sanitized child process
     args = ap.parse_args(argv)
     if args.calls:
         calls()
         return 0
+    os.environ["SANITIZE_CASES"] = ",".join(args.cases)  # read by the child processes' calls()
     me = [sys.executable, os.path.abspath(__file__), "--calls"]
     print("plain run (fills the kernel cache)", flush=True)
     subprocess.run(me, check=True)
