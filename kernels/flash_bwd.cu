@@ -360,8 +360,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
 // ---- dK, dV, warp-specialised (Hopper) -------------------------------------------------------------
 // As flash_bwd_dq_ws_kernel does for dQ: the block's first warpgroup only copies (each item's K and V, then
-// its query tiles -- Q, dO and the rows' lse and delta -- through a STAGES-slot ring whose slots have
-// mbarriers: landed, and both consumers done), and two consumer warpgroups of 64 keys only compute,
+// its query tiles' Q and dO through a STAGES-slot ring whose slots have mbarriers: landed, and both
+// consumers done), and two consumer warpgroups of 64 keys compute (each also copies a tile's lse and delta
+// for itself, and walks the tiles as the producer does, so no thread-written field crosses an mbarrier),
 // taking turns at the tensor cores through two named barriers. A turn issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of
 // a query tile; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn, and are waited for before the next
 // one. So one warpgroup's softmax and dS run while the other's products do. Persistent, with the work
@@ -391,7 +392,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   using Roles = WarpRoles<WARPS, 40, 232>;
   constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
-  static_assert(2 * BMQ <= kProducers, "a producer thread per row's lse, and one per row's delta");
+  static_assert(2 * BMQ <= 128, "a consumer thread per row's lse, and one per row's delta");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(Smem::align(smem_raw));
@@ -399,15 +400,16 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   T* sQ = sV + BN * D;             // STAGES slots of BMQ rows
   T* sdO = sQ + STAGES * BMQ * D;  // likewise
   constexpr unsigned q_slot_bytes = BMQ * D * sizeof(T);
-  __shared__ float s_lse[STAGES][BMQ], s_delta[STAGES][BMQ];  // a slot's rows
-  __shared__ QueryTile tile_at[STAGES];                        // a slot's tile
+  // A query tile's lse and delta, per consumer warpgroup, which copies them itself (see the consumers);
+  // two, by the parity of the block's tile count.
+  __shared__ float s_stat[2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
   __shared__ DkdvItem items[2];
   __shared__ MBarrier kv_full, kv_empty, q_full[STAGES], q_empty[STAGES];
   if (threadIdx.x == 0) {
     mbar_init(&kv_full, kProducers + 1);  // every producer thread's copies of K and V, and the item's fields
     mbar_init(&kv_empty, WARPS);          // every consumer warp's last Sᵀ and dPᵀ of the item have completed
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&q_full[s], kProducers + 1);  // every producer thread's copies, and the tile's fields
+      mbar_init(&q_full[s], kProducers);  // every producer thread's copies
       mbar_init(&q_empty[s], WARPS);  // every consumer warp's dK and dV products have read the slot
     }
   }
@@ -451,17 +453,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                                              seqlen_q - t.m0, head_dim);
         Smem::template load<BMQ, kProducers>(sdO + slot * BMQ * D, dout + w.do_off + t.g * do_sh + t.m0 * do_ss,
                                              do_ss, seqlen_q - t.m0, head_dim);
-        // This thread's row: its lse, or its delta (rows past the end: zeros, which no visible score reads).
-        const int r = threadIdx.x % BMQ, i = t.m0 + r;
-        const float* stat = threadIdx.x < BMQ ? lse : delta;
-        if (threadIdx.x < 2 * BMQ)
-          cp_async_4(threadIdx.x < BMQ ? &s_lse[slot][r] : &s_delta[slot][r],
-                     i < seqlen_q ? stat + w.lse_off + t.g * lse_sh + i : stat, i < seqlen_q);
         cp_async_mbar_arrive(&q_full[slot]);
-        if (threadIdx.x == 0) {
-          tile_at[slot] = t;
-          mbar_arrive(&q_full[slot]);
-        }
       }
     }
     cp_async_wait_all();
@@ -492,13 +484,22 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
       float acc_s[1][BMQ / 8][4], acc_dp[1][BMQ / 8][4];
       // Turn `it` issues Sᵀ and dPᵀ of query tile it; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn,
       // once Pᵀ and dSᵀ are known: while this warpgroup waits for them, the other's Sᵀ and dPᵀ are queued.
+      TileCursor at{0, 0};  // the item's query tiles, walked as the producer walks them
       auto turn = [&](int it) {
         const int g = ring + it, slot = g % STAGES;
+        const QueryTile t = work.tile(w, at);
+        at = t.next;
+        // The tile's lse and delta: this warpgroup copies them itself, a thread per row of each (rows past the
+        // end: zeros, which no visible score reads), loaded while the products are issued and published with
+        // a named barrier. (Filled by the producer behind the slot's mbarrier they were as correct, but
+        // racecheck cannot order an mbarrier between warps: docs/kernel-design.md.)
+        const int tw = tid % 128, r = tw % BMQ, i = t.m0 + r;
+        float stat = 0.f;
+        if (tw < 2 * BMQ && i < seqlen_q) stat = __ldg((tw < BMQ ? lse : delta) + w.lse_off + t.g * lse_sh + i);
         PartialBits<1, BMQ / 8> bits;
         mbar_wait(&q_full[slot], (g / STAGES) & 1);
         if constexpr (SPARSE)  // rows are keys, columns queries (the key-major lists' bits)
-          if (tile_at[slot].slot >= 0)
-            bits.load(lists, tile_at[slot].slot, key_in_block + warp_row, tile_at[slot].offset, lane);
+          if (t.slot >= 0) bits.load(lists, t.slot, key_in_block + warp_row, t.offset, lane);
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
         turns.begin();
         Smem::template mma_abt<1, BMQ, D, true>(acc_s, smem_addr(sK), warp_row, smem_addr(sQ) + slot * q_slot_bytes,
@@ -506,8 +507,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
                                                 lane);
         turns.end(it == n_iters - 1);
+        float(&stats)[2][BMQ] = s_stat[g % 2][wg];  // (the last readers of this pair passed the barrier below)
+        if (tw < 2 * BMQ) stats[tw / BMQ][r] = stat;
+        named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         wg_wait<1>(acc_s);
-        const QueryTile t = tile_at[slot];
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
         // (This kernel keeps its own copy of bwd_score_mods and bwd_recompute_p's steps: through them, ptxas's
         // code for its block-sparse variants changed.)
@@ -526,7 +529,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
             const int j = n0 + warp_row + lane / 4 + (c / 2) * 8;  // key (frag_row spelled out, as in bwd_recompute_p)
             const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
             const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-            acc_s[0][nt][c] = recompute_p<false>(acc_s[0][nt][c], softmax_scale, s_lse[slot][col], visible);
+            acc_s[0][nt][c] = recompute_p<false>(acc_s[0][nt][c], softmax_scale, stats[0][col], visible);
           }
         if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
           DropoutRng head_rng = w.rng;
@@ -536,14 +539,14 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         wg_wait<0>(acc_dp);
         if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);  // the producer may load the next K, V
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
-        bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, s_delta[slot], dropout.keep_scale, lane);
+        bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, stats[1], dropout.keep_scale, lane);
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
         wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
         // Done before the next turn: register operands of products still running at the loop's back edge
         // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
         wg_wait<0>(acc_dk);
         pin(acc_dv);
-        mbar_arrive_warp(&q_empty[slot], lane);  // the slot (its lse, delta and tile fields too) is free
+        mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
       };
       for (int it = 0; it < n_iters; ++it) turn(it);
       ring += n_iters;
