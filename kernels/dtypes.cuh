@@ -12,28 +12,26 @@ constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)): so
 
 template <typename T> struct ElemTraits;
 
-template <> struct ElemTraits<__half> {
-  // Pack two fp32 values into one 32-bit register holding two fp16 (low half = first).
+// fp16 and bf16: two values travel packed in one 32-bit register (low half = first), as the tensor cores
+// take them. Pair is __half2 or __nv_bfloat162; to_pair and to_float2 are its conversions.
+__device__ __forceinline__ void to_pair(float lo, float hi, __half2& h) { h = __floats2half2_rn(lo, hi); }
+__device__ __forceinline__ void to_pair(float lo, float hi, __nv_bfloat162& h) { h = __floats2bfloat162_rn(lo, hi); }
+__device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+
+template <typename Pair, bool BF16>
+struct PackedTraits {
   static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
+    Pair h;
+    to_pair(lo, hi, h);
     return *reinterpret_cast<unsigned*>(&h);
   }
-  static __device__ __forceinline__ float2 unpack2(unsigned x) {
-    return __half22float2(*reinterpret_cast<__half2*>(&x));
-  }
-  static constexpr bool is_bf16 = false, is_f32 = false;
+  static __device__ __forceinline__ float2 unpack2(unsigned x) { return to_float2(*reinterpret_cast<Pair*>(&x)); }
+  static constexpr bool is_bf16 = BF16, is_f32 = false;
 };
 
-template <> struct ElemTraits<__nv_bfloat16> {
-  static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-  static __device__ __forceinline__ float2 unpack2(unsigned x) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
-  }
-  static constexpr bool is_bf16 = true, is_f32 = false;
-};
+template <> struct ElemTraits<__half> : PackedTraits<__half2, false> {};
+template <> struct ElemTraits<__nv_bfloat16> : PackedTraits<__nv_bfloat162, true> {};
 
 // fp32 inputs: tiles hold fp32, and the tensor-core products split each value into TF32 parts
 // (mma.cuh, warp_mma.cuh).

@@ -21,6 +21,17 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
       for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
 }
 
+// Column tiles 2 np and 2 np + 1 of every row tile: acc[mt][2 np + h] += a[mt] · (b[2h], b[2h + 1]).
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void mma_column_pair(float (&acc)[MT][NT][4], const unsigned (&a)[MT][4],
+                                                const unsigned (&b)[4], int np) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+    mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+  }
+}
+
 // acc[mt][nt] += A[16 MT rows from a_rows] · B[N rows from b_rows]ᵀ, both K wide. fp32 with B_REST > 0:
 // B is split already (split_tile_tf32), its rest B_REST bytes after it.
 template <typename T, int MT, int N, int K, int PITCH, int B_REST = 0>
@@ -68,11 +79,7 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][N / 8][4], unsigne
       for (int np = 0; np < N / 16; ++np) {
         unsigned b[4];
         ldmatrix_x4(b, b_lane + np * 16 * PITCH + kk * 32);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-        }
+        mma_column_pair<T>(acc, a, b, np);
       }
     }
   }
@@ -151,11 +158,7 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][N / 8][4], const fl
       for (int np = 0; np < N / 16; ++np) {
         unsigned b[4];
         ldmatrix_x4_trans(b, b_lane + kk * 16 * PITCH + np * 32);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-        }
+        mma_column_pair<T>(acc, a, b, np);
       }
     }
   }
