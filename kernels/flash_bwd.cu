@@ -17,6 +17,7 @@
 #include "band.cuh"
 #include "block_sparse.cuh"
 #include "bwd_common.cuh"  // BwdScores: scores to P and dS
+#include "dq_accum.cuh"
 #include "dropout.cuh"
 #include "fwd_common.cuh"  // BlockCoords, KeyTiles
 #include "mbarrier.cuh"
@@ -62,6 +63,45 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
   }
 }
 
+// Two consecutive elements: one 4-byte store where aligned (any output view is accepted).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float lo, float hi) {
+  if (reinterpret_cast<unsigned long long>(p) % 4 == 0) {
+    store2(p, lo, hi);
+  } else {
+    p[0] = static_cast<T>(lo);
+    p[1] = static_cast<T>(hi);
+  }
+}
+
+// dQ = dq_accum * softmax_scale in T, after a dK/dV kernel that accumulated it (dq_accum.cuh): a block per
+// accumulator tile (batch element, query head, 64 rows; blocks past a packed sequence's end return), a
+// thread per float4 of it in turn: two rows' pairs of columns.
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+flash_bwd_dq_convert_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, long long dq_sb, long long dq_ss,
+                            long long dq_sh, const int* __restrict__ cu_seqlens_q, int max_seqlen_q, int total_q,
+                            int nheads, int head_dim, int m_tiles, float softmax_scale) {
+  constexpr int DQN = D / 2, kHalf = kDqTileRows * DQN;  // a warpgroup's half of a tile (dq_accum.cuh)
+  const int m_tile = static_cast<int>(blockIdx.x % m_tiles), bh = static_cast<int>(blockIdx.x / m_tiles);
+  const int h = bh % nheads, b = bh / nheads;
+  const SeqRange seq = seq_range(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, max_seqlen_q, total_q, total_q);
+  const int m0 = m_tile * kDqTileRows;
+  if (m0 >= seq.seqlen_q) return;
+  const float* tile = dq_accum + dq_accum_tile(seq, cu_seqlens_q != nullptr, b, h, nheads, m_tile) * 2 * kHalf;
+  T* out = dq + b * dq_sb + h * dq_sh + static_cast<long long>(seq.q_start + m0) * dq_ss;
+  const int rows = min(seq.seqlen_q - m0, kDqTileRows);
+#pragma unroll 4
+  for (int f = threadIdx.x; f < 2 * kHalf / 4; f += 128) {
+    const float4 x = reinterpret_cast<const float4*>(tile)[f];
+    const int half = f / (kHalf / 4), nt = f % (kHalf / 4) / 128, t = f % 128;  // t: the staging thread
+    const int r = (t / 32) * 16 + (t % 32) / 4, c = half * DQN + nt * 8 + (t % 4) * 2;
+    if (c >= head_dim) continue;
+    if (r < rows) store_pair(out + r * dq_ss + c, x.x * softmax_scale, x.y * softmax_scale);
+    if (r + 8 < rows) store_pair(out + (r + 8) * dq_ss + c, x.z * softmax_scale, x.w * softmax_scale);
+  }
+}
+
 // ---- dK, dV work items ------------------------------------------------------------------------------
 // The dK/dV kernels (flash_bwd_dkdv_kernel; flash_bwd_dkdv_ws_kernel on Hopper) are persistent: blocks
 // stay resident and take work items (BN keys of one batch element and K/V head, output columns from c0)
@@ -72,6 +112,7 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
 struct DkdvItem {
   int b, hk, c0, n0, n_iters;  // n_iters < 0: no item left
   int m_first, tiles_per_head;  // the query tiles of each head that can see these keys (BAND: the band's)
+  int rotate;                   // ROTATE: the walk of each head's tiles starts this many tiles in
   long long q_off, do_off, lse_off;  // where query head 0 of the group starts in q, dout and lse (delta)
   SeqRange seq;                 // this batch element's sequences (varlen.cuh)
   ListRow list;                 // SPARSE: the key block's list
@@ -86,7 +127,10 @@ struct QueryTile {
 };
 
 // The kernel parameters that place work items and their query tiles.
-template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPOUT>
+// ROTATE (dQ accumulated by these kernels, dq_accum.cuh): each key block starts its walk of a head's query
+// tiles at its own place, spread over them, so that the blocks running at once (neighbouring key blocks
+// of one head) add into different dQ rows instead of all into the same ones, which the L2 would serialise.
+template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPOUT, bool ROTATE = false>
 struct DkdvWork {
   long long q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh;
   const int *cu_seqlens_q, *cu_seqlens_k;
@@ -122,6 +166,8 @@ struct DkdvWork {
       Band<BAND>{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right}.query_tiles(
           w.n0, w.n0 + BN - 1, w.seq.seqlen_q, BMQ, m_first, tiles_per_head);
     w.m_first = m_first, w.tiles_per_head = tiles_per_head;
+    w.rotate = ROTATE && tiles_per_head > 0
+                   ? static_cast<int>(1ll * n_block * tiles_per_head / num_n_blocks % tiles_per_head) : 0;
     int n_iters = tiles_per_head * kv_group;
     if (SPARSE) {
       const long long row = lists.row(w.b, w.hk, w.n0 / lists.row_block);
@@ -140,7 +186,9 @@ struct DkdvWork {
            e.slot, e.offset, at};
       t.next.advance(lists.col_block / BMQ);
     } else {
-      t = {(w.m_first + at.sub) * BMQ, at.e, -1, 0, at};
+      int sub = at.sub;
+      if constexpr (ROTATE) sub = sub + w.rotate < w.tiles_per_head ? sub + w.rotate : sub + w.rotate - w.tiles_per_head;
+      t = {(w.m_first + sub) * BMQ, at.e, -1, 0, at};
       t.next.advance(w.tiles_per_head);
     }
     return t;
@@ -161,8 +209,8 @@ template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int STAGES, int
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                      T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
-                      long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
+                      T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ /* dq_accum: the ws kernel's */,
+                      long long q_sb, long long q_ss, long long q_sh, long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss, long long v_sh,
                       long long do_sb, long long do_ss, long long do_sh, long long dk_sb, long long dk_ss,
                       long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh, int max_seqlen_q,
                       int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks, int window_left,
@@ -370,13 +418,18 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // consumers' last Sᵀ and dPᵀ have completed, while they finish the item's last products and store dK, dV.
 // A consumer holds dK, dV (64 + 64 floats at D = 128), Sᵀ and dPᵀ (32 + 32): 232 registers leave room for
 // little else (docs/kernel-design.md).
+// FUSED_DQ (dq_accum.cuh): the block also adds each query tile's dQ = dS K into an fp32 accumulator, and
+// no dQ kernel runs (five products instead of seven). Both warpgroups write their dSᵀ to shared memory;
+// after a barrier, each computes half of the tile's dQ columns over all BN keys, stages it in shared
+// memory and one of its threads hands it to the copy engine as one bulk reduction, which runs while the
+// warpgroup goes on to the next tile.
 template <typename T, int D, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
-          bool SOFTCAP, bool DROPOUT>
+          bool SOFTCAP, bool DROPOUT, bool FUSED_DQ = false>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
 flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                         T* __restrict__ dk, T* __restrict__ dv, long long q_sb, long long q_ss, long long q_sh,
-                         long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss,
+                         T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ dq_accum, long long q_sb,
+                         long long q_ss, long long q_sh, long long k_sb, long long k_ss, long long k_sh, long long v_sb, long long v_ss,
                          long long v_sh, long long do_sb, long long do_ss, long long do_sh, long long dk_sb,
                          long long dk_ss, long long dk_sh, long long dv_sb, long long dv_ss, long long dv_sh,
                          int max_seqlen_q, int max_seqlen_k, int nheads, int kv_group, int head_dim, int num_n_blocks,
@@ -393,6 +446,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   using Roles = WarpRoles<WARPS, 40, 232>;
   constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   static_assert(2 * BMQ <= 128, "a consumer thread per row's lse, and one per row's delta");
+  static_assert(!FUSED_DQ || (BMQ == kDqTileRows && D % 128 == 0 && !SPARSE),
+                "fused dQ: 64-row query tiles, each warpgroup's half of the columns whole 64-column blocks");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(Smem::align(smem_raw));
@@ -400,9 +455,14 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   T* sQ = sV + BN * D;             // STAGES slots of BMQ rows
   T* sdO = sQ + STAGES * BMQ * D;  // likewise
   constexpr unsigned q_slot_bytes = BMQ * D * sizeof(T);
+  // FUSED_DQ: two tiles' dSᵀ (BN x BMQ), then two tiles' dQ staging, a half per warpgroup (fp32, DqStage).
+  constexpr int DQN = D / 2;  // dQ columns per warpgroup
+  constexpr unsigned ds_bytes = BN * BMQ * sizeof(T);
+  unsigned char* sdS = reinterpret_cast<unsigned char*>(sdO + STAGES * BMQ * D);
+  float* sdQ = reinterpret_cast<float*>(sdS + 2 * ds_bytes);
   // A query tile's lse and delta, per consumer warpgroup, which copies them itself (see the consumers);
-  // two, by the parity of the block's tile count.
-  __shared__ float s_stat[2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
+  // two, by the parity of the block's tile count (FUSED_DQ: one, the staging barrier orders their reuse).
+  __shared__ float s_stat[FUSED_DQ ? 1 : 2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
   __shared__ DkdvItem items[2];
   __shared__ MBarrier kv_full, kv_empty, q_full[STAGES], q_empty[STAGES];
   if (threadIdx.x == 0) {
@@ -507,8 +567,11 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
                                                 lane);
         turns.end(it == n_iters - 1);
-        float(&stats)[2][BMQ] = s_stat[g % 2][wg];  // (the last readers of this pair passed the barrier below)
+        float(&stats)[2][BMQ] = s_stat[FUSED_DQ ? 0 : g % 2][wg];  // (its last readers passed this barrier)
         if (tw < 2 * BMQ) stats[tw / BMQ][r] = stat;
+        // FUSED_DQ: this warpgroup's staging buffer of this tile's parity is free once the reduction that
+        // read it two tiles ago has.
+        if (FUSED_DQ && tw == 0) bulk_wait_read<1>();
         named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         wg_wait<1>(acc_s);
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
@@ -537,16 +600,43 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           head_rng.drop_rows_keys<true>(acc_s, n0 + warp_row, t.m0, lane);
         }
         wg_wait<0>(acc_dp);
-        if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);  // the producer may load the next K, V
+        // The producer may load the next K, V (FUSED_DQ: once dQ's product has read K, below).
+        if (!FUSED_DQ && it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
         bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, stats[1], dropout.keep_scale, lane);
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
         wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
-        // Done before the next turn: register operands of products still running at the loop's back edge
-        // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
-        wg_wait<0>(acc_dk);
-        pin(acc_dv);
-        mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
+        if constexpr (FUSED_DQ) {
+          store_ds_rows<T>(ds, smem_addr(sdS) + (g % 2) * ds_bytes, warp_row, lane);
+          // dQ (this warpgroup's DQN columns) = dS K over all BN keys, once both warpgroups' dSᵀ are in.
+          // (Issued once dV's and dK's products are done, whose register operands it would otherwise
+          // have to share the registers with.)
+          fence_proxy_async();
+          named_bar_sync(6, 256);
+          wg_wait<0>(acc_dk);
+          pin(acc_dv);
+          float acc_dq[1][DQN / 8][4];
+          wg_mma_mn_async<T, BN, DQN, BMQ, D>(acc_dq, smem_addr(sdS) + (g % 2) * ds_bytes,
+                                              smem_addr(sK) + wg * (D / 128) * 1024);
+          wg_wait<0>(acc_dq);
+          if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
+          mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
+          float* stage = sdQ + (g % 2 * 2 + wg) * (BMQ * DQN);
+          stage_dq(acc_dq, stage, tw);
+          fence_proxy_async();         // the staged values, to the copy engine's reads
+          named_bar_sync(4 + wg, 128);  // the whole half is staged
+          if (tw == 0) {
+            const int h = w.hk * kv_group + t.g;
+            const long long at = dq_accum_tile(w.seq, cu_seqlens_q != nullptr, w.b, h, nheads, t.m0 / BMQ);
+            bulk_reduce_add(dq_accum + (at * 2 + wg) * (BMQ * DQN), smem_addr(stage), BMQ * DQN * 4);
+          }
+        } else {
+          // Done before the next turn: register operands of products still running at the loop's back edge
+          // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
+          wg_wait<0>(acc_dk);
+          pin(acc_dv);
+          mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
+        }
       };
       for (int it = 0; it < n_iters; ++it) turn(it);
       ring += n_iters;
@@ -561,6 +651,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     store_rows_direct(acc_dv, dv + w.b * dv_sb + w.hk * dv_sh + out_row * dv_ss, dv_ss, rows_valid, head_dim,
                       DROPOUT ? dropout.keep_scale : 1.f, lane);
   }
+  if (FUSED_DQ && tid % 128 == 0) bulk_wait_all();  // this block's reductions are done (and its staging free)
 #else
   __trap();  // compiled for sm_90a only
 #endif

@@ -43,6 +43,9 @@ __device__ __forceinline__ unsigned lds32(unsigned smem) {
   asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(smem));
   return v;
 }
+__device__ __forceinline__ void sts32(unsigned smem, unsigned x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(smem), "r"(x) : "memory");
+}
 
 // Calls f(mt, nt, c) for every element of an [MT][NT][4] accumulator fragment, unrolled.
 template <int MT, int NT, typename F>

@@ -89,6 +89,7 @@ struct BwdDkdvParams {
   const float* __restrict__ delta;
   T* __restrict__ dk;
   T* __restrict__ dv;
+  float* __restrict__ dq_accum;  // dQ in fp32 (dq_accum.cuh), for kernels that accumulate it; else null
   long long q_sb;
   long long q_ss;
   long long q_sh;
@@ -129,6 +130,23 @@ struct BwdDkdvParams {
   DropoutArgs dropout;
   unsigned* __restrict__ tile_counter;
   int num_items;
+};
+
+// flash_bwd_dq_convert_kernel: dq = dq_accum * softmax_scale.
+template <typename T>
+struct BwdDqConvertParams {
+  const float* __restrict__ dq_accum;
+  T* __restrict__ dq;
+  long long dq_sb;
+  long long dq_ss;
+  long long dq_sh;
+  const int* __restrict__ cu_seqlens_q;  // packed sequences (varlen), else null
+  int max_seqlen_q;
+  int total_q;
+  int nheads;
+  int head_dim;
+  int m_tiles;            // accumulator tiles (blocks) per (batch, head): max_seqlen_q / 64, rounded up
+  float softmax_scale;
 };
 
 // flash_bwd_dq_kernel and flash_bwd_dq_ws_kernel (persistent: tile_counter and num_items).

@@ -52,6 +52,11 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], unsigned long long a
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long b);
 
+// d[64 x N] = A[64 x 16] B[16 x N] + (scale_d ? d : 0): A and B from shared memory, both MN-major (their
+// rows are K: A stored transposed, as Aᵀ's K rows of 64 elements).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], unsigned long long a, unsigned long long b, int scale_d);
+
 #ifdef CUFLASH_HAS_WGMMA
 
 template <>
@@ -198,6 +203,42 @@ __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128>(float (&d)[64], con
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+template <>
+__device__ __forceinline__ void wgmma_ss_mn<__half, 32>(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss_mn<__half, 64>(float (&d)[32], unsigned long long a, unsigned long long b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss_mn<__nv_bfloat16, 32>(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss_mn<__nv_bfloat16, 64>(float (&d)[32], unsigned long long a, unsigned long long b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+
 #endif  // CUFLASH_HAS_WGMMA
 
 // Pin a register for the compiler: reads and writes of it are not moved across this point. A wgmma
@@ -293,6 +334,24 @@ __device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const
   unsigned a[K / 16][4];
   wg_a_fragments<T, K, POSITIVE>(a, p);
   wg_mma_frag_b_async<T, K, N, D>(acc, a, b_rows);
+}
+
+// Issue acc = A B (fresh: acc's old values ignored) with both operands MN-major in shared memory: A
+// (64 x K) as K rows from a_rows, 64 columns of a tile of DA-element rows; B as K rows from b_rows, N
+// columns of a tile of DB-element rows (dQ = dS K from dSᵀ and K as they lie). Asynchronous like
+// wg_mma_abt_async.
+template <typename T, int K, int N, int DA, int DB>
+__device__ __forceinline__ void wg_mma_mn_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b_rows) {
+  using LA = WgTile<DA>;
+  using LB = WgTile<DB>;
+  unset(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)  // 16 rows = two 8-row groups per step
+    wgmma_ss_mn<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]),
+                      wgmma_desc(a_rows + kk * 2 * LA::group, LA::block, LA::group),
+                      wgmma_desc(b_rows + kk * 2 * LB::group, LB::block, LB::group), kk == 0 ? 0 : 1);
+  wgmma_commit();
 }
 
 // Wait until at most PENDING issued products are still running (they finish in issue order), then

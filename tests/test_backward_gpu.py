@@ -57,13 +57,16 @@ def test_rows_that_see_no_key_get_zero_gradients():
 
 
 def test_cupy_explicit_backward_matches_torch_and_is_deterministic():
+    """deterministic=True gives bitwise reproducible gradients from every bridge (on Hopper the dQ kernel
+    instead of dQ accumulated by the dK/dV kernel, whose additions come in any order); the default's are
+    as accurate (check_grads) and agree with them closely."""
     import cupy
     import torch
 
-    q, k, v, dout = (randn((2, 333, 4, 96), torch.float16, 20 + i) for i in range(4))
+    q, k, v, dout = (randn((2, 333, 4, 128), torch.float16, 20 + i) for i in range(4))
     out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    g1 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
-    g2 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    g1 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    g2 = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)  # bitwise reproducible
     c = [cupy.from_dlpack(x) for x in (dout, q, k, v, out, lse)]
@@ -72,9 +75,12 @@ def test_cupy_explicit_backward_matches_torch_and_is_deterministic():
         assert isinstance(a, cupy.ndarray)
         torch.cuda.synchronize()
         assert torch.equal(torch.from_dlpack(a), b)
-    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True), q, k, v, dout)
+    ours = grads(lambda a, b, c: cuflash.flash_attn_func(a, b, c, causal=True, deterministic=True), q, k, v, dout)
     for a, b in zip(ours[1:], g1):
         assert torch.equal(a, b)
+    fast = cuflash.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    for a, b in zip(fast, g1):
+        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
 
 
 def test_torch_compile():
@@ -103,7 +109,7 @@ def test_custom_op_opcheck():
         args = (q[0], k[0], v[0], cu, cu, 34, 34) if packed else (q, k, v, None, None, 64, 64)
         for dropout in ((0.0, None), (0.1, 5)):
             torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
-                                  (*args, 0.125, True, None, None, None, 0.0, *dropout, -1, -1),
+                                  (*args, 0.125, True, None, None, None, 0.0, *dropout, -1, -1, False),
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

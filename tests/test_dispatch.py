@@ -57,7 +57,7 @@ def test_forward_tile_policy(arch, dtype, head_dim, flags, expected):
 
 BWD_TABLE = [  # dK/dV (block_n, block_q, warps, stages, ws); dQ (block_m, block_n, warps, ws)
     ("sm_80", "bfloat16", 128, Flags(), (128, 32, 8, 2, False), (64, 64, 4, False)),
-    ("sm_90a", "bfloat16", 128, Flags(), (128, 64, 8, 3, False), (192, 64, 12, False)),  # wgmma, 3 slots
+    ("sm_90a", "bfloat16", 128, Flags(), (128, 64, 8, 2, True), (192, 64, 12, False)),  # dQ accumulated
     ("sm_90a", "bfloat16", 128, Flags(softcap=True), (128, 32, 8, 3, False), (128, 64, 8, False)),
     ("sm_90a", "bfloat16", 128, Flags(mask_blocks=(128, 128)), (128, 64, 8, 3, True), (128, 64, 8, True)),
     ("sm_90a", "bfloat16", 128, Flags(mask_blocks=(128, 128), dropout=True), (128, 32, 8, 4, True),
@@ -72,6 +72,27 @@ def test_backward_tile_policy(arch, dtype, head_dim, flags, dkdv, dq):
     a, b = _tiles.bwd_tiles(arch, dtype, head_dim_bucket(head_dim, dtype), flags, Options())
     assert (a.block_n, a.block_q, a.warps, a.stages, a.warp_specialised) == dkdv
     assert (b.block_m, b.block_n, b.warps, b.warp_specialised) == dq
+
+
+@pytest.mark.parametrize("dtype, head_dim, flags, options, fused", [
+    ("bfloat16", 128, Flags(), Options(), True),
+    ("float16", 128, Flags(band=1, alibi=True), Options(), True),
+    ("bfloat16", 128, Flags(), Options(fused_dq=False), False),  # deterministic calls
+    ("bfloat16", 128, Flags(softcap=True), Options(), False),
+    ("bfloat16", 128, Flags(dropout=True), Options(), False),
+    ("bfloat16", 128, Flags(mask_blocks=(128, 128)), Options(), False),
+    ("bfloat16", 64, Flags(), Options(), False),
+    ("float32", 128, Flags(), Options(), False),
+])
+def test_which_backward_accumulates_dq(dtype, head_dim, flags, options, fused):
+    """The warp-specialised dK/dV kernel accumulates dQ (and the third kernel converts it) for dense fp16/bf16
+    calls at d = 128 on Hopper; the others keep the dQ kernel; no variant spills (test_compile)."""
+    variants = _dispatch.choose_bwd(dtype, head_dim, flags, "sm_90a", options)
+    assert variants[1].tile.fused_dq == fused
+    assert isinstance(variants[2], _dispatch.BwdDqConvertVariant) == fused
+    if fused:
+        assert variants[1].tile.warp_specialised and variants[1].smem_bytes <= _tiles.shared_memory_limit("sm_90a")
+    assert not _dispatch.choose_bwd(dtype, head_dim, flags, "sm_80", options)[1].tile.fused_dq
 
 
 def test_tile_policy_is_a_pure_function_of_its_arguments():
@@ -173,12 +194,25 @@ def test_dropout_variants_and_launch_fields():
     assert v.dropout and v.name.endswith("false, false, false, true>")
     _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True))
     assert dkdv.dropout and dq.dropout and dkdv.name.endswith("true, false>")  # dropout on, wgmma off
-    _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True), "sm_90a")
+    _, dkdv, dq = choose_bwd("bfloat16", 64, Flags(dropout=True), "sm_90a", Options(fused_dq=False))
     assert dkdv.wgmma and dq.wgmma and dkdv.name.endswith("true, true>")
     assert _dispatch.dropout_threshold(0.1) == 6554 and _dispatch.dropout_threshold(0.99999999) == 65535
     state, seed, offset, threshold, scale = _dispatch.dropout_args(0.5, 2**64 + 3, 8)
     assert (state, seed, offset, threshold, scale) == (0, 3, 8, 32768, 2.0)
     assert _dispatch.dropout_args(0.0) == _dispatch.NO_DROPOUT
+
+
+def test_dq_accumulator_follows_delta_in_64_row_tiles():
+    """The workspace: delta (lse's size), then from a 128-byte boundary the dQ accumulator, 64-row tiles of
+    head_dim-bucket floats per (batch element, query head); packed sequences (total_q / 64 + batch) tiles per
+    head (kernels/dq_accum.cuh dq_accum_tile)."""
+    variants = choose_bwd("bfloat16", 128, Flags(), "sm_90a")
+    dense = problem(batch=2, seqlen_q=100, seqlen_k=100, nheads=3, nheads_k=3)
+    assert _dispatch.dq_accum_floats(variants, dense, 600) == (608, 2 * 3 * 2 * 64 * 128)
+    packed = problem(batch=3, seqlen_q=200, seqlen_k=200, nheads=3, nheads_k=3, packed=(300, 300))
+    assert _dispatch.dq_accum_floats(variants, packed, 900) == (928, (300 // 64 + 3) * 3 * 64 * 128)
+    unfused = choose_bwd("bfloat16", 128, Flags(), "sm_90a", Options(fused_dq=False))
+    assert _dispatch.dq_accum_floats(unfused, dense, 600) == (0, 0)
 
 
 def test_band_args():
@@ -222,7 +256,7 @@ def test_block_masks_take_the_warp_specialised_backward_on_hopper(head_dim):
     """Block masks of 128-key blocks take the warp-specialised dK/dV kernel and those of 128-row query blocks
     the warp-specialised dQ kernel on sm_90a (fp16/bf16, d = 64 and 128), each within Hopper's shared memory;
     tanh and the RNG take half-height query tiles at d = 128; the options turn both off; other GPUs, fp32
-    and dense calls keep the plain kernels."""
+    and dense calls that do not accumulate dQ keep the plain kernels."""
     limit = shared_memory_limit("sm_90a")
     for softcap, dropout in [(False, False), (True, False), (False, True)]:
         _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(128, 128), softcap=softcap,
@@ -238,8 +272,8 @@ def test_block_masks_take_the_warp_specialised_backward_on_hopper(head_dim):
     for dtype, arch in [("bfloat16", "sm_80"), ("float32", "sm_90a")]:
         assert not any(getattr(v, "warp_specialised", False)
                        for v in choose_bwd(dtype, head_dim, Flags(mask_blocks=(128, 128)), arch))
-    assert not any(getattr(v, "warp_specialised", False)
-                   for v in choose_bwd("bfloat16", head_dim, Flags(band=CAUSAL), "sm_90a"))
+    assert not any(getattr(v, "warp_specialised", False)  # (dense calls: the fused-dQ test above)
+                   for v in choose_bwd("bfloat16", head_dim, Flags(band=CAUSAL), "sm_90a", Options(fused_dq=False)))
     off = Options(dq_warp_specialised=False, dkdv_warp_specialised=False)
     _, dkdv, dq = choose_bwd("bfloat16", head_dim, Flags(mask_blocks=(128, 128)), "sm_90a", off)
     assert not dkdv.warp_specialised and not dq.warp_specialised

@@ -7,7 +7,8 @@ import pytest
 
 from cuflash import _compile, _params
 
-STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BlockLists", "DropoutArgs")
+STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BwdDqConvertParams", "BlockLists",
+           "DropoutArgs")
 
 
 def kernel_param_layout(cubin: bytes, kernel: str) -> list[tuple[int, int]]:
@@ -80,11 +81,12 @@ def test_every_kernel_takes_its_struct_field_for_field():
 
     kernels = [*_dispatch.choose_bwd("bfloat16", 128, Flags(mask_blocks=(128, 128)), "sm_90a"),
                *_dispatch.choose_bwd("float16", 64, Flags(band=1), "sm_80"),
+               *_dispatch.choose_bwd("bfloat16", 128, Flags(), "sm_90a")[1:],  # dQ accumulated, then converted
                _dispatch.choose_fwd("bfloat16", 128, Flags(), "sm_90a"), _dispatch.choose_fwd("float16", 96)]
     assert {v.name.split("<")[0] for v in kernels} == {
         "cuflash::flash_bwd_preprocess_kernel", "cuflash::flash_bwd_dkdv_ws_kernel", "cuflash::flash_bwd_dq_ws_kernel",
         "cuflash::flash_bwd_dkdv_kernel", "cuflash::flash_bwd_dq_kernel", "cuflash::flash_fwd_ws_kernel",
-        "cuflash::flash_fwd_kernel"}
+        "cuflash::flash_fwd_kernel", "cuflash::flash_bwd_dq_convert_kernel"}
     sources, checks = set(), []
     for v in kernels:
         element = v.name.split("<")[1].split(",")[0].rstrip(">")

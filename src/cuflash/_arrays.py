@@ -7,6 +7,8 @@ Dense and packed (varlen) calls take one path: packed ones pass cu_seqlens and m
 """
 from __future__ import annotations
 
+import dataclasses
+
 from . import _bridge, _dispatch, _engine, _options, _problem, _sparse
 from ._bridge import DeviceArray
 
@@ -74,8 +76,9 @@ def forward(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softc
 
 def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0,
              dropout_p=0.0, rng=None, alibi_slopes=None, block_mask=None, lists=None, cu_seqlens=None,
-             max_seqlen=None):
-    """(dq, dk, dv) from the forward's output and log-sum-exp; the other arguments as for forward."""
+             max_seqlen=None, deterministic=False):
+    """(dq, dk, dv) from the forward's output and log-sum-exp; the other arguments as for forward.
+    deterministic: bitwise reproducible gradients (dQ from its own kernel, never accumulated by atomics)."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     doa = _bridge.describe(dout, "dout")  # the first argument is checked first
@@ -85,9 +88,11 @@ def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=Fals
     _problem.check_backward(p, qa, doa, oa, la)
     dropout = dropout_fields(p, rng)
     options = _options.current()
+    if deterministic:
+        options = dataclasses.replace(options, fused_dq=False)
     grads = [_bridge.empty(qa, a.shape, qa.dtype, options.poison_outputs) for a in (qa, ka, va)]
-    _, delta = _bridge.empty(qa, la.shape, "float32")
-    _engine.backward(p, qa, ka, va, doa, oa, la, delta, *(g for _, g in grads), _bridge.current_stream(qa), options,
+    _, workspace = _bridge.empty(qa, (_engine.bwd_workspace_floats(p, qa.device, options),), "float32")
+    _engine.backward(p, qa, ka, va, doa, oa, la, workspace, *(g for _, g in grads), _bridge.current_stream(qa), options,
                      dropout=dropout, **launch)
     if qa.framework == "dlpack":
         return tuple(g.obj for _, g in grads)

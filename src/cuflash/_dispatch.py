@@ -17,6 +17,7 @@ from ._tiles import BANDS, DTYPES, HEAD_DIM_BUCKETS, MASK_BLOCKS, NO_BAND, Flags
 
 _CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 DEFAULT_OPTIONS = Options()
+UNFUSED = Options(fused_dq=False)
 
 
 def _flags(*flags: bool) -> str:
@@ -118,6 +119,8 @@ class _BwdVariant:
         flags = _flags(self.sparse, self.alibi, self.softcap, self.dropout)
         ws = self.tile.warp_specialised
         tail = "" if ws else f", {_flags(self.tile.wgmma)}{', true' if self.tile.split else ''}"
+        if getattr(self.tile, "fused_dq", False):
+            tail = ", true"
         return (f"cuflash::{kernel}{'_ws' if ws else ''}_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{', '.join(map(str, args))}, {self.band}, {flags}{tail}>")
 
@@ -141,7 +144,28 @@ class BwdDkdvVariant(_BwdVariant):
     def describe(self) -> str:
         t = self.tile
         split = f" ({t.splits} blocks per key tile, a column part each)" if t.splits > 1 else ""
-        return _describe(self, f"{t.block_n} keys x {t.block_q} queries{split}", "Q/dO")
+        fused = ", dQ accumulated in fp32 (dS K)" if t.fused_dq else ""
+        return _describe(self, f"{t.block_n} keys x {t.block_q} queries{split}{fused}", "Q/dO")
+
+
+@dataclass(frozen=True)
+class BwdDqConvertVariant:
+    """dq = dq_accum * scale after a dK/dV kernel that accumulated dQ (kernels/dq_accum.cuh)."""
+
+    dtype: str
+    head_dim: int  # the dK/dV kernel's bucket: floats per accumulator row
+    source: str = "flash_bwd.cu"
+    threads: int = 128
+    smem_bytes: int = 0
+    params = "BwdDqConvertParams"
+    persistent = False
+
+    @functools.cached_property
+    def name(self) -> str:
+        return f"cuflash::flash_bwd_dq_convert_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}>"
+
+    def describe(self) -> str:
+        return "flash_bwd_dq_convert_kernel: dQ = fp32 accumulator * scale, a block per 64-row tile"
 
 
 @dataclass(frozen=True)
@@ -207,12 +231,31 @@ def choose_fwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "s
 
 @functools.lru_cache(maxsize=None)
 def choose_bwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "sm_80",
-               options: Options = DEFAULT_OPTIONS) -> tuple[BwdPreprocessVariant, BwdDkdvVariant, BwdDqVariant]:
-    """(preprocess, dK/dV, dQ) variants for a backward call."""
+               options: Options = DEFAULT_OPTIONS) -> tuple:
+    """(preprocess, dK/dV, dQ) variants for a backward call; the third is the dQ kernel, or the conversion of
+    the accumulated dQ where the dK/dV kernel accumulates it (its tile's fused_dq)."""
     bucket = head_dim_bucket(head_dim, dtype)
     dkdv, dq = _tiles.bwd_tiles(arch, dtype, bucket, flags, options)
-    return (BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, dkdv, *_mods(flags)),
-            BwdDqVariant(dtype, bucket, dq, *_mods(flags)))
+    third = BwdDqConvertVariant(dtype, bucket) if dkdv.fused_dq else BwdDqVariant(dtype, bucket, dq, *_mods(flags))
+    return BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, dkdv, *_mods(flags)), third
+
+
+DQ_ACCUM_ROWS = 64  # query rows of a dQ accumulator tile (kernels/dq_accum.cuh kDqTileRows)
+
+
+def dq_accum_floats(variants, p, lse_numel: int) -> tuple[int, int]:
+    """(offset, floats) of the dQ accumulator inside the backward's float32 workspace, after delta's
+    lse_numel floats (rounded up to 128 bytes, a bulk reduction's alignment); (0, 0) when the dK/dV kernel
+    does not accumulate dQ. Its 64-row tiles per (batch element, query head), or for packed sequences
+    (total_q / 64 + batch) per head (kernels/dq_accum.cuh dq_accum_tile)."""
+    if not isinstance(variants[2], BwdDqConvertVariant):
+        return 0, 0
+    offset = -(-lse_numel // 32) * 32
+    if p.packed:
+        tiles = (p.packed[0] // DQ_ACCUM_ROWS + p.batch) * p.nheads
+    else:
+        tiles = p.batch * p.nheads * -(-p.seqlen_q // DQ_ACCUM_ROWS)
+    return offset, tiles * DQ_ACCUM_ROWS * variants[2].head_dim
 
 
 def _all_flags():
@@ -235,6 +278,7 @@ def all_variants(arch: str = "sm_80") -> list:
                     if not short or d in _tiles.WS_FWD_MIN_SEQLEN_K]
     for dt, d, flags in itertools.product(DTYPES, HEAD_DIM_BUCKETS, _all_flags()):
         out += choose_bwd(dt, d, flags, arch)
+        out += choose_bwd(dt, d, flags, arch, UNFUSED)  # deterministic calls: the dQ kernel
         if flags.sparse:
             bucket = head_dim_bucket(d, dt)
             _, dkdv, dq = choose_bwd(dt, d, flags, arch)
@@ -347,13 +391,14 @@ def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
 def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
                  dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1),
-                 persistent_dq: tuple[int, int] = (0, 1)):
+                 persistent_dq: tuple[int, int] = (0, 1), dq_accum_ptr: int = 0):
     """[(variant, blocks, threads, values)] for the three backward kernels, in launch order.
 
     Arrays as for fwd_launch; lse and delta are contiguous float32 (batch, nheads, seqlen_q) buffers, or
     (nheads, total_q) with varlen (packed arrays come with batch stride 0). The dK/dV kernel is always
     persistent, the dQ kernel when warp-specialised: persistent and persistent_dq = (tile counter, the
-    blocks the GPU holds at once).
+    blocks the GPU holds at once). A dK/dV kernel that accumulates dQ does so at dq_accum_ptr (zeros, rows
+    as lse's of head_dim-bucket floats), and the third launch converts it into dq.
     """
     pre, dkdv, dqv = variants
     # delta_i = rowsum(dO_i * O_i) for every query row; packed sequences are one batch of total_q rows.
@@ -373,10 +418,21 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
     items = num_n_blocks * dkdv.splits * p.batch * p.nheads_k
     if items:
         _check_grid(items)
-        fields = dict(common, dk=dk[0], dv=dv[0], num_n_blocks=num_n_blocks, lists=key_lists,
+        fields = dict(common, dk=dk[0], dv=dv[0], dq_accum=dq_accum_ptr, num_n_blocks=num_n_blocks, lists=key_lists,
                       tile_counter=persistent[0], num_items=items)
         _put_strides(fields, dk=dk, dv=dv)
         launches.append((dkdv, min(items, persistent[1]), dkdv.threads, param_struct(dkdv.params).pack(fields)))
+    if isinstance(dqv, BwdDqConvertVariant):
+        m_tiles = -(-p.seqlen_q // DQ_ACCUM_ROWS)
+        if p.batch * p.nheads * m_tiles:  # with no keys the accumulator holds the zeros dQ is
+            blocks = p.batch * p.nheads * m_tiles
+            _check_grid(blocks)
+            fields = {"dq_accum": dq_accum_ptr, "dq": dq[0], "cu_seqlens_q": common["cu_seqlens_q"],
+                      "max_seqlen_q": p.seqlen_q, "total_q": common["total_q"], "nheads": p.nheads,
+                      "head_dim": p.head_dim, "m_tiles": m_tiles, "softmax_scale": common["softmax_scale"]}
+            _put_strides(fields, dq=dq)
+            launches.append((dqv, blocks, dqv.threads, param_struct(dqv.params).pack(fields)))
+        return launches
     num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     items = num_m_blocks * p.batch * p.nheads
     if items:

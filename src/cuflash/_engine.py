@@ -11,6 +11,9 @@ sequences' offsets; `dropout` = DropoutArgs' fields (_dispatch.dropout_args).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from . import _arch, _compile, _dispatch
 from ._params import param_struct
 from ._bridge import DeviceArray
@@ -44,13 +47,33 @@ def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: Dev
     _launch_on(q.device, [(variant, blocks, threads, values, persistent[0])], stream)
 
 
+def _lse_numel(p: Problem) -> int:
+    return math.prod(p.lse_shape)
+
+
+def bwd_workspace_floats(p: Problem, device: int, options: Options) -> int:
+    """float32 elements of the backward's workspace on `device`: delta (like lse), then, where the dK/dV
+    kernel accumulates dQ, its accumulator."""
+    variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), _arch.kernel_arch(device, options.wgmma),
+                                    options)
+    offset, floats = _dispatch.dq_accum_floats(variants, p, _lse_numel(p))
+    return max(_lse_numel(p), offset + floats)
+
+
 def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: DeviceArray, out: DeviceArray,
-             lse: DeviceArray, delta: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
+             lse: DeviceArray, workspace: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
              options: Options, *, lists=None, alibi=None, cu_seqlens=None,
              dropout: tuple = _dispatch.NO_DROPOUT) -> None:
-    """Write dq, dk, dv for problem p; delta is a float32 workspace like lse."""
+    """Write dq, dk, dv for problem p; workspace is a float32 buffer of bwd_workspace_floats (one of only
+    lse's size gets the dQ kernel instead of an accumulator)."""
     arch = _arch.kernel_arch(q.device, options.wgmma)
     variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+    accum_at, accum_floats = _dispatch.dq_accum_floats(variants, p, _lse_numel(p))
+    if accum_floats and math.prod(workspace.shape) < accum_at + accum_floats:
+        options = dataclasses.replace(options, fused_dq=False)
+        variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+        accum_at, accum_floats = 0, 0
+    delta = workspace
     if lists is None:
         query_lists = key_lists = _dispatch.NO_LISTS
     else:
@@ -62,7 +85,8 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     persistent = {x: _persistent(x, q.device, options) for x in (dkdv_variant, dq_variant)}
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
-        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant])
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant],
+        workspace.ptr + 4 * accum_at if accum_floats else 0)
     launches = [(*x, persistent.get(x[0], (0, 1))[0]) for x in launches]
     for variant, (counter, _) in persistent.items():  # a kernel with nothing to do gives its counter back
         if counter and not any(x[0] is variant for x in launches):
@@ -70,11 +94,20 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     pre = [x for x in launches if x[0] is pre_variant]
     dkdv = [x for x in launches if x[0] is dkdv_variant]
     dq_launch = [x for x in launches if x[0] is dq_variant]
-    if not options.bwd_side_stream:
+    if accum_floats:  # the accumulator starts at zero; dQ's conversion follows the dK/dV kernel
+        _zero_async(q.device, workspace.ptr + 4 * accum_at, 4 * accum_floats, stream)
+    if accum_floats or not options.bwd_side_stream:
         dkdv, dq_launch = dkdv + dq_launch, []
     _launch_on(q.device, pre, stream)
     # The dQ kernel needs only the preprocess's delta: it runs beside the dK/dV kernel, on a side stream.
     _launch_on(q.device, dkdv, stream, beside=dq_launch)
+
+
+def _zero_async(device: int, ptr: int, nbytes: int, stream: int) -> None:
+    import cupy
+
+    with cupy.cuda.Device(device):
+        cupy.cuda.runtime.memsetAsync(ptr, 0, nbytes, stream)
 
 
 _launchers: dict = {}

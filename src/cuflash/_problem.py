@@ -154,11 +154,15 @@ def check_offsets(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q, max_seql
             raise ValueError(f"cu_seqlens_{name} ends at row {cu[-1]}, past the {total} rows of {rows}")
 
 
+def check_flag(value, name: str) -> bool:
+    """A flag as a bool (a NumPy bool too): a string or a number is a mistake, not a truth value."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_causal(causal) -> bool:
-    """causal as a bool (a NumPy bool too): a string or a number is a mistake, not a truth value."""
-    if not isinstance(causal, bool) and type(causal).__name__ != "bool_":
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-    return bool(causal)
+    return check_flag(causal, "causal")
 
 
 def check_max_seqlen(value, name: str) -> int:

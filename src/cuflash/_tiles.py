@@ -164,6 +164,7 @@ class DkdvTile:
     wgmma: bool = False
     warp_specialised: bool = False
     split: bool = False  # fp32: Q and dO split into TF32 parts once per tile
+    fused_dq: bool = False  # accumulates dQ too (kernels/dq_accum.cuh): no dQ kernel
 
 
 @dataclass(frozen=True)
@@ -209,10 +210,12 @@ def fp32_bwd_tiles(bucket: int, arch: str) -> tuple[int, int, int, int, int]:
 
 def dkdv_smem(tile: DkdvTile, dtype: str, bucket: int) -> int:
     """K and V (and, with three slots in the plain kernel, the next item's K and V, copied ahead), then the
-    slots of Q and dO (twice with split fp32 tiles); the small row statistics are static."""
+    slots of Q and dO (twice with split fp32 tiles), then (fused_dq) two tiles' dSᵀ and two tiles' fp32 dQ
+    staging; the small row statistics are static."""
     kv_buffers = 2 if tile.stages == 3 and not tile.warp_specialised else 1
     q_rows = 2 * tile.stages * tile.block_q * (2 if tile.split else 1)
-    return tiles_smem(2 * kv_buffers * tile.block_n + q_rows, dtype, bucket, tile.wgmma)
+    fused = 2 * tile.block_q * (tile.block_n * ITEMSIZE[dtype] + bucket * 4) if tile.fused_dq else 0
+    return tiles_smem(2 * kv_buffers * tile.block_n + q_rows, dtype, bucket, tile.wgmma) + fused
 
 
 def dq_smem(tile: DqTile, dtype: str, bucket: int) -> int:
@@ -230,6 +233,24 @@ def _three_stages(tile: DkdvTile, dtype: str, bucket: int) -> DkdvTile:
         return tile
     three = dataclasses.replace(tile, stages=3)
     return three if dkdv_smem(three, dtype, bucket) <= shared_memory_limit("sm_90a") else tile
+
+
+# dQ accumulated in the warp-specialised dK/dV kernel (kernels/dq_accum.cuh), dense Hopper backward:
+# (query tile rows, query-tile slots). 64-row tiles give each warpgroup whole 64-column halves of dQ;
+# two slots leave room for two tiles' dSᵀ and dQ staging.
+FUSED_DQ_TILES = {128: (64, 2)}
+
+
+def fused_dq_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> DkdvTile:
+    """The warp-specialised dK/dV tile that accumulates dQ too, where it applies (fp16/bf16 wgmma tiles of
+    128 keys, no block mask, tanh or RNG, whose tiles are narrower) and is enabled, else `tile`."""
+    fused = FUSED_DQ_TILES.get(bucket)
+    if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split
+            and not (flags.sparse or flags.softcap or flags.dropout)):
+        return tile
+    block_q, stages = fused
+    return dataclasses.replace(tile, block_q=block_q, warps=8, stages=stages, warp_specialised=True,
+                               fused_dq=True)
 
 
 def ws_dq_tile(tile: DqTile, bucket: int, sparse: bool, enabled: bool) -> DqTile:
@@ -288,6 +309,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
         dq_m = _divides(dq_m, mask_m)
         dq_n, dq_warps = _divides(dq_n, mask_n), min(dq_warps, dq_m // 16)
     dkdv = _three_stages(DkdvTile(block_n, block_q, warps, splits, wgmma=wgmma, split=split), dtype, bucket)
+    dkdv = fused_dq_tile(dkdv, bucket, flags, options.fused_dq)
     dq = DqTile(dq_m, dq_n, dq_warps, wgmma=wgmma, split=split)
     if flags.sparse:
         dkdv = ws_dkdv_tile(dkdv, bucket, flags, options.dkdv_warp_specialised)

@@ -39,7 +39,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     takes. A query row that can see no key gives zeros and a log-sum-exp of -inf.
     """
     return _attention(q, k, v, None, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      return_attn_probs, block_mask, dropout_seed)
+                      deterministic, return_attn_probs, block_mask, dropout_seed)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -64,7 +64,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _attention(q, k, v, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), dropout_p, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, return_attn_probs, block_mask, dropout_seed)
+                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_mask,
+                      dropout_seed)
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -81,7 +82,7 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     and JAX users differentiate flash_attn_func instead).
     """
     return _backward(dout, q, k, v, out, softmax_lse, None, None, dropout_p, softmax_scale, causal, window_size,
-                     softcap, alibi_slopes, block_mask, rng_state)
+                     softcap, alibi_slopes, deterministic, block_mask, rng_state)
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -92,7 +93,8 @@ def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu
     arguments as for flash_attn_backward and flash_attn_varlen_func."""
     _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _backward(dout, q, k, v, out, softmax_lse, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k),
-                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, block_mask, rng_state)
+                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, block_mask,
+                     rng_state)
 
 
 def _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask):
@@ -121,11 +123,12 @@ def _check_offsets(q, k, cu_seqlens, max_seqlen, check_inputs: bool) -> None:
 
 
 def _attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-               alibi_slopes, return_attn_probs, block_mask, dropout_seed):
+               alibi_slopes, deterministic, return_attn_probs, block_mask, dropout_seed):
     dropout_p = _problem.check_dropout(dropout_p)
     block_mask, causal, window = _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask)
     call = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, window=window, softcap=softcap,
-                alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask)
+                alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask,
+                deterministic=_problem.check_flag(deterministic, "deterministic"))
     padded = _headdim.needs_padding(q, k, v, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call)
@@ -151,16 +154,18 @@ def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
         rng = cf_torch.rng_state(rng) if call["dropout_p"] else None
         return (out, lse, rng) if return_attn_probs else out
     rng = _arrays.framework_rng(call["dropout_p"], dropout_seed, q)
+    call.pop("deterministic")  # the forward is deterministic whatever it says
     out, lse = _arrays.forward(q, k, v, softmax_scale=softmax_scale, rng=rng, **call)
     return (out, lse, rng) if return_attn_probs else out
 
 
 def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-              window_size, softcap, alibi_slopes, block_mask, rng_state):
+              window_size, softcap, alibi_slopes, deterministic, block_mask, rng_state):
     dropout_p = _problem.check_dropout(dropout_p)
     block_mask, causal, window = _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask)
     call = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, window=window, softcap=softcap,
-                alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask, rng=rng_state)
+                alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask, rng=rng_state,
+                deterministic=_problem.check_flag(deterministic, "deterministic"))
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _arrays.backward(dout, q, k, v, out, softmax_lse, softmax_scale=softmax_scale, **call)

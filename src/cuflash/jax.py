@@ -4,6 +4,7 @@ the attention differentiable. Dense and packed (varlen) calls share one path: th
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from . import _dispatch, _engine, _options, _problem, _sparse
@@ -93,24 +94,24 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options):
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(p: _problem.Problem, layout, options: _options.Options):
+def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int):
     import jax
     from jax.experimental import buffer_callback
 
     def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
-        dq, dk, dv, delta = outs  # delta: the backward's float32 workspace
+        dq, dk, dv, workspace = outs  # the backward's float32 workspace (_engine.bwd_workspace_floats)
         arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
-        _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(delta, "float32"), *grads, ctx.stream,
+        _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
                          options, **_launch_inputs(p, extras, layout))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
-    results.append(jax.ShapeDtypeStruct(p.lse_shape, "float32"))
+    results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(p: _problem.Problem, layout, options: _options.Options):
+def _differentiable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int):
     """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras (the
     _launch_inputs operands) get zero cotangents. The log-sum-exp is an output for callers who want it;
     gradients do not flow through it."""
@@ -118,7 +119,7 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options):
     import numpy as np
 
     fwd = _fwd_callable(p, layout, options)
-    bwd = _bwd_callable(p, layout, options)
+    bwd = _bwd_callable(p, layout, options, workspace_floats)
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
@@ -141,7 +142,8 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options):
 
 
 def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0,
-              dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None):
+              dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None,
+              deterministic=False):
     """(out, lse) for JAX arrays: usable inside jax.jit and differentiable (jax.grad). Dropout needs
     dropout_seed: a PRNG key (traceable) or an int; window: the kernels' band; packed sequences with
     cu_seqlens and max_seqlen as for cuflash.flash_attn_varlen_func."""
@@ -158,7 +160,11 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), sof
         extras.append(alibi_slopes)
     if p.dropout_p:
         extras.append(_dropout_state(dropout_seed))
-    return _differentiable(p, layout, _options.current())(q, k, v, *extras)
+    options = _options.current()
+    if deterministic:  # dQ from its own kernel: bitwise reproducible gradients
+        options = dataclasses.replace(options, fused_dq=False)
+    workspace = _engine.bwd_workspace_floats(p, _device_id(q), options)
+    return _differentiable(p, layout, options, workspace)(q, k, v, *extras)
 
 
 def _device_id(x) -> int:

@@ -42,7 +42,7 @@ def rng_state(rng: torch.Tensor) -> tuple[int, int]:
 
 
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists, layout,
-              alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right):
+              alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right, deterministic=False):
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse = _arrays.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, window=(window_left, window_right),
                                softcap=softcap, dropout_p=dropout_p, rng=rng, alibi_slopes=alibi_slopes,
@@ -52,11 +52,11 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 
 def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-              lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right):
+              lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right, deterministic):
     return _arrays.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
                             window=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
                             rng=rng_state(rng) if dropout_p else None, alibi_slopes=alibi_slopes,
-                            lists=_lists(lists, layout),
+                            lists=_lists(lists, layout), deterministic=deterministic,
                             **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
@@ -65,8 +65,8 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                    causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
-                   dropout_seed: Optional[int], window_left: int,
-                   window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   dropout_seed: Optional[int], window_left: int, window_right: int,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists,
                      layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right)
 
@@ -85,10 +85,11 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor],
-                   softcap: float, dropout_p: float, rng: torch.Tensor, window_left: int,
-                   window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   softcap: float, dropout_p: float, rng: torch.Tensor, window_left: int, window_right: int,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right)
+                     causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right,
+                     deterministic)
 
 
 @flash_attn_bwd.register_fake
@@ -110,12 +111,12 @@ flash_attn_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_c
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed,
-     window_left, window_right) = inputs
+     window_left, window_right, deterministic) = inputs
     out, lse, rng = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng)
     ctx.args = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=softmax_scale, causal=causal,
                     layout=layout, softcap=softcap, dropout_p=dropout_p, window_left=window_left,
-                    window_right=window_right)
+                    window_right=window_right, deterministic=deterministic)
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, rng)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse and rng
@@ -136,7 +137,7 @@ def _backward_with(bwd):
         a = ctx.args
         dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"],
                          a["softmax_scale"], a["causal"], lists, a["layout"], alibi_slopes, a["softcap"],
-                         a["dropout_p"], rng, a["window_left"], a["window_right"])
+                         a["dropout_p"], rng, a["window_left"], a["window_right"], a["deterministic"])
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
     return backward
 
@@ -172,7 +173,8 @@ def _eager(*tensors) -> bool:
 
 
 def attention(q, k, v, *, softmax_scale=None, causal: bool = False, window=(-1, -1), softcap=0.0, dropout_p=0.0,
-              dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None):
+              dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None,
+              deterministic: bool = False):
     """(out, lse, rng), differentiable in q, k and v; rng: the dropout's (seed, offset) as a CPU int64 tensor;
     window: the kernels' band (a block mask holds any window itself); packed sequences with cu_seqlens =
     (cu_seqlens_q, cu_seqlens_k) and max_seqlen = (max_seqlen_q, max_seqlen_k)."""
@@ -197,7 +199,7 @@ def attention(q, k, v, *, softmax_scale=None, causal: bool = False, window=(-1, 
     op = _EagerFlashAttn.apply if _eager(q, k, v) else flash_attn_fwd
     return op(q, k, v, cu_q, cu_k, max_q, max_k, _problem.resolve_scale(softmax_scale, q.shape[-1]), causal, lists,
               layout, alibi_slopes, _problem.resolve_softcap(softcap), float(dropout_p), _int64_seed(dropout_seed),
-              *(int(w) for w in window))
+              *(int(w) for w in window), bool(deterministic))
 
 
 def _int64_seed(seed):
