@@ -46,6 +46,27 @@ def test_backward_gqa(nheads, nheads_k, causal):
     check_grads(q, k, v, causal)
 
 
+@pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024), (777, 1500)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("nheads_k", [8, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dq_accumulated_on_short_calls(causal, nheads_k, seqlens):
+    """dQ accumulated by the dK/dV kernel (Hopper, d = 128), which calls take from 2K-8K queries on, forced
+    onto short, odd-sized and GQA calls (CUFLASH_FUSED_DQ=all), where its edge tiles are."""
+    import torch
+
+    q = randn((2, seqlens[0], 8, 128), torch.bfloat16, 31)
+    k = randn((2, seqlens[1], nheads_k, 128), torch.bfloat16, 32)
+    v = randn((2, seqlens[1], nheads_k, 128), torch.bfloat16, 33)
+    with override(fused_dq_short=True):
+        check_grads(q, k, v, causal)
+        if not causal:  # with a window and ALiBi (which longer calls take without accumulating dQ)
+            from test_blocksparse_gpu import band
+            from test_features_gpu import alibi_slopes
+
+            mask = band(seqlens[0], seqlens[1], 100, 30)[None, None]
+            check_grads(q, k, v, False, mask=mask, alibi_slopes=alibi_slopes(8, batch=2), window_size=(100, 30))
+
+
 def test_rows_that_see_no_key_get_zero_gradients():
     import torch
 

@@ -78,6 +78,8 @@ def test_backward_tile_policy(arch, dtype, head_dim, flags, dkdv, dq):
     ("bfloat16", 128, Flags(), Options(), True),
     ("float16", 128, Flags(band=1, alibi=True), Options(), True),
     ("bfloat16", 128, Flags(), Options(fused_dq=False), False),  # deterministic calls
+    ("bfloat16", 128, Flags(long_queries=False), Options(), False),
+    ("bfloat16", 128, Flags(band=WINDOW), Options(), True),  # (a window's calls come with long_queries=False)
     ("bfloat16", 128, Flags(softcap=True), Options(), False),
     ("bfloat16", 128, Flags(dropout=True), Options(), False),
     ("bfloat16", 128, Flags(mask_blocks=(128, 128)), Options(), False),
@@ -200,6 +202,19 @@ def test_dropout_variants_and_launch_fields():
     state, seed, offset, threshold, scale = _dispatch.dropout_args(0.5, 2**64 + 3, 8)
     assert (state, seed, offset, threshold, scale) == (0, 3, 8, 32768, 2.0)
     assert _dispatch.dropout_args(0.0) == _dispatch.NO_DROPOUT
+
+
+def test_dq_accumulation_takes_long_enough_calls():
+    """Measured thresholds (_tiles.dq_accumulation_pays): 2K queries non-causal, 4K causal, 8K causal with
+    GQA, never with a window; the problem object passes them to the tile policy."""
+    assert [_tiles.dq_accumulation_pays(NO_BAND, s, 1) for s in (1024, 2048)] == [False, True]
+    assert [_tiles.dq_accumulation_pays(CAUSAL, s, 1) for s in (2048, 4096)] == [False, True]
+    assert [_tiles.dq_accumulation_pays(CAUSAL, s, 4) for s in (4096, 8192)] == [False, True]
+    assert not _tiles.dq_accumulation_pays(WINDOW, 65536, 1)
+    assert problem(seqlen_q=4096, seqlen_k=4096, causal=True).flags(Options()).long_queries
+    assert not problem(seqlen_q=4096, seqlen_k=4096, nheads_k=2, causal=True).flags(Options()).long_queries
+    assert problem(seqlen_q=100, seqlen_k=100, causal=True).flags(Options(fused_dq_short=True)).long_queries
+    assert Options.from_env({"CUFLASH_FUSED_DQ": "all"}).fused_dq_short
 
 
 def test_dq_accumulator_follows_delta_in_64_row_tiles():

@@ -13,7 +13,7 @@ threads), instead of editing environment variables or module tables.
 | CUFLASH_DKDV_WS=0 | on | warp-specialised dK/dV kernel for block masks off |
 | CUFLASH_PERSISTENT=0 | on | persistent kernels launch one block per tile instead |
 | CUFLASH_BWD_STREAMS=1 | off | the backward's dQ kernel queues on the caller's stream, not beside dK/dV |
-| CUFLASH_FUSED_DQ=0 | on | Hopper dense backward: dQ from its own kernel instead of accumulated by the dK/dV kernel |
+| CUFLASH_FUSED_DQ=0 / =all | on | Hopper dense backward: dQ from its own kernel instead of accumulated by the dK/dV kernel / accumulated on calls of any length too |
 | CUFLASH_CHECK_INPUTS=1 | off | packed sequences' cu_seqlens checked on the host (flash_attn_varlen_func's check_inputs) |
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Options:
     persistent: bool = True  # persistent kernels: a grid of resident blocks taking tiles from a counter
     bwd_side_stream: bool = True  # the dQ kernel runs on a side stream beside the dK/dV kernel
     fused_dq: bool = True  # Hopper dense backward: the dK/dV kernel accumulates dQ (kernels/dq_accum.cuh)
+    fused_dq_short: bool = False  # ... also on calls shorter than it pays for (tests of the short cases)
     check_inputs: bool = False  # packed sequences: check cu_seqlens on the host (a synchronising copy)
     poison_outputs: bool = False  # tests: new outputs start as NaN, so that an element never written shows
 
@@ -50,6 +51,7 @@ class Options:
             persistent=env.get("CUFLASH_PERSISTENT") != "0",
             bwd_side_stream=env.get("CUFLASH_BWD_STREAMS") != "1",
             fused_dq=env.get("CUFLASH_FUSED_DQ") != "0",
+            fused_dq_short=env.get("CUFLASH_FUSED_DQ") == "all",
             check_inputs=env.get("CUFLASH_CHECK_INPUTS") == "1",
         )
 

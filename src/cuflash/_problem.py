@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import _sparse
 from ._bridge import DeviceArray, contiguous_strides
 from ._options import Options
-from ._tiles import CAUSAL, DTYPES, MAX_HEAD_DIM, NO_BAND, WINDOW, Flags, short_keys
+from ._tiles import CAUSAL, DTYPES, MAX_HEAD_DIM, NO_BAND, WINDOW, Flags, dq_accumulation_pays, short_keys
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Problem:
     def flags(self, options: Options) -> Flags:
         """What the tile policy needs to know of this call (a block mask holds causal and any window)."""
         return Flags(NO_BAND if self.mask_blocks else self.band, self.mask_blocks, self.alibi, self.softcap > 0,
-                     self.dropout_p > 0, short_keys(self.dtype, self.head_dim, self.seqlen_k, options))
+                     self.dropout_p > 0, short_keys(self.dtype, self.head_dim, self.seqlen_k, options),
+                     options.fused_dq_short or dq_accumulation_pays(self.band, self.seqlen_q, self.nheads // self.nheads_k))
 
     @property
     def empty(self) -> bool:

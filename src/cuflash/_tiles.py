@@ -55,6 +55,7 @@ class Flags:
     softcap: bool = False
     dropout: bool = False
     short_keys: bool = False  # fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket
+    long_queries: bool = True  # enough query rows for accumulating dQ to pay (dq_accumulation_pays)
 
     @property
     def sparse(self) -> bool:
@@ -241,11 +242,25 @@ def _three_stages(tile: DkdvTile, dtype: str, bucket: int) -> DkdvTile:
 FUSED_DQ_TILES = {128: (64, 2)}
 
 
+def dq_accumulation_pays(band: int, seqlen_q: int, kv_group: int) -> bool:
+    """Whether a call is long enough for the fused dQ's fixed costs (zeroing and converting the accumulator,
+    a barrier between the warpgroups per tile) to pay. Forward+backward against the dQ kernel (H100, bf16,
+    d = 128, 16K tokens a batch, 16 query heads): non-causal 1.03x at 1K, 0.92-0.94x at 2K, 0.87-0.93x
+    from 4K; causal 1.02x at 1K, 1.04x at 2K, 0.91x at 4K, 0.89-0.92x from 8K; with 4 K/V heads causal
+    1.10-1.18x up to 4K, 0.97x at 8K, 0.91x at 16K; a window 1.16x at 4K."""
+    if band == WINDOW:
+        return False
+    if band == NO_BAND:
+        return seqlen_q >= 2048
+    return seqlen_q >= (4096 if kv_group == 1 else 8192)
+
+
 def fused_dq_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> DkdvTile:
     """The warp-specialised dK/dV tile that accumulates dQ too, where it applies (fp16/bf16 wgmma tiles of
-    128 keys, no block mask, tanh or RNG, whose tiles are narrower) and is enabled, else `tile`."""
+    128 keys, no block mask, tanh or RNG, whose tiles are narrower; long_queries) and is enabled, else
+    `tile`."""
     fused = FUSED_DQ_TILES.get(bucket)
-    if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split
+    if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split and flags.long_queries
             and not (flags.sparse or flags.softcap or flags.dropout)):
         return tile
     block_q, stages = fused
