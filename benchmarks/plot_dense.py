@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"cuflash": "cuflash", "sdpa_flash": "SDPA FLASH (FlashAttention-2)", "sdpa_cudnn": "SDPA CUDNN",
+LABELS = {"cuflash": "cuflash", "fa4": "FlashAttention-4", "sdpa_flash": "SDPA FLASH (FlashAttention-2)", "sdpa_cudnn": "SDPA CUDNN",
           "sdpa_efficient": "SDPA EFFICIENT", "sdpa_math": "SDPA MATH", "standard": "standard attention"}
-COLORS = {"cuflash": "tab:red", "sdpa_flash": "tab:blue", "sdpa_cudnn": "tab:green", "sdpa_efficient": "tab:purple",
+COLORS = {"cuflash": "tab:red", "fa4": "tab:orange", "sdpa_flash": "tab:blue", "sdpa_cudnn": "tab:green", "sdpa_efficient": "tab:purple",
           "sdpa_math": "tab:gray", "standard": "tab:brown"}
 TITLES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
 

@@ -25,14 +25,17 @@ def header(doc):
 
 
 def dense(doc):
-    """cuflash TFLOP/s and its ratio to SDPA FLASH / SDPA CUDNN, one row per (pass, dtype, d, causal)."""
+    """cuflash TFLOP/s and its ratio to each peer of the run (FlashAttention-4 where it ran, SDPA FLASH, SDPA
+    CUDNN), one row per (pass, dtype, d, causal)."""
     rows = {}
     for r in doc["results"]:
         key = (r["pass"], r["dtype"], r["headdim"], r["causal"])
         rows.setdefault(key, {}).setdefault(r["seqlen_q"], {})[r["impl"]] = r["tflops"]
     seqlens = sorted({s for cols in rows.values() for s in cols})
     order = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
-    print(header(doc) + " Each cell: cuflash TFLOP/s (ratio to SDPA FLASH / to SDPA CUDNN).\n")
+    names = {"fa4": "FlashAttention-4", "sdpa_flash": "SDPA FLASH", "sdpa_cudnn": "SDPA CUDNN"}
+    peers = [p for p in names if any(p in c for cols in rows.values() for c in cols.values())]
+    print(header(doc) + f" Each cell: cuflash TFLOP/s (ratio to {' / to '.join(names[p] for p in peers)}).\n")
     print("| pass | dtype | d | causal | " + " | ".join(map(str, seqlens)) + " |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in seqlens) + " |")
     for (pass_, dtype, d, causal), cols in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1:])):
@@ -42,7 +45,7 @@ def dense(doc):
             if "cuflash" not in c:
                 cells.append("-")
                 continue
-            ratios = [f"{c['cuflash'] / c[p]:.2f}" if p in c else "-" for p in ("sdpa_flash", "sdpa_cudnn")]
+            ratios = [f"{c['cuflash'] / c[p]:.2f}" if p in c else "-" for p in peers]
             cells.append(f"{c['cuflash']:.0f} ({' / '.join(ratios)})")
         print(f"| {PASS_NAMES.get(pass_, pass_)} | {dtype} | {d} | {causal} | " + " | ".join(cells) + " |")
 

@@ -76,8 +76,9 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
     flash_attn_func(..., return_attn_probs=True); the other arguments as given to the forward.
     dk and dv have k's shape (summed over the query heads of each K/V head for GQA). No buffer grows
-    with seqlen_q x seqlen_k, and the result is bitwise reproducible (no atomics), so
-    `deterministic` costs nothing. With dropout_p > 0, rng_state is the (seed, offset) that the
+    with seqlen_q x seqlen_k. deterministic=True gives bitwise reproducible gradients (no atomics);
+    the default lets the Hopper backward at d = 128 accumulate dQ in the dK/dV kernel, whose fp32
+    additions come in any order (README: Training). With dropout_p > 0, rng_state is the (seed, offset) that the
     forward returned: the kernels regenerate its dropout mask. For CuPy and DLPack arrays (PyTorch
     and JAX users differentiate flash_attn_func instead).
     """
