@@ -75,21 +75,32 @@ class FwdVariant:
         return _describe(self, f"{self.block_m} queries x {self.block_n} keys", "K/V")
 
 
-@dataclass(frozen=True)
-class BwdPreprocessVariant:
-    dtype: str
-    source: str = "flash_bwd.cu"
-    threads: int = 128
-    smem_bytes: int = 0
-    params = "BwdPreprocessParams"
+class _SmallBwdKernel:
+    """A small kernel of flash_bwd.cu (128 threads, no dynamic shared memory, one block per tile): its
+    template instance from kernel and template_args(), its one-line description from `what`."""
+
+    source = "flash_bwd.cu"
+    threads = 128
+    smem_bytes = 0
     persistent = False
 
     @functools.cached_property
     def name(self) -> str:
-        return f"cuflash::flash_bwd_preprocess_kernel<{_CUDA_TYPE[self.dtype]}>"
+        return f"cuflash::{self.kernel}<{', '.join(map(str, self.template_args()))}>"
 
     def describe(self) -> str:
-        return "flash_bwd_preprocess_kernel: delta = rowsum(dO * O), 4 rows per thread"
+        return f"{self.kernel}: {self.what}"
+
+
+@dataclass(frozen=True)
+class BwdPreprocessVariant(_SmallBwdKernel):
+    dtype: str
+    kernel = "flash_bwd_preprocess_kernel"
+    params = "BwdPreprocessParams"
+    what = "delta = rowsum(dO * O), 4 rows per thread"
+
+    def template_args(self):
+        return (_CUDA_TYPE[self.dtype],)
 
 
 @dataclass(frozen=True)
@@ -149,23 +160,17 @@ class BwdDkdvVariant(_BwdVariant):
 
 
 @dataclass(frozen=True)
-class BwdDqConvertVariant:
+class BwdDqConvertVariant(_SmallBwdKernel):
     """dq = dq_accum * scale after a dK/dV kernel that accumulated dQ (kernels/dq_accum.cuh)."""
 
     dtype: str
     head_dim: int  # the dK/dV kernel's bucket: floats per accumulator row
-    source: str = "flash_bwd.cu"
-    threads: int = 128
-    smem_bytes: int = 0
+    kernel = "flash_bwd_dq_convert_kernel"
     params = "BwdDqConvertParams"
-    persistent = False
+    what = "dQ = fp32 accumulator * scale, a block per 64-row tile"
 
-    @functools.cached_property
-    def name(self) -> str:
-        return f"cuflash::flash_bwd_dq_convert_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}>"
-
-    def describe(self) -> str:
-        return "flash_bwd_dq_convert_kernel: dQ = fp32 accumulator * scale, a block per 64-row tile"
+    def template_args(self):
+        return _CUDA_TYPE[self.dtype], self.head_dim
 
 
 @dataclass(frozen=True)
