@@ -315,3 +315,8 @@ def test_explain_names_each_kernel_a_call_runs(capsys):
     assert "wgmma" not in out.split("\n", 1)[1]
     assert main(["explain", "--head-dim", "300"]) == 1  # one line, as bench and warmup give
     assert "head dim 300 exceeds" in capsys.readouterr().err
+    # the fused dQ where the call is long enough: 4K causal with 16 query heads, not with 4 K/V heads
+    assert main(["explain", "--causal", "--seqlen-q", "4096", "--heads", "16", "16", "--arch", "sm_90a"]) == 0
+    assert "flash_bwd_dq_convert_kernel" in capsys.readouterr().out
+    assert main(["explain", "--causal", "--seqlen-q", "4096", "--heads", "16", "4", "--arch", "sm_90a"]) == 0
+    assert "flash_bwd_dq_kernel" in capsys.readouterr().out

@@ -49,6 +49,7 @@ def _explain(argv) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--seqlen-q", type=int, default=4096)
     ap.add_argument("--seqlen-k", type=int, default=None, help="default: seqlen-q")
+    ap.add_argument("--heads", type=int, nargs=2, default=(1, 1), metavar=("Q", "KV"), help="query and K/V heads")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"))
     ap.add_argument("--block-mask", default=None, metavar="MxN", help="a block mask of M x N blocks, e.g. 128x128")
@@ -59,7 +60,7 @@ def _explain(argv) -> int:
     args = ap.parse_args(argv)
     arch = args.arch or (_arch.device_arch() if _arch.gpu_count()[0] else "sm_90a")
     blocks = tuple(int(x) for x in args.block_mask.lower().split("x")) if args.block_mask else None
-    p = Problem(1, args.seqlen_q, args.seqlen_k or args.seqlen_q, 1, 1, args.head_dim, args.dtype,
+    p = Problem(1, args.seqlen_q, args.seqlen_k or args.seqlen_q, *args.heads, args.head_dim, args.dtype,
                 1 / math.sqrt(args.head_dim), args.softcap, args.dropout, args.causal, tuple(args.window),
                 0 if args.alibi else None, blocks)
     options = _options.current()
