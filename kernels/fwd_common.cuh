@@ -156,14 +156,16 @@ __device__ __forceinline__ void produce_key_tiles(const KeyTiles<BN, BAND, SPARS
 // the sequence's end), the online softmax
 // (which may rescale acc_o), and DROPOUT: after the row sums have taken P, dropped entries of P are
 // zeroed (dropout.cuh); O is scaled by 1 / keep probability in the epilogue.
-template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, int MT, int OT, bool PRECISE,
-          typename MaskPartial>
+// DEFER_RESCALE: O's rescale goes into `deferred` instead (OnlineSoftmax::update<true>).
+template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, bool DEFER_RESCALE = false,
+          int MT, int OT, bool PRECISE, typename MaskPartial>
 __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], float (&acc_o)[MT][OT][4],
                                                 OnlineSoftmax<MT, PRECISE>& softmax, const SparseTile& at,
                                                 const MaskPartial& mask_partial, const Band<BAND>& band, int m0,
                                                 int warp_row,
                                                 int n0, int seqlen_k, float alibi_slope, float softcap_mult,
-                                                float scale_log2, const DropoutRng& rng, int lane) {
+                                                float scale_log2, const DropoutRng& rng, int lane,
+                                                typename OnlineSoftmax<MT, PRECISE>::Rescale* deferred = nullptr) {
   if constexpr (SOFTCAP) apply_softcap<PRECISE>(acc_s, softcap_mult);
   if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, band.diag, alibi_slope, lane);
   auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };
@@ -175,7 +177,7 @@ __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], f
   } else if (n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1))) {
     mask_scores(acc_s, m0 + warp_row, n0, lane, in_range);
   }
-  softmax.update(acc_s, acc_o, scale_log2, lane);  // acc_s now holds P (unnormalised)
+  softmax.template update<DEFER_RESCALE>(acc_s, acc_o, scale_log2, lane, deferred);  // acc_s now holds P
   if constexpr (DROPOUT) rng.drop_rows_queries<false>(acc_s, m0 + warp_row, n0, lane);
 }
 

@@ -32,9 +32,16 @@ struct OnlineSoftmax {
   // (the final O / l and LSE use the same m), and most tiles of a long row skip the O rescale.
   static constexpr float kMaxGrowthLog2 = 8.f;
 
-  template <int NTILES, int OTILES>
+  // DEFER: O is left alone and its rescale goes into `deferred`, for rescale() once no product
+  // accumulates into O any more (so that the softmax can run while one still does).
+  struct Rescale {
+    float factor[MT][2];
+    bool any;
+  };
+
+  template <bool DEFER = false, int NTILES, int OTILES>
   __device__ __forceinline__ void update(float (&s)[MT][NTILES][4], float (&acc_o)[MT][OTILES][4],
-                                         float scale_log2, int lane) {
+                                         float scale_log2, int lane, Rescale* deferred = nullptr) {
     float tile_max[MT][2];
     bool grow = false;
 #pragma unroll
@@ -50,7 +57,9 @@ struct OnlineSoftmax {
         // -inf - -inf is NaN and compares false: a row with nothing seen yet needs no rescale.
         grow |= (mx - row_max[mt][half]) * scale_log2 > kMaxGrowthLog2;
       }
-    if (__any_sync(0xffffffffu, grow)) {
+    const bool any = __any_sync(0xffffffffu, grow);
+    if constexpr (DEFER) deferred->any = any;
+    if (any) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -63,10 +72,14 @@ struct OnlineSoftmax {
                                : fast_exp2((row_max[mt][half] - m_new) * scale_log2);
           row_max[mt][half] = m_new;
           row_sum[mt][half] *= correction;
+          if constexpr (DEFER) {
+            deferred->factor[mt][half] = correction;
+          } else {
 #pragma unroll
-          for (int ot = 0; ot < OTILES; ++ot) {
-            acc_o[mt][ot][2 * half] *= correction;
-            acc_o[mt][ot][2 * half + 1] *= correction;
+            for (int ot = 0; ot < OTILES; ++ot) {
+              acc_o[mt][ot][2 * half] *= correction;
+              acc_o[mt][ot][2 * half + 1] *= correction;
+            }
           }
         }
     }
@@ -89,6 +102,21 @@ struct OnlineSoftmax {
           }
         row_sum[mt][half] = sum;
       }
+  }
+
+  // A deferred rescale (update<true>) of O.
+  template <int OTILES>
+  __device__ __forceinline__ static void rescale(float (&acc_o)[MT][OTILES][4], const Rescale& r) {
+    if (!r.any) return;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int ot = 0; ot < OTILES; ++ot) {
+          acc_o[mt][ot][2 * half] *= r.factor[mt][half];
+          acc_o[mt][ot][2 * half + 1] *= r.factor[mt][half];
+        }
   }
 
   // The full row sum (the quad's four shares added).
