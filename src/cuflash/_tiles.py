@@ -237,9 +237,10 @@ def _three_stages(tile: DkdvTile, dtype: str, bucket: int) -> DkdvTile:
 
 
 # dQ accumulated in the warp-specialised dK/dV kernel (kernels/dq_accum.cuh), dense Hopper backward:
-# (query tile rows, query-tile slots). 64-row tiles give each warpgroup whole 64-column halves of dQ;
-# two slots leave room for two tiles' dSᵀ and dQ staging.
-FUSED_DQ_TILES = {128: (64, 2)}
+# (query tile rows, query-tile slots). At d = 128 64-row tiles give each warpgroup whole 64-column halves of
+# dQ, at d = 64 128-row tiles give each 64 of the rows; two slots leave room for two tiles' dSᵀ and dQ
+# staging.
+FUSED_DQ_TILES = {64: (128, 2), 128: (64, 2)}
 
 
 def dq_accumulation_pays(band: int, seqlen_q: int, kv_group: int) -> bool:
