@@ -449,6 +449,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   // FUSED_DQ: each warpgroup computes one accumulator chunk of a tile's dQ (dq_accum.cuh): at d >= 128 half
   // the columns of a 64-row tile (whole 64-column blocks), at d = 64 half the rows of a 128-row tile.
   constexpr bool kRowHalves = FUSED_DQ && D == 64;
+  // dQ staging buffers per warpgroup: two tiles' (a reduction may still read one while the next tile is
+  // staged), one at d = 64, where two 128-row tiles' would not fit beside two dSᵀ tiles.
+  constexpr int kStageBufs = kRowHalves ? 1 : 2;
   static_assert(!FUSED_DQ || (!SPARSE && (kRowHalves ? BMQ == 2 * kDqTileRows : BMQ == kDqTileRows && D % 128 == 0)),
                 "fused dQ: 64-row query tiles at d >= 128, 128-row ones at d = 64");
   using Smem = Tiles<T, D, true>;
@@ -458,7 +461,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   T* sQ = sV + BN * D;             // STAGES slots of BMQ rows
   T* sdO = sQ + STAGES * BMQ * D;  // likewise
   constexpr unsigned q_slot_bytes = BMQ * D * sizeof(T);
-  // FUSED_DQ: two tiles' dSᵀ (BN x BMQ), then two tiles' dQ staging, a chunk per warpgroup (fp32).
+  // FUSED_DQ: two tiles' dSᵀ (BN x BMQ), then kStageBufs tiles' dQ staging, a chunk per warpgroup (fp32).
   constexpr int DQN = dq_chunk_cols(D);  // dQ columns per warpgroup
   constexpr unsigned ds_bytes = BN * BMQ * sizeof(T);
   unsigned char* sdS = reinterpret_cast<unsigned char*>(sdO + STAGES * BMQ * D);
@@ -584,8 +587,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           stats[0][tw] = stat[0], stats[1][tw] = stat[1];
         }
         // FUSED_DQ: this warpgroup's staging buffer of this tile's parity is free once the reduction that
-        // read it two tiles ago has.
-        if (FUSED_DQ && tw == 0) bulk_wait_read<1>();
+        // read it two tiles ago has (one buffer: below).
+        if (FUSED_DQ && kStageBufs == 2 && tw == 0) bulk_wait_read<1>();
         named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         wg_wait<1>(acc_s);
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
@@ -627,6 +630,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           // (Issued once dV's and dK's products are done, whose register operands it would otherwise
           // have to share the registers with.)
           fence_proxy_async();
+          // One staging buffer: free once the reduction of the previous tile has read it, which had this
+          // tile's products so far to do so.
+          if (kStageBufs == 1 && tw == 0) bulk_wait_read<0>();
           named_bar_sync(6, 256);
           wg_wait<0>(acc_dk);
           pin(acc_dv);
@@ -636,7 +642,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           wg_wait<0>(acc_dq);
           if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
           mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
-          float* stage = sdQ + (g % 2 * 2 + wg) * (kDqTileRows * DQN);
+          float* stage = sdQ + (g % kStageBufs * 2 + wg) * (kDqTileRows * DQN);
           stage_dq(acc_dq, stage, tw);
           fence_proxy_async();         // the staged values, to the copy engine's reads
           named_bar_sync(4 + wg, 128);  // the whole half is staged

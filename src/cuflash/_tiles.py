@@ -212,10 +212,11 @@ def fp32_bwd_tiles(bucket: int, arch: str) -> tuple[int, int, int, int, int]:
 def dkdv_smem(tile: DkdvTile, dtype: str, bucket: int) -> int:
     """K and V (and, with three slots in the plain kernel, the next item's K and V, copied ahead), then the
     slots of Q and dO (twice with split fp32 tiles), then (fused_dq) two tiles' dSᵀ and two tiles' fp32 dQ
-    staging; the small row statistics are static."""
+    staging (one at d = 64); the small row statistics are static."""
     kv_buffers = 2 if tile.stages == 3 and not tile.warp_specialised else 1
     q_rows = 2 * tile.stages * tile.block_q * (2 if tile.split else 1)
-    fused = 2 * tile.block_q * (tile.block_n * ITEMSIZE[dtype] + bucket * 4) if tile.fused_dq else 0
+    staging = 1 if bucket == 64 else 2  # (flash_bwd.cu kStageBufs)
+    fused = tile.block_q * (2 * tile.block_n * ITEMSIZE[dtype] + staging * bucket * 4) if tile.fused_dq else 0
     return tiles_smem(2 * kv_buffers * tile.block_n + q_rows, dtype, bucket, tile.wgmma) + fused
 
 
