@@ -8,10 +8,13 @@
 // shared memory in the accumulator's own order and added into global memory by one bulk reduction
 // (cp.reduce.async.bulk, the copy engine), which runs while the warpgroup computes the next tile.
 //
-// The accumulator (fp32, zeroed before the kernel) holds 64-row query tiles, each as two column halves
-// of 64 x D/2 floats in fragment order: float4 number nt * 128 + thread of a half holds the wgmma
-// accumulator values acc[nt][0..3] of that warpgroup thread (rows warp * 16 + lane / 4 and + 8, columns
-// nt * 8 + (lane % 4) * 2 and + 1), so a warp stages 512 contiguous bytes and a half is one reduction.
+// At d = 64 the query tiles have 128 rows and each warpgroup takes 64 of them, all columns.
+//
+// The accumulator (fp32, zeroed before the kernel) holds 64-row query tiles, each as dq_chunks(D) chunks
+// of 64 x dq_chunk_cols(D) floats (what one warpgroup computes) in fragment order: float4 number
+// nt * 128 + thread of a chunk holds the wgmma accumulator values acc[nt][0..3] of that warpgroup thread
+// (rows warp * 16 + lane / 4 and + 8, columns nt * 8 + (lane % 4) * 2 and + 1), so a warp stages 512
+// contiguous bytes and a chunk is one reduction.
 // flash_bwd_dq_convert_kernel then scales, reorders and converts it. The order of the additions varies
 // from run to run: deterministic calls take the dQ kernel instead.
 #pragma once
@@ -22,6 +25,10 @@
 namespace cuflash {
 
 constexpr int kDqTileRows = 64;  // query rows of an accumulator tile (_dispatch.DQ_ACCUM_ROWS)
+// Columns of an accumulator chunk: half the head at d >= 128 (the warpgroups split the columns), all of it
+// at d = 64 (they split the rows); and chunks per tile.
+__host__ __device__ constexpr int dq_chunk_cols(int d) { return d >= 128 ? d / 2 : d; }
+__host__ __device__ constexpr int dq_chunks(int d) { return d / dq_chunk_cols(d); }
 
 // The accumulator tile of query rows [64 m_tile, 64 m_tile + 64) of batch element b, query head h. Per
 // batch element its heads' tiles lie together; a packed batch (varlen) places element b at tile
@@ -34,19 +41,21 @@ __device__ __forceinline__ long long dq_accum_tile(const SeqRange& seq, bool pac
   return first * nheads + 1ll * h * tiles + m_tile;
 }
 
-// This warp's dSᵀ (16 keys from key0, a multiple of 8; 64 query columns in the accumulator layout) into
-// the swizzled tile (tile_io.cuh wg_tile_offset, one 64-column block) at shared address `tile`, rows are
-// keys, rounded as the dK product's A operand. Rows key0 + lane / 4 (+ 8) have r % 8 = lane / 4, so chunk
-// nt of both lies at row_start ^ (nt << 4): one XOR per store from a base that changes with `tile`
-// (addresses ptxas cannot hoist out of the loop into 16 registers).
-template <typename T>
-__device__ __forceinline__ void store_ds_rows(const float (&ds)[1][8][4], unsigned tile, int key0, int lane) {
-  const unsigned x = lane / 4, row = tile + (key0 / 8) * 1024 + x * 128 + (x << 4) + (lane % 4) * 4;
+// This warp's dSᵀ (16 keys from key0, a multiple of 8; QUERIES columns in the accumulator layout) into
+// the swizzled tile (tile_io.cuh wg_tile_offset) at shared address `tile`, rows are keys, rounded as the dK
+// product's A operand. Rows key0 + lane / 4 (+ 8) have r % 8 = lane / 4, so chunk nt % 8 of every 64-column
+// block lies at row_start ^ ((nt % 8) << 4): one XOR per store from a base that changes with `tile`
+// (addresses ptxas cannot hoist out of the loop into registers).
+template <typename T, int QUERIES>
+__device__ __forceinline__ void store_ds_rows(const float (&ds)[1][QUERIES / 8][4], unsigned tile, int key0, int lane) {
+  constexpr unsigned kGroup = QUERIES / 64 * 1024;  // from one 8-row group to the next
+  const unsigned x = lane / 4, row = tile + (key0 / 8) * kGroup + x * 128 + (x << 4) + (lane % 4) * 4;
 #pragma unroll
   for (int half = 0; half < 2; ++half)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-      sts32((row ^ (nt << 4)) + half * 1024, ElemTraits<T>::pack2(ds[0][nt][2 * half], ds[0][nt][2 * half + 1]));
+    for (int nt = 0; nt < QUERIES / 8; ++nt)
+      sts32((row ^ ((nt % 8) << 4)) + (nt / 8) * 1024 + half * kGroup,
+            ElemTraits<T>::pack2(ds[0][nt][2 * half], ds[0][nt][2 * half + 1]));
 }
 
 // A warpgroup's dQ accumulator into its staging half, in fragment order (tid: the thread in the warpgroup).

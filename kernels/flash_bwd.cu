@@ -82,20 +82,20 @@ __global__ void __launch_bounds__(128)
 flash_bwd_dq_convert_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, long long dq_sb, long long dq_ss,
                             long long dq_sh, const int* __restrict__ cu_seqlens_q, int max_seqlen_q, int total_q,
                             int nheads, int head_dim, int m_tiles, float softmax_scale) {
-  constexpr int DQN = D / 2, kHalf = kDqTileRows * DQN;  // a warpgroup's half of a tile (dq_accum.cuh)
+  constexpr int DQN = dq_chunk_cols(D), kChunk = kDqTileRows * DQN;  // a warpgroup's chunk of a tile (dq_accum.cuh)
   const int m_tile = static_cast<int>(blockIdx.x % m_tiles), bh = static_cast<int>(blockIdx.x / m_tiles);
   const int h = bh % nheads, b = bh / nheads;
   const SeqRange seq = seq_range(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, max_seqlen_q, total_q, total_q);
   const int m0 = m_tile * kDqTileRows;
   if (m0 >= seq.seqlen_q) return;
-  const float* tile = dq_accum + dq_accum_tile(seq, cu_seqlens_q != nullptr, b, h, nheads, m_tile) * 2 * kHalf;
+  const float* tile = dq_accum + dq_accum_tile(seq, cu_seqlens_q != nullptr, b, h, nheads, m_tile) * D * kDqTileRows;
   T* out = dq + b * dq_sb + h * dq_sh + static_cast<long long>(seq.q_start + m0) * dq_ss;
   const int rows = min(seq.seqlen_q - m0, kDqTileRows);
 #pragma unroll 4
-  for (int f = threadIdx.x; f < 2 * kHalf / 4; f += 128) {
+  for (int f = threadIdx.x; f < kDqTileRows * D / 4; f += 128) {
     const float4 x = reinterpret_cast<const float4*>(tile)[f];
-    const int half = f / (kHalf / 4), nt = f % (kHalf / 4) / 128, t = f % 128;  // t: the staging thread
-    const int r = (t / 32) * 16 + (t % 32) / 4, c = half * DQN + nt * 8 + (t % 4) * 2;
+    const int chunk = f / (kChunk / 4), nt = f % (kChunk / 4) / 128, t = f % 128;  // t: the staging thread
+    const int r = (t / 32) * 16 + (t % 32) / 4, c = chunk * DQN + nt * 8 + (t % 4) * 2;
     if (c >= head_dim) continue;
     if (r < rows) store_pair(out + r * dq_ss + c, x.x * softmax_scale, x.y * softmax_scale);
     if (r + 8 < rows) store_pair(out + (r + 8) * dq_ss + c, x.z * softmax_scale, x.w * softmax_scale);
@@ -445,9 +445,15 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(BMQ % 16 == 0 && BN % BMQ == 0 && D % 64 == 0 && sizeof(T) == 2, "bad tile shape");
   using Roles = WarpRoles<WARPS, 40, 232>;
   constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
-  static_assert(2 * BMQ <= 128, "a consumer thread per row's lse, and one per row's delta");
-  static_assert(!FUSED_DQ || (BMQ == kDqTileRows && D % 128 == 0 && !SPARSE),
-                "fused dQ: 64-row query tiles, each warpgroup's half of the columns whole 64-column blocks");
+  static_assert(2 * BMQ <= 128 || BMQ == 128, "a consumer thread per row's lse and delta");
+  // FUSED_DQ: each warpgroup computes one accumulator chunk of a tile's dQ (dq_accum.cuh): at d >= 128 half
+  // the columns of a 64-row tile (whole 64-column blocks), at d = 64 half the rows of a 128-row tile.
+  constexpr bool kRowHalves = FUSED_DQ && D == 64;
+  // dQ staging buffers per warpgroup: two tiles' (a reduction may still read one while the next tile is
+  // staged), one at d = 64, where two 128-row tiles' would not fit beside two dSᵀ tiles.
+  constexpr int kStageBufs = kRowHalves ? 1 : 2;
+  static_assert(!FUSED_DQ || (!SPARSE && (kRowHalves ? BMQ == 2 * kDqTileRows : BMQ == kDqTileRows && D % 128 == 0)),
+                "fused dQ: 64-row query tiles at d >= 128, 128-row ones at d = 64");
   using Smem = Tiles<T, D, true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(Smem::align(smem_raw));
@@ -455,8 +461,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   T* sQ = sV + BN * D;             // STAGES slots of BMQ rows
   T* sdO = sQ + STAGES * BMQ * D;  // likewise
   constexpr unsigned q_slot_bytes = BMQ * D * sizeof(T);
-  // FUSED_DQ: two tiles' dSᵀ (BN x BMQ), then two tiles' dQ staging, a half per warpgroup (fp32, DqStage).
-  constexpr int DQN = D / 2;  // dQ columns per warpgroup
+  // FUSED_DQ: two tiles' dSᵀ (BN x BMQ), then kStageBufs tiles' dQ staging, a chunk per warpgroup (fp32).
+  constexpr int DQN = dq_chunk_cols(D);  // dQ columns per warpgroup
   constexpr unsigned ds_bytes = BN * BMQ * sizeof(T);
   unsigned char* sdS = reinterpret_cast<unsigned char*>(sdO + STAGES * BMQ * D);
   float* sdQ = reinterpret_cast<float*>(sdS + 2 * ds_bytes);
@@ -553,9 +559,16 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         // end: zeros, which no visible score reads), loaded while the products are issued and published with
         // a named barrier. (Filled by the producer behind the slot's mbarrier they were as correct, but
         // racecheck cannot order an mbarrier between warps: docs/kernel-design.md.)
+        // (128-row tiles: a thread's lse and delta of row tw.)
+        constexpr int kStats = (2 * BMQ + 127) / 128;  // rows of lse and delta per thread
         const int tw = tid % 128, r = tw % BMQ, i = t.m0 + r;
-        float stat = 0.f;
-        if (tw < 2 * BMQ && i < seqlen_q) stat = __ldg((tw < BMQ ? lse : delta) + w.lse_off + t.g * lse_sh + i);
+        float stat[kStats] = {};
+        if constexpr (kStats == 1) {
+          if (tw < 2 * BMQ && i < seqlen_q) stat[0] = __ldg((tw < BMQ ? lse : delta) + w.lse_off + t.g * lse_sh + i);
+        } else if (i < seqlen_q) {
+          stat[0] = __ldg(lse + w.lse_off + t.g * lse_sh + i);
+          stat[1] = __ldg(delta + w.lse_off + t.g * lse_sh + i);
+        }
         PartialBits<1, BMQ / 8> bits;
         mbar_wait(&q_full[slot], (g / STAGES) & 1);
         if constexpr (SPARSE)  // rows are keys, columns queries (the key-major lists' bits)
@@ -568,10 +581,14 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                                                 lane);
         turns.end(it == n_iters - 1);
         float(&stats)[2][BMQ] = s_stat[FUSED_DQ ? 0 : g % 2][wg];  // (its last readers passed this barrier)
-        if (tw < 2 * BMQ) stats[tw / BMQ][r] = stat;
+        if constexpr (kStats == 1) {
+          if (tw < 2 * BMQ) stats[tw / BMQ][r] = stat[0];
+        } else {
+          stats[0][tw] = stat[0], stats[1][tw] = stat[1];
+        }
         // FUSED_DQ: this warpgroup's staging buffer of this tile's parity is free once the reduction that
-        // read it two tiles ago has.
-        if (FUSED_DQ && tw == 0) bulk_wait_read<1>();
+        // read it two tiles ago has (one buffer: below).
+        if (FUSED_DQ && kStageBufs == 2 && tw == 0) bulk_wait_read<1>();
         named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         wg_wait<1>(acc_s);
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
@@ -607,28 +624,35 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
         wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
         if constexpr (FUSED_DQ) {
-          store_ds_rows<T>(ds, smem_addr(sdS) + (g % 2) * ds_bytes, warp_row, lane);
-          // dQ (this warpgroup's DQN columns) = dS K over all BN keys, once both warpgroups' dSᵀ are in.
+          store_ds_rows<T, BMQ>(ds, smem_addr(sdS) + (g % 2) * ds_bytes, warp_row, lane);
+          // dQ (this warpgroup's chunk: DQN columns of 64 rows) = dS K over all BN keys, once both
+          // warpgroups' dSᵀ are in.
           // (Issued once dV's and dK's products are done, whose register operands it would otherwise
           // have to share the registers with.)
           fence_proxy_async();
+          // One staging buffer: free once the reduction of the previous tile has read it, which had this
+          // tile's products so far to do so.
+          if (kStageBufs == 1 && tw == 0) bulk_wait_read<0>();
           named_bar_sync(6, 256);
           wg_wait<0>(acc_dk);
           pin(acc_dv);
           float acc_dq[1][DQN / 8][4];
-          wg_mma_mn_async<T, BN, DQN, BMQ, D>(acc_dq, smem_addr(sdS) + (g % 2) * ds_bytes,
-                                              smem_addr(sK) + wg * (D / 128) * 1024);
+          wg_mma_mn_async<T, BN, DQN, BMQ, D>(acc_dq, smem_addr(sdS) + (g % 2) * ds_bytes + (kRowHalves ? wg * 1024 : 0),
+                                              smem_addr(sK) + (kRowHalves ? 0 : wg * (D / 128) * 1024));
           wg_wait<0>(acc_dq);
           if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
           mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
-          float* stage = sdQ + (g % 2 * 2 + wg) * (BMQ * DQN);
+          float* stage = sdQ + (g % kStageBufs * 2 + wg) * (kDqTileRows * DQN);
           stage_dq(acc_dq, stage, tw);
           fence_proxy_async();         // the staged values, to the copy engine's reads
           named_bar_sync(4 + wg, 128);  // the whole half is staged
-          if (tw == 0) {
+          const int row0 = t.m0 + (kRowHalves ? wg * kDqTileRows : 0);  // (past the end: zeros, not added)
+          if (tw == 0 && (!kRowHalves || row0 < seqlen_q)) {
             const int h = w.hk * kv_group + t.g;
-            const long long at = dq_accum_tile(w.seq, cu_seqlens_q != nullptr, w.b, h, nheads, t.m0 / BMQ);
-            bulk_reduce_add(dq_accum + (at * 2 + wg) * (BMQ * DQN), smem_addr(stage), BMQ * DQN * 4);
+            const long long at = dq_accum_tile(w.seq, cu_seqlens_q != nullptr, w.b, h, nheads, row0 / kDqTileRows);
+            constexpr int kChunk = kDqTileRows * DQN;
+            bulk_reduce_add(dq_accum + (at * dq_chunks(D) + (kRowHalves ? 0 : wg)) * kChunk, smem_addr(stage),
+                            kChunk * 4);
           }
         } else {
           // Done before the next turn: register operands of products still running at the loop's back edge

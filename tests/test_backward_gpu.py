@@ -49,14 +49,15 @@ def test_backward_gqa(nheads, nheads_k, causal):
 @pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024), (777, 1500)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("nheads_k", [8, 2])
 @pytest.mark.parametrize("causal", [False, True])
-def test_dq_accumulated_on_short_calls(causal, nheads_k, seqlens):
-    """dQ accumulated by the dK/dV kernel (Hopper, d = 128), which calls take from 2K-8K queries on, forced
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_dq_accumulated_on_short_calls(headdim, causal, nheads_k, seqlens):
+    """dQ accumulated by the dK/dV kernel (Hopper, d = 64 and 128), which calls take from 2K-8K queries on, forced
     onto short, odd-sized and GQA calls (CUFLASH_FUSED_DQ=all), where its edge tiles are."""
     import torch
 
-    q = randn((2, seqlens[0], 8, 128), torch.bfloat16, 31)
-    k = randn((2, seqlens[1], nheads_k, 128), torch.bfloat16, 32)
-    v = randn((2, seqlens[1], nheads_k, 128), torch.bfloat16, 33)
+    q = randn((2, seqlens[0], 8, headdim), torch.bfloat16, 31)
+    k = randn((2, seqlens[1], nheads_k, headdim), torch.bfloat16, 32)
+    v = randn((2, seqlens[1], nheads_k, headdim), torch.bfloat16, 33)
     with override(fused_dq_short=True):
         check_grads(q, k, v, causal)
         if not causal:  # with a window and ALiBi (which longer calls take without accumulating dQ)

@@ -23,9 +23,13 @@ def test_ptxas_log_parsing():
     log = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
 ptxas info    : Function properties for _Z3fooPf
 ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
-ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size"""
+ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90a'
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 2320 bytes smem"""
     assert _compile_check.parse_ptxas_log(log) == {
-        "_Z3fooPf": {"stack": 16, "spill_stores": 8, "spill_loads": 4, "registers": 255}
+        "_Z3fooPf": {"stack": 16, "spill_stores": 8, "spill_loads": 4, "registers": 255, "static_smem": 0},
+        "_Z3barPf": {"stack": 0, "spill_stores": 0, "spill_loads": 0, "registers": 168, "static_smem": 2320},
     }
 
 

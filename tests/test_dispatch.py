@@ -83,12 +83,13 @@ def test_backward_tile_policy(arch, dtype, head_dim, flags, dkdv, dq):
     ("bfloat16", 128, Flags(softcap=True), Options(), False),
     ("bfloat16", 128, Flags(dropout=True), Options(), False),
     ("bfloat16", 128, Flags(mask_blocks=(128, 128)), Options(), False),
-    ("bfloat16", 64, Flags(), Options(), False),
+    ("bfloat16", 64, Flags(), Options(), True),  # 128-row tiles, a warpgroup's half of the rows
+    ("bfloat16", 96, Flags(), Options(), False),
     ("float32", 128, Flags(), Options(), False),
 ])
 def test_which_backward_accumulates_dq(dtype, head_dim, flags, options, fused):
     """The warp-specialised dK/dV kernel accumulates dQ (and the third kernel converts it) for dense fp16/bf16
-    calls at d = 128 on Hopper; the others keep the dQ kernel; no variant spills (test_compile)."""
+    calls at d = 64 and 128 on Hopper; the others keep the dQ kernel; no variant spills (test_compile)."""
     variants = _dispatch.choose_bwd(dtype, head_dim, flags, "sm_90a", options)
     assert variants[1].tile.fused_dq == fused
     assert isinstance(variants[2], _dispatch.BwdDqConvertVariant) == fused

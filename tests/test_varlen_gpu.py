@@ -66,13 +66,14 @@ def test_varlen_matches_each_sequence(dtype, causal, headdim, lengths):
 
 @pytest.mark.parametrize("lengths", LENGTHS[:2], ids=lambda l: f"{len(l[0])}seq")
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_with_dq_accumulated(causal, lengths):
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_varlen_with_dq_accumulated(headdim, causal, lengths):
     """Packed sequences through the dK/dV kernel that accumulates dQ (Hopper, d = 128; forced onto these
     short sequences), whose accumulator places each sequence's 64-row tiles apart."""
     from cuflash._options import override
 
     with override(fused_dq_short=True):
-        test_varlen_matches_each_sequence("bfloat16", causal, 128, lengths)
+        test_varlen_matches_each_sequence("bfloat16", causal, headdim, lengths)
 
 
 def test_varlen_is_bitwise_each_sequence_alone_with_alibi_and_softcap():

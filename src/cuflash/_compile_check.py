@@ -16,7 +16,7 @@ from ._compile import CompileError, compile_kernel, nvrtc_version
 
 _PTXAS_FUNC = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
 
 @dataclass
@@ -27,7 +27,8 @@ class ResourceReport:
     stack_bytes: int
     spill_store_bytes: int
     spill_load_bytes: int
-    smem_bytes: int
+    smem_bytes: int  # dynamic
+    static_smem_bytes: int = 0
 
     @property
     def spills(self) -> bool:
@@ -35,7 +36,8 @@ class ResourceReport:
 
 
 def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
-    """Per mangled kernel name: registers, stack frame and spill bytes from `-Xptxas -v` output."""
+    """Per mangled kernel name: registers, static shared memory, stack frame and spill bytes from `-Xptxas -v`
+    output."""
     out: dict[str, dict[str, int]] = {}
     current = None
     for line in log.splitlines():
@@ -45,6 +47,7 @@ def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
             current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current is not None and (m := _PTXAS_REGS.search(line)):
             current["registers"] = int(m.group(1))
+            current["static_smem"] = int(m.group(2) or 0)
     return out
 
 
@@ -54,7 +57,7 @@ def resource_report(source: str, name: str, arch: str, smem_bytes: int) -> Resou
     if info is None or "registers" not in info:
         raise CompileError(f"no ptxas resource report for {name} ({arch}):\n{compiled.log}")
     return ResourceReport(name, arch, info["registers"], info.get("stack", 0), info.get("spill_stores", 0),
-                          info.get("spill_loads", 0), smem_bytes)
+                          info.get("spill_loads", 0), smem_bytes, info.get("static_smem", 0))
 
 
 def _report_job(job):
@@ -107,8 +110,9 @@ def compile_check(archs=("sm_80", "sm_90a"), jobs: int | None = None, out=sys.st
             problems = []
             if r.spills and r.stack_bytes > _dispatch.spill_allowance(variant):
                 problems.append("SPILLS to local memory")
-            if r.smem_bytes > shared_memory_limit(r.arch):
-                problems.append(f"needs {r.smem_bytes} B shared memory > {shared_memory_limit(r.arch)}")
+            if r.smem_bytes + r.static_smem_bytes > shared_memory_limit(r.arch):  # what a block may have in all
+                problems.append(f"needs {r.smem_bytes} + {r.static_smem_bytes} (static) B shared memory > "
+                                f"{shared_memory_limit(r.arch)}")
             failures += bool(problems)
             print(f"{progress:>11} {r.arch:7} {r.registers:4d} {r.stack_bytes:5d} {r.spill_store_bytes:5d} "
                   f"{r.smem_bytes / 1024:8.1f}  {r.name}{'  <-- ' + '; '.join(problems) if problems else ''}",

@@ -212,10 +212,11 @@ def fp32_bwd_tiles(bucket: int, arch: str) -> tuple[int, int, int, int, int]:
 def dkdv_smem(tile: DkdvTile, dtype: str, bucket: int) -> int:
     """K and V (and, with three slots in the plain kernel, the next item's K and V, copied ahead), then the
     slots of Q and dO (twice with split fp32 tiles), then (fused_dq) two tiles' dSᵀ and two tiles' fp32 dQ
-    staging; the small row statistics are static."""
+    staging (one at d = 64); the small row statistics are static."""
     kv_buffers = 2 if tile.stages == 3 and not tile.warp_specialised else 1
     q_rows = 2 * tile.stages * tile.block_q * (2 if tile.split else 1)
-    fused = 2 * tile.block_q * (tile.block_n * ITEMSIZE[dtype] + bucket * 4) if tile.fused_dq else 0
+    staging = 1 if bucket == 64 else 2  # (flash_bwd.cu kStageBufs)
+    fused = tile.block_q * (2 * tile.block_n * ITEMSIZE[dtype] + staging * bucket * 4) if tile.fused_dq else 0
     return tiles_smem(2 * kv_buffers * tile.block_n + q_rows, dtype, bucket, tile.wgmma) + fused
 
 
@@ -237,9 +238,10 @@ def _three_stages(tile: DkdvTile, dtype: str, bucket: int) -> DkdvTile:
 
 
 # dQ accumulated in the warp-specialised dK/dV kernel (kernels/dq_accum.cuh), dense Hopper backward:
-# (query tile rows, query-tile slots). 64-row tiles give each warpgroup whole 64-column halves of dQ;
-# two slots leave room for two tiles' dSᵀ and dQ staging.
-FUSED_DQ_TILES = {128: (64, 2)}
+# (query tile rows, query-tile slots). At d = 128 64-row tiles give each warpgroup whole 64-column halves of
+# dQ, at d = 64 128-row tiles give each 64 of the rows; two slots leave room for two tiles' dSᵀ and dQ
+# staging.
+FUSED_DQ_TILES = {64: (128, 2), 128: (64, 2)}
 
 
 def dq_accumulation_pays(band: int, seqlen_q: int, kv_group: int) -> bool:
