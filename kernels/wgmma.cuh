@@ -259,6 +259,21 @@ struct WgTile {
   static constexpr unsigned block = 1024;             // from one 64-column block to the next
 };
 
+// The widest wgmma (N <= 128 here) that starts `left` columns from a product's end: products wider than 128
+// (d = 192, 256) are issued as 128-column instructions and a narrower rest.
+__host__ __device__ constexpr int wg_chunk(int left) { return left >= 128 ? 128 : left >= 64 ? 64 : left >= 32 ? 32 : 16; }
+
+// One k step of wg_mma_abt_async for B's rows from R0 on, in wg_chunk pieces (B's rows are the product's
+// columns; the next 8 rows are `group` bytes on).
+template <typename T, int R0, int N>
+__device__ __forceinline__ void abt_rows(float (&acc)[1][N / 8][4], unsigned long long a, unsigned b_rows, unsigned group,
+                                         int scale_d) {
+  constexpr int W = wg_chunk(N - R0);
+  wgmma_ss<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][R0 / 8]), a, wgmma_desc(b_rows + R0 / 8 * group, 16, group),
+                 scale_d);
+  if constexpr (R0 + W < N) abt_rows<T, R0 + W, N>(acc, a, b_rows, group, scale_d);
+}
+
 // Issue acc += A Bᵀ (FRESH: acc = A Bᵀ, its old values ignored) for the warpgroup's 64 x N tile (this
 // warp: its 16 rows): A = 64 rows at a_rows, B = N rows at b_rows, both K wide (K-major), tiles of rows
 // D elements long. A k step of 16 columns moves 32 bytes along the swizzled rows, and every 64 columns
@@ -275,8 +290,7 @@ __device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsi
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     const unsigned step = kk / 4 * L::block + kk % 4 * 32;
-    wgmma_ss<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), wgmma_desc(a_rows + step, 16, L::group),
-                   wgmma_desc(b_rows + step, 16, L::group), FRESH && kk == 0 ? 0 : 1);
+    abt_rows<T, 0, N>(acc, wgmma_desc(a_rows + step, 16, L::group), b_rows + step, L::group, FRESH && kk == 0 ? 0 : 1);
   }
   wgmma_commit();
 }
@@ -288,6 +302,17 @@ __device__ __forceinline__ void wg_a_fragments(unsigned (&a)[K / 16][4], const f
   static_assert(K % 16 == 0, "k steps of 16");
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) a_fragment<T, POSITIVE>(a[kk], p[0], kk);
+}
+
+// One k step of wg_mma_frag_b_async from column C0 on, in wg_chunk pieces (a descriptor's start address
+// counts 16-byte units: the next 64 columns, `block` bytes on, add block / 16).
+template <typename T, int C0, int N>
+__device__ __forceinline__ void frag_b_columns(float (&acc)[1][N / 8][4], const unsigned (&a)[4], unsigned long long b,
+                                               unsigned block) {
+  constexpr int W = wg_chunk(N - C0);
+  static_assert(C0 % 64 == 0 || C0 + W == N, "chunks after the first start on a 64-column block");
+  wgmma_rs<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][C0 / 8]), a, b + (C0 / 64) * (block >> 4));
+  if constexpr (C0 + W < N) frag_b_columns<T, C0 + W, N>(acc, a, b, block);
 }
 
 // Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B = K rows at b_rows (N wide from its
@@ -305,7 +330,7 @@ __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], u
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
-    wgmma_rs<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::block, L::group));
+    frag_b_columns<T, 0, N>(acc, a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::block, L::group), L::block);
   wgmma_commit();
 }
 

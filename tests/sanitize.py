@@ -62,10 +62,12 @@ def calls():
     lengths = [37, 130, 64]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
     run("varlen", *(randn(sum(lengths), 2, 64) for _ in range(3)), packed=(cu, max(lengths)), causal=True)
-    run("varlen, d=128 (dQ accumulated)", *(randn(sum(lengths), 2, 128) for _ in range(3)), packed=(cu, max(lengths)),
-        causal=True)
-    run("dense, d=128, GQA, causal (dQ accumulated)", randn(2, 200, 4, 128), randn(2, 300, 2, 128),
-        randn(2, 300, 2, 128), causal=True)
+    with override(fused_dq_short=True):  # (on Hopper; short calls take the dQ kernel by default)
+        run("varlen, d=128 (dQ accumulated)", *(randn(sum(lengths), 2, 128) for _ in range(3)),
+            packed=(cu, max(lengths)), causal=True)
+        run("dense, d=128, GQA, causal (dQ accumulated)", randn(2, 200, 4, 128), randn(2, 300, 2, 128),
+            randn(2, 300, 2, 128), causal=True)
+        run("dense, d=64, GQA (dQ accumulated)", randn(2, 200, 4, 64), randn(2, 300, 2, 64), randn(2, 300, 2, 64))
     bad = torch.tensor([-8, 100, 1000], dtype=torch.int32, device="cuda")  # clamped by the kernels to the rows
     run("varlen, offsets outside the rows", *(randn(300, 2, 64) for _ in range(3)), packed=(bad, 300), causal=True)
     if _arch.device_arch() == "sm_90a":

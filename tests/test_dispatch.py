@@ -40,7 +40,8 @@ FWD_TABLE = [
     ("sm_80", "bfloat16", 128, Flags(band=WINDOW), (128, 32, 4, 2, False)),  # a window's bounds: 32 keys
     ("sm_80", "bfloat16", 256, Flags(softcap=True), (128, 32, 8, 2, False)),  # beyond d=128: warps of 16 rows
     ("sm_80", "bfloat16", 64, Flags(mask_blocks=(64, 64)), (64, 64, 4, 2, False)),  # tiles divide the blocks
-    ("sm_90a", "bfloat16", 256, Flags(), (128, 48, 8, 2, False)),  # Hopper's shared memory: wider tiles
+    ("sm_90a", "bfloat16", 256, Flags(), (128, 48, 8, 3, True)),  # warp-specialised: 48 keys leave O its registers
+    ("sm_90a", "bfloat16", 224, Flags(), (128, 64, 8, 2, False)),  # mma.sync (wgmma tiles: whole 64-column blocks)
     ("sm_90a", "bfloat16", 128, Flags(band=CAUSAL), (128, 128, 8, 3, True)),  # warp-specialised, 3 slots
     ("sm_90a", "bfloat16", 64, Flags(short_keys=True), (128, 128, 4, 2, False)),  # short keys: mma.sync
     ("sm_90a", "bfloat16", 64, Flags(mask_blocks=(64, 128)), (64, 128, 4, 2, False)),  # 64-row blocks: mma.sync

@@ -219,8 +219,8 @@ def test_persistent_launches_in_flight_never_share_a_tile_counter():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(dtype, causal, seqlens):
-    """On Hopper the 64 and 128 buckets run kernels/flash_fwd_ws.cu; the mma.sync forward, which every other GPU
-    runs there, is checked here on the same inputs so that both families stay covered on any test GPU."""
+    """On Hopper the 64, 128 and 256 buckets run kernels/flash_fwd_ws.cu; the mma.sync forward, which every other
+    GPU runs there, is checked here on the same inputs so that both families stay covered on any test GPU."""
     with override(fwd_warp_specialised=False):
-        for head_dim in (64, 128, 112):
+        for head_dim in (64, 128, 112, 256, 200):
             check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-mma-sync"), causal)
