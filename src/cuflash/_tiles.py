@@ -90,7 +90,8 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # 1.04-1.27x of SDPA FLASH where the mma.sync forward runs at 1.04-1.11x (H100); 3 K/V slots ran 11-37%
 # faster than 2 (H200). At d=64, 373/385 against 338/325 TFLOP/s at 16K (non-causal/causal, H100). At d=256
 # O takes 128 of a consumer's 232 registers: 64-key tiles spilled in every variant with a band, ALiBi or
-# dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none.
+# dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
+# the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
 # pipeline fills and drains in a few key tiles, ran at 0.86-0.89x of it at 512 keys, 0.96-1.00x at 1K.
