@@ -9,6 +9,7 @@
 #include "block_sparse.cuh"
 #include "dropout.cuh"
 #include "mma.cuh"
+#include "score_fn.cuh"
 #include "score_mods.cuh"
 
 namespace cuflash {
@@ -54,14 +55,18 @@ __device__ __forceinline__ float query_stat(const float (&per_row)[MT][2], int m
 // in each kernel. q0 comes by reference, so that a dK/dV kernel reads it from its tile's shared fields
 // where used.
 
-// SOFTCAP (dtanh keeps the derivative for dS), ALIBI (alibi_slope() = slope / softmax_scale, called where
-// used, so that a kernel reads it only there; diag = seqlen_k - seqlen_q), SPARSE (mask_partial(s) hides
-// the scores that a partial block's bits hide).
-template <bool KEY_ROWS, bool PRECISE, bool SPARSE, bool ALIBI, bool SOFTCAP, int MT, int NT, int DM, int DN,
-          typename AlibiSlope, typename MaskPartial>
+// MOD (first: the user's score and mask functions where site() says, score_fn.cuh, called only then; dtanh
+// keeps their derivative), SOFTCAP (dtanh keeps the derivative for dS), ALIBI (alibi_slope() = slope / softmax_scale,
+// called where used, so that a kernel reads it only there; diag = seqlen_k - seqlen_q), SPARSE
+// (mask_partial(s) hides the scores that a partial block's bits hide).
+template <bool KEY_ROWS, bool PRECISE, bool SPARSE, bool ALIBI, bool SOFTCAP, bool MOD = false, int MT, int NT, int DM,
+          int DN, typename AlibiSlope, typename MaskPartial, typename Site = NoModSite>
 __device__ __forceinline__ void bwd_score_mods(float (&s)[MT][NT][4], float (&dtanh)[DM][DN][4], const int& q0, int k0,
                                                int diag, int warp_row, int lane, float softcap_mult,
-                                               const AlibiSlope& alibi_slope, const MaskPartial& mask_partial) {
+                                               const AlibiSlope& alibi_slope, const MaskPartial& mask_partial,
+                                               const Site& site = Site()) {
+  static_assert(!(MOD && SOFTCAP), "a score function writes its own cap");
+  if constexpr (MOD) apply_score_fn<KEY_ROWS, true>(s, dtanh, (KEY_ROWS ? k0 : q0) + warp_row, KEY_ROWS ? q0 : k0, site(), lane);
   if constexpr (SOFTCAP) apply_softcap<PRECISE>(s, softcap_mult, dtanh);
   if constexpr (ALIBI)  // for Sᵀ, keys are rows: -diag
     add_alibi(s, (KEY_ROWS ? k0 : q0) + warp_row, KEY_ROWS ? q0 : k0, KEY_ROWS ? -diag : diag, alibi_slope(), lane);
@@ -94,7 +99,8 @@ __device__ __forceinline__ void bwd_recompute_p(float (&s)[MT][NT][4], bool need
       }
 }
 
-// dS = P ∘ (dP − delta) (DROPOUT: P ∘ (dP ∘ M − delta), dropout_ds), times dtanh (SOFTCAP), into ds; delta
+// dS = P ∘ (dP − delta) (DROPOUT: P ∘ (dP ∘ M − delta), dropout_ds), times dtanh (SOFTCAP: tanh's derivative,
+// or a score function's), into ds; delta
 // per query as lse above. IN_PLACE: ds is dp itself, written element by element. Otherwise dS is formed in
 // a local array and then copied to ds: written through ds at once, the compiler (optimising this function
 // before inlining it) would have to keep each element's reads of p and dp behind the writes of the

@@ -205,7 +205,7 @@ struct DkdvWork {
 // SPLIT (fp32, 3xTF32): each query tile's Q and dO are split into their TF32 parts once as they arrive,
 // the rest going to a second set of slots (tile_io.cuh split_tile_tf32).
 template <typename T, int D, int DV, int BN, int BMQ, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI,
-          bool SOFTCAP, bool DROPOUT, bool WG, bool SPLIT = false>
+          bool SOFTCAP, bool DROPOUT, bool WG, bool SPLIT = false, bool MOD = false>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -218,7 +218,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                       int total_q, int total_k, long long lse_sb,
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                      unsigned* __restrict__ tile_counter, int num_items) {
+                      unsigned* __restrict__ tile_counter, int num_items, const ModArgs mod) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   using Tile = Tiles<T, D, WG>;
@@ -355,13 +355,14 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       // wait for Pᵀ also waits for the previous tile's dK product.
       if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
       Tile::template wait<WG ? 1 : 0>(p);
-      float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BMQ / 8 : 1][4];
-      bwd_score_mods<true, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
+      float dtanh[SOFTCAP || MOD ? MT : 1][SOFTCAP || MOD ? BMQ / 8 : 1][4];
+      bwd_score_mods<true, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, MOD>(
           p, dtanh, t.m0, n0, diag, warp_row, lane, softcap_mult,
           [&] { return alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale; },
           [&](float (&s)[MT][BMQ / 8][4]) {  // a partial block (bits transposed: rows are keys): hidden -> -inf
             if (t.slot >= 0) mask_partial_block(s, lists, t.slot, key_in_block + warp_row, t.offset, seqlen_q - t.m0, lane);
-          });
+          },
+          [&] { return ModSite{mod, w.b, w.hk * kv_group + t.g, seqlen_q, seqlen_k}; });
       const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
                               (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
       bwd_recompute_p<true, ElemTraits<T>::is_f32, false>(p, needs_mask, t.m0, n0, seqlen_q, seqlen_k, band, warp_row,
@@ -379,7 +380,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
       // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
       float ds[MT][BMQ / 8][4];
-      bwd_probs_to_ds<DROPOUT, SOFTCAP, false>(ds, p, dp, dtanh, s_delta[stat], dropout.keep_scale, lane);
+      bwd_probs_to_ds<DROPOUT, SOFTCAP || MOD, false>(ds, p, dp, dtanh, s_delta[stat], dropout.keep_scale, lane);
       Tile::template mma_pb<MT, BMQ, DV, false, kRest>(acc_dk, ds, q_tile, c0, lane);
       if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
         Tile::template wait<0>(acc_dk);
@@ -438,7 +439,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                          const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                          int total_q, int total_k, long long lse_sb,
                          long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                         unsigned* __restrict__ tile_counter, int num_items) {
+                         unsigned* __restrict__ tile_counter, int num_items, const ModArgs /* mod */) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
@@ -688,8 +689,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 // three-warpgroup tiles do not have: ptxas then serialises the products, 11% slower on the H100.)
 // SPLIT (fp32, 3xTF32): each key tile's K and V are split into their TF32 parts once as they arrive,
 // the rest going to a second set of slots (tile_io.cuh split_tile_tf32).
+// MOD: the user's score and mask functions (score_fn.cuh); MOD == 2: instead of dQ, store dS with respect
+// to the function's value for the gradients of captured arrays (launched beside the backward when needed).
 template <typename T, int D, int BM, int BN, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool WG, bool SPLIT = false>
+          bool DROPOUT, bool WG, bool SPLIT = false, int MOD = 0>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -703,7 +706,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                     int total_q, int total_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                    unsigned* /* tile_counter */, int /* num_items: persistent kernels */) {
+                    unsigned* /* tile_counter */, int /* num_items: persistent kernels */, const ModArgs mod) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
   using Tile = Tiles<T, D, WG>;
@@ -814,13 +817,14 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
-    float dtanh[SOFTCAP ? MT : 1][SOFTCAP ? BN / 8 : 1][4];
-    bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP>(
+    float dtanh[SOFTCAP || MOD ? MT : 1][SOFTCAP || MOD ? BN / 8 : 1][4];  // (MOD: 1, or 2 to store dS too)
+    bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, MOD != 0>(
         p, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
         [&](float (&s)[MT][BN / 8][4]) {  // a partial block: hidden scores become -inf, so p = 0 below
           if (t.slot >= 0)
             mask_partial_block(s, lists, t.slot, m0 % lists.row_block + warp_row, t.offset, seqlen_k - n0, lane);
-        });
+        },
+        [&] { return ModSite{mod, b, h, seqlen_q, seqlen_k}; });
     const bool needs_mask = n0 + BN > seqlen_k || (BAND && !band.covers(m0, m0 + BM - 1, n0, n0 + BN - 1));
     bwd_recompute_p<false, ElemTraits<T>::is_f32, false>(p, needs_mask, m0, n0, seqlen_q, seqlen_k, band, warp_row,
                                                          lane, softmax_scale, row_lse);
@@ -829,9 +833,15 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     Tile::template wait<0>(dp);
     float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
     bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, p, dp, dtanh, row_delta, dropout.keep_scale, lane);
+    if constexpr (MOD == 2) {  // dS with respect to the function's value (captured arrays' gradients), no dQ
+      store_dscore(ds, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
+      continue;
+    }
+    if constexpr (MOD != 0) for_each_element<MT, BN / 8>([&](int mt, int nt, int c) { ds[mt][nt][c] *= dtanh[mt][nt][c]; });
     Tile::template mma_pb<MT, BN, D, false, kRest>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
+  if constexpr (MOD == 2) return;
   // dQ goes out through this warp's own rows of sQ. With no key tile, Q (copied by every thread) may
   // still be landing there: wait for all of it.
   cp_async_wait<0>();
@@ -864,7 +874,8 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
                        const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
                        const int* __restrict__ cu_seqlens_k,
                        int total_q, int total_k, long long lse_sb, long long lse_sh, const BlockLists lists,
-                       const DropoutArgs dropout, unsigned* __restrict__ tile_counter, int num_items) {
+                       const DropoutArgs dropout, unsigned* __restrict__ tile_counter, int num_items,
+                       const ModArgs /* mod */) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");

@@ -25,8 +25,9 @@ struct FwdTile {
 // the full softmax, before dropout.
 // SPLIT (fp32, 3xTF32): K and V tiles are split into their TF32 parts once as they arrive, the rest
 // going to a second set of slots, instead of by every warp for every fragment (tile_io.cuh).
+// MOD: the user's score and mask functions (score_fn.cuh) with their captured values `mod`.
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT, bool SPLIT = false>
+          bool DROPOUT, bool SPLIT = false, bool MOD = false>
 __global__ void __launch_bounds__(WARPS * 32, SPARSE || ALIBI || SOFTCAP || DROPOUT ? 1 : 0)  // 0: the tuned dense tiles
 flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                  float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -37,7 +38,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  const float* __restrict__ alibi_slopes, long long alibi_sb, const int* __restrict__ cu_seqlens_q,
                  const int* __restrict__ cu_seqlens_k, int total_q, int total_k, long long lse_sb, long long lse_sh,
                  const BlockLists lists,
-                 const DropoutArgs dropout, unsigned* /* tile_counter */, int /* num_tiles: persistent kernels */) {
+                 const DropoutArgs dropout, unsigned* /* tile_counter */, int /* num_tiles: persistent kernels */,
+                 const ModArgs mod) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   using Smem = Tiles<T, D, false>;
@@ -129,9 +131,10 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
       if constexpr (SPARSE)
         mask_partial_block(s, lists, at.slot, m0 % lists.row_block + warp_row, at.offset, seqlen_k - n0, lane);
     };
-    scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT>(acc_s, acc_o, softmax, at, mask_partial, band, m0,
-                                                                   warp_row, n0, seqlen_k, alibi_slope,
-                                                                   softcap_mult, scale_log2, rng, lane);
+    const ModSite site{mod, blk.b, blk.h, seqlen_q, seqlen_k};
+    scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT, false, MOD>(
+        acc_s, acc_o, softmax, at, mask_partial, band, m0, warp_row, n0, seqlen_k, alibi_slope, softcap_mult,
+        scale_log2, rng, lane, nullptr, &site);
     Smem::template mma_pb<MT, BN, D, false, kRest>(acc_o, acc_s, smem_addr(sV) + slot * kv_slot_bytes, 0, lane);
     Smem::template wait<0>(acc_o);
   }
@@ -145,6 +148,35 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                        o + out_blk.b * o_sb + out_blk.h * o_sh + (seq.q_start + out_m0 + warp_row) * o_ss, o_ss,
                        lse + out_blk.b * lse_sb + out_blk.h * lse_sh + seq.q_start, out_m0 + warp_row, seqlen_q,
                        head_dim, softmax_scale, DROPOUT ? dropout.keep_scale : 1.f, lane);
+}
+
+}  // namespace cuflash
+
+namespace cuflash {
+
+// Learnable attention sinks (gpt-oss): per query head a logit that joins every softmax row without a
+// value. After the forward, each row's LSE becomes LSE' = log(e^LSE + e^sink) and its O is scaled by
+// e^(LSE - LSE'); the backward needs nothing else (it recomputes P from LSE', and delta from the scaled O).
+// A warp per row: (batch, head, query) from the flat row index, as lse lies (dense (batch, nheads, seqlen),
+// packed (nheads, total) with batch 1).
+template <typename T>
+__global__ void __launch_bounds__(128)
+flash_fwd_sinks_kernel(T* __restrict__ o, float* __restrict__ lse, const float* __restrict__ sinks, long long o_sb,
+                       long long o_ss, long long o_sh, long long lse_sb, long long lse_sh, int seqlen, int nheads,
+                       int head_dim, long long rows) {
+  const long long row = blockIdx.x * 4ll + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32, i = static_cast<int>(row % seqlen);
+  const long long bh = row / seqlen;
+  const int h = static_cast<int>(bh % nheads), b = static_cast<int>(bh / nheads);
+  float* at = lse + b * lse_sb + h * lse_sh + i;
+  const float old = *at, sink = sinks[h], top = fmaxf(old, sink);
+  const float now = top + logf(expf(old - top) + expf(sink - top));  // old = -inf (no key): the sink alone
+  const float factor = expf(old - now);
+  __syncwarp();
+  if (lane == 0) *at = now;
+  T* orow = o + b * o_sb + h * o_sh + i * o_ss;
+  for (int c = lane; c < head_dim; c += 32) orow[c] = static_cast<T>(static_cast<float>(orow[c]) * factor);
 }
 
 }  // namespace cuflash

@@ -23,7 +23,7 @@ constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // mbarrier.cu
 // and its Q (once both consumers have issued their last Q Kᵀ) land while the consumers finish the
 // current tile, so no block waits on its first copies, as a fresh block would.
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
-          bool DROPOUT>
+          bool DROPOUT, bool MOD = false>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
 flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                     float* __restrict__ lse, long long q_sb, long long q_ss, long long q_sh, long long k_sb,
@@ -34,7 +34,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                     int total_q, int total_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                    unsigned* __restrict__ tile_counter, int num_tiles) {
+                    unsigned* __restrict__ tile_counter, int num_tiles, const ModArgs mod) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
@@ -166,9 +166,10 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           if (it == n_blocks - 1 && lane == 0) mbar_arrive(&q_empty);  // the producer may load the next Q
           const int n0 = tiles.first_key(lists, it, at);
           auto mask_partial = [&](float (&s)[1][BN / 8][4]) { bits.apply(s, at.offset, seqlen_k - n0, lane); };
-          scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT, OVERLAP>(
+          const ModSite site{mod, w.b, w.h, w.seq.seqlen_q, seqlen_k};
+          scores_to_probs<BM, BN, BAND, SPARSE, ALIBI, SOFTCAP, DROPOUT, OVERLAP, MOD>(
               acc_s, acc_o, softmax, at, mask_partial, band, m0, warp_row, n0, seqlen_k, alibi_slope, softcap_mult,
-              scale_log2, w.rng, lane, &rescale);
+              scale_log2, w.rng, lane, &rescale, &site);
         }
         if (PV && OVERLAP) {  // (likewise)
           wg_wait<0>(acc_o);

@@ -7,6 +7,7 @@
 #include "dropout.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
+#include "score_fn.cuh"
 #include "score_mods.cuh"
 #include "softmax.cuh"
 #include "tile_mma.cuh"
@@ -157,15 +158,21 @@ __device__ __forceinline__ void produce_key_tiles(const KeyTiles<BN, BAND, SPARS
 // (which may rescale acc_o), and DROPOUT: after the row sums have taken P, dropped entries of P are
 // zeroed (dropout.cuh); O is scaled by 1 / keep probability in the epilogue.
 // DEFER_RESCALE: O's rescale goes into `deferred` instead (OnlineSoftmax::update<true>).
+// MOD: first of all the user's score and mask functions (score_fn.cuh) where `site` says.
 template <int BM, int BN, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP, bool DROPOUT, bool DEFER_RESCALE = false,
-          int MT, int OT, bool PRECISE, typename MaskPartial>
+          bool MOD = false, int MT, int OT, bool PRECISE, typename MaskPartial>
 __device__ __forceinline__ void scores_to_probs(float (&acc_s)[MT][BN / 8][4], float (&acc_o)[MT][OT][4],
                                                 OnlineSoftmax<MT, PRECISE>& softmax, const SparseTile& at,
                                                 const MaskPartial& mask_partial, const Band<BAND>& band, int m0,
                                                 int warp_row,
                                                 int n0, int seqlen_k, float alibi_slope, float softcap_mult,
                                                 float scale_log2, const DropoutRng& rng, int lane,
-                                                typename OnlineSoftmax<MT, PRECISE>::Rescale* deferred = nullptr) {
+                                                typename OnlineSoftmax<MT, PRECISE>::Rescale* deferred = nullptr,
+                                                const ModSite* site = nullptr) {
+  if constexpr (MOD) {
+    float no_grad[1][1][4];
+    apply_score_fn<false, false>(acc_s, no_grad, m0 + warp_row, n0, *site, lane);
+  }
   if constexpr (SOFTCAP) apply_softcap<PRECISE>(acc_s, softcap_mult);
   if constexpr (ALIBI) add_alibi(acc_s, m0 + warp_row, n0, band.diag, alibi_slope, lane);
   auto in_range = [&](int i, int j) { return j < seqlen_k && (!BAND || band.visible(i, j)); };

@@ -12,6 +12,7 @@
 #pragma once
 #include "block_sparse.cuh"  // BlockLists
 #include "dropout.cuh"       // DropoutArgs
+#include "score_fn.cuh"      // ModArgs
 
 namespace cuflash {
 
@@ -57,6 +58,24 @@ struct FwdParams {
   DropoutArgs dropout;
   unsigned* __restrict__ tile_counter;  // persistent (warp-specialised) kernel: (next tile, blocks exited)
   int num_tiles;
+  ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
+};
+
+// flash_fwd_sinks_kernel (flash_fwd.cu): a sink logit per head joins the softmax after the forward.
+template <typename T>
+struct FwdSinksParams {
+  T* __restrict__ o;
+  float* __restrict__ lse;
+  const float* __restrict__ sinks;
+  long long o_sb;
+  long long o_ss;
+  long long o_sh;
+  long long lse_sb;
+  long long lse_sh;
+  int seqlen;             // rows per (batch, head): seqlen_q, or total_q for packed sequences
+  int nheads;
+  int head_dim;
+  long long rows;         // batch x nheads x seqlen
 };
 
 // flash_bwd_preprocess_kernel: delta = rowsum(dO * O).
@@ -130,6 +149,7 @@ struct BwdDkdvParams {
   DropoutArgs dropout;
   unsigned* __restrict__ tile_counter;
   int num_items;
+  ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
 };
 
 // flash_bwd_dq_convert_kernel: dq = dq_accum * softmax_scale.
@@ -196,6 +216,7 @@ struct BwdDqParams {
   DropoutArgs dropout;
   unsigned* __restrict__ tile_counter;
   int num_items;
+  ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
 };
 
 }  // namespace cuflash

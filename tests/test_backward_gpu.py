@@ -131,7 +131,8 @@ def test_custom_op_opcheck():
         args = (q[0], k[0], v[0], cu, cu, 34, 34) if packed else (q, k, v, None, None, 64, 64)
         for dropout in ((0.0, None), (0.1, 5)):
             torch.library.opcheck(torch.ops.cuflash.flash_attn_fwd.default,
-                                  (*args, 0.125, True, None, None, None, 0.0, *dropout, -1, -1, False),
+                                  (*args, 0.125, True, None, None, None, 0.0, *dropout, -1, -1, False, "", [], None,
+                                   None),
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -20,7 +20,8 @@ def values(variant, packed):
     """Launch values by field name (nested structs as tuples)."""
     out, i = {}, 0
     for name, code in param_struct(variant.params).fields:
-        n = {"BlockLists": len(_dispatch.NO_LISTS), "DropoutArgs": len(_dispatch.NO_DROPOUT)}.get(code, 1)
+        n = {"BlockLists": len(_dispatch.NO_LISTS), "DropoutArgs": len(_dispatch.NO_DROPOUT),
+             "ModArgs": len(_dispatch.NO_MOD)}.get(code, 1)
         out[name] = packed[i] if n == 1 else packed[i:i + n]
         i += n
     assert i == len(packed)

@@ -7,8 +7,8 @@ import pytest
 
 from cuflash import _compile, _params
 
-STRUCTS = ("FwdParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BwdDqConvertParams", "BlockLists",
-           "DropoutArgs")
+STRUCTS = ("FwdParams", "FwdSinksParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BwdDqConvertParams", "BlockLists",
+           "DropoutArgs", "ModArgs", "MaskBlocksParams")
 
 
 def kernel_param_layout(cubin: bytes, kernel: str) -> list[tuple[int, int]]:
@@ -76,21 +76,24 @@ def test_every_field_is_read_with_its_type():
 def test_every_kernel_takes_its_struct_field_for_field():
     """Each kernel's parameter list is its family's struct, field for field (types and order), so the values
     _params packs by field name land where the kernel reads them."""
-    from cuflash import _dispatch
+    from cuflash import _dispatch, _mask_blocks
     from cuflash._tiles import Flags
 
     kernels = [*_dispatch.choose_bwd("bfloat16", 128, Flags(mask_blocks=(128, 128)), "sm_90a"),
                *_dispatch.choose_bwd("float16", 64, Flags(band=1), "sm_80"),
                *_dispatch.choose_bwd("bfloat16", 128, Flags(), "sm_90a")[1:],  # dQ accumulated, then converted
-               _dispatch.choose_fwd("bfloat16", 128, Flags(), "sm_90a"), _dispatch.choose_fwd("float16", 96)]
+               _dispatch.choose_fwd("bfloat16", 128, Flags(), "sm_90a"), _dispatch.choose_fwd("float16", 96),
+               _dispatch.FwdSinksVariant("bfloat16"), _mask_blocks.MaskBlocksVariant(128, 128, True, "")]
     assert {v.name.split("<")[0] for v in kernels} == {
         "cuflash::flash_bwd_preprocess_kernel", "cuflash::flash_bwd_dkdv_ws_kernel", "cuflash::flash_bwd_dq_ws_kernel",
         "cuflash::flash_bwd_dkdv_kernel", "cuflash::flash_bwd_dq_kernel", "cuflash::flash_fwd_ws_kernel",
-        "cuflash::flash_fwd_kernel", "cuflash::flash_bwd_dq_convert_kernel"}
+        "cuflash::flash_fwd_kernel", "cuflash::flash_bwd_dq_convert_kernel", "cuflash::flash_fwd_sinks_kernel",
+        "cuflash::mask_blocks_kernel"}
     sources, checks = set(), []
     for v in kernels:
         element = v.name.split("<")[1].split(",")[0].rstrip(">")
-        types = ", ".join(t.replace("T*", f"{element}*") for t in _params.c_types(v.params))
+        header = _params.param_struct(v.params).header
+        types = ", ".join(t.replace("T*", f"{element}*") for t in _params.c_types(v.params, header))
         checks.append(f"static_assert(same<decltype({v.name}), void({types})>::value, \"{v.name}\");")
         sources.add(v.source)
     source = "".join(f'#include "{s}"\n' for s in sorted(sources))

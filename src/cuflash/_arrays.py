@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import _bridge, _dispatch, _engine, _options, _problem, _sparse
+from . import _bridge, _dispatch, _engine, _options, _problem, _score_fn, _sparse
 from ._bridge import DeviceArray
 
 
@@ -26,21 +26,22 @@ def _describe_alibi(alibi_slopes) -> DeviceArray | None:
 
 
 def _inputs(q, k, v, softmax_scale, causal, window, softcap, dropout_p, alibi_slopes, block_mask, lists,
-            cu_seqlens, max_seqlen):
+            cu_seqlens, max_seqlen, score_mod=None, mask_mod=None):
     """(problem, q, k, v, launch inputs) of a call: the engine's keyword arguments but dropout."""
     qa, ka, va = _describe_all(((q, "q"), (k, "k"), (v, "v")))
     alibi = _describe_alibi(alibi_slopes)
+    fn = _score_fn.score_fn(score_mod, mask_mod)
     cu = None if cu_seqlens is None else tuple(_describe_all(zip(cu_seqlens, ("cu_seqlens_q", "cu_seqlens_k"))))
     p = _problem.build(qa, ka, va, softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p,
                        causal=causal, window=window, alibi=alibi, block_mask=block_mask,
                        mask_blocks=None if lists is None else (lists[1].block_m, lists[1].block_n),
-                       cu_seqlens=cu, max_seqlen=max_seqlen)
+                       cu_seqlens=cu, max_seqlen=max_seqlen, score_fn=fn)
     if block_mask is not None:
         buffer, layout = _sparse.device_lists(block_mask, p.causal, p.nheads // p.nheads_k, qa.device,
                                               "torch" if qa.framework == "torch" else "cupy")
         lists = _bridge.describe(buffer, "block_mask").ptr, layout
     launch = dict(lists=lists, cu_seqlens=None if cu is None else (cu[0].ptr, cu[1].ptr),
-                  alibi=None if alibi is None else (alibi.ptr, p.alibi_sb))
+                  alibi=None if alibi is None else (alibi.ptr, p.alibi_sb), score_fn=fn)
     return p, qa, ka, va, launch
 
 
@@ -58,17 +59,26 @@ def dropout_fields(p: _problem.Problem, rng) -> tuple:
 
 
 def forward(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0, rng=None,
-            alibi_slopes=None, block_mask=None, lists=None, cu_seqlens=None, max_seqlen=None):
+            alibi_slopes=None, block_mask=None, lists=None, cu_seqlens=None, max_seqlen=None, score_mod=None,
+            mask_mod=None, sinks=None):
     """(out, lse) of the attention. A block mask comes as block_mask, or already on the device as lists =
     (pointer, _sparse.PackedLayout); rng = the dropout's (seed, offset); window: the kernels' band.
-    Packed sequences: cu_seqlens = (cu_seqlens_q, cu_seqlens_k), max_seqlen = (max_seqlen_q, max_seqlen_k)."""
+    Packed sequences: cu_seqlens = (cu_seqlens_q, cu_seqlens_k), max_seqlen = (max_seqlen_q, max_seqlen_k).
+    score_mod, mask_mod: cuflash.ScoreMod, cuflash.MaskMod; sinks: float32 (nheads,) logits joining every
+    softmax row (the lse returned includes them)."""
     p, qa, ka, va, launch = _inputs(q, k, v, softmax_scale, causal, window, softcap, dropout_p, alibi_slopes,
-                                    block_mask, lists, cu_seqlens, max_seqlen)
+                                    block_mask, lists, cu_seqlens, max_seqlen, score_mod, mask_mod)
     dropout = dropout_fields(p, rng)
+    sink_ptr = 0
+    if sinks is not None:
+        sinks_a = _bridge.describe(sinks, "sinks")
+        _problem.check_sinks(sinks_a, qa, p.nheads)
+        sink_ptr = sinks_a.ptr
     options = _options.current()
     out, out_a = _bridge.empty(qa, qa.shape, qa.dtype, options.poison_outputs)
     lse, lse_a = _bridge.empty(qa, p.lse_shape, "float32", options.poison_outputs)
-    _engine.forward(p, qa, ka, va, out_a, lse_a, _bridge.current_stream(qa), options, dropout=dropout, **launch)
+    _engine.forward(p, qa, ka, va, out_a, lse_a, _bridge.current_stream(qa), options, dropout=dropout, sinks=sink_ptr,
+                    **launch)
     if qa.framework == "dlpack":  # hand back what the caller can consume
         return out_a.obj, lse_a.obj
     return out, lse
@@ -76,14 +86,16 @@ def forward(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softc
 
 def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0,
              dropout_p=0.0, rng=None, alibi_slopes=None, block_mask=None, lists=None, cu_seqlens=None,
-             max_seqlen=None, deterministic=False):
+             max_seqlen=None, deterministic=False, score_mod=None, mask_mod=None, score_grads=False):
     """(dq, dk, dv) from the forward's output and log-sum-exp; the other arguments as for forward.
-    deterministic: bitwise reproducible gradients (dQ from its own kernel, never accumulated by atomics)."""
+    deterministic: bitwise reproducible gradients (dQ from its own kernel, never accumulated by atomics).
+    score_grads: also return dS with respect to the score function's value, float32 (batch, nheads,
+    seqlen_q, seqlen_k) (per sequence for packed batches), for its captured arrays' gradients."""
     if _bridge.framework_of(q) == "jax":
         raise TypeError("q: for JAX arrays use jax.grad of cuflash.flash_attn_func")
     doa = _bridge.describe(dout, "dout")  # the first argument is checked first
     p, qa, ka, va, launch = _inputs(q, k, v, softmax_scale, causal, window, softcap, dropout_p, alibi_slopes,
-                                    block_mask, lists, cu_seqlens, max_seqlen)
+                                    block_mask, lists, cu_seqlens, max_seqlen, score_mod, mask_mod)
     oa, la = _describe_all(((out, "out"), (softmax_lse, "softmax_lse")))
     _problem.check_backward(p, qa, doa, oa, la)
     dropout = dropout_fields(p, rng)
@@ -92,8 +104,12 @@ def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=Fals
         options = dataclasses.replace(options, fused_dq=False)
     grads = [_bridge.empty(qa, a.shape, qa.dtype, options.poison_outputs) for a in (qa, ka, va)]
     _, workspace = _bridge.empty(qa, (_engine.bwd_workspace_floats(p, qa.device, options),), "float32")
-    _engine.backward(p, qa, ka, va, doa, oa, la, workspace, *(g for _, g in grads), _bridge.current_stream(qa), options,
-                     dropout=dropout, **launch)
+    if score_grads:
+        if not p.mod:
+            raise ValueError("score_grads: needs a score_mod")
+        grads.append(_bridge.empty(qa, p.dscore_shape, "float32"))
+    _engine.backward(p, qa, ka, va, doa, oa, la, workspace, *(g for _, g in grads[:3]), _bridge.current_stream(qa),
+                     options, dropout=dropout, dscore=grads[3][1] if score_grads else None, **launch)
     if qa.framework == "dlpack":
         return tuple(g.obj for _, g in grads)
     return tuple(g for g, _ in grads)

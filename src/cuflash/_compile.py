@@ -22,6 +22,9 @@ from pathlib import Path
 from ._arch import device_arch
 
 
+USER_HEADER = "cuflash_user_mod.cuh"  # the user's score functions, in memory (kernels/score_fn.cuh, _score_fn.py)
+
+
 class CompileError(RuntimeError):
     """NVRTC rejected a kernel; the message carries NVRTC's log."""
 
@@ -92,18 +95,20 @@ class CompiledKernel:
 
 
 def compile_kernel(source: str, name: str, arch: str, verbose: bool = False,
-                   kernels: Path | None = None) -> CompiledKernel:
+                   kernels: Path | None = None, user_header: str | None = None) -> CompiledKernel:
     """Compile one template instance of kernels/<source> (or of another folder's) to a cubin with NVRTC
-    (no GPU needed)."""
+    (no GPU needed); user_header: the user's score functions (_score_fn.py), compiled in from memory."""
     from cupy.cuda import nvrtc
 
     kernels = kernels or kernels_dir()
     code = (kernels / source).read_text()
-    prog = nvrtc.createProgram(code, source, [], [])
+    headers = ([user_header.encode()], [USER_HEADER.encode()]) if user_header else ([], [])
+    prog = nvrtc.createProgram(code, source, *headers)
     try:
         nvrtc.addNameExpression(prog, name)
+        options = nvrtc_options(arch, verbose, kernels) + (["-DCUFLASH_USER_MOD"] if user_header else [])
         try:
-            nvrtc.compileProgram(prog, nvrtc_options(arch, verbose, kernels))
+            nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError as e:
             log = nvrtc.getProgramLog(prog)
             raise CompileError(f"NVRTC failed to compile {name} from {source} for {arch}: {e}\n{log}") from None
@@ -133,10 +138,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cache_key(source: str, name: str, arch: str, kernels: Path | None = None) -> str:
+def cache_key(source: str, name: str, arch: str, kernels: Path | None = None, user_header: str | None = None) -> str:
     kernels = kernels or kernels_dir()
     parts = [_sources_digest(kernels), source, name, arch, " ".join(nvrtc_options(arch, kernels=kernels)),
-             nvrtc_version()]
+             nvrtc_version(), user_header or ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
@@ -166,17 +171,18 @@ def _read_entry(cubin_path: Path, meta_path: Path) -> tuple[bytes, str] | None:
     return cubin, meta["lowered_name"]
 
 
-def cached_cubin(source: str, name: str, arch: str, rebuild: bool = False) -> tuple[bytes, str]:
+def cached_cubin(source: str, name: str, arch: str, rebuild: bool = False,
+                 user_header: str | None = None) -> tuple[bytes, str]:
     """(cubin, lowered name) for (source, name, arch): from the disk cache when its entry is whole, else
     compiled and written back (rebuild=True: compiled whatever the cache holds). An unwritable cache
     folder costs a warning, once, and the kernels are compiled in memory."""
-    key = cache_key(source, name, arch)
+    key = cache_key(source, name, arch, user_header=user_header)
     folder = cache_dir()
     cubin_path, meta_path = folder / f"{key}.cubin", folder / f"{key}.json"
     entry = None if rebuild else _read_entry(cubin_path, meta_path)
     if entry is not None:
         return entry
-    compiled = compile_kernel(source, name, arch)
+    compiled = compile_kernel(source, name, arch, user_header=user_header)
     meta = {"name": name, "arch": arch, "lowered_name": compiled.lowered_name, "size": len(compiled.cubin),
             "sha256": hashlib.sha256(compiled.cubin).hexdigest()}
     try:
@@ -208,7 +214,7 @@ class Kernel:
     module: object
 
 
-_loaded: dict[tuple[str, str, int], Kernel] = {}
+_loaded: dict[tuple[str, str, int, str | None], Kernel] = {}
 
 
 def _load(cubin: bytes, lowered: str, smem_bytes: int) -> Kernel:
@@ -223,10 +229,10 @@ def _load(cubin: bytes, lowered: str, smem_bytes: int) -> Kernel:
     return Kernel(func.ptr, module)
 
 
-def get_kernel(source: str, name: str, smem_bytes: int, device_id: int) -> Kernel:
+def get_kernel(source: str, name: str, smem_bytes: int, device_id: int, user_header: str | None = None) -> Kernel:
     """The kernel loaded on a device, compiled or read from the cache once per process. A cached cubin the
-    driver rejects is compiled again and its entry replaced."""
-    key = (source, name, device_id)
+    driver rejects is compiled again and its entry replaced. user_header: as compile_kernel's."""
+    key = (source, name, device_id, user_header)
     kernel = _loaded.get(key)
     if kernel is None:
         import cupy
@@ -234,11 +240,11 @@ def get_kernel(source: str, name: str, smem_bytes: int, device_id: int) -> Kerne
 
         arch = device_arch(device_id)
         with cupy.cuda.Device(device_id):
-            cubin, lowered = cached_cubin(source, name, arch)
+            cubin, lowered = cached_cubin(source, name, arch, user_header=user_header)
             try:
                 kernel = _load(cubin, lowered, smem_bytes)
             except CUDADriverError:
-                cubin, lowered = cached_cubin(source, name, arch, rebuild=True)
+                cubin, lowered = cached_cubin(source, name, arch, rebuild=True, user_header=user_header)
                 kernel = _load(cubin, lowered, smem_bytes)
         _loaded[key] = kernel
     return kernel

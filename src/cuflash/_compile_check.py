@@ -51,8 +51,8 @@ def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def resource_report(source: str, name: str, arch: str, smem_bytes: int) -> ResourceReport:
-    compiled = compile_kernel(source, name, arch, verbose=True)
+def resource_report(source: str, name: str, arch: str, smem_bytes: int, user_header: str | None = None) -> ResourceReport:
+    compiled = compile_kernel(source, name, arch, verbose=True, user_header=user_header)
     info = parse_ptxas_log(compiled.log).get(compiled.lowered_name)
     if info is None or "registers" not in info:
         raise CompileError(f"no ptxas resource report for {name} ({arch}):\n{compiled.log}")
@@ -96,7 +96,8 @@ def compile_check(archs=("sm_80", "sm_90a"), jobs: int | None = None, out=sys.st
           flush=True)
     print(f"{'done':>11} {'arch':7} {'regs':>4} {'stack':>5} {'spill':>5} {'smem KiB':>8}  kernel", file=out)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_report_job, (v.source, v.name, arch, v.smem_bytes)): (v, arch) for v, arch in pairs}
+        futures = {pool.submit(_report_job, (v.source, v.name, arch, v.smem_bytes, getattr(v, "user_header", None))):
+                   (v, arch) for v, arch in pairs}
         for fut in as_completed(futures):
             variant, arch = futures[fut]
             done += 1

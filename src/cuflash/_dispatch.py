@@ -6,11 +6,12 @@ fill the family's parameter struct (kernels/params.cuh, read by _params.py) by f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
 
-from . import _tiles
+from . import _score_fn, _tiles
 from ._options import Options
 from ._params import fields, no_fields, param_struct
 from ._tiles import BANDS, DTYPES, HEAD_DIM_BUCKETS, MASK_BLOCKS, NO_BAND, Flags, head_dim_bucket
@@ -41,6 +42,7 @@ class FwdVariant:
     dropout: bool = False  # drops scores with the in-kernel RNG (kernels/dropout.cuh)
     warp_specialised: bool = False  # flash_fwd_ws.cu: `warps` consumers and a producer warpgroup, wgmma
     split: bool = False  # fp32: K and V split into TF32 parts once per tile, in a second set of slots
+    mod: str = ""  # a user score function's digest (_score_fn.py): its header is compiled in
     params = "FwdParams"
 
     @property
@@ -56,7 +58,13 @@ class FwdVariant:
         head = (f"cuflash::flash_fwd{'_ws' if self.warp_specialised else ''}_kernel<{_CUDA_TYPE[self.dtype]}, "
                 f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.warps}, {self.stages}, {self.band}, ")
         flags = _flags(self.sparse, self.alibi, self.softcap, self.dropout)
+        if self.mod:  # (the warp-specialised kernel has no SPLIT)
+            return head + flags + ("" if self.warp_specialised else f", {_flags(self.split)}") + ", true>"
         return head + flags + (", true" if self.split else "") + ">"
+
+    @property
+    def user_header(self) -> str | None:
+        return _score_fn.HEADERS[self.mod] if self.mod else None
 
     @property
     def threads(self) -> int:
@@ -75,9 +83,9 @@ class FwdVariant:
         return _describe(self, f"{self.block_m} queries x {self.block_n} keys", "K/V")
 
 
-class _SmallBwdKernel:
-    """A small kernel of flash_bwd.cu (128 threads, no dynamic shared memory, one block per tile): its
-    template instance from kernel and template_args(), its one-line description from `what`."""
+class _SmallKernel:
+    """A small kernel (128 threads, no dynamic shared memory, one block per tile) of flash_bwd.cu or `source`:
+    its template instance from kernel and template_args(), its one-line description from `what`."""
 
     source = "flash_bwd.cu"
     threads = 128
@@ -93,7 +101,21 @@ class _SmallBwdKernel:
 
 
 @dataclass(frozen=True)
-class BwdPreprocessVariant(_SmallBwdKernel):
+class FwdSinksVariant(_SmallKernel):
+    """After the forward, a sink logit per head joins every softmax row (kernels/flash_fwd.cu)."""
+
+    dtype: str
+    source = "flash_fwd.cu"
+    kernel = "flash_fwd_sinks_kernel"
+    params = "FwdSinksParams"
+    what = "LSE' = log(e^LSE + e^sink), O *= e^(LSE - LSE'), a warp per row"
+
+    def template_args(self):
+        return (_CUDA_TYPE[self.dtype],)
+
+
+@dataclass(frozen=True)
+class BwdPreprocessVariant(_SmallKernel):
     dtype: str
     kernel = "flash_bwd_preprocess_kernel"
     params = "BwdPreprocessParams"
@@ -115,7 +137,13 @@ class _BwdVariant:
     alibi: bool = False
     softcap: bool = False
     dropout: bool = False
+    mod: str = ""  # a user score function's digest (_score_fn.py): its header is compiled in
     source = "flash_bwd.cu"
+    mod_flag = "true"  # the kernel's MOD template argument
+
+    @property
+    def user_header(self) -> str | None:
+        return _score_fn.HEADERS[self.mod] if self.mod else None
 
     def __getattr__(self, name):  # the tile's block sizes, warps, stages, wgmma, warp_specialised, split
         if name == "tile":
@@ -132,6 +160,8 @@ class _BwdVariant:
         tail = "" if ws else f", {_flags(self.tile.wgmma)}{', true' if self.tile.split else ''}"
         if getattr(self.tile, "fused_dq", False):
             tail = ", true"
+        if self.mod:  # (plain kernels only)
+            tail = f", {_flags(self.tile.wgmma, self.tile.split)}, {self.mod_flag}"
         return (f"cuflash::{kernel}{'_ws' if ws else ''}_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{', '.join(map(str, args))}, {self.band}, {flags}{tail}>")
 
@@ -160,7 +190,7 @@ class BwdDkdvVariant(_BwdVariant):
 
 
 @dataclass(frozen=True)
-class BwdDqConvertVariant(_SmallBwdKernel):
+class BwdDqConvertVariant(_SmallKernel):
     """dq = dq_accum * scale after a dK/dV kernel that accumulated dQ (kernels/dq_accum.cuh)."""
 
     dtype: str
@@ -176,6 +206,11 @@ class BwdDqConvertVariant(_SmallBwdKernel):
 @dataclass(frozen=True)
 class BwdDqVariant(_BwdVariant):
     params = "BwdDqParams"
+    score_grads: bool = False  # with mod: only store dS for captured arrays' gradients, no dQ (MOD == 2)
+
+    @property
+    def mod_flag(self) -> str:
+        return "2" if self.score_grads else "1"
 
     @property
     def persistent(self) -> bool:
@@ -231,7 +266,7 @@ def choose_fwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "s
     bucket = head_dim_bucket(head_dim, dtype)
     t = _tiles.fwd_tile(arch, dtype, bucket, flags, options)
     return FwdVariant(dtype, bucket, t.block_m, t.block_n, t.warps, t.stages, *_mods(flags),
-                      warp_specialised=t.warp_specialised, split=t.split)
+                      warp_specialised=t.warp_specialised, split=t.split, mod=flags.mod)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,8 +276,17 @@ def choose_bwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "s
     the accumulated dQ where the dK/dV kernel accumulates it (its tile's fused_dq)."""
     bucket = head_dim_bucket(head_dim, dtype)
     dkdv, dq = _tiles.bwd_tiles(arch, dtype, bucket, flags, options)
-    third = BwdDqConvertVariant(dtype, bucket) if dkdv.fused_dq else BwdDqVariant(dtype, bucket, dq, *_mods(flags))
-    return BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, dkdv, *_mods(flags)), third
+    third = (BwdDqConvertVariant(dtype, bucket) if dkdv.fused_dq
+             else BwdDqVariant(dtype, bucket, dq, *_mods(flags), mod=flags.mod))
+    return BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, dkdv, *_mods(flags), mod=flags.mod), third
+
+
+def choose_dscore(dtype: str, head_dim: int, flags: Flags, arch: str = "sm_80", options: Options = DEFAULT_OPTIONS):
+    """The kernel that stores dS with respect to a score function's value (for captured arrays' gradients):
+    the dQ kernel's instance with MOD == 2, on the tiles of the two-kernel backward's dQ kernel."""
+    bucket = head_dim_bucket(head_dim, dtype)
+    _, dq = _tiles.bwd_tiles(arch, dtype, bucket, flags, dataclasses.replace(options, fused_dq=False))
+    return BwdDqVariant(dtype, bucket, dq, *_mods(flags), mod=flags.mod, score_grads=True)
 
 
 DQ_ACCUM_ROWS = 64  # query rows of a dQ accumulator tile (kernels/dq_accum.cuh kDqTileRows)
@@ -289,6 +333,7 @@ def all_variants(arch: str = "sm_80") -> list:
             _, dkdv, dq = choose_bwd(dt, d, flags, arch)
             out += [BwdDkdvVariant(dt, bucket, _tiles.ws_dkdv_tile(dkdv.tile, bucket, flags, True), *_mods(flags)),
                     BwdDqVariant(dt, bucket, _tiles.ws_dq_tile(dq.tile, bucket, True, True), *_mods(flags))]
+    out += [FwdSinksVariant(dt) for dt in DTYPES]
     return list(dict.fromkeys(out))  # fp32's coarser buckets repeat variants
 
 
@@ -302,6 +347,7 @@ def spill_allowance(variant) -> int:
 NO_ALIBI = (0, 0)
 NO_LISTS = no_fields("BlockLists")  # what dense kernels get
 NO_DROPOUT = (0, 0, 0, 0, 1.0)
+NO_MOD = no_fields("ModArgs")  # what kernels without a score function get
 PREPROCESS_ROWS = 4  # rows per thread of the backward's preprocess kernel (kernels/flash_bwd.cu kRows)
 
 
@@ -330,7 +376,7 @@ def _put_strides(fields: dict, **arrays) -> None:
         fields[sb], fields[ss], fields[sh] = strides[0], strides[1], strides[2]
 
 
-def _common_fields(p, alibi, varlen, dropout) -> dict:
+def _common_fields(p, alibi, varlen, dropout, mod=NO_MOD) -> dict:
     """The fields the forward, dK/dV and dQ kernels share. Fixed lengths have no cu_seqlens and a log-sum-exp
     (batch, nheads, seqlen_q); varlen = (cu_seqlens_q pointer, cu_seqlens_k pointer, total_q, total_k): packed
     sequences, whose log-sum-exp is (nheads, total_q), and whose offsets the kernels clamp to the rows."""
@@ -345,7 +391,7 @@ def _common_fields(p, alibi, varlen, dropout) -> dict:
             "kv_group": p.nheads // p.nheads_k, "head_dim": p.head_dim, "window_left": window_left,
             "window_right": window_right, "softmax_scale": softmax_scale, "softcap_mult": softcap_mult,
             "alibi_slopes": alibi[0], "alibi_sb": alibi[1], "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
-            "total_q": total_q, "total_k": total_k, "lse_sb": lse_sb, "lse_sh": lse_sh, "dropout": dropout}
+            "total_q": total_q, "total_k": total_k, "lse_sb": lse_sb, "lse_sh": lse_sh, "dropout": dropout, "mod": mod}
 
 
 def row_tiles(seqlen: int, tile: int, lists: tuple) -> int:
@@ -367,22 +413,36 @@ def _check_grid(blocks: int) -> None:
 
 
 def fwd_launch(variant: FwdVariant, p, q, k, v, o, lse_ptr: int, lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI,
-               varlen=None, dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1)):
+               varlen=None, dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1), mod: tuple = NO_MOD):
     """(blocks, threads, FwdParams values) for the forward kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim). The
     grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid dimension
     can pass 65535. A persistent kernel: persistent = (its tile counter, the most blocks resident at
-    once); its grid is at most that.
+    once); its grid is at most that. mod: ModArgs' fields (_score_fn.ScoreFn.args).
     """
     num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     tiles = num_m_blocks * p.batch * p.nheads
     _check_grid(tiles)
-    fields = _common_fields(p, alibi, varlen, dropout)
+    fields = _common_fields(p, alibi, varlen, dropout, mod)
     fields.update(q=q[0], k=k[0], v=v[0], o=o[0], lse=lse_ptr, num_m_blocks=num_m_blocks, lists=lists,
                   tile_counter=persistent[0], num_tiles=tiles)
     _put_strides(fields, q=q, k=k, v=v, o=o)
     blocks = min(tiles, persistent[1]) if variant.persistent else tiles
+    return blocks, variant.threads, param_struct(variant.params).pack(fields)
+
+
+def sinks_launch(variant: FwdSinksVariant, p, o, lse_ptr: int, sinks_ptr: int):
+    """(blocks, threads, FwdSinksParams values) of the sinks' pass over the forward's o and lse; o as for
+    fwd_launch (packed arrays batched, batch stride 0)."""
+    seqlen, batch, (lse_sb, lse_sh) = ((p.packed[0], 1, (0, p.packed[0])) if p.packed
+                                      else (p.seqlen_q, p.batch, (p.nheads * p.seqlen_q, p.seqlen_q)))
+    rows = batch * p.nheads * seqlen
+    blocks = -(-rows // 4)
+    _check_grid(blocks)
+    fields = dict(o=o[0], lse=lse_ptr, sinks=sinks_ptr, lse_sb=lse_sb, lse_sh=lse_sh, seqlen=seqlen, nheads=p.nheads,
+                  head_dim=p.head_dim, rows=rows)
+    _put_strides(fields, o=o)
     return blocks, variant.threads, param_struct(variant.params).pack(fields)
 
 
@@ -396,14 +456,16 @@ def preprocess_row_lanes(head_dim: int, dtype: str) -> int:
 def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, dq, dk, dv,
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
                  dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1),
-                 persistent_dq: tuple[int, int] = (0, 1), dq_accum_ptr: int = 0):
+                 persistent_dq: tuple[int, int] = (0, 1), dq_accum_ptr: int = 0, mod: tuple = NO_MOD,
+                 dscore: tuple | None = None):
     """[(variant, blocks, threads, values)] for the three backward kernels, in launch order.
 
     Arrays as for fwd_launch; lse and delta are contiguous float32 (batch, nheads, seqlen_q) buffers, or
     (nheads, total_q) with varlen (packed arrays come with batch stride 0). The dK/dV kernel is always
     persistent, the dQ kernel when warp-specialised: persistent and persistent_dq = (tile counter, the
     blocks the GPU holds at once). A dK/dV kernel that accumulates dQ does so at dq_accum_ptr (zeros, rows
-    as lse's of head_dim-bucket floats), and the third launch converts it into dq.
+    as lse's of head_dim-bucket floats), and the third launch converts it into dq. dscore = (variant,
+    ModArgs' fields with its buffer): a fourth launch stores dS for captured arrays' gradients (choose_dscore).
     """
     pre, dkdv, dqv = variants
     # delta_i = rowsum(dO_i * O_i) for every query row; packed sequences are one batch of total_q rows.
@@ -416,7 +478,7 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
                   "head_dim": p.head_dim, "blocks_per_bh": blocks_per_bh, "row_lanes": lanes}
         _put_strides(fields, do=dout, o=out)
         launches.append((pre, pre_batch * p.nheads * blocks_per_bh, pre.threads, param_struct(pre.params).pack(fields)))
-    common = _common_fields(p, alibi, varlen, dropout)
+    common = _common_fields(p, alibi, varlen, dropout, mod)
     common.update(q=q[0], k=k[0], v=v[0], dout=dout[0], lse=lse_ptr, delta=delta_ptr)
     _put_strides(common, q=q, k=k, v=v, do=dout)
     num_n_blocks = -(-p.seqlen_k // dkdv.block_n)  # in order: the first key tiles of a causal mask are the heaviest
@@ -438,13 +500,20 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
             _put_strides(fields, dq=dq)
             launches.append((dqv, blocks, dqv.threads, param_struct(dqv.params).pack(fields)))
         return launches
+    launches += _dq_launch(dqv, p, common, dq, query_lists, persistent_dq)
+    if dscore is not None:
+        launches += _dq_launch(dscore[0], p, dict(common, mod=dscore[1]), dq, query_lists, (0, 1))
+    return launches
+
+
+def _dq_launch(dqv, p, common: dict, dq, query_lists: tuple, persistent_dq: tuple[int, int]) -> list:
     num_m_blocks = row_tiles(p.seqlen_q, dqv.block_m, query_lists)
     items = num_m_blocks * p.batch * p.nheads
-    if items:
-        _check_grid(items)
-        fields = dict(common, dq=dq[0], num_m_blocks=num_m_blocks, lists=query_lists, tile_counter=persistent_dq[0],
-                      num_items=items)
-        _put_strides(fields, dq=dq)
-        launches.append((dqv, min(items, persistent_dq[1]) if dqv.persistent else items, dqv.threads,
-                         param_struct(dqv.params).pack(fields)))
-    return launches
+    if not items:
+        return []
+    _check_grid(items)
+    fields = dict(common, dq=dq[0], num_m_blocks=num_m_blocks, lists=query_lists, tile_counter=persistent_dq[0],
+                  num_items=items)
+    _put_strides(fields, dq=dq)
+    return [(dqv, min(items, persistent_dq[1]) if dqv.persistent else items, dqv.threads,
+             param_struct(dqv.params).pack(fields))]

@@ -32,8 +32,9 @@ def _seq(p: Problem, cu_seqlens):
 
 def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray,
             stream: int, options: Options, *, lists=None, alibi=None, cu_seqlens=None,
-            dropout: tuple = _dispatch.NO_DROPOUT) -> None:
-    """Write out and lse (a contiguous float32 buffer of p.lse_shape) for problem p."""
+            dropout: tuple = _dispatch.NO_DROPOUT, score_fn=None, sinks: int = 0) -> None:
+    """Write out and lse (a contiguous float32 buffer of p.lse_shape) for problem p (score_fn: the
+    _score_fn.ScoreFn whose digest p.mod names; sinks: a pointer to float32 (nheads,) sink logits, or 0)."""
     if p.empty:
         return
     arch = _arch.kernel_arch(q.device, options.wgmma)
@@ -43,8 +44,21 @@ def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: Dev
     blocks, threads, values = _dispatch.fwd_launch(
         variant, p, *_arrays(q, k, v, out), lse.ptr,
         _dispatch.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
-        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent)
-    _launch_on(q.device, [(variant, blocks, threads, values, persistent[0])], stream)
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent, _mod_args(p, score_fn))
+    launches = [(variant, blocks, threads, values, persistent[0])]
+    if sinks:
+        sink_variant = _dispatch.FwdSinksVariant(p.dtype)
+        launches.append((sink_variant, *_dispatch.sinks_launch(sink_variant, p, *_arrays(out), lse.ptr, sinks), 0))
+    _launch_on(q.device, launches, stream)
+
+
+def _mod_args(p: Problem, score_fn) -> tuple:
+    """ModArgs' fields: the score function's captured values and the softmax scale it applies."""
+    if not p.mod:
+        return _dispatch.NO_MOD
+    if score_fn is None or score_fn.digest != p.mod:
+        raise ValueError("score_fn: the problem names a score function that was not passed")
+    return score_fn.args(p.softmax_scale)
 
 
 def _lse_numel(p: Problem) -> int:
@@ -63,9 +77,11 @@ def bwd_workspace_floats(p: Problem, device: int, options: Options) -> int:
 def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: DeviceArray, out: DeviceArray,
              lse: DeviceArray, workspace: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
              options: Options, *, lists=None, alibi=None, cu_seqlens=None,
-             dropout: tuple = _dispatch.NO_DROPOUT) -> None:
+             dropout: tuple = _dispatch.NO_DROPOUT, score_fn=None, dscore: DeviceArray | None = None) -> None:
     """Write dq, dk, dv for problem p; workspace is a float32 buffer of bwd_workspace_floats (one of only
-    lse's size gets the dQ kernel instead of an accumulator)."""
+    lse's size gets the dQ kernel instead of an accumulator). dscore: a float32 p.dscore_shape buffer that a
+    fourth kernel fills with dS with respect to the score function's value (zeros where skipped), for the
+    gradients of its captured arrays."""
     arch = _arch.kernel_arch(q.device, options.wgmma)
     variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
     accum_at, accum_floats = _dispatch.dq_accum_floats(variants, p, _lse_numel(p))
@@ -83,10 +99,15 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     k, v, dk, dv = (p.batched(a, "k") for a in (k, v, dk, dv))
     pre_variant, dkdv_variant, dq_variant = variants
     persistent = {x: _persistent(x, q.device, options) for x in (dkdv_variant, dq_variant)}
+    dscore_launch = None
+    if dscore is not None:
+        dscore_variant = _dispatch.choose_dscore(p.dtype, p.head_dim, p.flags(options), arch, options)
+        dscore_launch = (dscore_variant, score_fn.args(p.softmax_scale, (dscore.ptr, *dscore.strides[:3])))
+        _zero_async(q.device, dscore.ptr, 4 * math.prod(dscore.shape), stream)
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
         alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant],
-        workspace.ptr + 4 * accum_at if accum_floats else 0)
+        workspace.ptr + 4 * accum_at if accum_floats else 0, _mod_args(p, score_fn), dscore_launch)
     launches = [(*x, persistent.get(x[0], (0, 1))[0]) for x in launches]
     for variant, (counter, _) in persistent.items():  # a kernel with nothing to do gives its counter back
         if counter and not any(x[0] is variant for x in launches):
@@ -94,6 +115,7 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     pre = [x for x in launches if x[0] is pre_variant]
     dkdv = [x for x in launches if x[0] is dkdv_variant]
     dq_launch = [x for x in launches if x[0] is dq_variant]
+    dkdv += [x for x in launches if dscore_launch and x[0] is dscore_launch[0]]  # after the preprocess's delta
     if accum_floats:  # the accumulator starts at zero; dQ's conversion follows the dK/dV kernel
         _zero_async(q.device, workspace.ptr + 4 * accum_at, 4 * accum_floats, stream)
     if accum_floats or not options.bwd_side_stream:
@@ -116,7 +138,8 @@ _launchers: dict = {}
 def _launcher(variant, device: int) -> Launcher:
     launcher = _launchers.get((variant, device))
     if launcher is None:
-        kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device)
+        kernel = _compile.get_kernel(variant.source, variant.name, variant.smem_bytes, device,
+                                     getattr(variant, "user_header", None))
         launcher = _launchers[(variant, device)] = Launcher(kernel, param_struct(variant.params))
     return launcher
 

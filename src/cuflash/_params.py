@@ -16,7 +16,8 @@ from ._compile import kernels_dir
 # C field types -> struct-module codes (native alignment, as the kernels' ABI on x86-64 and aarch64).
 _SCALARS = {"long long": "q", "unsigned long long": "Q", "int": "i", "unsigned": "I", "float": "f"}
 _FIELD = re.compile(r"^\s*(?:const\s+)?([A-Za-z_][\w\s]*?)\s*(\*)?\s*(?:const\s+)?(?:__restrict__\s+)?(\w+)\s*;")
-_NESTED_HEADERS = {"BlockLists": "block_sparse.cuh", "DropoutArgs": "dropout.cuh"}
+_NESTED_HEADERS = {"BlockLists": "block_sparse.cuh", "DropoutArgs": "dropout.cuh", "ModArgs": "score_fn.cuh",
+                   "MaskBlocksParams": "score_fn.cuh"}
 
 
 def _struct_body(text: str, name: str) -> list[str]:

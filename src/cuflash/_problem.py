@@ -35,6 +35,7 @@ class Problem:
     alibi_sb: int | None = None  # ALiBi slopes' batch stride (0: shared by the batch); None: no ALiBi
     mask_blocks: tuple[int, int] | None = None  # (block_m, block_n) of a block mask
     packed: tuple[int, int] | None = None  # (total_q, total_k) rows of packed sequences; None: dense
+    mod: str = ""  # the digest of the user's score and mask functions (_score_fn.py); "": none
 
     @property
     def alibi(self) -> bool:
@@ -56,7 +57,10 @@ class Problem:
 
     def kernel_scales(self) -> tuple[float, float]:
         """(softmax scale, softcap multiplier) as the kernels take them: with a softcap the kernels
-        compute tanh(Q Kᵀ * scale / cap) and run the softmax with scale cap."""
+        compute tanh(Q Kᵀ * scale / cap) and run the softmax with scale cap; with a score function, which
+        takes the scale itself (kernels/score_fn.cuh ModArgs), on the function's values with scale 1."""
+        if self.mod:
+            return 1.0, 0.0
         if self.softcap:
             return self.softcap, self.softmax_scale / self.softcap
         return self.softmax_scale, 0.0
@@ -65,7 +69,8 @@ class Problem:
         """What the tile policy needs to know of this call (a block mask holds causal and any window)."""
         return Flags(NO_BAND if self.mask_blocks else self.band, self.mask_blocks, self.alibi, self.softcap > 0,
                      self.dropout_p > 0, short_keys(self.dtype, self.head_dim, self.seqlen_k, options),
-                     options.fused_dq_short or dq_accumulation_pays(self.band, self.seqlen_q, self.nheads // self.nheads_k))
+                     options.fused_dq_short or dq_accumulation_pays(self.band, self.seqlen_q, self.nheads // self.nheads_k),
+                     mod=self.mod)
 
     @property
     def empty(self) -> bool:
@@ -83,6 +88,12 @@ class Problem:
         if self.packed:
             return self.packed[1], self.nheads_k, self.head_dim
         return self.batch, self.seqlen_k, self.nheads_k, self.head_dim
+
+    @property
+    def dscore_shape(self) -> tuple[int, ...]:
+        """dS with respect to a score function's value: (batch, nheads, seqlen_q, seqlen_k), per sequence of a
+        packed batch (its longest lengths)."""
+        return self.batch, self.nheads, self.seqlen_q, self.seqlen_k
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
@@ -228,14 +239,19 @@ def _check_cu_seqlens(cu_q: DeviceArray, cu_k: DeviceArray, q: DeviceArray) -> N
                          f"and {cu_k.shape[0]}")
 
 
+def _check_float32_beside_q(a: DeviceArray, q: DeviceArray, name: str) -> None:
+    """A float32 array on q's device and framework (ALiBi slopes, sinks)."""
+    if a.device is None:
+        raise TypeError(f"{name} must be on a CUDA device, got a {a.framework} array in host memory")
+    if a.framework != q.framework or a.device != q.device:
+        raise ValueError(f"{name} must be a {q.framework} array on cuda:{q.device} like q")
+    if a.dtype != "float32":
+        raise TypeError(f"{name}.dtype must be float32, got {a.dtype}")
+
+
 def check_alibi(alibi: DeviceArray, q: DeviceArray, batch: int, nheads: int) -> int:
     """Validate float32 ALiBi slopes of shape (nheads,) or (batch, nheads); their batch stride."""
-    if alibi.device is None:
-        raise TypeError(f"alibi_slopes must be on a CUDA device, got a {alibi.framework} array in host memory")
-    if alibi.framework != q.framework or alibi.device != q.device:
-        raise ValueError(f"alibi_slopes must be a {q.framework} array on cuda:{q.device} like q")
-    if alibi.dtype != "float32":
-        raise TypeError(f"alibi_slopes.dtype must be float32, got {alibi.dtype}")
+    _check_float32_beside_q(alibi, q, "alibi_slopes")
     if alibi.shape not in ((nheads,), (batch, nheads)):
         raise ValueError(f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
                          f"({batch}, {nheads}), got {alibi.shape}")
@@ -244,15 +260,23 @@ def check_alibi(alibi: DeviceArray, q: DeviceArray, batch: int, nheads: int) -> 
     return alibi.strides[0] if alibi.ndim == 2 and batch > 1 else 0
 
 
+def check_sinks(sinks: DeviceArray, q: DeviceArray, nheads: int) -> None:
+    """Validate float32 sink logits of shape (nheads,), contiguous, on q's device."""
+    _check_float32_beside_q(sinks, q, "sinks")
+    if sinks.shape != (nheads,) or (nheads > 1 and sinks.strides != (1,)):
+        raise ValueError(f"sinks must be a contiguous (nheads,) = ({nheads},) array, got shape {sinks.shape} "
+                         f"strides {sinks.strides}")
+
+
 def build(q: DeviceArray, k: DeviceArray, v: DeviceArray, *, softmax_scale=None, softcap=0.0, dropout_p=0.0,
           causal=False, window=(-1, -1), alibi: DeviceArray | None = None, block_mask=None,
           mask_blocks: tuple[int, int] | None = None, cu_seqlens: tuple[DeviceArray, DeviceArray] | None = None,
-          max_seqlen: tuple[int, int] | None = None) -> Problem:
+          max_seqlen: tuple[int, int] | None = None, score_fn=None) -> Problem:
     """The Problem of a call, validated. Dense: q (batch, seqlen_q, nheads, d), k and v (batch, seqlen_k,
     nheads_k, d). Packed: q (total_q, nheads, d), k and v (total_k, nheads_k, d), with cu_seqlens =
     (cu_seqlens_q, cu_seqlens_k) and max_seqlen = (max_seqlen_q, max_seqlen_k). window is the kernels' band
     (a block mask's window is inside the mask); block_mask a cuflash.BlockMask, or mask_blocks its (block_m,
-    block_n) where it was checked and put on the device already."""
+    block_n) where it was checked and put on the device already; score_fn a _score_fn.ScoreFn."""
     if cu_seqlens is None:
         _check_ndim(((q, "q"), (k, "k"), (v, "v")), 4)
         packed, qb, kb, vb = None, q, k, v
@@ -272,9 +296,18 @@ def build(q: DeviceArray, k: DeviceArray, v: DeviceArray, *, softmax_scale=None,
     if block_mask is not None:
         _sparse.check_mask(block_mask, batch, nheads, seqlen_q, seqlen_k)
         mask_blocks = (block_mask.block_m, block_mask.block_n)
+    softcap = resolve_softcap(softcap)
+    if score_fn is not None:
+        if softcap:
+            raise ValueError("softcap: with a score_mod, write the cap into the snippet (e.g. "
+                             "cuflash.ScoreMod('cap * tanhf(score / cap)', grad=..., cap=30.0))")
+        if score_fn.device() not in (None, q.device):
+            raise ValueError(f"score_mod/mask_mod: captured arrays must be on cuda:{q.device} like q, got "
+                             f"cuda:{score_fn.device()}")
     return Problem(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, q.dtype,
-                   resolve_scale(softmax_scale, head_dim), resolve_softcap(softcap), check_dropout(dropout_p),
-                   bool(causal), _sparse.check_window(window), alibi_sb, mask_blocks, packed)
+                   resolve_scale(softmax_scale, head_dim), softcap, check_dropout(dropout_p),
+                   bool(causal), _sparse.check_window(window), alibi_sb, mask_blocks, packed,
+                   score_fn.digest if score_fn is not None else "")
 
 
 def check_backward(p: Problem, q: DeviceArray, dout: DeviceArray, out: DeviceArray, lse: DeviceArray) -> None:

@@ -56,6 +56,7 @@ class Flags:
     dropout: bool = False
     short_keys: bool = False  # fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket
     long_queries: bool = True  # enough query rows for accumulating dQ to pay (dq_accumulation_pays)
+    mod: str = ""  # the digest of a user score function (_score_fn.py): mma.sync kernels, tiles as softcap's
 
     @property
     def sparse(self) -> bool:
@@ -93,6 +94,8 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
 # the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
+# Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
+WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
 # pipeline fills and drains in a few key tiles, ran at 0.86-0.89x of it at 512 keys, 0.96-1.00x at 1K.
 WS_FWD_MIN_SEQLEN_K = {64: 2048}
@@ -124,8 +127,11 @@ def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options)
     """The forward's kernel and tile for a call."""
     ws = WS_FWD_TILES.get(bucket) if options.fwd_warp_specialised else None
     if (arch == "sm_90a" and dtype != "float32" and ws and not flags.short_keys
+            and not (flags.mod and bucket > 128)  # a score function at d = 256 spilled (48-56 bytes)
             and (not flags.sparse or flags.mask_blocks[0] % ws[0] == 0)):
         block_m, block_n, warps, stages = ws
+        if flags.mod:
+            block_n = WS_FWD_MOD_BLOCK_N[bucket]
         if flags.sparse:
             block_n = _divides(block_n, flags.mask_blocks[1])
         return FwdTile(block_m, block_n, warps, stages, warp_specialised=True)
@@ -144,6 +150,8 @@ def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options)
         else:  # the RNG's registers and a window's bounds tip d = 128 over at 48 keys
             block_n = min(block_n, 32 if flags.softcap or (bucket == 128 and (flags.dropout or flags.band == WINDOW))
                           else 64)
+    if flags.mod and block_m > 16 * warps:  # a score function's captured views and positions: warps of 16 rows
+        warps = block_m // 16
     if flags.sparse:
         block_n = _divides(block_n, flags.mask_blocks[1])
     return FwdTile(block_m, block_n, warps, stages, split=dtype == "float32" and fp32_split_tiles(bucket, arch))
@@ -268,7 +276,7 @@ def fused_dq_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> D
     `tile`."""
     fused = FUSED_DQ_TILES.get(bucket)
     if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split and flags.long_queries
-            and not (flags.sparse or flags.softcap or flags.dropout)):
+            and not (flags.sparse or flags.softcap or flags.mod or flags.dropout)):
         return tile
     block_q, stages = fused
     return dataclasses.replace(tile, block_q=block_q, warps=8, stages=stages, warp_specialised=True,
@@ -308,11 +316,11 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
         (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
         # No registers left on the widest dK/dV tiles for a mask, window, tanh or RNG (ALiBi's bias fits).
-        if flags.sparse or flags.softcap or flags.dropout or flags.band == WINDOW:
+        if flags.sparse or flags.softcap or flags.mod or flags.dropout or flags.band == WINDOW:
             block_q = min(block_q, 64)
         # dQ: tanh and the RNG take two warpgroups on 64-key tiles (three spill with tanh); a block mask
         # (whose blocks 192 rows do not divide) or a window takes two warpgroups on 128-key tiles.
-        if flags.softcap or flags.dropout:
+        if flags.softcap or flags.mod or flags.dropout:
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif flags.sparse or flags.band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
@@ -320,10 +328,10 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
     if dtype == "float32":
         block_n, block_q, splits, dq_m, dq_n = fp32_bwd_tiles(bucket, arch)
         warps, dq_warps = block_n // 16, dq_m // 16
-    if flags.softcap or (flags.dropout and flags.alibi):  # tanh's derivative or the RNG: half the query rows
-        block_q = max(16, block_q // 2)
-    if flags.dropout and (flags.alibi or flags.softcap):  # likewise in the dQ kernel: half the keys
-        dq_n = min(dq_n, 32)
+    if flags.softcap or flags.mod or (flags.dropout and flags.alibi):  # a score function's derivative or the RNG:
+        block_q = max(16, block_q // 2)                                # half the query rows
+    if flags.dropout and (flags.alibi or flags.softcap or flags.mod):  # likewise in the dQ kernel: half the keys
+        dq_n = min(dq_n, 32 if bucket <= 128 or not flags.mod else 16)  # (a score function at d = 256: 16)
     if flags.sparse:  # kernel tiles divide the mask's blocks
         mask_m, mask_n = flags.mask_blocks
         block_n, block_q = _divides(block_n, mask_n), _divides(block_q, mask_m)
@@ -333,7 +341,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
     dkdv = _three_stages(DkdvTile(block_n, block_q, warps, splits, wgmma=wgmma, split=split), dtype, bucket)
     dkdv = fused_dq_tile(dkdv, bucket, flags, options.fused_dq)
     dq = DqTile(dq_m, dq_n, dq_warps, wgmma=wgmma, split=split)
-    if flags.sparse:
+    if flags.sparse and not flags.mod:
         dkdv = ws_dkdv_tile(dkdv, bucket, flags, options.dkdv_warp_specialised)
         dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised)
     return dkdv, dq

@@ -13,7 +13,7 @@ from . import _arrays, _bridge, _headdim, _options, _problem, _sparse
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, block_mask=None,
-                    dropout_seed=None):
+                    dropout_seed=None, score_mod=None, mask_mod=None, sinks=None):
     """Exact attention softmax(q k^T * scale) v, computed without materialising the score matrix.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
@@ -37,15 +37,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (out, softmax_lse, rng_state), softmax_lse float32 of shape (batch, nheads, seqlen_q) and
     rng_state the (seed, offset) the dropout used (None without dropout), which flash_attn_backward
     takes. A query row that can see no key gives zeros and a log-sum-exp of -inf.
+    score_mod: a cuflash.ScoreMod, a CUDA snippet that changes each scaled score (before ALiBi; the
+    log-sum-exp is that of the changed scores); mask_mod: a cuflash.MaskMod, a CUDA snippet that says
+    which (query, key) pairs attend. Both are compiled into the kernels; their captured values are launch
+    arguments (with JAX, Python scalars are static: a new value traces again, and still compiles no kernel).
+    sinks: float32 (nheads,) learnable attention sinks (gpt-oss): each head's logit joins every softmax row
+    without a value; the log-sum-exp returned includes it, and PyTorch and JAX give its gradient.
     """
     return _attention(q, k, v, None, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs, block_mask, dropout_seed)
+                      deterministic, return_attn_probs, block_mask, dropout_seed, score_mod, mask_mod, sinks)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, *, block_mask=None, dropout_seed=None,
-                           check_inputs=False):
+                           check_inputs=False, score_mod=None, mask_mod=None, sinks=None):
     """Attention over each of a batch of packed sequences of different lengths.
 
     Sequences are concatenated along the first dimension: q is (total_q, nheads, headdim), k and v
@@ -60,17 +66,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     with batch 1 or one entry per sequence; its indices count from each sequence's first query and key.
     Dropout numbers each sequence's scores from its own first row and key, with the sequence's index as
     its batch index. Returns out (total_q, nheads, headdim), or (out, softmax_lse, rng_state) with
-    softmax_lse (nheads, total_q).
+    softmax_lse (nheads, total_q). score_mod and mask_mod see b as the sequence's index and q, kv as
+    positions inside it.
     """
     _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _attention(q, k, v, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), dropout_p, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_mask,
-                      dropout_seed)
+                      dropout_seed, score_mod, mask_mod, sinks)
 
 
 def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, block_mask=None,
-                        rng_state=None):
+                        rng_state=None, score_mod=None, mask_mod=None):
     """Gradients (dq, dk, dv) of flash_attn_func's output, from the saved output and log-sum-exp.
 
     dout, out: like q; softmax_lse: float32 (batch, nheads, seqlen_q), contiguous, as returned by
@@ -83,19 +90,19 @@ def flash_attn_backward(dout, q, k, v, out, softmax_lse, *, dropout_p=0.0, softm
     and JAX users differentiate flash_attn_func instead).
     """
     return _backward(dout, q, k, v, out, softmax_lse, None, None, dropout_p, softmax_scale, causal, window_size,
-                     softcap, alibi_slopes, deterministic, block_mask, rng_state)
+                     softcap, alibi_slopes, deterministic, block_mask, rng_state, score_mod, mask_mod)
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, *, dropout_p=0.0, softmax_scale=None, causal=False,
                                window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                               block_mask=None, rng_state=None, check_inputs=False):
+                               block_mask=None, rng_state=None, check_inputs=False, score_mod=None, mask_mod=None):
     """(dq, dk, dv) of flash_attn_varlen_func, from its output and log-sum-exp (nheads, total_q); the
     arguments as for flash_attn_backward and flash_attn_varlen_func."""
     _check_offsets(q, k, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k), check_inputs)
     return _backward(dout, q, k, v, out, softmax_lse, (cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k),
                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, block_mask,
-                     rng_state)
+                     rng_state, score_mod, mask_mod)
 
 
 def _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask):
@@ -124,12 +131,16 @@ def _check_offsets(q, k, cu_seqlens, max_seqlen, check_inputs: bool) -> None:
 
 
 def _attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-               alibi_slopes, deterministic, return_attn_probs, block_mask, dropout_seed):
+               alibi_slopes, deterministic, return_attn_probs, block_mask, dropout_seed, score_mod, mask_mod, sinks=None):
     dropout_p = _problem.check_dropout(dropout_p)
     block_mask, causal, window = _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask)
     call = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask,
                 deterministic=_problem.check_flag(deterministic, "deterministic"))
+    if score_mod is not None or mask_mod is not None:
+        call.update(score_mod=score_mod, mask_mod=mask_mod)
+    if sinks is not None:
+        call.update(sinks=sinks)
     padded = _headdim.needs_padding(q, k, v, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call)
@@ -147,7 +158,7 @@ def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
 
         out, lse = cf_jax.attention(q, k, v, softmax_scale=softmax_scale, dropout_seed=dropout_seed, **call)
         return (out, lse, None) if return_attn_probs else out
-    if framework == "torch" and _bridge.torch_needs_grad(q, k, v):
+    if framework == "torch" and _bridge.torch_needs_grad(q, k, v, call.get("sinks")):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (torch.compile traces this: no data pointers here).
@@ -161,12 +172,13 @@ def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
 
 
 def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-              window_size, softcap, alibi_slopes, deterministic, block_mask, rng_state):
+              window_size, softcap, alibi_slopes, deterministic, block_mask, rng_state, score_mod, mask_mod):
     dropout_p = _problem.check_dropout(dropout_p)
     block_mask, causal, window = _resolve_masks(q, k, cu_seqlens, max_seqlen, causal, window_size, block_mask)
     call = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_mask=block_mask, rng=rng_state,
-                deterministic=_problem.check_flag(deterministic, "deterministic"))
+                deterministic=_problem.check_flag(deterministic, "deterministic"), score_mod=score_mod,
+                mask_mod=mask_mod)
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _arrays.backward(dout, q, k, v, out, softmax_lse, softmax_scale=softmax_scale, **call)

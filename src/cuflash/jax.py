@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from . import _dispatch, _engine, _options, _problem, _sparse
+from . import _dispatch, _engine, _options, _problem, _score_fn, _sparse
 from ._bridge import DeviceArray, contiguous_strides
 
 
@@ -37,10 +37,11 @@ def _buffer(buf, dtype: str) -> DeviceArray:
     return DeviceArray(ptr, shape, contiguous_strides(shape), dtype, device, "jax", buf)
 
 
-def _launch_inputs(p: _problem.Problem, extras, layout) -> dict:
+def _launch_inputs(p: _problem.Problem, extras, layout, mod=None, sinks=False) -> dict:
     """The engine's keyword arguments from a callback's extra operands, in this order: cu_seqlens_q and
     cu_seqlens_k (int32, packed problems), the block mask's lists (int32, when layout is not None), the
-    ALiBi slopes (float32), then the dropout RNG state (uint32 (4,), see _dropout_state)."""
+    ALiBi slopes (float32), the dropout RNG state (uint32 (4,), see _dropout_state), the score functions'
+    captured arrays (mod = ScoreFn.launch_key() and their dtypes), then the sinks (float32, forward only)."""
     extras = list(extras)
     cu_seqlens = None
     if p.packed:
@@ -50,7 +51,24 @@ def _launch_inputs(p: _problem.Problem, extras, layout) -> dict:
     dropout = _dispatch.NO_DROPOUT
     if p.dropout_p:
         dropout = _dispatch.dropout_args(p.dropout_p, state_ptr=_buffer(extras.pop(0), "uint32").ptr)
-    return dict(lists=lists, alibi=alibi, cu_seqlens=cu_seqlens, dropout=dropout)
+    inputs = dict(lists=lists, alibi=alibi, cu_seqlens=cu_seqlens, dropout=dropout)
+    if mod is not None:
+        (digest, strides, scalars), dtypes = mod
+        ptrs = [_buffer(extras.pop(0), dt).ptr for dt in dtypes]
+        inputs["score_fn"] = _LaunchedScoreFn(digest, _score_fn.mod_args(ptrs, strides, scalars, p.softmax_scale))
+    if sinks:
+        inputs["sinks"] = _buffer(extras.pop(0), "float32").ptr
+    return inputs
+
+
+@dataclasses.dataclass
+class _LaunchedScoreFn:
+    """A score function as the engine takes it (digest, args), with the pointers of a callback's buffers."""
+    digest: str
+    launch_args: tuple
+
+    def args(self, softmax_scale: float) -> tuple:
+        return self.launch_args
 
 
 def _dropout_state(dropout_seed):
@@ -72,7 +90,7 @@ def _dropout_state(dropout_seed):
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_callable(p: _problem.Problem, layout, options: _options.Options):
+def _fwd_callable(p: _problem.Problem, layout, options: _options.Options, mod=None, sinks: bool = False):
     import jax
 
     try:
@@ -87,14 +105,14 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options):
         out, lse = outs
         qa, ka, va, oa = (_buffer(b, p.dtype) for b in (q, k, v, out))
         _engine.forward(p, qa, ka, va, oa, _buffer(lse, "float32"), ctx.stream, options,
-                        **_launch_inputs(p, extras, layout))
+                        **_launch_inputs(p, extras, layout, mod, sinks))
 
     return buffer_callback.buffer_callback(
         launch, (jax.ShapeDtypeStruct(p.q_shape, p.dtype), jax.ShapeDtypeStruct(p.lse_shape, "float32")))
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int):
+def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None):
     import jax
     from jax.experimental import buffer_callback
 
@@ -103,7 +121,7 @@ def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, worksp
         arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
         _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
-                         options, **_launch_inputs(p, extras, layout))
+                         options, **_launch_inputs(p, extras, layout, mod))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
     results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
@@ -111,15 +129,16 @@ def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, worksp
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int):
+def _differentiable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
+                    sinks: bool = False):
     """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras (the
-    _launch_inputs operands) get zero cotangents. The log-sum-exp is an output for callers who want it;
-    gradients do not flow through it."""
+    _launch_inputs operands) get zero cotangents, but the sinks (the last operand when sinks) their
+    gradient. The log-sum-exp is an output for callers who want it; gradients do not flow through it."""
     import jax
     import numpy as np
 
-    fwd = _fwd_callable(p, layout, options)
-    bwd = _bwd_callable(p, layout, options, workspace_floats)
+    fwd = _fwd_callable(p, layout, options, mod, sinks)
+    bwd = _bwd_callable(p, layout, options, workspace_floats, mod)
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
@@ -132,26 +151,64 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
     def attention_bwd(res, cotangents):
         q, k, v, out, lse, extras = res
         dout, _ = cotangents
-        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *extras)
+        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
         zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
+        if sinks:
+            zeros[-1] = _sinks_grad(dout, out, lse, extras[-1], p.packed is not None)
         return (dq, dk, dv, *zeros)
 
     attention.defvjp(attention_fwd, attention_bwd)
     return attention
 
 
+def _sinks_grad(dout, out, lse, sinks, packed: bool):
+    """d(loss)/d(sink_h) = -sum over rows of e^(sink - LSE') * rowsum(dO * O), in float32 (torch.py's twin)."""
+    import jax.numpy as jnp
+
+    delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)
+    delta = delta.T if packed else delta.transpose(0, 2, 1)
+    p_sink = jnp.exp(sinks.reshape(-1, 1) - lse) if packed else jnp.exp(sinks.reshape(1, -1, 1) - lse)
+    grad = -(p_sink * delta)
+    return grad.sum(1) if packed else grad.sum((0, 2))
+
+
+def _traced_captures(score_mod, mask_mod):
+    """The ScoreMod and MaskMod with their JAX arrays described (the header needs their types and ranks; a
+    name both capture is one description), and those arrays in the order the ScoreFn lists them."""
+    import jax
+
+    metas, arrays = {}, []
+    for mod in (score_mod, mask_mod):
+        for name, x in (mod.captures if mod else {}).items():
+            if name not in metas and isinstance(x, jax.Array) and x.ndim > 0:
+                metas[name] = _meta(x, name)
+                arrays.append(x)
+    def described(mod):
+        return {n: metas.get(n, x) for n, x in mod.captures.items()}
+    score = score_mod and _score_fn.ScoreMod(score_mod.code, score_mod.grad, **described(score_mod))
+    mask = mask_mod and _score_fn.MaskMod(mask_mod.code, **described(mask_mod))
+    return score, mask, arrays
+
+
 def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, dropout_p=0.0,
               dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None,
-              deterministic=False):
+              deterministic=False, score_mod=None, mask_mod=None, sinks=None):
     """(out, lse) for JAX arrays: usable inside jax.jit and differentiable (jax.grad). Dropout needs
     dropout_seed: a PRNG key (traceable) or an int; window: the kernels' band; packed sequences with
-    cu_seqlens and max_seqlen as for cuflash.flash_attn_varlen_func."""
+    cu_seqlens and max_seqlen as for cuflash.flash_attn_varlen_func. score_mod and mask_mod capture JAX
+    arrays (operands, constants for jax.grad) and Python scalars (static: a new value traces again, compiles no
+    kernel); sinks: a float32 (nheads,) JAX array, differentiable."""
+    import jax
+
     qa, ka, va = _meta(q, "q"), _meta(k, "k"), _meta(v, "v")
     cu = None if cu_seqlens is None else (_meta(cu_seqlens[0], "cu_seqlens_q"), _meta(cu_seqlens[1], "cu_seqlens_k"))
     alibi = None if alibi_slopes is None else _meta(alibi_slopes, "alibi_slopes")
+    score_mod, mask_mod, captured = _traced_captures(score_mod, mask_mod)
+    fn = _score_fn.score_fn(score_mod, mask_mod)
     p = _problem.build(qa, ka, va, softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p, causal=causal,
-                       window=window, alibi=alibi, block_mask=block_mask, cu_seqlens=cu, max_seqlen=max_seqlen)
+                       window=window, alibi=alibi, block_mask=block_mask, cu_seqlens=cu, max_seqlen=max_seqlen,
+                       score_fn=fn)
     extras, layout = [] if cu_seqlens is None else list(cu_seqlens), None
     if block_mask is not None:
         buffer, layout = _sparse.device_lists(block_mask, p.causal, p.nheads // p.nheads_k, _device_id(q), "jax")
@@ -160,11 +217,18 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), sof
         extras.append(alibi_slopes)
     if p.dropout_p:
         extras.append(_dropout_state(dropout_seed))
+    mod = None
+    if fn is not None:  # constants for jax.grad (their gradients are PyTorch's only, so far)
+        extras += [jax.lax.stop_gradient(x) for x in captured]
+        mod = (fn.launch_key(), tuple(a.dtype for a in fn.arrays))
+    if sinks is not None:
+        _problem.check_sinks(_meta(sinks, "sinks"), qa, p.nheads)
+        extras.append(sinks)
     options = _options.current()
     if deterministic:  # dQ from its own kernel: bitwise reproducible gradients
         options = dataclasses.replace(options, fused_dq=False)
     workspace = _engine.bwd_workspace_floats(p, _device_id(q), options)
-    return _differentiable(p, layout, options, workspace)(q, k, v, *extras)
+    return _differentiable(p, layout, options, workspace, mod, sinks is not None)(q, k, v, *extras)
 
 
 def _device_id(x) -> int:

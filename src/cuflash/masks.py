@@ -11,7 +11,8 @@ plus the transposed, key-major lists (for every key block, the query blocks that
 backward pass walks. Leading dimensions of size 1 broadcast over batch and heads.
 
 Builders: `BlockMask.from_dense` (a boolean block matrix), `BlockMask.from_predicate` (a vectorised
-predicate over element indices, evaluated block row by block row, on the GPU when `xp=cupy`), and
+predicate over element indices, evaluated block row by block row, on the GPU when `xp=cupy`),
+`BlockMask.from_cuda` (a cuflash.MaskMod snippet evaluated on every pair in one GPU kernel), and
 the patterns `causal`, `sliding_window`, `butterfly` and `local_global_random`.
 """
 from __future__ import annotations
@@ -88,6 +89,18 @@ class BlockMask:
         if m.ndim == 2:
             m = m[None, None]
         return cls.from_block_states(np.where(m, 2, 0).astype(np.int8), seqlen_q, seqlen_k, block_m, block_n)
+
+    @classmethod
+    def from_cuda(cls, mask_mod, seqlen_q: int, seqlen_k: int, block_m: int = 128, block_n: int = 128,
+                  batch: int = 1, nheads: int = 1, device: int | None = None):
+        """From a cuflash.MaskMod (a CUDA snippet of b, h, q, kv and its captures), evaluated on every pair on
+        the GPU (kernels/mask_blocks.cu): blocks it shows entirely are full, those it shows in part partial
+        with their element bits. batch or nheads = 1 builds a mask broadcast over that dimension; device: the
+        GPU (default: the captured arrays', else 0)."""
+        from . import _mask_blocks
+
+        _check_block_sizes(block_m, block_n)
+        return _mask_blocks.build(cls, mask_mod, seqlen_q, seqlen_k, block_m, block_n, batch, nheads, device)
 
     @classmethod
     def from_predicate(cls, predicate, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, block_m: int = 128,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.utils import _python_dispatch
 
-from . import _arrays, _problem, _sparse
+from . import _arrays, _problem, _score_fn, _sparse
 
 
 def _lists(lists: Optional[torch.Tensor], layout: Optional[list[int]]):
@@ -41,23 +41,43 @@ def rng_state(rng: torch.Tensor) -> tuple[int, int]:
     return tuple(x % 2**64 for x in rng.tolist())
 
 
+def _mods(mod_key, mod_arrays, mod_scalars) -> dict:
+    """The score and mask functions an op's (key, tensors, scalars: a CPU float64 tensor) stand for
+    (_score_fn.flatten)."""
+    score_mod, mask_mod = _score_fn.unflatten(mod_key, mod_arrays, _scalar_list(mod_scalars))
+    return dict(score_mod=score_mod, mask_mod=mask_mod)
+
+
+def _scalar_list(mod_scalars) -> list:
+    return [] if mod_scalars is None else mod_scalars.tolist()
+
+
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists, layout,
-              alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right, deterministic=False):
+              alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right, deterministic=False,
+              mod_key="", mod_arrays=(), mod_scalars=None, sinks=None):
     rng, rng_tensor = _rng_out(q, dropout_p, dropout_seed)
     out, lse = _arrays.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, window=(window_left, window_right),
                                softcap=softcap, dropout_p=dropout_p, rng=rng, alibi_slopes=alibi_slopes,
-                               lists=_lists(lists, layout),
+                               lists=_lists(lists, layout), **_mods(mod_key, mod_arrays, mod_scalars), sinks=sinks,
                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return out, lse, rng_tensor
 
 
 def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-              lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right, deterministic):
-    return _arrays.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                            window=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
-                            rng=rng_state(rng) if dropout_p else None, alibi_slopes=alibi_slopes,
-                            lists=_lists(lists, layout), deterministic=deterministic,
-                            **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+              lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right, deterministic,
+              mod_key="", mod_arrays=(), mod_scalars=None, mod_needs=()):
+    score_grads = any(mod_needs)
+    grads = _arrays.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                             window=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
+                             rng=rng_state(rng) if dropout_p else None, alibi_slopes=alibi_slopes,
+                             lists=_lists(lists, layout), deterministic=deterministic,
+                             **_mods(mod_key, mod_arrays, mod_scalars), score_grads=score_grads,
+                             **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    if not score_grads:
+        return list(grads)
+    dq, dk, dv, dscore = grads
+    dmods = _score_fn.capture_grads(mod_key, dscore, mod_arrays, _scalar_list(mod_scalars), mod_needs)
+    return [dq, dk, dv, *(g for g in dmods if g is not None)]
 
 
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
@@ -66,9 +86,11 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    causal: bool, lists: Optional[torch.Tensor], layout: Optional[list[int]],
                    alibi_slopes: Optional[torch.Tensor], softcap: float, dropout_p: float,
                    dropout_seed: Optional[int], window_left: int, window_right: int,
-                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   deterministic: bool, mod_key: str, mod_arrays: list[torch.Tensor],
+                   mod_scalars: Optional[torch.Tensor], sinks: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, lists,
-                     layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right)
+                     layout, alibi_slopes, softcap, dropout_p, dropout_seed, window_left, window_right, deterministic,
+                     mod_key, mod_arrays, mod_scalars, sinks)
 
 
 @flash_attn_fwd.register_fake
@@ -86,15 +108,19 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
                    lists: Optional[torch.Tensor], layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor],
                    softcap: float, dropout_p: float, rng: torch.Tensor, window_left: int, window_right: int,
-                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   deterministic: bool, mod_key: str, mod_arrays: list[torch.Tensor],
+                   mod_scalars: Optional[torch.Tensor], mod_needs: list[bool]) -> list[torch.Tensor]:
+    """[dq, dk, dv, then the gradients of the captured arrays that mod_needs marks, in order]."""
     return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                      causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right,
-                     deterministic)
+                     deterministic, mod_key, mod_arrays, mod_scalars, mod_needs)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, *_):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, *rest):
+    mod_arrays, mod_needs = rest[-3], rest[-1]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            *(a.new_empty(a.shape) for a, need in zip(mod_arrays, mod_needs) if need)]
 
 
 def _no_double_backward(ctx, *grads):
@@ -111,12 +137,13 @@ flash_attn_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_c
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, lists, layout, alibi_slopes, softcap, dropout_p, _seed,
-     window_left, window_right, deterministic) = inputs
+     window_left, window_right, deterministic, mod_key, mod_arrays, mod_scalars, sinks) = inputs
     out, lse, rng = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng, sinks, mod_scalars, *mod_arrays)
+    ctx.mod_needs = [t.requires_grad for t in mod_arrays]
     ctx.args = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=softmax_scale, causal=causal,
                     layout=layout, softcap=softcap, dropout_p=dropout_p, window_left=window_left,
-                    window_right=window_right, deterministic=deterministic)
+                    window_right=window_right, deterministic=deterministic, mod_key=mod_key)
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, rng)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse and rng
@@ -129,20 +156,38 @@ def _kernel_layout(dout: torch.Tensor) -> torch.Tensor:
     return dout
 
 
-def _backward_with(bwd):
+def _backward_with(bwd, list_grads: bool):
+    """The backward through `bwd`; list_grads: the captured arrays' input (a list) gets a list of gradients
+    (the op's autograd, whose structure torch.compile checks), else None (an autograd.Function's
+    non-tensor input, whose captures never need gradients)."""
     def backward(ctx, dout, _dlse, _drng):
         if dout is None:  # out took no part in what is differentiated
             return (None,) * ctx.n_inputs
-        q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, lists, alibi_slopes, rng, sinks, mod_scalars, *mod_arrays = ctx.saved_tensors
         a = ctx.args
-        dq, dk, dv = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"],
-                         a["softmax_scale"], a["causal"], lists, a["layout"], alibi_slopes, a["softcap"],
-                         a["dropout_p"], rng, a["window_left"], a["window_right"], a["deterministic"])
-        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+        dq, dk, dv, *grads = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"],
+                                 a["max_seqlen_k"], a["softmax_scale"], a["causal"], lists, a["layout"], alibi_slopes,
+                                 a["softcap"], a["dropout_p"], rng, a["window_left"], a["window_right"],
+                                 a["deterministic"], a["mod_key"], mod_arrays, mod_scalars, ctx.mod_needs)
+        dsinks = _sinks_grad(dout, out, lse, sinks, cu_q is not None) if ctx.needs_input_grad[-1] else None
+        grads = iter(grads)
+        dmods = [next(grads) if need else None for need in ctx.mod_needs] if list_grads else None
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 6) + (dmods, None, dsinks)
     return backward
 
 
-flash_attn_fwd.register_autograd(_backward_with(flash_attn_bwd), setup_context=_setup_context)
+def _sinks_grad(dout, out, lse, sinks, packed: bool):
+    """d(loss)/d(sink_h) = -sum over rows of P_sink * delta, P_sink = e^(sink - LSE') the sink's probability and
+    delta = rowsum(dO * O) (the output has no value row for the sink), in float32, summed by torch (fixed
+    order)."""
+    delta = (dout.float() * out.float()).sum(-1)  # (batch, seqlen_q, nheads) or (total_q, nheads)
+    delta = delta.transpose(0, 1) if packed else delta.transpose(1, 2)  # as lse: (nheads, total_q) or (b, h, s)
+    p_sink = torch.exp(sinks.view(-1, 1) - lse) if packed else torch.exp(sinks.view(1, -1, 1) - lse)
+    grad = -(p_sink * delta)
+    return (grad.sum(1) if packed else grad.sum((0, 2))).to(sinks.dtype)
+
+
+flash_attn_fwd.register_autograd(_backward_with(flash_attn_bwd, True), setup_context=_setup_context)
 
 
 def _eager_bwd(*args):
@@ -163,7 +208,7 @@ def _eager_function(name: str, fwd, setup_context, backward):
     return type(name, (torch.autograd.Function,), methods)
 
 
-_EagerFlashAttn = _eager_function("_EagerFlashAttn", _fwd_impl, _setup_context, _backward_with(_eager_bwd))
+_EagerFlashAttn = _eager_function("_EagerFlashAttn", _fwd_impl, _setup_context, _backward_with(_eager_bwd, False))
 
 
 def _eager(*tensors) -> bool:
@@ -174,7 +219,7 @@ def _eager(*tensors) -> bool:
 
 def attention(q, k, v, *, softmax_scale=None, causal: bool = False, window=(-1, -1), softcap=0.0, dropout_p=0.0,
               dropout_seed=None, alibi_slopes=None, block_mask=None, cu_seqlens=None, max_seqlen=None,
-              deterministic: bool = False):
+              deterministic: bool = False, score_mod=None, mask_mod=None, sinks=None):
     """(out, lse, rng), differentiable in q, k and v; rng: the dropout's (seed, offset) as a CPU int64 tensor;
     window: the kernels' band (a block mask holds any window itself); packed sequences with cu_seqlens =
     (cu_seqlens_q, cu_seqlens_k) and max_seqlen = (max_seqlen_q, max_seqlen_k)."""
@@ -196,10 +241,28 @@ def attention(q, k, v, *, softmax_scale=None, causal: bool = False, window=(-1, 
         layout = buffer_layout.to_ints()
     cu_q, cu_k = cu_seqlens if packed else (None, None)
     max_q, max_k = max_seqlen if packed else (0, 0)
-    op = _EagerFlashAttn.apply if _eager(q, k, v) else flash_attn_fwd
+    mod_key, mod_arrays, mod_scalars = _score_fn.flatten(score_mod, mask_mod, _register_mods)
+    for x in mod_arrays:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"score_mod/mask_mod: captured arrays must be PyTorch tensors like q, got {type(x).__name__}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in mod_arrays):  # refuses what it cannot differentiate
+        _plan_capture_grads(mod_key, tuple(x.requires_grad for x in mod_arrays), tuple(mod_scalars))
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a PyTorch tensor like q, got {type(sinks).__module__}.{type(sinks).__name__}")
+    # (The eager autograd.Function sees no tensor inside a list: captured tensors that need gradients take the op.)
+    eager = _eager(q, k, v, *([sinks] if sinks is not None else [])) and not any(x.requires_grad for x in mod_arrays)
+    op = _EagerFlashAttn.apply if eager else flash_attn_fwd
     return op(q, k, v, cu_q, cu_k, max_q, max_k, _problem.resolve_scale(softmax_scale, q.shape[-1]), causal, lists,
               layout, alibi_slopes, _problem.resolve_softcap(softcap), float(dropout_p), _int64_seed(dropout_seed),
-              *(int(w) for w in window), bool(deterministic))
+              *(int(w) for w in window), bool(deterministic), mod_key, mod_arrays,
+              torch.tensor(mod_scalars, dtype=torch.float64) if mod_key else None, sinks)
+
+
+# Pure functions of strings and numbers, which torch.compile runs once while tracing (hashing and regular
+# expressions inside them are not traceable) and keeps their results.
+_register_mods = torch.compiler.assume_constant_result(_score_fn.register)
+_plan_capture_grads = torch.compiler.assume_constant_result(_score_fn.capture_grads_plan)
+
 
 
 def _int64_seed(seed):

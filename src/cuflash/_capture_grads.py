@@ -1,0 +1,106 @@
+"""Gradients of a score function's captured arrays (PyTorch), from dS with respect to the function's value,
+float32 (batch, nheads, seqlen_q, seqlen_k), which the dQ kernel's MOD == 2 instance stores.
+
+They are computed for an additive term of the snippet, `score + name[i0][i1]...` (among any other terms
+that use neither name nor score): d(loss)/d(name[idx]) is the sum of dS over the (b, h, q, kv) that read
+idx. An index is b, h, q or kv (each at most once; arrays broadcast over the ones they leave out), or one
+relative index `q - kv` or `kv - q`, plus or minus an int literal or int scalar (a table of relative
+positions). The sums are torch reductions and one scatter of distinct positions: the same order every run.
+"""
+from __future__ import annotations
+
+import re
+
+_VARS = ("b", "h", "q", "kv")  # dS's dimensions
+_TERM = re.compile(r"(\w+)((?:\[[^\[\]]+\])+)")
+_RELATIVE = re.compile(r"(q|kv)\s*-\s*(q|kv)\s*(?:([+-])\s*(\w+))?")
+
+
+def _terms(code: str) -> list[tuple[int, str]]:
+    """The top-level terms of an expression, with their signs (binary + and -)."""
+    terms, depth, start, sign, prev = [], 0, 0, 1, ""
+    for i, ch in enumerate(code):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth == 0 and ch in "+-" and (prev.isalnum() or prev in "_)]."):
+            terms.append((sign, code[start:i].strip()))
+            sign, start = (1 if ch == "+" else -1), i + 1
+        if not ch.isspace():
+            prev = ch
+    terms.append((sign, code[start:].strip()))
+    return terms
+
+
+def plan(code: str, name: str, captures: dict) -> tuple[int, list]:
+    """(sign, indices) of name's additive term in a ScoreMod's code, each index a variable of _VARS or
+    ("rel", +1 for q - kv / -1 for kv - q, offset); NotImplementedError for any other use of name."""
+    def refuse(why):
+        return NotImplementedError(f"score_mod: the gradient of captured {name!r} is computed for an additive term "
+                                   f"({name}[b][h][q][kv], a table {name}[h][q - kv + c], ...) beside score; {why}")
+    if re.search(r"\breturn\b", code):
+        raise refuse("this snippet is a function body")
+    terms = _terms(code)
+    if (1, "score") not in terms:
+        raise refuse("the snippet is not score plus terms")
+    mine = [(s, t) for s, t in terms if re.search(rf"\b{name}\b", t)]
+    if len(mine) != 1 or any(re.search(r"\bscore\b", t) for s, t in terms if t != "score"):
+        raise refuse(f"{name} appears in {len(mine)} terms, or score inside one")
+    sign, term = mine[0]
+    m = _TERM.fullmatch(term)
+    if not m or m.group(1) != name:
+        raise refuse(f"its term {term!r} is not {name}[...][...]")
+    indices, seen = [], set()
+    for text in re.findall(r"\[([^\[\]]+)\]", m.group(2)):
+        text = text.strip()
+        if text in _VARS and text not in seen:
+            seen.add(text)
+            indices.append(text)
+            continue
+        rel = _RELATIVE.fullmatch(text)
+        if rel and rel.group(1) != rel.group(2) and not {"q", "kv"} & seen:
+            offset = 0
+            if rel.group(4):
+                word = rel.group(4)
+                value = int(word) if word.isdigit() else captures.get(word)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise refuse(f"its offset {word!r} is not an int literal or int scalar")
+                offset = value if rel.group(3) == "+" else -value
+            seen |= {"q", "kv"}
+            indices.append(("rel", 1 if rel.group(1) == "q" else -1, offset))
+            continue
+        raise refuse(f"index {text!r} is not one of b, h, q, kv or a relative position")
+    return sign, indices
+
+
+def capture_grad(dscore, array, sign: int, indices: list):
+    """d(loss)/d(array) from dS (torch float32, (batch, nheads, seqlen_q, seqlen_k)) for plan()'s term."""
+    import torch
+
+    rel = [i for i in indices if isinstance(i, tuple)]
+    kept = [v for v in _VARS if v in indices or (rel and v in ("q", "kv"))]
+    g = dscore.sum(dim=[d for d, v in enumerate(_VARS) if v not in kept]) if len(kept) < 4 else dscore
+    order = [v for v in _VARS if v in kept]  # g's dimensions
+    if rel:  # (..., q, kv) -> (..., r): sums along diagonals, row i shifted to start at column sq - 1 - i
+        _, direction, offset = rel[0]
+        sq, sk = g.shape[-2:]
+        wide = g.new_zeros((*g.shape[:-2], sq, sq + sk - 1))
+        lead = wide.stride()[:-2]
+        wide.as_strided((*g.shape[:-2], sq, sk), (*lead, wide.stride(-2) - 1, 1), wide.storage_offset() + sq - 1).copy_(g)
+        diagonals = wide.sum(-2)  # column c: q - kv = sq - 1 - c
+        n = array.shape[[k for k, i in enumerate(indices) if isinstance(i, tuple)][0]]
+        cols = torch.arange(sq + sk - 1, device=g.device)
+        r = direction * (sq - 1 - cols) + offset
+        ok = (r >= 0) & (r < n)
+        table = diagonals.new_zeros((*diagonals.shape[:-1], n))
+        table[..., r[ok]] = diagonals[..., cols[ok]]
+        g, order = table, [v for v in order if v not in ("q", "kv")] + ["rel"]
+    names = ["rel" if isinstance(i, tuple) else i for i in indices]
+    g = g.permute([order.index(v) for v in names])
+    if any(a < n for a, n in zip(array.shape, g.shape)):
+        raise ValueError(f"a captured array of shape {tuple(array.shape)} is read past its end by the call "
+                         f"(its indices reach {tuple(g.shape)})")
+    out = torch.zeros(array.shape, dtype=torch.float32, device=g.device)
+    out[tuple(slice(0, n) for n in g.shape)] = g
+    return (out * sign).to(array.dtype)
