@@ -232,18 +232,31 @@ def score_fn(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> ScoreFn | 
     if len(arrays) > MAX_ARRAYS or len(scalars) > MAX_SCALARS:
         raise ValueError(f"a call captures at most {MAX_ARRAYS} arrays and {MAX_SCALARS} scalars, got "
                          f"{len(arrays)} and {len(scalars)}")
+    key = (score_mod and score_mod.code, score_mod and score_mod.grad, mask_mod and mask_mod.code,
+           tuple(c.declaration for c in captures))
+    built = _BUILT.get(key)
+    if built is None:  # (each call would otherwise write and hash the header again: tens of microseconds)
+        built = _BUILT[key] = _header(score_mod, mask_mod, key[3])
+    header, digest, where = built
+    return ScoreFn(header, digest, arrays, scalars, where)
+
+
+_BUILT: dict[tuple, tuple] = {}  # (snippets, capture declarations) -> (header, digest, snippet lines)
+
+
+def _header(score_mod: ScoreMod | None, mask_mod: MaskMod | None, declarations: tuple) -> tuple[str, str, dict]:
+    """The header of struct UserMod, its digest and its snippet lines; compiled alone the first time."""
     lines = ["// cuflash.ScoreMod / MaskMod (_score_fn.py)", "#pragma once", "namespace cuflash {", "struct UserMod {",
              f"  static constexpr bool kScore = {'true' if score_mod else 'false'}, "
              f"kMask = {'true' if mask_mod else 'false'};"]
     where = {}
-    declarations = [f"    {c.declaration}" for c in captures]
     functions = [("score", "float", "float score, int b, int h, int q, int kv", score_mod and score_mod.code, "return score;"),
                  ("grad", "float", "float score, int b, int h, int q, int kv", score_mod and score_mod.grad_code(),
                   "return 1.f;"),
                  ("mask", "bool", "int b, int h, int q, int kv", mask_mod and mask_mod.code, "return true;")]
     for fname, ret, params, code, default in functions:
         lines.append(f"  __device__ __forceinline__ static {ret} {fname}({params}, const ModArgs& args_) {{")
-        lines += declarations
+        lines += [f"    {d}" for d in declarations]
         if code is None:
             lines.append(f"    {default}")
         else:
@@ -255,11 +268,10 @@ def score_fn(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> ScoreFn | 
     lines += ["};", "}  // namespace cuflash", ""]
     header = "\n".join(lines)
     digest = hashlib.sha256(header.encode()).hexdigest()[:16]
-    fn = ScoreFn(header, digest, arrays, scalars, where)
     if digest not in HEADERS:
-        _check_compiles(fn)
+        _check_compiles(header, where)
         HEADERS[digest] = header
-    return fn
+    return header, digest, where
 
 
 _CHECK_SOURCE = """#include "score_fn.cuh"
@@ -271,18 +283,18 @@ __global__ void check_user_mod(const ModArgs a, float* out) {
 """
 
 
-def _check_compiles(fn: ScoreFn) -> None:
+def _check_compiles(header: str, where: dict) -> None:
     """Compile the snippets alone (a small kernel, no GPU needed), so that a mistake raises here, on its
     snippet's line, rather than inside a kernel's compilation at the first call."""
     from cupy.cuda import nvrtc
 
-    prog = nvrtc.createProgram(_CHECK_SOURCE, "check_user_mod.cu", [fn.header.encode()],
+    prog = nvrtc.createProgram(_CHECK_SOURCE, "check_user_mod.cu", [header.encode()],
                                [HEADER_NAME.encode()])
     try:
         nvrtc.compileProgram(prog, nvrtc_options("sm_80") + ["-DCUFLASH_USER_MOD"])
     except nvrtc.NVRTCError:
         raise ScoreFnError("the score or mask snippet does not compile:\n" +
-                           explain_log(fn, nvrtc.getProgramLog(prog))) from None
+                           explain_log(where, nvrtc.getProgramLog(prog))) from None
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -290,13 +302,13 @@ def _check_compiles(fn: ScoreFn) -> None:
 _LOG_LINE = re.compile(re.escape(HEADER_NAME) + r"\((\d+)\): (.*)")
 
 
-def explain_log(fn: ScoreFn, log: str) -> str:
+def explain_log(where: dict, log: str) -> str:
     """NVRTC's messages about the snippets, each on its snippet's line; the rest of the log as it is."""
     out = []
     for line in log.splitlines():
         m = _LOG_LINE.search(line)
-        if m and int(m.group(1)) in fn.lines:
-            label, i, text = fn.lines[int(m.group(1))]
+        if m and int(m.group(1)) in where:
+            label, i, text = where[int(m.group(1))]
             out.append(f"{label} line {i}: {m.group(2)}\n    {text}")
         else:
             out.append(line)
