@@ -106,6 +106,17 @@ def test_a_call_with_a_score_function_takes_its_kernels_with_scale_one():
         _problem.build(qa, ka, va, softcap=5.0, score_fn=fn)
 
 
+def test_a_name_both_functions_capture_must_be_one_value():
+    bias = array((4, 4))
+    w = float("0.5")  # (a float object of its own)
+    same = _score_fn.all_captures(ScoreMod("score + w * bias[q][kv]", bias=bias, w=0.5), MaskMod("kv < q + w", w=w))
+    assert same == {"bias": bias, "w": 0.5}
+    with pytest.raises(ValueError, match="'w' is bound to different values"):
+        _score_fn.all_captures(ScoreMod("score * w", w=0.5), MaskMod("kv < q + w", w=2.0))
+    with pytest.raises(ValueError, match="'bias' is bound to different values"):
+        _score_fn.all_captures(ScoreMod("score + bias[q][kv]", bias=bias), MaskMod("bias[q][kv] > 0", bias=array((4, 4))))
+
+
 def test_snippets_travel_through_ops_as_key_tensors_and_scalars():
     bias, doc = array((4, 4)), array((4,), "int32")
     key, arrays, scalars = _score_fn.flatten(ScoreMod("score * t + bias[q][kv]", grad="t", bias=bias, t=0.5),

@@ -216,10 +216,14 @@ def all_captures(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> dict:
     seen: dict = {}
     for mod in (score_mod, mask_mod):
         for name, value in (mod.captures if mod else {}).items():
-            if name in seen and seen[name] is not value:
+            if name in seen and seen[name] is not value and not (_is_scalar(value) and seen[name] == value):
                 raise ValueError(f"captured name {name!r} is bound to different values in score_mod and mask_mod")
             seen[name] = value
     return seen
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float))
 
 
 def score_fn(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> ScoreFn | None:
