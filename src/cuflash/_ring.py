@@ -1,0 +1,122 @@
+"""Ring attention: a sequence split over the ranks of a ring, each holding one chunk of Q, K and V.
+
+The K/V chunks travel around the ring; at each step a rank attends its queries to the chunk in hand and
+merges the partial result into its running (out, log-sum-exp) exactly. The backward sends the chunks
+around again, each with the fp32 partial gradients (dK, dV) that the ranks it visited added to it; after
+the last step they reach the chunk's owner. Nothing here knows PyTorch's collectives or cuflash's
+kernels: a ring (`pass_on`) and the per-chunk attention (`attend`, `attend_backward`) are handed in, so
+the same loops run over NCCL on GPUs and over in-process queues in the tests.
+
+Layouts of a sequence of n tokens over W ranks (shard, unshard):
+- "contiguous": rank r holds tokens [r n / W, (r + 1) n / W). Causal attention then leaves a rank with
+  more work the later its chunk: rank W - 1 attends to every chunk, rank 0 to its own only.
+- "zigzag": the sequence is cut into 2W chunks and rank r holds chunks r and 2W - 1 - r, one early and one
+  late, so every rank does the same causal work. Its local tokens stay in sequence order, so within its
+  own chunk pair a plain causal mask is exact; against an earlier rank's pair all its queries see the
+  first chunk; against a later one only its second chunk's queries see anything, and then all of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a rank computes at one step: its query rows q_rows against rows kv_rows of the chunk in hand,
+    causal (top-left aligned; the two ranges have equal lengths) or in full."""
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+
+
+def plan(rank: int, source: int, seqlen: int, causal: bool, layout: str) -> Step | None:
+    """The step of `rank` holding the K/V chunk of rank `source` (local chunks of `seqlen` tokens each),
+    or None where none of its queries sees any of those keys."""
+    every = slice(0, seqlen)
+    if not causal:
+        return Step(every, every, False)
+    if source == rank:
+        return Step(every, every, True)
+    if layout == "contiguous":
+        return Step(every, every, False) if source < rank else None
+    half = seqlen // 2
+    if source < rank:
+        return Step(every, slice(0, half), False)
+    return Step(slice(half, seqlen), every, False)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def merge(out, lse, part_out, part_lse) -> None:
+    """Fold a partial result into the running one, in place: out (batch, seqlen, heads, d) and lse (batch,
+    heads, seqlen) in float32 become those of the union of both key sets. Rows that saw no key on either
+    side (lse = -inf) stay 0 and -inf."""
+    import torch
+
+    new = torch.logaddexp(lse, part_lse)
+    ref = torch.where(new == float("-inf"), torch.zeros_like(new), new)  # both empty: weights exp(-inf) = 0
+    old_weight = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
+    part_weight = torch.exp(part_lse - ref).transpose(1, 2).unsqueeze(-1)
+    out.mul_(old_weight).add_(part_out.float() * part_weight)
+    lse.copy_(new)
+
+
+def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale: float):
+    """(out in q's dtype, lse float32 (batch, heads, seqlen)) of this rank's queries against the whole
+    sequence. attend(q, k, v, causal, softmax_scale) -> (out, lse) is the attention of one chunk pair."""
+    import torch
+
+    batch, seqlen, heads, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=torch.float32, device=q.device)
+    kv = (k, v)
+    for step in range(ring.size):
+        # the next chunk travels while this one is computed
+        incoming = ring.pass_on(kv) if step + 1 < ring.size else None
+        s = plan(ring.rank, (ring.rank - step) % ring.size, seqlen, causal, layout)
+        if s is not None:
+            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s.causal,
+                                        softmax_scale)
+            merge(out[:, s.q_rows], lse[:, :, s.q_rows], part_out, part_lse)
+        if incoming is not None:
+            kv = incoming.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, ring, attend_backward, causal: bool, layout: str, softmax_scale: float):
+    """(dq, dk, dv) of this rank's chunks. attend_backward(dout, q, k, v, out, lse, causal, softmax_scale)
+    -> (dq, dk, dv) is the backward of one chunk pair given the whole row's out and lse, which make its
+    probabilities the full softmax's."""
+    import torch
+
+    seqlen = q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv, incoming_grads = (k, v), None
+    for step in range(ring.size):
+        incoming = ring.pass_on(kv) if step + 1 < ring.size else None
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        s = plan(ring.rank, (ring.rank - step) % ring.size, seqlen, causal, layout)
+        if s is not None:
+            r, c = s.q_rows, s.kv_rows
+            part_dq, part_dk, part_dv = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r],
+                                                        lse[:, :, r].contiguous(), s.causal, softmax_scale)
+            dq[:, r] += part_dq
+            dk[:, c] += part_dk
+            dv[:, c] += part_dv
+        if incoming_grads is not None:  # what the ranks before added for the chunk in hand
+            earlier_dk, earlier_dv = incoming_grads.wait()
+            dk += earlier_dk
+            dv += earlier_dv
+        if ring.size == 1:
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        incoming_grads = ring.pass_on((dk, dv))  # after the last step: this rank's own chunk's, complete
+        if incoming is not None:
+            kv = incoming.wait()
+    dk, dv = incoming_grads.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,188 @@
+"""Context parallelism for JAX: ring attention (`_ring.py`) over a mesh axis, inside jax.shard_map and
+jax.jit, with cuflash's kernels on each chunk pair and `jax.lax.ppermute` moving the K/V chunks.
+
+    x = to_layout(x, mesh.shape["sp"])                       # whole sequences, tokens reordered (zigzag)
+    attend = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, "sp", causal=True), mesh=mesh,
+                           in_specs=P(None, "sp"), out_specs=P(None, "sp"))
+    out = from_layout(jax.jit(attend)(q, k, v), mesh.shape["sp"])
+
+Each device holds one chunk of the sequence dimension. Differentiable (jax.grad): the backward sends the
+chunks around the ring again with their partial gradients, as the PyTorch version does.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from . import _ring
+
+__all__ = ["ring_attention", "to_layout", "from_layout"]
+
+
+def _order(n: int, world_size: int, layout: str):
+    """Token positions of the reordered sequence: device r's chunk is block r of it."""
+    import numpy as np
+
+    _ring.check_layout(layout)
+    pieces = 2 * world_size if layout == "zigzag" else world_size
+    if n % pieces:
+        raise ValueError(f"x's {n} tokens do not split into {pieces} equal chunks for {world_size} devices ({layout})")
+    chunks = np.arange(n).reshape(pieces, n // pieces)
+    if layout == "contiguous":
+        return chunks.reshape(-1)
+    return np.concatenate([np.concatenate([chunks[r], chunks[pieces - 1 - r]]) for r in range(world_size)])
+
+
+def to_layout(x, world_size: int, layout: str = "zigzag", axis: int = 1):
+    """x (whole sequences along `axis`, not yet sharded) with its tokens reordered so that splitting `axis`
+    into world_size equal blocks gives each device its chunk of `layout`."""
+    import jax.numpy as jnp
+
+    return jnp.take(x, _order(x.shape[axis], world_size, layout), axis=axis)
+
+
+def from_layout(x, world_size: int, layout: str = "zigzag", axis: int = 1):
+    """The inverse of to_layout (on a gathered array): tokens back in sequence order."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jnp.take(x, np.argsort(_order(x.shape[axis], world_size, layout)), axis=axis)
+
+
+def _cuflash_attend(q, k, v, causal, softmax_scale):
+    from .jax import attention_parts
+
+    return attention_parts(q, k, v, softmax_scale=softmax_scale, causal=causal)
+
+
+def _cuflash_attend_backward(dout, q, k, v, out, lse, causal, softmax_scale, deterministic):
+    from .jax import attention_backward
+
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                              deterministic=deterministic)
+
+
+# The per-chunk attention and its backward: cuflash's kernels (the CPU tests put a reference in their place).
+_LOCAL = (_cuflash_attend, _cuflash_attend_backward)
+
+
+def _step(rank, step: int, size: int, seqlen: int, causal: bool, layout: str, compute, empty):
+    """compute(plan) for this device's chunk pair at `step` (the chunk of device rank - step in hand), or
+    empty() where it sees nothing. The rank is traced, so where the plan depends on it both plans are
+    staged and lax.cond takes one: which one depends only on whether the chunk in hand comes from an earlier
+    device."""
+    import jax
+
+    if step == 0:
+        return compute(_ring.plan(0, 0, seqlen, causal, layout))
+    earlier, later = _ring.plan(1, 0, seqlen, causal, layout), _ring.plan(0, 1, seqlen, causal, layout)
+    if earlier == later:
+        return compute(earlier)
+    from_earlier = (rank - step) % size < rank
+    branch = lambda plan: (lambda: compute(plan)) if plan is not None else empty  # noqa: E731
+    return jax.lax.cond(from_earlier, branch(earlier), branch(later))
+
+
+def _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout):
+    import jax
+    import jax.numpy as jnp
+
+    size, rank = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    ring = [(i, (i + 1) % size) for i in range(size)]
+    batch, seqlen, heads, _ = q.shape
+    attend = _LOCAL[0]
+    out = jnp.zeros_like(q, jnp.float32)
+    lse = jnp.full_like(q, -jnp.inf, jnp.float32, shape=(batch, heads, seqlen))
+    # (zeros_like of this device's arrays: values that vary over the mesh axis, as the other branch's do)
+    empty = lambda: (jnp.zeros_like(q, jnp.float32), jnp.full_like(lse, -jnp.inf))  # noqa: E731
+    kv = (k, v)
+    for step in range(size):
+        def compute(s, kv=kv):
+            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s.causal,
+                                        softmax_scale)
+            return (jnp.zeros_like(q, jnp.float32).at[:, s.q_rows].set(part_out.astype(jnp.float32)),
+                    jnp.full_like(lse, -jnp.inf).at[:, :, s.q_rows].set(part_lse.astype(jnp.float32)))
+
+        part = _step(rank, step, size, seqlen, causal, layout, compute, empty)
+        out, lse = _merge(out, lse, *part)
+        if step + 1 < size:
+            kv = jax.lax.ppermute(kv, axis_name, ring)
+    return out.astype(q.dtype), lse
+
+
+def _merge(out, lse, part_out, part_lse):
+    """_ring.merge, functionally: (out, lse) of the union of both key sets; empty rows stay 0 and -inf."""
+    import jax.numpy as jnp
+
+    new = jnp.logaddexp(lse, part_lse)
+    ref = jnp.where(new == -jnp.inf, 0.0, new)
+    weight = lambda x: jnp.exp(x - ref).transpose(0, 2, 1)[..., None]  # noqa: E731
+    return out * weight(lse) + part_out * weight(part_lse), new
+
+
+def _ring_backward(dout, q, k, v, out, lse, axis_name, causal, softmax_scale, layout, deterministic):
+    import jax
+    import jax.numpy as jnp
+
+    size, rank = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    ring = [(i, (i + 1) % size) for i in range(size)]
+    seqlen = q.shape[1]
+    attend_backward = _LOCAL[1]
+    zeros = lambda x: jnp.zeros_like(x, jnp.float32)  # noqa: E731 (varying over the mesh axis, as x)
+    dq, kv, dkv = zeros(q), (k, v), (zeros(k), zeros(v))
+    for step in range(size):
+        def compute(s, kv=kv):
+            r, c = s.q_rows, s.kv_rows
+            parts = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r], lse[:, :, r], s.causal,
+                                    softmax_scale, deterministic)
+            return tuple(zeros(x).at[:, rows].set(g.astype(jnp.float32))
+                         for x, rows, g in zip((q, k, v), (r, c, c), parts))
+
+        part = _step(rank, step, size, seqlen, causal, layout, compute, lambda: (zeros(q), zeros(k), zeros(v)))
+        dq = dq + part[0]
+        dkv = (dkv[0] + part[1], dkv[1] + part[2])  # the chunk in hand's, from every device it has visited
+        if size > 1:
+            dkv = jax.lax.ppermute(dkv, axis_name, ring)  # after the last step: this device's own chunk's
+        if step + 1 < size:
+            kv = jax.lax.ppermute(kv, axis_name, ring)
+    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, deterministic: bool):
+    import jax
+
+    @jax.custom_vjp
+    def ring(q, k, v):
+        return _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout)
+
+    def ring_fwd(q, k, v):
+        out, lse = _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout)
+        return (out, lse), (q, k, v, out, lse)
+
+    def ring_bwd(res, cotangents):
+        return _ring_backward(cotangents[0].astype(res[0].dtype), *res, axis_name, causal, softmax_scale, layout,
+                              deterministic)
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring
+
+
+def ring_attention(q, k, v, axis_name, *, causal: bool = False, softmax_scale: float | None = None,
+                   layout: str = "zigzag", deterministic: bool = False):
+    """(out, lse) of this device's queries against the keys of every device along mesh axis `axis_name`,
+    called inside jax.shard_map (under jax.jit or not). q: (batch, seqlen, nheads, headdim), k and v:
+    (batch, seqlen, nheads_k, headdim), this device's chunks in `layout` (to_layout). causal=True masks the
+    future of the whole sequence; GQA/MQA as in cuflash.jax.attention. Differentiable with respect to q, k
+    and v (not through lse); deterministic=True as for the PyTorch version."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be (batch, seqlen, heads, headdim), got shape {tuple(x.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must be chunks of one "
+                         "sequence: k and v alike, the same batch, seqlen and headdim, k's heads dividing q's")
+    _ring.check_layout(layout)
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"a zigzag chunk holds two halves: q's seqlen must be even, got {q.shape[1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return _differentiable(axis_name, causal, scale, layout, deterministic)(q, k, v)

@@ -1,0 +1,192 @@
+"""Ring attention on CPUs: a float64 chunk-pair attention (forward and backward, in PyTorch) to stand in for
+the kernels, an in-process ring of threads, and a gloo worker for the multi-process tests."""
+import queue
+import threading
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _expand(k, v, heads):
+    group = heads // k.shape[2]
+    return k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+
+
+def _scores(q, k, causal, scale):
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:  # top-left aligned, as the ring's chunk pairs are (equal lengths)
+        visible = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+        s = s.masked_fill(~visible, NEG_INF)
+    return s
+
+
+def _probs(s, lse):
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.nan_to_num(p, nan=0.0)  # rows with no key: lse = -inf
+
+
+def attend(q, k, v, causal, scale):
+    """(out, lse) of one chunk pair in float64."""
+    k, v = _expand(k, v, q.shape[2])
+    s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("bhqk,bkhd->bqhd", _probs(s, lse), v), lse
+
+
+def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic=False):
+    """(dq, dk, dv) of one chunk pair from the whole rows' out and lse (FlashAttention's backward)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    ke, ve = _expand(k, v, heads)
+    p = _probs(_scores(q, ke, causal, scale), lse)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve)
+    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)
+    ds = p * (dp - delta)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
+    fold = lambda g: g.reshape(*g.shape[:2], kv_heads, heads // kv_heads, g.shape[-1]).sum(3)  # noqa: E731
+    return dq, fold(dk), fold(dv)
+
+
+def full_attention(q, k, v, causal, scale):
+    """Differentiable float64 attention of whole sequences."""
+    k, v = _expand(k, v, q.shape[2])
+    p = torch.softmax(_scores(q, k, causal, scale), -1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+class QueueRing:
+    """A ring of threads in one process: pass_on puts copies in the next rank's queue."""
+
+    def __init__(self, rank, inboxes):
+        self.rank, self.size, self.inboxes = rank, len(inboxes), inboxes
+
+    def pass_on(self, tensors):
+        self.inboxes[(self.rank + 1) % self.size].put(tuple(t.clone() for t in tensors))
+        return self
+
+    def wait(self):
+        return self.inboxes[self.rank].get(timeout=60)
+
+
+def run_ranks(world_size, fn):
+    """fn(rank, ring) on world_size threads joined by a QueueRing; their results in rank order."""
+    inboxes = [queue.Queue() for _ in range(world_size)]
+    results, errors = [None] * world_size, []
+
+    def run(rank):
+        try:
+            results[rank] = fn(rank, QueueRing(rank, inboxes))
+        except BaseException as e:  # noqa: BLE001 - reraised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def ring_worker(rank, world_size, init_file, case, out_dir):
+    """One rank of ring_flash_attn_func: over gloo on CPUs with the float64 chunk attention in place of the
+    kernels, or over NCCL with one GPU a rank (case["backend"]). Saves this rank's out, lse and gradients
+    for the test to compare."""
+    import os
+
+    import torch.distributed as dist
+
+    import cuflash.distributed as cd
+
+    for var in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):  # no NVLink multicast (device README)
+        os.environ.setdefault(var, "0" if var.startswith("NCCL") else "1")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    backend = case.get("backend", "gloo")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        if backend == "gloo":
+            cd._LOCAL = (attend, attend_backward)
+            device, dtype = "cpu", torch.float64
+        else:
+            torch.cuda.set_device(rank)
+            device, dtype = f"cuda:{rank}", getattr(torch, case["dtype"])
+        q, k, v, dout = (cd.shard(x, world_size, rank, layout=case["layout"]).to(device, dtype)
+                         for x in case["inputs"])
+        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse = cd.ring_flash_attn_func(q, k, v, causal=case["causal"], layout=case["layout"], return_lse=True)
+        out.backward(dout)
+        saved = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
+        torch.save({key: x.cpu() for key, x in saved.items()}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2):
+    """In a process of its own with world_size host devices (XLA_FLAGS) and float64: ring_attention under
+    jax.jit(jax.shard_map) with a float64 chunk attention in place of the kernels, its out, lse and
+    gradients (jax.grad through the ring's custom VJP) against whole-sequence attention; raises if they
+    differ."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import cuflash.jax_distributed as jd
+
+    def expand(k, v, h):
+        return jnp.repeat(k, h // k.shape[2], 2), jnp.repeat(v, h // v.shape[2], 2)
+
+    def scores(q, k, causal, scale):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        return jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), s, -jnp.inf) if causal else s
+
+    def attend(q, k, v, causal, scale):
+        k, v = expand(k, v, q.shape[2])
+        s = scores(q, k, causal, scale)
+        lse = jax.nn.logsumexp(s, -1)
+        return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v), lse
+
+    def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic):
+        heads, kv_heads = q.shape[2], k.shape[2]
+        ke, ve = expand(k, v, heads)
+        p = jnp.exp(scores(q, ke, causal, scale) - lse[..., None])
+        ds = p * (jnp.einsum("bqhd,bkhd->bhqk", dout, ve) - (dout * out).sum(-1).transpose(0, 2, 1)[..., None])
+        fold = lambda g: g.reshape(*g.shape[:2], kv_heads, heads // kv_heads, g.shape[-1]).sum(3)  # noqa: E731
+        return (jnp.einsum("bhqk,bkhd->bqhd", ds, ke) * scale, fold(jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale),
+                fold(jnp.einsum("bhqk,bqhd->bkhd", p, dout)))
+
+    jd._LOCAL = (attend, attend_backward)
+    rng = np.random.default_rng(world_size)
+    n, d, scale = 6 * world_size, 8, 0.35
+    q, dout = (jnp.asarray(rng.standard_normal((2, n, heads, d))) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((2, n, kv_heads, d))) for _ in range(2))
+
+    def whole(q, k, v):
+        k, v = expand(k, v, q.shape[2])
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores(q, k, causal, scale), -1), v)
+
+    mesh = jax.make_mesh((world_size,), ("sp",))
+    spec = P(None, "sp")
+    ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=causal, softmax_scale=scale,
+                                                           layout=layout),
+                         mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, None, "sp")))
+    placed = [jax.device_put(jd.to_layout(x, world_size, layout), NamedSharding(mesh, spec)) for x in (q, k, v, dout)]
+
+    def ring_loss(a, b, c):
+        return (ring(a, b, c)[0] * placed[3]).sum()
+
+    out, lse = jax.jit(ring)(*placed[:3])
+    grads = jax.jit(jax.grad(ring_loss, (0, 1, 2)))(*placed[:3])
+    want_out = whole(q, k, v)
+    want_grads = jax.grad(lambda a, b, c: (whole(a, b, c) * dout).sum(), (0, 1, 2))(q, k, v)
+    want_lse = jax.nn.logsumexp(scores(q, expand(k, v, heads)[0], causal, scale), -1)
+    gathered = [np.asarray(x) for x in (out, *grads, lse)]
+    got = [jd.from_layout(x, world_size, layout) for x in gathered[:4]] + [jd.from_layout(gathered[4], world_size,
+                                                                                           layout, 2)]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), got, (want_out, *want_grads, want_lse)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,0 +1,198 @@
+"""Ring attention (cuflash.distributed, _ring.py) on CPUs: the chunk plan covers every visible (query, key)
+pair once, the merge is exact where rows saw nothing, and the ring's forward and backward over 1-4 ranks
+(threads in one process, and processes over gloo) equal whole-sequence attention, with a float64 chunk
+attention in place of the kernels (tests/test_ring_gpu.py runs the kernels)."""
+import tempfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cuflash import _ring  # noqa: E402
+from cuflash.distributed import ring_flash_attn_func, shard, unshard  # noqa: E402
+
+import ring_helpers as rh  # noqa: E402
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shard_then_unshard_is_the_identity(layout, world_size):
+    x = torch.arange(2 * 24 * 3).reshape(2, 24, 3)
+    parts = [shard(x, world_size, r, layout=layout) for r in range(world_size)]
+    assert all(p.shape == (2, 24 // world_size, 3) for p in parts)
+    assert torch.equal(unshard(parts, layout=layout), x)
+    if layout == "zigzag" and world_size == 2:  # chunks 0 and 3, 1 and 2
+        assert parts[0][0, :, 0].tolist() == [3 * t for t in [*range(6), *range(18, 24)]]
+
+
+def test_shard_refuses_what_does_not_split():
+    x = torch.zeros(1, 10, 2)
+    with pytest.raises(ValueError, match="10 tokens"):
+        shard(x, 3, 0, layout="contiguous")
+    with pytest.raises(ValueError, match="4 equal chunks"):
+        shard(torch.zeros(1, 6, 2), 2, 0)
+    with pytest.raises(ValueError, match="rank"):
+        shard(x, 2, 2, layout="contiguous")
+    with pytest.raises(ValueError, match="layout"):
+        shard(x, 2, 0, layout="striped")
+
+
+def _positions(layout, world_size, rank, n):
+    return shard(torch.arange(n), world_size, rank, dim=0, layout=layout).numpy()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+def test_steps_cover_each_visible_pair_once(layout, world_size, causal):
+    """Over all ranks and steps, the planned chunk pairs cover exactly the pairs the mask shows, once each."""
+    n = 4 * world_size
+    seqlen = n // world_size
+    count = np.zeros((n, n), dtype=int)
+    for rank in range(world_size):
+        q_pos = _positions(layout, world_size, rank, n)
+        for source in range(world_size):
+            step = _ring.plan(rank, source, seqlen, causal, layout)
+            if step is None:
+                continue
+            k_pos = _positions(layout, world_size, source, n)
+            rows, cols = q_pos[step.q_rows], k_pos[step.kv_rows]
+            visible = np.tril(np.ones((len(rows), len(cols)), dtype=bool)) if step.causal else True
+            count[np.ix_(rows, cols)] += visible
+    expected = np.tril(np.ones((n, n), dtype=int)) if causal else np.ones((n, n), dtype=int)
+    assert np.array_equal(count, expected)
+
+
+def test_zigzag_spreads_causal_work_evenly():
+    world_size, seqlen = 4, 8
+    work = []
+    for rank in range(world_size):
+        pairs = 0
+        for source in range(world_size):
+            s = _ring.plan(rank, source, seqlen, True, "zigzag")
+            if s is not None:
+                rows, cols = s.q_rows.stop - s.q_rows.start, s.kv_rows.stop - s.kv_rows.start
+                pairs += rows * cols // (2 if s.causal else 1)
+        work.append(pairs)
+    assert len(set(work)) == 1, work
+
+
+def test_merge_of_rows_that_saw_nothing():
+    """-inf on both sides stays 0 and -inf (no NaN); -inf on one side takes the other's result as it is."""
+    out = torch.zeros(1, 3, 1, 2)
+    lse = torch.tensor([[[float("-inf"), float("-inf"), 0.5]]])
+    part_out = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]]])
+    part_lse = torch.tensor([[[float("-inf"), 1.0, float("-inf")]]])
+    out[0, 2, 0] = torch.tensor([7.0, 8.0])
+    _ring.merge(out, lse, part_out, part_lse)
+    assert torch.equal(out, torch.tensor([[[[0.0, 0.0]], [[3.0, 4.0]], [[7.0, 8.0]]]]))
+    assert torch.equal(lse, torch.tensor([[[float("-inf"), 1.0, 0.5]]]))
+
+
+def test_merge_is_the_softmax_over_both_key_sets():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    whole_out, whole_lse = rh.attend(q, k, v, False, 0.5)
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full((2, 3, 5), float("-inf"))
+    for part in (slice(0, 2), slice(2, 5)):
+        o, l = rh.attend(q, k[:, part], v[:, part], False, 0.5)
+        _ring.merge(out, lse, o.float(), l.float())
+    torch.testing.assert_close(out.double(), whole_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), whole_lse, rtol=1e-6, atol=1e-6)
+
+
+def _inputs(world_size, heads, kv_heads, seed, per_rank=6, batch=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    n = per_rank * world_size
+    shapes = [(batch, n, heads, d), (batch, n, kv_heads, d), (batch, n, kv_heads, d), (batch, n, heads, d)]
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def _whole(q, k, v, dout, causal, scale):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = rh.full_attention(q, k, v, causal, scale)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_simulated_ring_equals_whole_attention(world_size, layout, causal, heads, kv_heads):
+    """The ring's loops on threads in one process (one per rank), forward and backward."""
+    scale = 0.4
+    q, k, v, dout = _inputs(world_size, heads, kv_heads, seed=world_size)
+
+    def rank_fn(rank, ring):
+        mine = [shard(x, world_size, rank, layout=layout) for x in (q, k, v, dout)]
+        out, lse = _ring.ring_forward(*mine[:3], ring, rh.attend, causal, layout, scale)
+        grads = _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, rh.attend_backward, causal, layout, scale)
+        return (out,) + grads
+
+    per_rank = rh.run_ranks(world_size, rank_fn)
+    got = [unshard([r[i] for r in per_rank], layout=layout) for i in range(4)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole(q, k, v, dout, causal, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # (the merge runs in float32)
+
+
+def test_ranks_whose_chunks_see_nothing():
+    """Contiguous causal: rank 0's rows see only its own chunk, and its later steps are skipped; a query row
+    that sees no key at all (here none: every row sees itself) would keep out 0 (merge test above)."""
+    assert _ring.plan(0, 1, 8, True, "contiguous") is None
+    assert _ring.plan(1, 0, 8, True, "contiguous") == _ring.Step(slice(0, 8), slice(0, 8), False)
+
+
+def test_distributed_world_size_one_over_gloo(monkeypatch):
+    """ring_flash_attn_func itself, one rank (no transfers), gloo, the float64 chunk attention."""
+    import torch.distributed as dist
+
+    import cuflash.distributed as cd
+
+    monkeypatch.setattr(cd, "_LOCAL", (rh.attend, rh.attend_backward))
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            q, k, v, dout = _inputs(1, 4, 2, seed=3)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = ring_flash_attn_func(*leaves, causal=True, softmax_scale=0.3)
+            out.backward(dout)
+        finally:
+            dist.destroy_process_group()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), [out.detach()] + [x.grad for x in leaves],
+                          _whole(q, k, v, dout, True, 0.3)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("world_size, layout, causal", [(2, "zigzag", True), (3, "contiguous", True),
+                                                        (4, "zigzag", False)])
+def test_distributed_ring_over_gloo_processes(world_size, layout, causal, tmp_path):
+    """ring_flash_attn_func on world_size processes that pass chunks with gloo's send and receive."""
+    import torch.multiprocessing as mp
+
+    inputs = _inputs(world_size, 4, 2, seed=world_size)
+    case = dict(inputs=inputs, layout=layout, causal=causal)
+    mp.spawn(rh.ring_worker, args=(world_size, str(tmp_path / "init"), case, str(tmp_path)), nprocs=world_size)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    got = [unshard([r[key] for r in results], layout=layout) for key in ("out", "dq", "dk", "dv")]
+    scale = 1 / inputs[0].shape[-1] ** 0.5
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole(*inputs, causal, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunks_are_checked_before_anything_runs():
+    q = torch.zeros(1, 6, 4, 8)
+    with pytest.raises(ValueError, match="k and v"):
+        ring_flash_attn_func(q, q, q[..., :4])
+    with pytest.raises(ValueError, match="one sequence"):
+        ring_flash_attn_func(q, q[:, :4], q[:, :4])
+    with pytest.raises(ValueError, match="divide"):
+        ring_flash_attn_func(q, q[:, :, :3], q[:, :, :3])
+    with pytest.raises(ValueError, match="even"):
+        ring_flash_attn_func(q[:, :5], q[:, :5], q[:, :5])
+    with pytest.raises(ValueError, match="layout"):
+        ring_flash_attn_func(q, q, q, layout="striped")

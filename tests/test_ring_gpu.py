@@ -1,0 +1,127 @@
+"""Ring attention with cuflash's kernels on each chunk pair, against the float64 reference with the 2x rule:
+the ring simulated on one GPU (a thread per rank), ring_flash_attn_func over NCCL with one rank, and over
+2 and 4 GPUs where that many are visible."""
+import tempfile
+
+import pytest
+
+from gpu_helpers import assert_close_2x, grads, plain_attention, randn
+
+import ring_helpers as rh
+
+pytestmark = pytest.mark.gpu
+
+CASES = [(1, "zigzag", True), (2, "zigzag", True), (3, "contiguous", True), (4, "zigzag", False),
+         (4, "zigzag", True), (2, "contiguous", False)]
+
+
+def _inputs(world_size, dtype, per_rank=256, batch=2, heads=4, kv_heads=2, d=64):
+    import torch
+
+    n = per_rank * world_size
+    dt = getattr(torch, dtype)
+    shapes = [(batch, n, heads, d), (batch, n, kv_heads, d), (batch, n, kv_heads, d), (batch, n, heads, d)]
+    return [randn(s, dt, seed) for seed, s in enumerate(shapes)]
+
+
+def _check_whole(got, q, k, v, dout, causal):
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal)
+
+    ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
+    base = grads(plain, q, k, v, dout)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert o.shape == r.shape and o.dtype == q.dtype, name
+        assert_close_2x(o.to(r.device), r, p, name)
+
+
+@pytest.mark.parametrize("world_size, layout, causal", CASES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_simulated_ring_with_the_kernels(world_size, layout, causal, dtype):
+    from cuflash import _ring
+    from cuflash.distributed import _cuflash_attend, _cuflash_attend_backward, shard, unshard
+
+    q, k, v, dout = _inputs(world_size, dtype)
+    scale = q.shape[-1] ** -0.5
+
+    def rank_fn(rank, ring):
+        mine = [shard(x, world_size, rank, layout=layout) for x in (q, k, v, dout)]
+        out, lse = _ring.ring_forward(*mine[:3], ring, _cuflash_attend, causal, layout, scale)
+        backward = lambda *chunks: _cuflash_attend_backward(*chunks, True)  # noqa: E731
+        return (out,) + _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, backward, causal, layout, scale)
+
+    per_rank = rh.run_ranks(world_size, rank_fn)
+    got = [unshard([r[i] for r in per_rank], layout=layout) for i in range(4)]
+    _check_whole(got, q, k, v, dout, causal)
+
+
+def test_one_rank_over_nccl_is_flash_attn_func():
+    """With one rank the ring is one chunk pair: the kernels' own results, bit for bit."""
+    import torch
+    import torch.distributed as dist
+
+    import cuflash
+    from cuflash.distributed import ring_flash_attn_func
+
+    q, k, v, dout = _inputs(1, "bfloat16")
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("nccl", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            out, lse = ring_flash_attn_func(*leaves, causal=True, deterministic=True, return_lse=True)
+            out.backward(dout)
+        finally:
+            dist.destroy_process_group()
+    ref_out, ref_lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref_grads = cuflash.flash_attn_backward(dout, q, k, v, ref_out, ref_lse, causal=True, deterministic=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), [x.grad for x in leaves], ref_grads):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("world_size, layout, causal", [(2, "zigzag", True), (4, "zigzag", True),
+                                                        (4, "contiguous", False)])
+def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from cuflash.distributed import unshard
+
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    inputs = _inputs(world_size, "bfloat16")
+    case = dict(inputs=[x.cpu() for x in inputs], layout=layout, causal=causal, backend="nccl", dtype="bfloat16")
+    mp.spawn(rh.ring_worker, args=(world_size, str(tmp_path / "init"), case, str(tmp_path)), nprocs=world_size)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    got = [unshard([r[key] for r in results], layout=layout) for key in ("out", "dq", "dk", "dv")]
+    _check_whole(got, *inputs, causal)
+
+
+def test_jax_ring_on_one_gpu_is_the_attention():
+    """ring_attention over a mesh of one GPU under jax.jit: cuflash.jax.attention's results, bit for bit."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import cuflash.jax as cj
+    import cuflash.jax_distributed as jd
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = [(2, 512, 4, 64), (2, 512, 2, 64), (2, 512, 2, 64), (2, 512, 4, 64)]
+    q, k, v, dout = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes))
+    mesh = jax.make_mesh((1,), ("sp",))
+    spec = P(None, "sp")
+    ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, deterministic=True),
+                         mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, None, "sp")))
+
+    def loss(fn):
+        return lambda a, b, c: (fn(a, b, c)[0].astype(jnp.float32) * dout.astype(jnp.float32)).sum()
+
+    whole = lambda a, b, c: cj.attention(a, b, c, causal=True, deterministic=True)  # noqa: E731
+    for got, want in zip(jax.jit(ring)(q, k, v), whole(q, k, v)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    got = jax.jit(jax.grad(loss(ring), (0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(whole), (0, 1, 2)))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), name
