@@ -13,11 +13,13 @@ def _expand(k, v, heads):
     return k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
 
 
-def _scores(q, k, causal, scale):
+def _scores(q, k, causal, scale, mask=None):
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal:  # top-left aligned, as the ring's chunk pairs are (equal lengths)
-        visible = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+    if causal:  # bottom-right aligned, as the kernels' (the ring's chunk pairs have equal lengths)
+        visible = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(k.shape[1] - q.shape[1])
         s = s.masked_fill(~visible, NEG_INF)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
     return s
 
 
@@ -49,10 +51,49 @@ def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic=False)
     return dq, fold(dk), fold(dv)
 
 
-def full_attention(q, k, v, causal, scale):
-    """Differentiable float64 attention of whole sequences."""
+def chunk_attend(q, k, v, step, scale):
+    """attend with the ring's signature (a _ring.Step)."""
+    return attend(q, k, v, step.causal, scale)
+
+
+def chunk_attend_backward(dout, q, k, v, out, lse, step, scale, deterministic=False):
+    return attend_backward(dout, q, k, v, out, lse, step.causal, scale)
+
+
+def _documents(cu):
+    return [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def varlen_attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """flash_attn_varlen_func's contract in float64: packed (tokens, heads, d), lse (heads, tokens)."""
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(_documents(cu_q), _documents(cu_k)):
+        assert q1 - q0 <= max_q and k1 - k0 <= max_k
+        o, lse = attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def varlen_attend_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, deterministic):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for (q0, q1), (k0, k1) in zip(_documents(cu_q), _documents(cu_k)):
+        g = attend_backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+                            lse[None, :, q0:q1], causal, scale)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+def document_mask(cu, n):
+    """(n, n) True where two positions lie in one document."""
+    doc = torch.searchsorted(torch.as_tensor(cu), torch.arange(n), right=True)
+    return doc[:, None] == doc[None, :]
+
+
+def full_attention(q, k, v, causal, scale, mask=None):
+    """Differentiable float64 attention of whole sequences (mask: (seqlen_q, seqlen_k), True = visible)."""
     k, v = _expand(k, v, q.shape[2])
-    p = torch.softmax(_scores(q, k, causal, scale), -1)
+    p = torch.nan_to_num(torch.softmax(_scores(q, k, causal, scale, mask), -1), nan=0.0)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
@@ -108,15 +149,21 @@ def ring_worker(rank, world_size, init_file, case, out_dir):
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         if backend == "gloo":
-            cd._LOCAL = (attend, attend_backward)
+            cd._LOCAL = (chunk_attend, chunk_attend_backward)
+            cd._LOCAL_VARLEN = (varlen_attend, varlen_attend_backward)
             device, dtype = "cpu", torch.float64
         else:
             torch.cuda.set_device(rank)
             device, dtype = f"cuda:{rank}", getattr(torch, case["dtype"])
-        q, k, v, dout = (cd.shard(x, world_size, rank, layout=case["layout"]).to(device, dtype)
-                         for x in case["inputs"])
+        cu_seqlens = case.get("cu_seqlens")
+        dim = 1 if cu_seqlens is None else 0
+        q, k, v, dout = (cd.shard(x, world_size, rank, dim, case["layout"]).to(device, dtype) for x in case["inputs"])
         q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-        out, lse = cd.ring_flash_attn_func(q, k, v, causal=case["causal"], layout=case["layout"], return_lse=True)
+        kw = dict(causal=case["causal"], layout=case["layout"], return_lse=True)
+        if cu_seqlens is None:
+            out, lse = cd.ring_flash_attn_func(q, k, v, **kw)
+        else:
+            out, lse = cd.ring_flash_attn_varlen_func(q, k, v, cu_seqlens, **kw)
         out.backward(dout)
         saved = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
         torch.save({key: x.cpu() for key, x in saved.items()}, f"{out_dir}/{rank}.pt")

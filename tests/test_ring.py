@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cuflash import _ring  # noqa: E402
-from cuflash.distributed import ring_flash_attn_func, shard, unshard  # noqa: E402
+import cuflash.distributed as cd  # noqa: E402
+from cuflash.distributed import ring_flash_attn_func, ring_flash_attn_varlen_func, shard, unshard  # noqa: E402
 
 import ring_helpers as rh  # noqa: E402
 
@@ -130,8 +131,9 @@ def test_simulated_ring_equals_whole_attention(world_size, layout, causal, heads
 
     def rank_fn(rank, ring):
         mine = [shard(x, world_size, rank, layout=layout) for x in (q, k, v, dout)]
-        out, lse = _ring.ring_forward(*mine[:3], ring, rh.attend, causal, layout, scale)
-        grads = _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, rh.attend_backward, causal, layout, scale)
+        out, lse = _ring.ring_forward(*mine[:3], ring, rh.chunk_attend, causal, layout, scale)
+        grads = _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, rh.chunk_attend_backward, causal, layout,
+                                    scale)
         return (out,) + grads
 
     per_rank = rh.run_ranks(world_size, rank_fn)
@@ -144,7 +146,7 @@ def test_ranks_whose_chunks_see_nothing():
     """Contiguous causal: rank 0's rows see only its own chunk, and its later steps are skipped; a query row
     that sees no key at all (here none: every row sees itself) would keep out 0 (merge test above)."""
     assert _ring.plan(0, 1, 8, True, "contiguous") is None
-    assert _ring.plan(1, 0, 8, True, "contiguous") == _ring.Step(slice(0, 8), slice(0, 8), False)
+    assert _ring.plan(1, 0, 8, True, "contiguous") == _ring.Step(slice(0, 8), slice(0, 8), False, 0)
 
 
 def test_distributed_world_size_one_over_gloo(monkeypatch):
@@ -153,7 +155,7 @@ def test_distributed_world_size_one_over_gloo(monkeypatch):
 
     import cuflash.distributed as cd
 
-    monkeypatch.setattr(cd, "_LOCAL", (rh.attend, rh.attend_backward))
+    monkeypatch.setattr(cd, "_LOCAL", (rh.chunk_attend, rh.chunk_attend_backward))
     with tempfile.NamedTemporaryFile() as f:
         dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
         try:
@@ -182,6 +184,79 @@ def test_distributed_ring_over_gloo_processes(world_size, layout, causal, tmp_pa
     scale = 1 / inputs[0].shape[-1] ** 0.5
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole(*inputs, causal, scale)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_document_offsets_cut_documents_to_a_chunk_pair():
+    cu = [0, 3, 3, 10, 16]  # documents 0-2, (empty), 3-9, 10-15
+    cu_q, cu_k, max_q, max_k = _ring.document_offsets(cu, np.arange(4, 8), np.arange(0, 6))
+    assert cu_q.tolist() == [0, 0, 4] and cu_k.tolist() == [0, 3, 6]  # the first two documents present
+    assert (max_q, max_k) == (4, 3) and cu_q.dtype == np.int32
+    cu_q, cu_k, _, _ = _ring.document_offsets(cu, np.array([2, 12]), np.array([11, 13, 14]))
+    assert cu_q.tolist() == [0, 1, 2] and cu_k.tolist() == [0, 0, 3]
+
+
+def _packed(world_size, seed, per_rank=12, heads=4, kv_heads=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    n = per_rank * world_size
+    cuts = sorted(torch.randint(0, n + 1, (world_size + 2,), generator=g).tolist())
+    cu = [0, *cuts, n]  # random documents, some spanning ranks, some maybe empty
+    shapes = [(n, heads, d), (n, kv_heads, d), (n, kv_heads, d), (n, heads, d)]
+    return cu, [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def _whole_packed(cu, q, k, v, dout, causal, scale):
+    mask = rh.document_mask(cu, q.shape[0])
+    q, k, v = (x[None].clone().requires_grad_() for x in (q, k, v))
+    out = rh.full_attention(q, k, v, causal, scale, mask)
+    out.backward(dout[None])
+    return [x[0] for x in (out.detach(), q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_simulated_ring_over_packed_documents(world_size, layout, causal, monkeypatch):
+    """Documents packed into one sequence across the ranks: each chunk pair a packed call over the parts of
+    the documents it holds; the whole equals document-masked attention."""
+    monkeypatch.setattr(cd, "_LOCAL_VARLEN", (rh.varlen_attend, rh.varlen_attend_backward))
+    cu, (q, k, v, dout) = _packed(world_size, seed=10 + world_size)
+    scale = 0.4
+
+    def rank_fn(rank, ring):
+        mine = [shard(x, world_size, rank, dim=0, layout=layout)[None] for x in (q, k, v, dout)]
+        docs = cd._Documents(np.asarray(cu), ring, mine[0].shape[1], layout, "cpu")
+        out, lse = _ring.ring_forward(*mine[:3], ring, docs.attend, causal, layout, scale)
+        backward = lambda *chunks: docs.attend_backward(*chunks, False)  # noqa: E731
+        grads = _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, backward, causal, layout, scale)
+        return [x[0] for x in (out, *grads)]
+
+    per_rank = rh.run_ranks(world_size, rank_fn)
+    got = [unshard([r[i] for r in per_rank], dim=0, layout=layout) for i in range(4)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole_packed(cu, q, k, v, dout, causal, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_ring_over_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    world_size, layout, causal = 3, "zigzag", True
+    cu, inputs = _packed(world_size, seed=7)
+    case = dict(inputs=inputs, layout=layout, causal=causal, cu_seqlens=cu)
+    mp.spawn(rh.ring_worker, args=(world_size, str(tmp_path / "init"), case, str(tmp_path)), nprocs=world_size)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    got = [unshard([r[key] for r in results], dim=0, layout=layout) for key in ("out", "dq", "dk", "dv")]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole_packed(cu, *inputs, causal, 1 / 8 ** 0.5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    lse = torch.cat([r["lse"] for r in results], 1)
+    assert lse.shape == (4, 3 * 12)
+
+
+def test_packed_offsets_are_checked():
+    q = torch.zeros(6, 4, 8)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ring_flash_attn_varlen_func(q, q, q, [0, 4, 2, 6])
+    with pytest.raises(ValueError, match="tokens, heads"):
+        ring_flash_attn_varlen_func(q[None], q[None], q[None], [0, 6])
 
 
 def test_chunks_are_checked_before_anything_runs():

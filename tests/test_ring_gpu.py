@@ -55,6 +55,45 @@ def test_simulated_ring_with_the_kernels(world_size, layout, causal, dtype):
     _check_whole(got, q, k, v, dout, causal)
 
 
+@pytest.mark.parametrize("world_size, layout, causal", [(1, "zigzag", True), (3, "zigzag", True),
+                                                        (4, "contiguous", True), (2, "zigzag", False)])
+def test_simulated_ring_over_packed_documents_with_the_kernels(world_size, layout, causal):
+    """Packed documents across the ranks (some spanning several, one empty), each chunk pair one packed
+    call of the kernels; against document-masked attention."""
+    import numpy as np
+    import torch
+
+    from cuflash import _ring
+    import cuflash.distributed as cd
+
+    n = 256 * world_size
+    cu = np.array([0, 100, 100, n // 3 + 7, n - 90, n])
+    q, k, v, dout = (x[0] for x in _inputs(world_size, "bfloat16", batch=1))
+    scale = q.shape[-1] ** -0.5
+
+    def rank_fn(rank, ring):
+        mine = [cd.shard(x, world_size, rank, 0, layout)[None] for x in (q, k, v, dout)]
+        docs = cd._Documents(cu, ring, mine[0].shape[1], layout, q.device)
+        out, lse = _ring.ring_forward(*mine[:3], ring, docs.attend, causal, layout, scale)
+        backward = lambda *chunks: docs.attend_backward(*chunks, True)  # noqa: E731
+        grads = _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, backward, causal, layout, scale)
+        return [x[0] for x in (out, *grads)]
+
+    per_rank = rh.run_ranks(world_size, rank_fn)
+    got = [cd.unshard([r[i] for r in per_rank], 0, layout)[None] for i in range(4)]
+    doc = np.searchsorted(cu, np.arange(n), side="right")
+    mask = torch.as_tensor(doc[:, None] == doc[None, :], device=q.device)
+
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal, mask=mask)
+
+    batched = [x[None] for x in (q, k, v, dout)]
+    ref = grads(plain, *(x.double() for x in batched[:3]), batched[3].double())
+    base = grads(plain, *batched)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_close_2x(o, r, p, name)
+
+
 def test_one_rank_over_nccl_is_flash_attn_func():
     """With one rank the ring is one chunk pair: the kernels' own results, bit for bit."""
     import torch
@@ -79,9 +118,11 @@ def test_one_rank_over_nccl_is_flash_attn_func():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("world_size, layout, causal", [(2, "zigzag", True), (4, "zigzag", True),
-                                                        (4, "contiguous", False)])
-def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, tmp_path):
+@pytest.mark.parametrize("world_size, layout, causal, packed", [(2, "zigzag", True, False), (4, "zigzag", True, False),
+                                                                (4, "contiguous", False, False),
+                                                                (2, "zigzag", True, True)])
+def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, packed, tmp_path):
+    import numpy as np
     import torch
     import torch.multiprocessing as mp
 
@@ -89,12 +130,31 @@ def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, tmp_path):
 
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
-    inputs = _inputs(world_size, "bfloat16")
-    case = dict(inputs=[x.cpu() for x in inputs], layout=layout, causal=causal, backend="nccl", dtype="bfloat16")
+    inputs = _inputs(world_size, "bfloat16", batch=1 if packed else 2)
+    n = inputs[0].shape[1]
+    cu = [0, 100, n // 2 + 9, n] if packed else None
+    if packed:
+        inputs = [x[0] for x in inputs]
+    case = dict(inputs=[x.cpu() for x in inputs], layout=layout, causal=causal, backend="nccl", dtype="bfloat16",
+                cu_seqlens=cu)
     mp.spawn(rh.ring_worker, args=(world_size, str(tmp_path / "init"), case, str(tmp_path)), nprocs=world_size)
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
-    got = [unshard([r[key] for r in results], layout=layout) for key in ("out", "dq", "dk", "dv")]
-    _check_whole(got, *inputs, causal)
+    dim = 0 if packed else 1
+    got = [unshard([r[key] for r in results], dim, layout) for key in ("out", "dq", "dk", "dv")]
+    if not packed:
+        _check_whole(got, *inputs, causal)
+        return
+    doc = np.searchsorted(cu, np.arange(n), side="right")
+    mask = torch.as_tensor(doc[:, None] == doc[None, :], device=inputs[0].device)
+
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal, mask=mask)
+
+    batched = [x[None] for x in inputs]
+    ref = grads(plain, *(x.double() for x in batched[:3]), batched[3].double())
+    base = grads(plain, *batched)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_close_2x(o[None].to(r.device), r, p, name)
 
 
 def test_jax_ring_on_one_gpu_is_the_attention():

@@ -24,11 +24,12 @@ LAYOUTS = ("zigzag", "contiguous")
 
 @dataclass(frozen=True)
 class Step:
-    """What a rank computes at one step: its query rows q_rows against rows kv_rows of the chunk in hand,
-    causal (top-left aligned; the two ranges have equal lengths) or in full."""
+    """What a rank computes at one step: its query rows q_rows against rows kv_rows of the chunk in hand
+    (rank `source`'s), causal (top-left aligned; the two ranges have equal lengths) or in full."""
     q_rows: slice
     kv_rows: slice
     causal: bool
+    source: int = 0
 
 
 def plan(rank: int, source: int, seqlen: int, causal: bool, layout: str) -> Step | None:
@@ -36,15 +37,45 @@ def plan(rank: int, source: int, seqlen: int, causal: bool, layout: str) -> Step
     or None where none of its queries sees any of those keys."""
     every = slice(0, seqlen)
     if not causal:
-        return Step(every, every, False)
+        return Step(every, every, False, source)
     if source == rank:
-        return Step(every, every, True)
+        return Step(every, every, True, source)
     if layout == "contiguous":
-        return Step(every, every, False) if source < rank else None
+        return Step(every, every, False, source) if source < rank else None
     half = seqlen // 2
     if source < rank:
-        return Step(every, slice(0, half), False)
-    return Step(slice(half, seqlen), every, False)
+        return Step(every, slice(0, half), False, source)
+    return Step(slice(half, seqlen), every, False, source)
+
+
+def positions(rank: int, world_size: int, seqlen: int, layout: str):
+    """The positions in the whole sequence of the `seqlen` tokens rank `rank` holds (increasing)."""
+    import numpy as np
+
+    if layout == "contiguous":
+        return np.arange(rank * seqlen, (rank + 1) * seqlen)
+    half = seqlen // 2
+    late = 2 * world_size - 1 - rank
+    return np.concatenate([np.arange(rank * half, (rank + 1) * half), np.arange(late * half, (late + 1) * half)])
+
+
+def document_offsets(cu_seqlens, q_pos, kv_pos):
+    """Packed documents (cu_seqlens: their offsets in the whole sequence) cut down to one chunk pair:
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of the queries at positions q_pos and the keys
+    at kv_pos (both increasing), every document that has either, in order; a document's queries see only
+    its own keys. Within a chunk pair the positions of either side are in order, so each document's rows
+    are contiguous."""
+    import numpy as np
+
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    docs = len(cu) - 1
+    doc_of = lambda pos: np.searchsorted(cu, pos, side="right") - 1  # noqa: E731
+    q_counts = np.bincount(doc_of(q_pos), minlength=docs)
+    kv_counts = np.bincount(doc_of(kv_pos), minlength=docs)
+    present = (q_counts > 0) | (kv_counts > 0)
+    q_counts, kv_counts = q_counts[present], kv_counts[present]
+    offsets = lambda counts: np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)  # noqa: E731
+    return offsets(q_counts), offsets(kv_counts), int(q_counts.max(initial=0)), int(kv_counts.max(initial=0))
 
 
 def check_layout(layout: str) -> None:
@@ -68,7 +99,8 @@ def merge(out, lse, part_out, part_lse) -> None:
 
 def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale: float):
     """(out in q's dtype, lse float32 (batch, heads, seqlen)) of this rank's queries against the whole
-    sequence. attend(q, k, v, causal, softmax_scale) -> (out, lse) is the attention of one chunk pair."""
+    sequence. attend(q, k, v, step, softmax_scale) -> (out, lse) is the attention of one chunk pair (the
+    rows `step` names)."""
     import torch
 
     batch, seqlen, heads, _ = q.shape
@@ -80,8 +112,7 @@ def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale
         incoming = ring.pass_on(kv) if step + 1 < ring.size else None
         s = plan(ring.rank, (ring.rank - step) % ring.size, seqlen, causal, layout)
         if s is not None:
-            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s.causal,
-                                        softmax_scale)
+            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s, softmax_scale)
             merge(out[:, s.q_rows], lse[:, :, s.q_rows], part_out, part_lse)
         if incoming is not None:
             kv = incoming.wait()
@@ -89,7 +120,7 @@ def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale
 
 
 def ring_backward(dout, q, k, v, out, lse, ring, attend_backward, causal: bool, layout: str, softmax_scale: float):
-    """(dq, dk, dv) of this rank's chunks. attend_backward(dout, q, k, v, out, lse, causal, softmax_scale)
+    """(dq, dk, dv) of this rank's chunks. attend_backward(dout, q, k, v, out, lse, step, softmax_scale)
     -> (dq, dk, dv) is the backward of one chunk pair given the whole row's out and lse, which make its
     probabilities the full softmax's."""
     import torch
@@ -105,7 +136,7 @@ def ring_backward(dout, q, k, v, out, lse, ring, attend_backward, causal: bool, 
         if s is not None:
             r, c = s.q_rows, s.kv_rows
             part_dq, part_dk, part_dv = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r],
-                                                        lse[:, :, r].contiguous(), s.causal, softmax_scale)
+                                                        lse[:, :, r].contiguous(), s, softmax_scale)
             dq[:, r] += part_dq
             dk[:, c] += part_dk
             dv[:, c] += part_dv

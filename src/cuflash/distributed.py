@@ -15,7 +15,7 @@ import math
 from . import _ring
 from ._ring import LAYOUTS
 
-__all__ = ["ring_flash_attn_func", "shard", "unshard", "LAYOUTS"]
+__all__ = ["ring_flash_attn_func", "ring_flash_attn_varlen_func", "shard", "unshard", "LAYOUTS"]
 
 
 def shard(x, world_size: int, rank: int, dim: int = 1, layout: str = "zigzag"):
@@ -81,23 +81,74 @@ class _Transfer:
         return tuple(self.received)
 
 
-def _cuflash_attend(q, k, v, causal, softmax_scale):
+def _cuflash_attend(q, k, v, step, softmax_scale):
     from .api import flash_attn_func
 
-    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=step.causal, return_attn_probs=True)
     return out, lse
 
 
-def _cuflash_attend_backward(dout, q, k, v, out, lse, causal, softmax_scale, deterministic):
+def _cuflash_attend_backward(dout, q, k, v, out, lse, step, softmax_scale, deterministic):
     from .api import flash_attn_backward
 
-    return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+    return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=step.causal,
                                deterministic=deterministic)
 
 
-# The per-chunk attention and its backward: cuflash's kernels. (The tests run the same ring over gloo on
-# CPUs with a float64 reference in their place.)
+def _cuflash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale):
+    from .api import flash_attn_varlen_func
+
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale,
+                                         causal=causal, return_attn_probs=True)
+    return out, lse
+
+
+def _cuflash_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, softmax_scale,
+                             deterministic):
+    from .api import flash_attn_varlen_backward
+
+    return flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale,
+                                      causal=causal, deterministic=deterministic)
+
+
+# The attention of one chunk pair and its backward, dense and packed: cuflash's kernels. (The tests run the
+# same ring over gloo on CPUs with float64 references in their place.)
 _LOCAL = (_cuflash_attend, _cuflash_attend_backward)
+_LOCAL_VARLEN = (_cuflash_varlen, _cuflash_varlen_backward)
+
+
+class _Documents:
+    """Packed documents across the ring: each chunk pair runs as a packed (varlen) call over the parts of
+    the documents it holds (_ring.document_offsets), so a query sees only keys of its own document. The
+    ring loops see a batch of one: (1, tokens, heads, d) and lse (1, heads, tokens)."""
+
+    def __init__(self, cu_seqlens, ring, seqlen: int, layout: str, device):
+        if cu_seqlens[-1] != ring.size * seqlen:
+            raise ValueError(f"cu_seqlens must end at the whole packed sequence's {ring.size} x {seqlen} tokens, "
+                             f"got {int(cu_seqlens[-1])}")
+        self.cu_seqlens, self.ring, self.seqlen, self.layout, self.device = cu_seqlens, ring, seqlen, layout, device
+        self.offsets_of = {}
+
+    def offsets(self, step):
+        import torch
+
+        key = (step.source, step.q_rows.start, step.q_rows.stop, step.kv_rows.start, step.kv_rows.stop)
+        if key not in self.offsets_of:
+            pos = lambda rank: _ring.positions(rank, self.ring.size, self.seqlen, self.layout)  # noqa: E731
+            cu_q, cu_k, max_q, max_k = _ring.document_offsets(self.cu_seqlens, pos(self.ring.rank)[step.q_rows],
+                                                              pos(step.source)[step.kv_rows])
+            to_device = lambda a: torch.as_tensor(a, dtype=torch.int32).to(self.device)  # noqa: E731
+            self.offsets_of[key] = (to_device(cu_q), to_device(cu_k), max_q, max_k)
+        return self.offsets_of[key]
+
+    def attend(self, q, k, v, step, softmax_scale):
+        out, lse = _LOCAL_VARLEN[0](q[0], k[0], v[0], *self.offsets(step), step.causal, softmax_scale)
+        return out[None], lse[None]
+
+    def attend_backward(self, dout, q, k, v, out, lse, step, softmax_scale, deterministic):
+        grads = _LOCAL_VARLEN[1](dout[0], q[0], k[0], v[0], out[0], lse[0], *self.offsets(step), step.causal,
+                                 softmax_scale, deterministic)
+        return tuple(g[None] for g in grads)
 
 
 def _ring_function():
@@ -105,26 +156,45 @@ def _ring_function():
 
     class RingAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, group, causal, softmax_scale, layout, deterministic):
+        def forward(ctx, q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens):
             ring = _TorchRing(group)
-            attend, attend_backward = _LOCAL
+            packed = cu_seqlens is not None
+            if packed:  # the loops see a batch of one
+                q, k, v = q[None], k[None], v[None]
+                docs = _Documents(cu_seqlens, ring, q.shape[1], layout, q.device)
+                attend, attend_backward = docs.attend, docs.attend_backward
+            else:
+                attend, attend_backward = _LOCAL
             out, lse = _ring.ring_forward(q, k, v, ring, attend, causal, layout, softmax_scale)
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.ring, ctx.args = ring, (causal, layout, softmax_scale)
+            ctx.ring, ctx.args, ctx.packed = ring, (causal, layout, softmax_scale), packed
             ctx.attend_backward = lambda *chunks: attend_backward(*chunks, deterministic)
+            if packed:
+                out, lse = out[0], lse[0]
             ctx.mark_non_differentiable(lse)
             return out, lse
 
         @staticmethod
         def backward(ctx, dout, _dlse):
             q, k, v, out, lse = ctx.saved_tensors
-            dq, dk, dv = _ring.ring_backward(dout, q, k, v, out, lse, ctx.ring, ctx.attend_backward, *ctx.args)
-            return dq, dk, dv, None, None, None, None, None
+            dout = dout[None] if ctx.packed else dout
+            grads = _ring.ring_backward(dout, q, k, v, out, lse, ctx.ring, ctx.attend_backward, *ctx.args)
+            if ctx.packed:
+                grads = tuple(g[0] for g in grads)
+            return (*grads, None, None, None, None, None, None)
 
     return RingAttention
 
 
 _RING_FUNCTION = None
+
+
+def _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens):
+    global _RING_FUNCTION
+    if _RING_FUNCTION is None:
+        _RING_FUNCTION = _ring_function()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return _RING_FUNCTION.apply(q, k, v, group, causal, scale, layout, deterministic, cu_seqlens)
 
 
 def ring_flash_attn_func(q, k, v, group=None, causal: bool = False, softmax_scale: float | None = None,
@@ -140,27 +210,46 @@ def ring_flash_attn_func(q, k, v, group=None, causal: bool = False, softmax_scal
     (batch, nheads, seqlen) of the whole rows. Every rank of the group must call it with the same arguments,
     as for any collective.
     """
-    global _RING_FUNCTION
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    _check_chunks(q, k, v, layout)
-    if _RING_FUNCTION is None:
-        _RING_FUNCTION = _ring_function()
-    out, lse = _RING_FUNCTION.apply(q, k, v, group, causal, float(softmax_scale), layout, deterministic)
+    _check_chunks(q, k, v, layout, 4)
+    out, lse = _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, None)
     return (out, lse) if return_lse else out
 
 
-def _check_chunks(q, k, v, layout: str) -> None:
+def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, group=None, causal: bool = False,
+                                softmax_scale: float | None = None, layout: str = "zigzag",
+                                deterministic: bool = False, return_lse: bool = False):
+    """ring_flash_attn_func over documents packed into one sequence (as flash_attn_varlen_func packs them):
+    a query sees only keys of its own document (and with causal=True none after it).
+
+    q: (tokens, nheads, headdim), k and v: (tokens, nheads_k, headdim), this rank's chunk of the packed
+    sequence in `layout` (shard(x, world_size, rank, dim=0)). cu_seqlens: the documents' offsets in the whole
+    packed sequence (world_size x tokens long), int, the same on every rank: a list, NumPy array or tensor
+    (one on the GPU is read once, a synchronising copy). Each chunk pair runs as one packed call over the
+    parts of the documents it holds. Returns out like q, or (out, lse) with lse float32 (nheads, tokens).
+    """
+    import numpy as np
+
+    _check_chunks(q, k, v, layout, 3)
+    offsets = np.asarray(cu_seqlens.cpu() if hasattr(cu_seqlens, "cpu") else cu_seqlens, dtype=np.int64)
+    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0, got {offsets.tolist()[:8]}")
+    out, lse = _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, offsets)
+    return (out, lse) if return_lse else out
+
+
+def _check_chunks(q, k, v, layout: str, ndim: int) -> None:
+    shape = "(batch, seqlen, heads, headdim)" if ndim == 4 else "(tokens, heads, headdim)"
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must be (batch, seqlen, heads, headdim), got shape {tuple(getattr(x, 'shape', ()))}")
+        if getattr(x, "ndim", None) != ndim:
+            raise ValueError(f"{name} must be {shape}, got shape {tuple(getattr(x, 'shape', ()))}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be chunks of one sequence: the same "
                          "batch, seqlen and headdim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"k's heads ({k.shape[2]}) must divide q's ({q.shape[2]})")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"k's heads ({k.shape[-2]}) must divide q's ({q.shape[-2]})")
     _ring.check_layout(layout)
-    if layout == "zigzag" and q.shape[1] % 2:
-        raise ValueError(f"a zigzag chunk holds two halves: q's seqlen must be even, got {q.shape[1]}")
+    seqlen = q.shape[-3]
+    if layout == "zigzag" and seqlen % 2:
+        raise ValueError(f"a zigzag chunk holds two halves: q's seqlen must be even, got {seqlen}")

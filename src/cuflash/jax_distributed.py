@@ -27,10 +27,7 @@ def _order(n: int, world_size: int, layout: str):
     pieces = 2 * world_size if layout == "zigzag" else world_size
     if n % pieces:
         raise ValueError(f"x's {n} tokens do not split into {pieces} equal chunks for {world_size} devices ({layout})")
-    chunks = np.arange(n).reshape(pieces, n // pieces)
-    if layout == "contiguous":
-        return chunks.reshape(-1)
-    return np.concatenate([np.concatenate([chunks[r], chunks[pieces - 1 - r]]) for r in range(world_size)])
+    return np.concatenate([_ring.positions(r, world_size, n // world_size, layout) for r in range(world_size)])
 
 
 def to_layout(x, world_size: int, layout: str = "zigzag", axis: int = 1):
