@@ -35,6 +35,25 @@ def _check_whole(got, q, k, v, dout, causal):
         assert_close_2x(o.to(r.device), r, p, name)
 
 
+def _check_packed(got, cu, q, k, v, dout, causal):
+    """got: packed (tokens, heads, d) results; against document-masked attention of the whole sequence."""
+    import numpy as np
+    import torch
+
+    n = q.shape[0]
+    doc = np.searchsorted(cu, np.arange(n), side="right")
+    mask = torch.as_tensor(doc[:, None] == doc[None, :], device=q.device)
+
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal, mask=mask)
+
+    batched = [x[None] for x in (q, k, v, dout)]
+    ref = grads(plain, *(x.double() for x in batched[:3]), batched[3].double())
+    base = grads(plain, *batched)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_close_2x(o[None].to(r.device), r, p, name)
+
+
 @pytest.mark.parametrize("world_size, layout, causal", CASES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_simulated_ring_with_the_kernels(world_size, layout, causal, dtype):
@@ -61,7 +80,6 @@ def test_simulated_ring_over_packed_documents_with_the_kernels(world_size, layou
     """Packed documents across the ranks (some spanning several, one empty), each chunk pair one packed
     call of the kernels; against document-masked attention."""
     import numpy as np
-    import torch
 
     from cuflash import _ring
     import cuflash.distributed as cd
@@ -80,18 +98,8 @@ def test_simulated_ring_over_packed_documents_with_the_kernels(world_size, layou
         return [x[0] for x in (out, *grads)]
 
     per_rank = rh.run_ranks(world_size, rank_fn)
-    got = [cd.unshard([r[i] for r in per_rank], 0, layout)[None] for i in range(4)]
-    doc = np.searchsorted(cu, np.arange(n), side="right")
-    mask = torch.as_tensor(doc[:, None] == doc[None, :], device=q.device)
-
-    def plain(a, b, c):
-        return plain_attention(a, b, c, causal, mask=mask)
-
-    batched = [x[None] for x in (q, k, v, dout)]
-    ref = grads(plain, *(x.double() for x in batched[:3]), batched[3].double())
-    base = grads(plain, *batched)
-    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
-        assert_close_2x(o, r, p, name)
+    got = [cd.unshard([r[i] for r in per_rank], 0, layout) for i in range(4)]
+    _check_packed(got, cu, q, k, v, dout, causal)
 
 
 def test_one_rank_over_nccl_is_flash_attn_func():
@@ -122,7 +130,6 @@ def test_one_rank_over_nccl_is_flash_attn_func():
                                                                 (4, "contiguous", False, False),
                                                                 (2, "zigzag", True, True)])
 def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, packed, tmp_path):
-    import numpy as np
     import torch
     import torch.multiprocessing as mp
 
@@ -141,20 +148,10 @@ def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, packed, tmp_
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
     dim = 0 if packed else 1
     got = [unshard([r[key] for r in results], dim, layout) for key in ("out", "dq", "dk", "dv")]
-    if not packed:
+    if packed:
+        _check_packed(got, cu, *inputs, causal)
+    else:
         _check_whole(got, *inputs, causal)
-        return
-    doc = np.searchsorted(cu, np.arange(n), side="right")
-    mask = torch.as_tensor(doc[:, None] == doc[None, :], device=inputs[0].device)
-
-    def plain(a, b, c):
-        return plain_attention(a, b, c, causal, mask=mask)
-
-    batched = [x[None] for x in inputs]
-    ref = grads(plain, *(x.double() for x in batched[:3]), batched[3].double())
-    base = grads(plain, *batched)
-    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
-        assert_close_2x(o[None].to(r.device), r, p, name)
 
 
 def test_jax_ring_on_one_gpu_is_the_attention():
