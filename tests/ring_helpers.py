@@ -171,11 +171,11 @@ def ring_worker(rank, world_size, init_file, case, out_dir):
         dist.destroy_process_group()
 
 
-def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2):
+def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False):
     """In a process of its own with world_size host devices (XLA_FLAGS) and float64: ring_attention under
     jax.jit(jax.shard_map) with a float64 chunk attention in place of the kernels, its out, lse and
     gradients (jax.grad through the ring's custom VJP) against whole-sequence attention; raises if they
-    differ."""
+    differ. packed: random documents packed into one sequence (cu_seqlens)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -186,54 +186,100 @@ def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2):
     import cuflash.jax_distributed as jd
 
     def expand(k, v, h):
-        return jnp.repeat(k, h // k.shape[2], 2), jnp.repeat(v, h // v.shape[2], 2)
+        return jnp.repeat(k, h // k.shape[-2], -2), jnp.repeat(v, h // v.shape[-2], -2)
 
     def scores(q, k, causal, scale):
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
         return jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), s, -jnp.inf) if causal else s
 
+    def softmax_parts(s):  # (P, lse) with rows that see nothing as zeros and -inf
+        lse = jax.nn.logsumexp(s, -1)
+        return jnp.nan_to_num(jnp.exp(s - lse[..., None]), nan=0.0), lse
+
     def attend(q, k, v, causal, scale):
         k, v = expand(k, v, q.shape[2])
-        s = scores(q, k, causal, scale)
-        lse = jax.nn.logsumexp(s, -1)
-        return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v), lse
+        p, lse = softmax_parts(scores(q, k, causal, scale))
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v), lse
 
-    def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic):
-        heads, kv_heads = q.shape[2], k.shape[2]
-        ke, ve = expand(k, v, heads)
-        p = jnp.exp(scores(q, ke, causal, scale) - lse[..., None])
+    def grads_from(p, dout, q, ke, ve, out, scale, kv_heads):
+        heads = q.shape[-2]
         ds = p * (jnp.einsum("bqhd,bkhd->bhqk", dout, ve) - (dout * out).sum(-1).transpose(0, 2, 1)[..., None])
         fold = lambda g: g.reshape(*g.shape[:2], kv_heads, heads // kv_heads, g.shape[-1]).sum(3)  # noqa: E731
         return (jnp.einsum("bhqk,bkhd->bqhd", ds, ke) * scale, fold(jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale),
                 fold(jnp.einsum("bhqk,bqhd->bkhd", p, dout)))
 
+    def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic):
+        ke, ve = expand(k, v, q.shape[2])
+        p = jnp.nan_to_num(jnp.exp(scores(q, ke, causal, scale) - lse[..., None]), nan=0.0)
+        return grads_from(p, dout, q, ke, ve, out, scale, k.shape[2])
+
+    def varlen_scores(q, k, cu_q, cu_k, causal, scale):
+        """cuflash's packed contract with traced offsets: documents by position, causal bottom-right in each."""
+        doc_q = jnp.searchsorted(cu_q, jnp.arange(q.shape[0]), side="right") - 1
+        doc_k = jnp.searchsorted(cu_k, jnp.arange(k.shape[0]), side="right") - 1
+        visible = doc_q[:, None] == doc_k[None, :]
+        if causal:
+            i = jnp.arange(q.shape[0]) - cu_q[doc_q]
+            j = jnp.arange(k.shape[0]) - cu_k[doc_k]
+            shift = (cu_k[doc_q + 1] - cu_k[doc_q]) - (cu_q[doc_q + 1] - cu_q[doc_q])
+            visible &= j[None, :] <= (i + shift)[:, None]
+        s = jnp.einsum("qhd,khd->hqk", q, k)[None] * scale
+        return jnp.where(visible, s, -jnp.inf)
+
+    def varlen_attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        k, v = expand(k, v, q.shape[1])
+        p, lse = softmax_parts(varlen_scores(q, k, cu_q, cu_k, causal, scale))
+        return jnp.einsum("bhqk,khd->qhd", p, v), lse[0]
+
+    def varlen_attend_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, deterministic):
+        ke, ve = expand(k, v, q.shape[1])
+        p = jnp.nan_to_num(jnp.exp(varlen_scores(q, ke, cu_q, cu_k, causal, scale) - lse[None, ..., None]), nan=0.0)
+        return tuple(g[0] for g in grads_from(p, dout[None], q[None], ke[None], ve[None], out[None], scale,
+                                              k.shape[1]))
+
     jd._LOCAL = (attend, attend_backward)
+    jd._LOCAL_VARLEN = (varlen_attend, varlen_attend_backward)
     rng = np.random.default_rng(world_size)
     n, d, scale = 6 * world_size, 8, 0.35
-    q, dout = (jnp.asarray(rng.standard_normal((2, n, heads, d))) for _ in range(2))
-    k, v = (jnp.asarray(rng.standard_normal((2, n, kv_heads, d))) for _ in range(2))
+    batch = () if packed else (2,)
+    q, dout = (jnp.asarray(rng.standard_normal((*batch, n, heads, d))) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((*batch, n, kv_heads, d))) for _ in range(2))
+    cu = [0, *sorted(rng.integers(0, n + 1, world_size + 2).tolist()), n] if packed else None
+    mask = None
+    if packed:
+        doc = np.searchsorted(cu, np.arange(n), side="right")
+        mask = doc[:, None] == doc[None, :]
 
     def whole(q, k, v):
+        if packed:
+            q, k, v = q[None], k[None], v[None]
         k, v = expand(k, v, q.shape[2])
-        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores(q, k, causal, scale), -1), v)
+        s = scores(q, k, causal, scale)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        p, lse = softmax_parts(s)
+        out = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        return (out[0], lse[0]) if packed else (out, lse)
 
     mesh = jax.make_mesh((world_size,), ("sp",))
-    spec = P(None, "sp")
+    seq = P("sp") if packed else P(None, "sp")
+    lse_spec = P(None, "sp") if packed else P(None, None, "sp")
     ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=causal, softmax_scale=scale,
-                                                           layout=layout),
-                         mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, None, "sp")))
-    placed = [jax.device_put(jd.to_layout(x, world_size, layout), NamedSharding(mesh, spec)) for x in (q, k, v, dout)]
+                                                           layout=layout, cu_seqlens=cu),
+                         mesh=mesh, in_specs=(seq, seq, seq), out_specs=(seq, lse_spec))
+    axis = 0 if packed else 1
+    placed = [jax.device_put(jd.to_layout(x, world_size, layout, axis), NamedSharding(mesh, seq))
+              for x in (q, k, v, dout)]
 
     def ring_loss(a, b, c):
         return (ring(a, b, c)[0] * placed[3]).sum()
 
     out, lse = jax.jit(ring)(*placed[:3])
     grads = jax.jit(jax.grad(ring_loss, (0, 1, 2)))(*placed[:3])
-    want_out = whole(q, k, v)
-    want_grads = jax.grad(lambda a, b, c: (whole(a, b, c) * dout).sum(), (0, 1, 2))(q, k, v)
-    want_lse = jax.nn.logsumexp(scores(q, expand(k, v, heads)[0], causal, scale), -1)
+    want_out, want_lse = whole(q, k, v)
+    want_grads = jax.grad(lambda a, b, c: (whole(a, b, c)[0] * dout).sum(), (0, 1, 2))(q, k, v)
     gathered = [np.asarray(x) for x in (out, *grads, lse)]
-    got = [jd.from_layout(x, world_size, layout) for x in gathered[:4]] + [jd.from_layout(gathered[4], world_size,
-                                                                                           layout, 2)]
+    got = [jd.from_layout(x, world_size, layout, axis) for x in gathered[:4]]
+    got.append(jd.from_layout(gathered[4], world_size, layout, axis + 1))
     for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), got, (want_out, *want_grads, want_lse)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)

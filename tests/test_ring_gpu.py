@@ -182,3 +182,25 @@ def test_jax_ring_on_one_gpu_is_the_attention():
     want = jax.jit(jax.grad(loss(whole), (0, 1, 2)))(q, k, v)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def test_jax_ring_over_packed_documents_on_one_gpu():
+    """Packed documents, a mesh of one GPU: cuflash.jax.attention's packed call, bit for bit."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import cuflash.jax as cj
+    import cuflash.jax_distributed as jd
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    shapes = [(1024, 4, 64), (1024, 2, 64), (1024, 2, 64)]
+    q, k, v = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes))
+    cu = np.array([0, 300, 300, 901, 1024])
+    ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, cu_seqlens=cu),
+                         mesh=jax.make_mesh((1,), ("sp",)), in_specs=(P("sp"),) * 3, out_specs=(P("sp"), P(None, "sp")))
+    cu_dev = jnp.asarray(cu, jnp.int32)
+    want = cj.attention(q, k, v, causal=True, cu_seqlens=(cu_dev, cu_dev), max_seqlen=(601, 601))
+    for got, ref in zip(jax.jit(ring)(q, k, v), want):
+        assert np.array_equal(np.asarray(got), np.asarray(ref))

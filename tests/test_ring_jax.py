@@ -12,13 +12,15 @@ pytest.importorskip("jax")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("world_size, layout, causal", [(1, "zigzag", True), (2, "zigzag", True),
-                                                        (3, "contiguous", True), (4, "zigzag", False),
-                                                        (4, "zigzag", True), (2, "contiguous", False)])
-def test_ring_attention_under_jit_and_grad(world_size, layout, causal):
+@pytest.mark.parametrize("world_size, layout, causal, packed", [
+    (1, "zigzag", True, False), (2, "zigzag", True, False), (3, "contiguous", True, False),
+    (4, "zigzag", False, False), (4, "zigzag", True, False), (2, "contiguous", False, False),
+    (1, "zigzag", True, True), (3, "zigzag", True, True), (4, "contiguous", True, True), (2, "zigzag", False, True)])
+def test_ring_attention_under_jit_and_grad(world_size, layout, causal, packed):
+    """packed: documents packed into one sequence across the devices (cu_seqlens)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={world_size}", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))
-    code = f"import ring_helpers; ring_helpers.jax_ring_check({world_size}, {layout!r}, {causal})"
+    code = f"import ring_helpers; ring_helpers.jax_ring_check({world_size}, {layout!r}, {causal}, packed={packed})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
 

@@ -59,12 +59,12 @@ def positions(rank: int, world_size: int, seqlen: int, layout: str):
     return np.concatenate([np.arange(rank * half, (rank + 1) * half), np.arange(late * half, (late + 1) * half)])
 
 
-def document_offsets(cu_seqlens, q_pos, kv_pos):
+def document_offsets(cu_seqlens, q_pos, kv_pos, keep_empty: bool = False):
     """Packed documents (cu_seqlens: their offsets in the whole sequence) cut down to one chunk pair:
     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of the queries at positions q_pos and the keys
-    at kv_pos (both increasing), every document that has either, in order; a document's queries see only
-    its own keys. Within a chunk pair the positions of either side are in order, so each document's rows
-    are contiguous."""
+    at kv_pos (both increasing), every document that has either (keep_empty: every document), in order; a
+    document's queries see only its own keys. Within a chunk pair the positions of either side are in
+    order, so each document's rows are contiguous."""
     import numpy as np
 
     cu = np.asarray(cu_seqlens, dtype=np.int64)
@@ -72,7 +72,7 @@ def document_offsets(cu_seqlens, q_pos, kv_pos):
     doc_of = lambda pos: np.searchsorted(cu, pos, side="right") - 1  # noqa: E731
     q_counts = np.bincount(doc_of(q_pos), minlength=docs)
     kv_counts = np.bincount(doc_of(kv_pos), minlength=docs)
-    present = (q_counts > 0) | (kv_counts > 0)
+    present = (q_counts >= 0) if keep_empty else (q_counts > 0) | (kv_counts > 0)
     q_counts, kv_counts = q_counts[present], kv_counts[present]
     offsets = lambda counts: np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)  # noqa: E731
     return offsets(q_counts), offsets(kv_counts), int(q_counts.max(initial=0)), int(kv_counts.max(initial=0))

@@ -240,20 +240,29 @@ def _device_id(x) -> int:
         return jax.devices()[0].id
 
 
-def attention_parts(q, k, v, *, softmax_scale=None, causal=False):
+def _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen):
+    cu = None if cu_seqlens is None else (_meta(cu_seqlens[0], "cu_seqlens_q"), _meta(cu_seqlens[1], "cu_seqlens_k"))
+    return _problem.build(_meta(q, "q"), _meta(k, "k"), _meta(v, "v"), softmax_scale=softmax_scale, causal=causal,
+                          cu_seqlens=cu, max_seqlen=max_seqlen)
+
+
+def attention_parts(q, k, v, *, softmax_scale=None, causal=False, cu_seqlens=None, max_seqlen=None):
     """(out, lse) of the forward kernels, not differentiable, for callers that assemble their own backward
-    from attention_backward (ring attention: jax_distributed.py). Dense q, k, v as for attention."""
-    p = _problem.build(_meta(q, "q"), _meta(k, "k"), _meta(v, "v"), softmax_scale=softmax_scale, causal=causal)
-    return _fwd_callable(p, None, _options.current())(q, k, v)
+    from attention_backward (ring attention: jax_distributed.py). q, k, v (and packed sequences) as for
+    attention."""
+    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen)
+    return _fwd_callable(p, None, _options.current())(q, k, v, *(cu_seqlens or ()))
 
 
-def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, deterministic=False):
-    """(dq, dk, dv) of the backward kernels from out and lse (float32 (batch, nheads, seqlen_q)): the rows'
-    whole log-sum-exp may cover more keys than k holds, which makes these the gradients of k's part."""
-    p = _problem.build(_meta(q, "q"), _meta(k, "k"), _meta(v, "v"), softmax_scale=softmax_scale, causal=causal)
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, cu_seqlens=None,
+                       max_seqlen=None, deterministic=False):
+    """(dq, dk, dv) of the backward kernels from out and lse (float32, as attention_parts returns it): the
+    rows' whole log-sum-exp may cover more keys than k holds, which makes these the gradients of k's part."""
+    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen)
     options = _options.current()
     if deterministic:
         options = dataclasses.replace(options, fused_dq=False)
     workspace = _engine.bwd_workspace_floats(p, _device_id(q), options)
-    dq, dk, dv, _ = _bwd_callable(p, None, options, workspace)(dout.astype(q.dtype), q, k, v, out, lse)
+    dq, dk, dv, _ = _bwd_callable(p, None, options, workspace)(dout.astype(q.dtype), q, k, v, out, lse,
+                                                               *(cu_seqlens or ()))
     return dq, dk, dv

@@ -59,8 +59,82 @@ def _cuflash_attend_backward(dout, q, k, v, out, lse, causal, softmax_scale, det
                               deterministic=deterministic)
 
 
-# The per-chunk attention and its backward: cuflash's kernels (the CPU tests put a reference in their place).
+def _cuflash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale):
+    from .jax import attention_parts
+
+    return attention_parts(q, k, v, softmax_scale=softmax_scale, causal=causal, cu_seqlens=(cu_q, cu_k),
+                           max_seqlen=(max_q, max_k))
+
+
+def _cuflash_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, softmax_scale,
+                             deterministic):
+    from .jax import attention_backward
+
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                              cu_seqlens=(cu_q, cu_k), max_seqlen=(max_q, max_k), deterministic=deterministic)
+
+
+# The attention of one chunk pair and its backward, dense and packed: cuflash's kernels (the CPU tests put
+# references in their place).
 _LOCAL = (_cuflash_attend, _cuflash_attend_backward)
+_LOCAL_VARLEN = (_cuflash_varlen, _cuflash_varlen_backward)
+
+
+class _Dense:
+    """Chunk pairs of dense (batch, seqlen, heads, d) chunks."""
+
+    def attend(self, q, k, v, s, step, rank, softmax_scale):
+        return _LOCAL[0](q, k, v, s.causal, softmax_scale)
+
+    def attend_backward(self, dout, q, k, v, out, lse, s, step, rank, softmax_scale, deterministic):
+        return _LOCAL[1](dout, q, k, v, out, lse, s.causal, softmax_scale, deterministic)
+
+
+class _Documents:
+    """Documents packed into one sequence across the ring (distributed._Documents' twin): each chunk pair one
+    packed call over the parts of the documents it holds. The rank is traced here, so the offsets of every
+    (step, plan) are tables with a row per rank, built on the host (every document kept, so rows have one
+    length) and indexed on the device. The loops see a batch of one."""
+
+    def __init__(self, cu_seqlens, size: int, seqlen: int, causal: bool, layout: str):
+        import numpy as np
+
+        if cu_seqlens[-1] != size * seqlen:
+            raise ValueError(f"cu_seqlens must end at the whole packed sequence's {size} x {seqlen} tokens, got "
+                             f"{cu_seqlens[-1]}")
+        pos = [_ring.positions(r, size, seqlen, layout) for r in range(size)]
+        self.tables, sizes = {}, [0]
+        for step in range(size):
+            for rank in range(size):
+                source = (rank - step) % size
+                s = _ring.plan(rank, source, seqlen, causal, layout)
+                if s is None:
+                    continue
+                cu_q, cu_k, max_q, max_k = _ring.document_offsets(cu_seqlens, pos[rank][s.q_rows],
+                                                                  pos[source][s.kv_rows], keep_empty=True)
+                sizes += [max_q, max_k]
+                table = self.tables.setdefault(self._key(step, s), np.zeros((2, size, len(cu_q)), np.int32))
+                table[:, rank] = cu_q, cu_k
+        self.max_seqlen = max(sizes)  # (one bound for all: the grid's size)
+
+    @staticmethod
+    def _key(step, s):
+        return step, s.q_rows.start, s.q_rows.stop, s.kv_rows.start, s.kv_rows.stop, s.causal
+
+    def offsets(self, s, step, rank):
+        import jax.numpy as jnp
+
+        table = jnp.asarray(self.tables[self._key(step, s)])
+        return table[0, rank], table[1, rank], self.max_seqlen, self.max_seqlen
+
+    def attend(self, q, k, v, s, step, rank, softmax_scale):
+        out, lse = _LOCAL_VARLEN[0](q[0], k[0], v[0], *self.offsets(s, step, rank), s.causal, softmax_scale)
+        return out[None], lse[None]
+
+    def attend_backward(self, dout, q, k, v, out, lse, s, step, rank, softmax_scale, deterministic):
+        grads = _LOCAL_VARLEN[1](dout[0], q[0], k[0], v[0], out[0], lse[0], *self.offsets(s, step, rank), s.causal,
+                                 softmax_scale, deterministic)
+        return tuple(g[None] for g in grads)
 
 
 def _step(rank, step: int, size: int, seqlen: int, causal: bool, layout: str, compute, empty):
@@ -80,23 +154,22 @@ def _step(rank, step: int, size: int, seqlen: int, causal: bool, layout: str, co
     return jax.lax.cond(from_earlier, branch(earlier), branch(later))
 
 
-def _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout):
+def _ring_forward(q, k, v, axis_name, chunks, causal, softmax_scale, layout):
     import jax
     import jax.numpy as jnp
 
     size, rank = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     ring = [(i, (i + 1) % size) for i in range(size)]
     batch, seqlen, heads, _ = q.shape
-    attend = _LOCAL[0]
     out = jnp.zeros_like(q, jnp.float32)
     lse = jnp.full_like(q, -jnp.inf, jnp.float32, shape=(batch, heads, seqlen))
     # (zeros_like of this device's arrays: values that vary over the mesh axis, as the other branch's do)
     empty = lambda: (jnp.zeros_like(q, jnp.float32), jnp.full_like(lse, -jnp.inf))  # noqa: E731
     kv = (k, v)
     for step in range(size):
-        def compute(s, kv=kv):
-            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s.causal,
-                                        softmax_scale)
+        def compute(s, kv=kv, step=step):
+            part_out, part_lse = chunks.attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s, step,
+                                               rank, softmax_scale)
             return (jnp.zeros_like(q, jnp.float32).at[:, s.q_rows].set(part_out.astype(jnp.float32)),
                     jnp.full_like(lse, -jnp.inf).at[:, :, s.q_rows].set(part_lse.astype(jnp.float32)))
 
@@ -117,21 +190,20 @@ def _merge(out, lse, part_out, part_lse):
     return out * weight(lse) + part_out * weight(part_lse), new
 
 
-def _ring_backward(dout, q, k, v, out, lse, axis_name, causal, softmax_scale, layout, deterministic):
+def _ring_backward(dout, q, k, v, out, lse, axis_name, chunks, causal, softmax_scale, layout, deterministic):
     import jax
     import jax.numpy as jnp
 
     size, rank = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     ring = [(i, (i + 1) % size) for i in range(size)]
     seqlen = q.shape[1]
-    attend_backward = _LOCAL[1]
     zeros = lambda x: jnp.zeros_like(x, jnp.float32)  # noqa: E731 (varying over the mesh axis, as x)
     dq, kv, dkv = zeros(q), (k, v), (zeros(k), zeros(v))
     for step in range(size):
-        def compute(s, kv=kv):
+        def compute(s, kv=kv, step=step):
             r, c = s.q_rows, s.kv_rows
-            parts = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r], lse[:, :, r], s.causal,
-                                    softmax_scale, deterministic)
+            parts = chunks.attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r], lse[:, :, r], s,
+                                           step, rank, softmax_scale, deterministic)
             return tuple(zeros(x).at[:, rows].set(g.astype(jnp.float32))
                          for x, rows, g in zip((q, k, v), (r, c, c), parts))
 
@@ -146,19 +218,26 @@ def _ring_backward(dout, q, k, v, out, lse, axis_name, causal, softmax_scale, la
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, deterministic: bool):
+def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, deterministic: bool, cu_seqlens):
+    """The ring as a function of (q, k, v) with its custom VJP; cu_seqlens (a tuple) packs documents."""
     import jax
+
+    def chunks(q):
+        if cu_seqlens is None:
+            return _Dense()
+        return _Documents(cu_seqlens, jax.lax.axis_size(axis_name), q.shape[1], causal, layout)
 
     @jax.custom_vjp
     def ring(q, k, v):
-        return _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout)
+        return _ring_forward(q, k, v, axis_name, chunks(q), causal, softmax_scale, layout)
 
     def ring_fwd(q, k, v):
-        out, lse = _ring_forward(q, k, v, axis_name, causal, softmax_scale, layout)
+        out, lse = _ring_forward(q, k, v, axis_name, chunks(q), causal, softmax_scale, layout)
         return (out, lse), (q, k, v, out, lse)
 
     def ring_bwd(res, cotangents):
-        return _ring_backward(cotangents[0].astype(res[0].dtype), *res, axis_name, causal, softmax_scale, layout,
+        q = res[0]
+        return _ring_backward(cotangents[0].astype(q.dtype), *res, axis_name, chunks(q), causal, softmax_scale, layout,
                               deterministic)
 
     ring.defvjp(ring_fwd, ring_bwd)
@@ -166,20 +245,40 @@ def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, 
 
 
 def ring_attention(q, k, v, axis_name, *, causal: bool = False, softmax_scale: float | None = None,
-                   layout: str = "zigzag", deterministic: bool = False):
+                   layout: str = "zigzag", deterministic: bool = False, cu_seqlens=None):
     """(out, lse) of this device's queries against the keys of every device along mesh axis `axis_name`,
     called inside jax.shard_map (under jax.jit or not). q: (batch, seqlen, nheads, headdim), k and v:
     (batch, seqlen, nheads_k, headdim), this device's chunks in `layout` (to_layout). causal=True masks the
     future of the whole sequence; GQA/MQA as in cuflash.jax.attention. Differentiable with respect to q, k
-    and v (not through lse); deterministic=True as for the PyTorch version."""
+    and v (not through lse); deterministic=True as for the PyTorch version.
+
+    cu_seqlens: documents packed into one sequence (as cuflash.jax.attention packs them): q (tokens, nheads,
+    headdim), k and v (tokens, nheads_k, headdim) are this device's chunk of it (to_layout(x, n, axis=0)),
+    cu_seqlens the documents' offsets in the whole sequence, concrete ints (a list, tuple or NumPy array: the
+    chunk pairs' offsets are tables built when tracing); a query sees only its own document's keys. lse is
+    then (nheads, tokens)."""
+    import numpy as np
+
+    packed = cu_seqlens is not None
+    ndim = 3 if packed else 4
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be (batch, seqlen, heads, headdim), got shape {tuple(x.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        if x.ndim != ndim:
+            shape = "(tokens, heads, headdim)" if packed else "(batch, seqlen, heads, headdim)"
+            raise ValueError(f"{name} must be {shape}, got shape {tuple(x.shape)}")
+    if (k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]
+            or q.shape[-2] % k.shape[-2]):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must be chunks of one "
                          "sequence: k and v alike, the same batch, seqlen and headdim, k's heads dividing q's")
     _ring.check_layout(layout)
-    if layout == "zigzag" and q.shape[1] % 2:
-        raise ValueError(f"a zigzag chunk holds two halves: q's seqlen must be even, got {q.shape[1]}")
+    seqlen = q.shape[-3]
+    if layout == "zigzag" and seqlen % 2:
+        raise ValueError(f"a zigzag chunk holds two halves: q's seqlen must be even, got {seqlen}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return _differentiable(axis_name, causal, scale, layout, deterministic)(q, k, v)
+    offsets = None
+    if packed:
+        offsets = tuple(int(x) for x in np.asarray(cu_seqlens).reshape(-1))
+        if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0, got {list(offsets)[:8]}")
+        q, k, v = q[None], k[None], v[None]
+    out, lse = _differentiable(axis_name, causal, scale, layout, deterministic, offsets)(q, k, v)
+    return (out[0], lse[0]) if packed else (out, lse)
