@@ -156,6 +156,7 @@ def test_distributed_world_size_one_over_gloo(monkeypatch):
     import cuflash.distributed as cd
 
     monkeypatch.setattr(cd, "_LOCAL", (rh.chunk_attend, rh.chunk_attend_backward))
+    monkeypatch.setattr(cd, "_CHECK", lambda q, k, v: None)
     with tempfile.NamedTemporaryFile() as f:
         dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
         try:
@@ -257,6 +258,16 @@ def test_packed_offsets_are_checked():
         ring_flash_attn_varlen_func(q, q, q, [0, 4, 2, 6])
     with pytest.raises(ValueError, match="tokens, heads"):
         ring_flash_attn_varlen_func(q[None], q[None], q[None], [0, 6])
+
+
+def test_what_the_kernels_refuse_is_raised_before_the_ring_starts():
+    """Host tensors (here: this machine has no GPU) are named before any transfer is posted: no process group
+    is needed to see it."""
+    q = torch.zeros(1, 6, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q must be on a CUDA device"):
+        ring_flash_attn_func(q, q, q)
+    with pytest.raises(TypeError, match="q must be on a CUDA device"):
+        ring_flash_attn_varlen_func(q[0], q[0], q[0], [0, 6])
 
 
 def test_chunks_are_checked_before_anything_runs():

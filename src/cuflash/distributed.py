@@ -111,10 +111,19 @@ def _cuflash_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 
                                       causal=causal, deterministic=deterministic)
 
 
-# The attention of one chunk pair and its backward, dense and packed: cuflash's kernels. (The tests run the
-# same ring over gloo on CPUs with float64 references in their place.)
+def _cuflash_check(q, k, v) -> None:
+    """What the kernels would refuse (a host tensor, a dtype, a head dim, a layout) raised before the ring
+    starts sending, rather than at the first chunk pair with transfers in flight."""
+    from . import _bridge, _problem
+
+    _problem.build(*(_bridge.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))))
+
+
+# The attention of one chunk pair and its backward, dense and packed, and the check of a rank's chunks:
+# cuflash's kernels. (The tests run the same ring over gloo on CPUs with float64 references in their place.)
 _LOCAL = (_cuflash_attend, _cuflash_attend_backward)
 _LOCAL_VARLEN = (_cuflash_varlen, _cuflash_varlen_backward)
+_CHECK = _cuflash_check
 
 
 class _Documents:
@@ -191,6 +200,7 @@ _RING_FUNCTION = None
 
 def _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens):
     global _RING_FUNCTION
+    _CHECK(*(x if x.ndim == 4 else x[None] for x in (q, k, v)))
     if _RING_FUNCTION is None:
         _RING_FUNCTION = _ring_function()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
