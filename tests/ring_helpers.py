@@ -28,19 +28,19 @@ def _probs(s, lse):
     return torch.nan_to_num(p, nan=0.0)  # rows with no key: lse = -inf
 
 
-def attend(q, k, v, causal, scale):
-    """(out, lse) of one chunk pair in float64."""
+def attend(q, k, v, causal, scale, mask=None):
+    """(out, lse) of one chunk pair in float64 (mask: True where a query sees a key)."""
     k, v = _expand(k, v, q.shape[2])
-    s = _scores(q, k, causal, scale)
+    s = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, -1)
     return torch.einsum("bhqk,bkhd->bqhd", _probs(s, lse), v), lse
 
 
-def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic=False):
+def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic=False, mask=None):
     """(dq, dk, dv) of one chunk pair from the whole rows' out and lse (FlashAttention's backward)."""
     heads, kv_heads = q.shape[2], k.shape[2]
     ke, ve = _expand(k, v, heads)
-    p = _probs(_scores(q, ke, causal, scale), lse)
+    p = _probs(_scores(q, ke, causal, scale, mask), lse)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve)
     delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)
     ds = p * (dp - delta)
@@ -51,13 +51,17 @@ def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic=False)
     return dq, fold(dk), fold(dv)
 
 
-def chunk_attend(q, k, v, step, scale):
-    """attend with the ring's signature (a _ring.Step)."""
-    return attend(q, k, v, step.causal, scale)
+def _element_mask(block_mask):
+    return None if block_mask is None else torch.as_tensor(block_mask.to_element_mask())
 
 
-def chunk_attend_backward(dout, q, k, v, out, lse, step, scale, deterministic=False):
-    return attend_backward(dout, q, k, v, out, lse, step.causal, scale)
+def chunk_attend(q, k, v, step, scale, block_mask=None):
+    """attend with the ring's signature (a _ring.Step; a cuflash.BlockMask as the kernels take it)."""
+    return attend(q, k, v, step.causal, scale, _element_mask(block_mask))
+
+
+def chunk_attend_backward(dout, q, k, v, out, lse, step, scale, deterministic=False, block_mask=None):
+    return attend_backward(dout, q, k, v, out, lse, step.causal, scale, mask=_element_mask(block_mask))
 
 
 def _documents(cu):
@@ -162,7 +166,7 @@ def ring_worker(rank, world_size, init_file, case, out_dir):
         q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
         kw = dict(causal=case["causal"], layout=case["layout"], return_lse=True)
         if cu_seqlens is None:
-            out, lse = cd.ring_flash_attn_func(q, k, v, **kw)
+            out, lse = cd.ring_flash_attn_func(q, k, v, block_mask=case.get("block_mask"), **kw)
         else:
             out, lse = cd.ring_flash_attn_varlen_func(q, k, v, cu_seqlens, **kw)
         out.backward(dout)

@@ -187,6 +187,74 @@ def test_distributed_ring_over_gloo_processes(world_size, layout, causal, tmp_pa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _block_masks(n, block):
+    from cuflash import BlockMask
+
+    window = BlockMask.sliding_window(n, n, 3 * block // 2, 0, block, block)  # partial blocks on its edge
+    sparse = BlockMask.local_global_random(n, n, local_blocks=0, global_blocks=1, random_blocks=1, seed=3,
+                                           block_m=block, block_n=block)
+    return {"window": window, "local_global_random": sparse}
+
+
+@pytest.mark.parametrize("mask", ["window", "local_global_random"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_simulated_ring_with_a_block_mask(world_size, layout, causal, mask):
+    """A block mask of the whole sequence: each chunk pair takes its part (pairs it leaves empty are skipped;
+    rows it leaves empty come out 0); the whole equals masked attention."""
+    block = 32
+    per_rank = 4 * block if layout == "zigzag" else 2 * block
+    q, k, v, dout = _inputs(world_size, 4, 2, seed=20 + world_size, per_rank=per_rank)
+    n, scale = q.shape[1], 0.4
+    bm = _block_masks(n, block)[mask]
+
+    def rank_fn(rank, ring):
+        mine = [shard(x, world_size, rank, layout=layout) for x in (q, k, v, dout)]
+        pairs = cd._MaskedPairs(bm, ring, mine[0].shape[1], layout)
+        out, lse = _ring.ring_forward(*mine[:3], ring, pairs.attend, causal, layout, scale)
+        backward = lambda *chunks: pairs.attend_backward(*chunks, False)  # noqa: E731
+        return (out,) + _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, backward, causal, layout, scale)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(cd, "_LOCAL", (rh.chunk_attend, rh.chunk_attend_backward)):
+        per_rank_results = rh.run_ranks(world_size, rank_fn)
+    got = [unshard([r[i] for r in per_rank_results], layout=layout) for i in range(4)]
+    whole = q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()
+    out = rh.full_attention(*whole, causal, scale, torch.as_tensor(bm.to_element_mask()))
+    out.backward(dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, [out.detach()] + [x.grad for x in whole]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_mask_over_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    world_size, layout = 2, "zigzag"
+    inputs = _inputs(world_size, 4, 2, seed=5, per_rank=128)
+    bm = _block_masks(inputs[0].shape[1], 32)["window"]
+    case = dict(inputs=inputs, layout=layout, causal=True, block_mask=bm)
+    mp.spawn(rh.ring_worker, args=(world_size, str(tmp_path / "init"), case, str(tmp_path)), nprocs=world_size)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    got = [unshard([r[key] for r in results], layout=layout) for key in ("out", "dq", "dk", "dv")]
+    leaves = [x.clone().requires_grad_() for x in inputs[:3]]
+    out = rh.full_attention(*leaves, True, 1 / 8 ** 0.5, torch.as_tensor(bm.to_element_mask()))
+    out.backward(inputs[3])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, [out.detach()] + [x.grad for x in leaves]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_masks_must_fit_the_chunks(monkeypatch):
+    from cuflash import BlockMask
+
+    ring = rh.QueueRing(0, [None, None])
+    with pytest.raises(ValueError, match="whole sequence"):
+        cd._MaskedPairs(BlockMask.causal(64, 64, 32, 32), ring, 64, "zigzag")
+    with pytest.raises(ValueError, match="must divide"):
+        cd._MaskedPairs(BlockMask.causal(96, 96, 32, 32), ring, 48, "zigzag")
+
+
 def test_document_offsets_cut_documents_to_a_chunk_pair():
     cu = [0, 3, 3, 10, 16]  # documents 0-2, (empty), 3-9, 10-15
     cu_q, cu_k, max_q, max_k = _ring.document_offsets(cu, np.arange(4, 8), np.arange(0, 6))

@@ -102,6 +102,42 @@ def test_simulated_ring_over_packed_documents_with_the_kernels(world_size, layou
     _check_packed(got, cu, q, k, v, dout, causal)
 
 
+@pytest.mark.parametrize("world_size, layout, causal", [(2, "zigzag", True), (4, "contiguous", False),
+                                                        (3, "zigzag", False)])
+@pytest.mark.parametrize("mask", ["window", "local_global_random"])
+def test_simulated_ring_with_a_block_mask_and_the_kernels(world_size, layout, causal, mask):
+    """A block mask of the whole sequence (a window with partial blocks, or a sparse one), each chunk pair
+    with its part of it; against masked attention."""
+    import torch
+
+    from cuflash import BlockMask, _ring
+    import cuflash.distributed as cd
+
+    q, k, v, dout = _inputs(world_size, "bfloat16")
+    n, scale = q.shape[1], q.shape[-1] ** -0.5
+    bm = (BlockMask.sliding_window(n, n, 200, 0) if mask == "window"
+          else BlockMask.local_global_random(n, n, local_blocks=1, global_blocks=1, random_blocks=1, seed=1))
+
+    def rank_fn(rank, ring):
+        mine = [cd.shard(x, world_size, rank, layout=layout) for x in (q, k, v, dout)]
+        pairs = cd._MaskedPairs(bm, ring, mine[0].shape[1], layout)
+        out, lse = _ring.ring_forward(*mine[:3], ring, pairs.attend, causal, layout, scale)
+        backward = lambda *chunks: pairs.attend_backward(*chunks, True)  # noqa: E731
+        return (out,) + _ring.ring_backward(mine[3], *mine[:3], out, lse, ring, backward, causal, layout, scale)
+
+    per_rank = rh.run_ranks(world_size, rank_fn)
+    got = [cd.unshard([r[i] for r in per_rank], 1, layout) for i in range(4)]
+    element_mask = torch.as_tensor(bm.to_element_mask(), device=q.device)
+
+    def plain(a, b, c):
+        return plain_attention(a, b, c, causal, mask=element_mask)
+
+    ref = grads(plain, *(x.double() for x in (q, k, v)), dout.double())
+    base = grads(plain, q, k, v, dout)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_close_2x(o, r, p, name)
+
+
 def test_one_rank_over_nccl_is_flash_attn_func():
     """With one rank the ring is one chunk pair: the kernels' own results, bit for bit."""
     import torch

@@ -100,7 +100,7 @@ def merge(out, lse, part_out, part_lse) -> None:
 def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale: float):
     """(out in q's dtype, lse float32 (batch, heads, seqlen)) of this rank's queries against the whole
     sequence. attend(q, k, v, step, softmax_scale) -> (out, lse) is the attention of one chunk pair (the
-    rows `step` names)."""
+    rows `step` names), or None where a mask leaves its queries nothing of those keys."""
     import torch
 
     batch, seqlen, heads, _ = q.shape
@@ -112,8 +112,9 @@ def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale
         incoming = ring.pass_on(kv) if step + 1 < ring.size else None
         s = plan(ring.rank, (ring.rank - step) % ring.size, seqlen, causal, layout)
         if s is not None:
-            part_out, part_lse = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s, softmax_scale)
-            merge(out[:, s.q_rows], lse[:, :, s.q_rows], part_out, part_lse)
+            part = attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s, softmax_scale)
+            if part is not None:
+                merge(out[:, s.q_rows], lse[:, :, s.q_rows], *part)
         if incoming is not None:
             kv = incoming.wait()
     return out.to(q.dtype), lse
@@ -122,7 +123,7 @@ def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale
 def ring_backward(dout, q, k, v, out, lse, ring, attend_backward, causal: bool, layout: str, softmax_scale: float):
     """(dq, dk, dv) of this rank's chunks. attend_backward(dout, q, k, v, out, lse, step, softmax_scale)
     -> (dq, dk, dv) is the backward of one chunk pair given the whole row's out and lse, which make its
-    probabilities the full softmax's."""
+    probabilities the full softmax's (None where attend gave None)."""
     import torch
 
     seqlen = q.shape[1]
@@ -135,11 +136,12 @@ def ring_backward(dout, q, k, v, out, lse, ring, attend_backward, causal: bool, 
         s = plan(ring.rank, (ring.rank - step) % ring.size, seqlen, causal, layout)
         if s is not None:
             r, c = s.q_rows, s.kv_rows
-            part_dq, part_dk, part_dv = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r],
-                                                        lse[:, :, r].contiguous(), s, softmax_scale)
-            dq[:, r] += part_dq
-            dk[:, c] += part_dk
-            dv[:, c] += part_dv
+            parts = attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r],
+                                    lse[:, :, r].contiguous(), s, softmax_scale)
+            if parts is not None:
+                dq[:, r] += parts[0]
+                dk[:, c] += parts[1]
+                dv[:, c] += parts[2]
         if incoming_grads is not None:  # what the ranks before added for the chunk in hand
             earlier_dk, earlier_dv = incoming_grads.wait()
             dk += earlier_dk

@@ -81,18 +81,19 @@ class _Transfer:
         return tuple(self.received)
 
 
-def _cuflash_attend(q, k, v, step, softmax_scale):
+def _cuflash_attend(q, k, v, step, softmax_scale, block_mask=None):
     from .api import flash_attn_func
 
-    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=step.causal, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=step.causal, return_attn_probs=True,
+                                  block_mask=block_mask)
     return out, lse
 
 
-def _cuflash_attend_backward(dout, q, k, v, out, lse, step, softmax_scale, deterministic):
+def _cuflash_attend_backward(dout, q, k, v, out, lse, step, softmax_scale, deterministic, block_mask=None):
     from .api import flash_attn_backward
 
     return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=step.causal,
-                               deterministic=deterministic)
+                               deterministic=deterministic, block_mask=block_mask)
 
 
 def _cuflash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale):
@@ -160,18 +161,68 @@ class _Documents:
         return tuple(g[None] for g in grads)
 
 
+class _MaskedPairs:
+    """A block mask of the whole sequence across the ring: each chunk pair runs with the part of it that
+    covers the pair (its blocks, with their element bits), built on the host once per pair; a pair the mask
+    leaves empty is skipped. The chunks' pieces must be whole mask blocks."""
+
+    def __init__(self, mask, ring, seqlen: int, layout: str):
+        piece = seqlen // 2 if layout == "zigzag" else seqlen
+        whole = ring.size * seqlen
+        if (mask.seqlen_q, mask.seqlen_k) != (whole, whole):
+            raise ValueError(f"block_mask must cover the whole sequence ({whole}, {whole}), got "
+                             f"({mask.seqlen_q}, {mask.seqlen_k})")
+        if piece % mask.block_m or piece % mask.block_n:
+            raise ValueError(f"block_mask's blocks ({mask.block_m}, {mask.block_n}) must divide the chunks' "
+                             f"pieces of {piece} tokens ({layout})")
+        self.mask, self.ring, self.seqlen, self.layout = mask, ring, seqlen, layout
+        self.states = mask.to_dense()
+        self.parts = {}
+
+    def part(self, step):
+        import numpy as np
+
+        from .masks import BlockMask
+
+        key = (step.source, step.q_rows.start, step.q_rows.stop, step.kv_rows.start, step.kv_rows.stop)
+        if key not in self.parts:
+            m, pos = self.mask, lambda rank: _ring.positions(rank, self.ring.size, self.seqlen, self.layout)  # noqa: E731
+            q_pos, kv_pos = pos(self.ring.rank)[step.q_rows], pos(step.source)[step.kv_rows]
+            q_blocks, kv_blocks = q_pos[::m.block_m] // m.block_m, kv_pos[::m.block_n] // m.block_n
+            states = self.states[:, :, q_blocks][:, :, :, kv_blocks]
+            coords = np.argwhere(states == 1)
+            words = m.block_words(np.stack([coords[:, 0], coords[:, 1], q_blocks[coords[:, 2]],
+                                            kv_blocks[coords[:, 3]]], 1))
+            self.parts[key] = None if not states.any() else BlockMask.from_block_states(
+                states, len(q_pos), len(kv_pos), m.block_m, m.block_n, coords, words)
+        return self.parts[key]
+
+    def attend(self, q, k, v, step, softmax_scale):
+        part = self.part(step)
+        return None if part is None else _LOCAL[0](q, k, v, step, softmax_scale, block_mask=part)
+
+    def attend_backward(self, dout, q, k, v, out, lse, step, softmax_scale, deterministic):
+        part = self.part(step)
+        return None if part is None else _LOCAL[1](dout, q, k, v, out, lse, step, softmax_scale, deterministic,
+                                                   block_mask=part)
+
+
 def _ring_function():
     import torch
 
     class RingAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens):
+        def forward(ctx, q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens, block_mask):
             ring = _TorchRing(group)
             packed = cu_seqlens is not None
             if packed:  # the loops see a batch of one
                 q, k, v = q[None], k[None], v[None]
                 docs = _Documents(cu_seqlens, ring, q.shape[1], layout, q.device)
                 attend, attend_backward = docs.attend, docs.attend_backward
+            elif block_mask is not None:
+                block_mask.check(q.shape[0], q.shape[2], ring.size * q.shape[1], ring.size * q.shape[1])
+                pairs = _MaskedPairs(block_mask, ring, q.shape[1], layout)
+                attend, attend_backward = pairs.attend, pairs.attend_backward
             else:
                 attend, attend_backward = _LOCAL
             out, lse = _ring.ring_forward(q, k, v, ring, attend, causal, layout, softmax_scale)
@@ -190,7 +241,7 @@ def _ring_function():
             grads = _ring.ring_backward(dout, q, k, v, out, lse, ctx.ring, ctx.attend_backward, *ctx.args)
             if ctx.packed:
                 grads = tuple(g[0] for g in grads)
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
 
     return RingAttention
 
@@ -198,17 +249,18 @@ def _ring_function():
 _RING_FUNCTION = None
 
 
-def _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens):
+def _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, cu_seqlens, block_mask=None):
     global _RING_FUNCTION
     _CHECK(*(x if x.ndim == 4 else x[None] for x in (q, k, v)))
     if _RING_FUNCTION is None:
         _RING_FUNCTION = _ring_function()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return _RING_FUNCTION.apply(q, k, v, group, causal, scale, layout, deterministic, cu_seqlens)
+    return _RING_FUNCTION.apply(q, k, v, group, causal, scale, layout, deterministic, cu_seqlens, block_mask)
 
 
 def ring_flash_attn_func(q, k, v, group=None, causal: bool = False, softmax_scale: float | None = None,
-                         layout: str = "zigzag", deterministic: bool = False, return_lse: bool = False):
+                         layout: str = "zigzag", deterministic: bool = False, return_lse: bool = False, *,
+                         block_mask=None):
     """Exact attention of this rank's queries to the keys of every rank of `group` (default: the world),
     differentiable (the backward sends the K/V chunks around again with their partial gradients).
 
@@ -216,12 +268,15 @@ def ring_flash_attn_func(q, k, v, group=None, causal: bool = False, softmax_scal
     (float16, bfloat16 or float32), this rank's chunks in `layout` (shard): every rank the same shapes.
     causal=True masks the future of the whole sequence. GQA/MQA as in flash_attn_func. deterministic=True:
     bitwise repeatable gradients (the ring adds the chunks' parts in a fixed order, and each chunk pair's
-    backward is flash_attn_backward's deterministic one). Returns out like q, or (out, lse) with lse float32
-    (batch, nheads, seqlen) of the whole rows. Every rank of the group must call it with the same arguments,
-    as for any collective.
+    backward is flash_attn_backward's deterministic one). block_mask: a cuflash.BlockMask of the whole
+    sequence (world_size x seqlen square; a sliding window is BlockMask.sliding_window), intersected with
+    causal; each chunk pair takes the part of it that covers the pair, so the chunks' pieces (seqlen, or
+    seqlen / 2 with zigzag) must be whole blocks. Returns out like q, or (out, lse) with lse float32 (batch,
+    nheads, seqlen) of the whole rows; a row the mask leaves empty gives zeros and -inf. Every rank of the
+    group must call it with the same arguments, as for any collective.
     """
     _check_chunks(q, k, v, layout, 4)
-    out, lse = _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, None)
+    out, lse = _apply(q, k, v, group, causal, softmax_scale, layout, deterministic, None, block_mask)
     return (out, lse) if return_lse else out
 
 
