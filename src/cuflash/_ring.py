@@ -3,9 +3,10 @@
 The K/V chunks travel around the ring; at each step a rank attends its queries to the chunk in hand and
 merges the partial result into its running (out, log-sum-exp) exactly. The backward sends the chunks
 around again, each with the fp32 partial gradients (dK, dV) that the ranks it visited added to it; after
-the last step they reach the chunk's owner. Nothing here knows PyTorch's collectives or cuflash's
-kernels: a ring (`pass_on`) and the per-chunk attention (`attend`, `attend_backward`) are handed in, so
-the same loops run over NCCL on GPUs and over in-process queues in the tests.
+the last step they reach the chunk's owner. The plan of each step is plain Python; the loops work on
+PyTorch tensors (jax_distributed.py has JAX's) but know neither collectives nor kernels: a ring
+(`pass_on`) and the attention of one chunk pair (`attend`, `attend_backward`) are handed in, so the same
+loops run over NCCL on GPUs and over in-process queues or gloo in the tests.
 
 Layouts of a sequence of n tokens over W ranks (shard, unshard):
 - "contiguous": rank r holds tokens [r n / W, (r + 1) n / W). Causal attention then leaves a rank with
