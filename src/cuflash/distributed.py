@@ -237,6 +237,7 @@ def _ring_function():
         @staticmethod
         def backward(ctx, dout, _dlse):
             q, k, v, out, lse = ctx.saved_tensors
+            dout = dout.contiguous()  # autograd may hand any strides (a sum's is all zero); the kernels want rows
             dout = dout[None] if ctx.packed else dout
             grads = _ring.ring_backward(dout, q, k, v, out, lse, ctx.ring, ctx.attend_backward, *ctx.args)
             if ctx.packed:
