@@ -153,6 +153,8 @@ def test_one_rank_over_nccl_is_flash_attn_func():
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             out, lse = ring_flash_attn_func(*leaves, causal=True, deterministic=True, return_lse=True)
             out.backward(dout)
+            summed = [x.clone().requires_grad_() for x in (q, k, v)]  # a sum's gradient has zero strides
+            ring_flash_attn_func(*summed, causal=True, deterministic=True).sum().backward()
         finally:
             dist.destroy_process_group()
     ref_out, ref_lse, _ = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
@@ -160,6 +162,10 @@ def test_one_rank_over_nccl_is_flash_attn_func():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     for name, a, b in zip(("dq", "dk", "dv"), [x.grad for x in leaves], ref_grads):
         assert torch.equal(a, b), name
+    ones = torch.ones_like(dout)
+    for name, a, b in zip(("dq", "dk", "dv"), [x.grad for x in summed],
+                          cuflash.flash_attn_backward(ones, q, k, v, ref_out, ref_lse, causal=True, deterministic=True)):
+        assert torch.equal(a, b), f"{name} of a sum"
 
 
 @pytest.mark.parametrize("world_size, layout, causal, packed", [(2, "zigzag", True, False), (4, "zigzag", True, False),
