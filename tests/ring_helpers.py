@@ -138,8 +138,9 @@ def run_ranks(world_size, fn):
 
 def ring_worker(rank, world_size, init_file, case, out_dir):
     """One rank of ring_flash_attn_func: over gloo on CPUs with the float64 chunk attention in place of the
-    kernels, or over NCCL with one GPU a rank (case["backend"]). Saves this rank's out, lse and gradients
-    for the test to compare."""
+    kernels, or over NCCL with one GPU a rank (case["backend"]). case["group"]: the ranks of a process group
+    to run it in (the others only help create the group). Saves this rank's out, lse and gradients, as
+    <rank in the group>.pt, for the test to compare."""
     import os
 
     import torch.distributed as dist
@@ -160,18 +161,24 @@ def ring_worker(rank, world_size, init_file, case, out_dir):
         else:
             torch.cuda.set_device(rank)
             device, dtype = f"cuda:{rank}", getattr(torch, case["dtype"])
+        members = case.get("group", list(range(world_size)))
+        group = dist.new_group(members) if "group" in case else None  # (every rank takes part in new_group)
+        if rank not in members:
+            return
+        ring_rank, ring_size = members.index(rank), len(members)
         cu_seqlens = case.get("cu_seqlens")
         dim = 1 if cu_seqlens is None else 0
-        q, k, v, dout = (cd.shard(x, world_size, rank, dim, case["layout"]).to(device, dtype) for x in case["inputs"])
+        q, k, v, dout = (cd.shard(x, ring_size, ring_rank, dim, case["layout"]).to(device, dtype)
+                         for x in case["inputs"])
         q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-        kw = dict(causal=case["causal"], layout=case["layout"], return_lse=True)
+        kw = dict(group=group, causal=case["causal"], layout=case["layout"], return_lse=True)
         if cu_seqlens is None:
             out, lse = cd.ring_flash_attn_func(q, k, v, block_mask=case.get("block_mask"), **kw)
         else:
             out, lse = cd.ring_flash_attn_varlen_func(q, k, v, cu_seqlens, **kw)
         out.backward(dout)
         saved = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
-        torch.save({key: x.cpu() for key, x in saved.items()}, f"{out_dir}/{rank}.pt")
+        torch.save({key: x.cpu() for key, x in saved.items()}, f"{out_dir}/{ring_rank}.pt")
     finally:
         dist.destroy_process_group()
 

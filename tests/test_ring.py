@@ -338,6 +338,19 @@ def test_what_the_kernels_refuse_is_raised_before_the_ring_starts():
         ring_flash_attn_varlen_func(q[0], q[0], q[0], [0, 6])
 
 
+def test_ring_in_a_process_group_of_some_ranks(tmp_path):
+    """group=: ranks 1 and 3 of 4 form the ring (its neighbours are global ranks 3 and 1)."""
+    import torch.multiprocessing as mp
+
+    inputs = _inputs(2, 4, 2, seed=11)
+    case = dict(inputs=inputs, layout="zigzag", causal=True, group=[1, 3])
+    mp.spawn(rh.ring_worker, args=(4, str(tmp_path / "init"), case, str(tmp_path)), nprocs=4)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    got = [unshard([r[key] for r in results]) for key in ("out", "dq", "dk", "dv")]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _whole(*inputs, True, 1 / 8 ** 0.5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_chunks_are_checked_before_anything_runs():
     q = torch.zeros(1, 6, 4, 8)
     with pytest.raises(ValueError, match="k and v"):
