@@ -183,11 +183,12 @@ def ring_worker(rank, world_size, init_file, case, out_dir):
         dist.destroy_process_group()
 
 
-def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False):
+def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False, mask=None):
     """In a process of its own with world_size host devices (XLA_FLAGS) and float64: ring_attention under
     jax.jit(jax.shard_map) with a float64 chunk attention in place of the kernels, its out, lse and
     gradients (jax.grad through the ring's custom VJP) against whole-sequence attention; raises if they
-    differ. packed: random documents packed into one sequence (cu_seqlens)."""
+    differ. packed: random documents packed into one sequence (cu_seqlens). mask: "window" or
+    "local_global_random", a block mask of the whole sequence (blocks of 32; 4 a device)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -208,9 +209,12 @@ def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False
         lse = jax.nn.logsumexp(s, -1)
         return jnp.nan_to_num(jnp.exp(s - lse[..., None]), nan=0.0), lse
 
-    def attend(q, k, v, causal, scale):
+    def masked(s, block_mask):
+        return s if block_mask is None else jnp.where(block_mask.to_element_mask(), s, -jnp.inf)
+
+    def attend(q, k, v, causal, scale, block_mask=None):
         k, v = expand(k, v, q.shape[2])
-        p, lse = softmax_parts(scores(q, k, causal, scale))
+        p, lse = softmax_parts(masked(scores(q, k, causal, scale), block_mask))
         return jnp.einsum("bhqk,bkhd->bqhd", p, v), lse
 
     def grads_from(p, dout, q, ke, ve, out, scale, kv_heads):
@@ -220,9 +224,9 @@ def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False
         return (jnp.einsum("bhqk,bkhd->bqhd", ds, ke) * scale, fold(jnp.einsum("bhqk,bqhd->bkhd", ds, q) * scale),
                 fold(jnp.einsum("bhqk,bqhd->bkhd", p, dout)))
 
-    def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic):
+    def attend_backward(dout, q, k, v, out, lse, causal, scale, deterministic, block_mask=None):
         ke, ve = expand(k, v, q.shape[2])
-        p = jnp.nan_to_num(jnp.exp(scores(q, ke, causal, scale) - lse[..., None]), nan=0.0)
+        p = jnp.nan_to_num(jnp.exp(masked(scores(q, ke, causal, scale), block_mask) - lse[..., None]), nan=0.0)
         return grads_from(p, dout, q, ke, ve, out, scale, k.shape[2])
 
     def varlen_scores(q, k, cu_q, cu_k, causal, scale):
@@ -252,12 +256,20 @@ def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False
     jd._LOCAL = (attend, attend_backward)
     jd._LOCAL_VARLEN = (varlen_attend, varlen_attend_backward)
     rng = np.random.default_rng(world_size)
-    n, d, scale = 6 * world_size, 8, 0.35
+    n, d, scale = (128 if mask else 6) * world_size, 8, 0.35
     batch = () if packed else (2,)
     q, dout = (jnp.asarray(rng.standard_normal((*batch, n, heads, d))) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((*batch, n, kv_heads, d))) for _ in range(2))
     cu = [0, *sorted(rng.integers(0, n + 1, world_size + 2).tolist()), n] if packed else None
-    mask = None
+    block_mask = None
+    if mask is not None:
+        from cuflash import BlockMask
+
+        block_mask = {"window": lambda: BlockMask.sliding_window(n, n, 48, 0, 32, 32),  # partial edge blocks
+                      "local_global_random": lambda: BlockMask.local_global_random(
+                          n, n, local_blocks=0, global_blocks=1, random_blocks=1, seed=3, block_m=32, block_n=32),
+                      }[mask]()
+        mask = block_mask.to_element_mask()
     if packed:
         doc = np.searchsorted(cu, np.arange(n), side="right")
         mask = doc[:, None] == doc[None, :]
@@ -277,7 +289,7 @@ def jax_ring_check(world_size, layout, causal, heads=4, kv_heads=2, packed=False
     seq = P("sp") if packed else P(None, "sp")
     lse_spec = P(None, "sp") if packed else P(None, None, "sp")
     ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=causal, softmax_scale=scale,
-                                                           layout=layout, cu_seqlens=cu),
+                                                           layout=layout, cu_seqlens=cu, block_mask=block_mask),
                          mesh=mesh, in_specs=(seq, seq, seq), out_specs=(seq, lse_spec))
     axis = 0 if packed else 1
     placed = [jax.device_put(jd.to_layout(x, world_size, layout, axis), NamedSharding(mesh, seq))

@@ -198,9 +198,13 @@ def test_ring_over_nccl_on_several_gpus(world_size, layout, causal, packed, tmp_
         _check_whole(got, *inputs, causal)
 
 
-def test_jax_ring_on_one_gpu_is_the_attention():
-    """ring_attention over a mesh of one GPU under jax.jit: cuflash.jax.attention's results, bit for bit."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_jax_ring_on_one_gpu_is_the_attention(masked):
+    """ring_attention over a mesh of one GPU under jax.jit: cuflash.jax.attention's results, bit for bit;
+    masked: with a sliding-window block mask (partial blocks on its edge)."""
     jax = pytest.importorskip("jax")
+    from cuflash import BlockMask
+
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import PartitionSpec as P
@@ -213,13 +217,15 @@ def test_jax_ring_on_one_gpu_is_the_attention():
     q, k, v, dout = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes))
     mesh = jax.make_mesh((1,), ("sp",))
     spec = P(None, "sp")
-    ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, deterministic=True),
+    mask = BlockMask.sliding_window(512, 512, 192, 0, 128, 128) if masked else None
+    ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, deterministic=True,
+                                                           block_mask=mask),
                          mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, None, "sp")))
 
     def loss(fn):
         return lambda a, b, c: (fn(a, b, c)[0].astype(jnp.float32) * dout.astype(jnp.float32)).sum()
 
-    whole = lambda a, b, c: cj.attention(a, b, c, causal=True, deterministic=True)  # noqa: E731
+    whole = lambda a, b, c: cj.attention(a, b, c, causal=True, deterministic=True, block_mask=mask)  # noqa: E731
     for got, want in zip(jax.jit(ring)(q, k, v), whole(q, k, v)):
         assert np.array_equal(np.asarray(got), np.asarray(want))
     got = jax.jit(jax.grad(loss(ring), (0, 1, 2)))(q, k, v)

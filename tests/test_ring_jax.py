@@ -25,6 +25,19 @@ def test_ring_attention_under_jit_and_grad(world_size, layout, causal, packed):
     assert run.returncode == 0, run.stderr[-4000:]
 
 
+@pytest.mark.parametrize("world_size, layout, causal, mask", [
+    (1, "zigzag", True, "window"), (2, "zigzag", True, "window"), (3, "contiguous", False, "local_global_random"),
+    (4, "zigzag", True, "local_global_random"), (4, "contiguous", True, "window")])
+def test_ring_attention_with_a_block_mask(world_size, layout, causal, mask):
+    """A block mask of the whole sequence: each device's chunk pairs take their parts of it (a lax.switch on
+    the traced device index); pairs it leaves empty are skipped."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={world_size}", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))
+    code = f"import ring_helpers; ring_helpers.jax_ring_check({world_size}, {layout!r}, {causal}, mask={mask!r})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 def test_layout_round_trip_and_refusals():
     import jax.numpy as jnp
 

@@ -79,6 +79,44 @@ def document_offsets(cu_seqlens, q_pos, kv_pos, keep_empty: bool = False):
     return offsets(q_counts), offsets(kv_counts), int(q_counts.max(initial=0)), int(kv_counts.max(initial=0))
 
 
+class MaskParts:
+    """A block mask of the whole sequence (a cuflash.BlockMask, world_size x seqlen square) cut to chunk pairs:
+    part(rank, step) is the BlockMask of the pair's blocks, with their element bits, or None where the mask
+    leaves the pair empty; built on the host once per pair. The chunks' pieces (seqlen, or seqlen / 2 with
+    zigzag) must be whole blocks."""
+
+    def __init__(self, mask, size: int, seqlen: int, layout: str):
+        piece = seqlen // 2 if layout == "zigzag" else seqlen
+        whole = size * seqlen
+        if (mask.seqlen_q, mask.seqlen_k) != (whole, whole):
+            raise ValueError(f"block_mask must cover the whole sequence ({whole}, {whole}), got "
+                             f"({mask.seqlen_q}, {mask.seqlen_k})")
+        if piece % mask.block_m or piece % mask.block_n:
+            raise ValueError(f"block_mask's blocks ({mask.block_m}, {mask.block_n}) must divide the chunks' "
+                             f"pieces of {piece} tokens ({layout})")
+        self.mask, self.size, self.seqlen, self.layout = mask, size, seqlen, layout
+        self.states = mask.to_dense()
+        self.parts = {}
+
+    def part(self, rank: int, step: Step):
+        import numpy as np
+
+        from .masks import BlockMask
+
+        key = (rank, step.source, step.q_rows.start, step.q_rows.stop, step.kv_rows.start, step.kv_rows.stop)
+        if key not in self.parts:
+            m, pos = self.mask, lambda r: positions(r, self.size, self.seqlen, self.layout)  # noqa: E731
+            q_pos, kv_pos = pos(rank)[step.q_rows], pos(step.source)[step.kv_rows]
+            q_blocks, kv_blocks = q_pos[::m.block_m] // m.block_m, kv_pos[::m.block_n] // m.block_n
+            states = self.states[:, :, q_blocks][:, :, :, kv_blocks]
+            coords = np.argwhere(states == 1)
+            words = m.block_words(np.stack([coords[:, 0], coords[:, 1], q_blocks[coords[:, 2]],
+                                            kv_blocks[coords[:, 3]]], 1))
+            self.parts[key] = None if not states.any() else BlockMask.from_block_states(
+                states, len(q_pos), len(kv_pos), m.block_m, m.block_n, coords, words)
+        return self.parts[key]
+
+
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

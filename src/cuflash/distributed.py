@@ -163,39 +163,13 @@ class _Documents:
 
 class _MaskedPairs:
     """A block mask of the whole sequence across the ring: each chunk pair runs with the part of it that
-    covers the pair (its blocks, with their element bits), built on the host once per pair; a pair the mask
-    leaves empty is skipped. The chunks' pieces must be whole mask blocks."""
+    covers the pair (_ring.MaskParts); a pair the mask leaves empty is skipped."""
 
     def __init__(self, mask, ring, seqlen: int, layout: str):
-        piece = seqlen // 2 if layout == "zigzag" else seqlen
-        whole = ring.size * seqlen
-        if (mask.seqlen_q, mask.seqlen_k) != (whole, whole):
-            raise ValueError(f"block_mask must cover the whole sequence ({whole}, {whole}), got "
-                             f"({mask.seqlen_q}, {mask.seqlen_k})")
-        if piece % mask.block_m or piece % mask.block_n:
-            raise ValueError(f"block_mask's blocks ({mask.block_m}, {mask.block_n}) must divide the chunks' "
-                             f"pieces of {piece} tokens ({layout})")
-        self.mask, self.ring, self.seqlen, self.layout = mask, ring, seqlen, layout
-        self.states = mask.to_dense()
-        self.parts = {}
+        self.parts, self.rank = _ring.MaskParts(mask, ring.size, seqlen, layout), ring.rank
 
     def part(self, step):
-        import numpy as np
-
-        from .masks import BlockMask
-
-        key = (step.source, step.q_rows.start, step.q_rows.stop, step.kv_rows.start, step.kv_rows.stop)
-        if key not in self.parts:
-            m, pos = self.mask, lambda rank: _ring.positions(rank, self.ring.size, self.seqlen, self.layout)  # noqa: E731
-            q_pos, kv_pos = pos(self.ring.rank)[step.q_rows], pos(step.source)[step.kv_rows]
-            q_blocks, kv_blocks = q_pos[::m.block_m] // m.block_m, kv_pos[::m.block_n] // m.block_n
-            states = self.states[:, :, q_blocks][:, :, :, kv_blocks]
-            coords = np.argwhere(states == 1)
-            words = m.block_words(np.stack([coords[:, 0], coords[:, 1], q_blocks[coords[:, 2]],
-                                            kv_blocks[coords[:, 3]]], 1))
-            self.parts[key] = None if not states.any() else BlockMask.from_block_states(
-                states, len(q_pos), len(kv_pos), m.block_m, m.block_n, coords, words)
-        return self.parts[key]
+        return self.parts.part(self.rank, step)
 
     def attend(self, q, k, v, step, softmax_scale):
         part = self.part(step)

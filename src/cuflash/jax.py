@@ -209,10 +209,7 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), sof
     p = _problem.build(qa, ka, va, softmax_scale=softmax_scale, softcap=softcap, dropout_p=dropout_p, causal=causal,
                        window=window, alibi=alibi, block_mask=block_mask, cu_seqlens=cu, max_seqlen=max_seqlen,
                        score_fn=fn)
-    extras, layout = [] if cu_seqlens is None else list(cu_seqlens), None
-    if block_mask is not None:
-        buffer, layout = _sparse.device_lists(block_mask, p.causal, p.nheads // p.nheads_k, _device_id(q), "jax")
-        extras.append(buffer)
+    extras, layout = _chunk_extras(p, q, cu_seqlens, block_mask)
     if alibi_slopes is not None:
         extras.append(alibi_slopes)
     if p.dropout_p:
@@ -240,29 +237,40 @@ def _device_id(x) -> int:
         return jax.devices()[0].id
 
 
-def _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen):
+def _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen, block_mask):
     cu = None if cu_seqlens is None else (_meta(cu_seqlens[0], "cu_seqlens_q"), _meta(cu_seqlens[1], "cu_seqlens_k"))
     return _problem.build(_meta(q, "q"), _meta(k, "k"), _meta(v, "v"), softmax_scale=softmax_scale, causal=causal,
-                          cu_seqlens=cu, max_seqlen=max_seqlen)
+                          cu_seqlens=cu, max_seqlen=max_seqlen, block_mask=block_mask)
 
 
-def attention_parts(q, k, v, *, softmax_scale=None, causal=False, cu_seqlens=None, max_seqlen=None):
+def _chunk_extras(p, q, cu_seqlens, block_mask):
+    """The kernels' array arguments after q, k, v (as attention passes them) and the block lists' layout."""
+    extras, layout = list(cu_seqlens or ()), None
+    if block_mask is not None:
+        buffer, layout = _sparse.device_lists(block_mask, p.causal, p.nheads // p.nheads_k, _device_id(q), "jax")
+        extras.append(buffer)
+    return extras, layout
+
+
+def attention_parts(q, k, v, *, softmax_scale=None, causal=False, cu_seqlens=None, max_seqlen=None,
+                    block_mask=None):
     """(out, lse) of the forward kernels, not differentiable, for callers that assemble their own backward
-    from attention_backward (ring attention: jax_distributed.py). q, k, v (and packed sequences) as for
-    attention."""
-    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen)
-    return _fwd_callable(p, None, _options.current())(q, k, v, *(cu_seqlens or ()))
+    from attention_backward (ring attention: jax_distributed.py). q, k, v, packed sequences and block_mask
+    as for attention."""
+    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen, block_mask)
+    extras, layout = _chunk_extras(p, q, cu_seqlens, block_mask)
+    return _fwd_callable(p, layout, _options.current())(q, k, v, *extras)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, cu_seqlens=None,
-                       max_seqlen=None, deterministic=False):
+                       max_seqlen=None, deterministic=False, block_mask=None):
     """(dq, dk, dv) of the backward kernels from out and lse (float32, as attention_parts returns it): the
     rows' whole log-sum-exp may cover more keys than k holds, which makes these the gradients of k's part."""
-    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen)
+    p = _chunk_problem(q, k, v, softmax_scale, causal, cu_seqlens, max_seqlen, block_mask)
+    extras, layout = _chunk_extras(p, q, cu_seqlens, block_mask)
     options = _options.current()
     if deterministic:
         options = dataclasses.replace(options, fused_dq=False)
     workspace = _engine.bwd_workspace_floats(p, _device_id(q), options)
-    dq, dk, dv, _ = _bwd_callable(p, None, options, workspace)(dout.astype(q.dtype), q, k, v, out, lse,
-                                                               *(cu_seqlens or ()))
+    dq, dk, dv, _ = _bwd_callable(p, layout, options, workspace)(dout.astype(q.dtype), q, k, v, out, lse, *extras)
     return dq, dk, dv

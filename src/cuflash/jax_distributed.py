@@ -46,17 +46,17 @@ def from_layout(x, world_size: int, layout: str = "zigzag", axis: int = 1):
     return jnp.take(x, np.argsort(_order(x.shape[axis], world_size, layout)), axis=axis)
 
 
-def _cuflash_attend(q, k, v, causal, softmax_scale):
+def _cuflash_attend(q, k, v, causal, softmax_scale, block_mask=None):
     from .jax import attention_parts
 
-    return attention_parts(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    return attention_parts(q, k, v, softmax_scale=softmax_scale, causal=causal, block_mask=block_mask)
 
 
-def _cuflash_attend_backward(dout, q, k, v, out, lse, causal, softmax_scale, deterministic):
+def _cuflash_attend_backward(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, block_mask=None):
     from .jax import attention_backward
 
     return attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                              deterministic=deterministic)
+                              deterministic=deterministic, block_mask=block_mask)
 
 
 def _cuflash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale):
@@ -81,7 +81,13 @@ _LOCAL_VARLEN = (_cuflash_varlen, _cuflash_varlen_backward)
 
 
 class _Dense:
-    """Chunk pairs of dense (batch, seqlen, heads, d) chunks."""
+    """Chunk pairs of dense (batch, seqlen, heads, d) chunks. run(...) stages one step's chunk pair (_step)."""
+
+    def __init__(self, size: int, seqlen: int, causal: bool, layout: str):
+        self.size, self.seqlen, self.causal, self.layout = size, seqlen, causal, layout
+
+    def run(self, rank, step: int, compute, empty):
+        return _step(rank, step, self.size, self.seqlen, self.causal, self.layout, compute, empty)
 
     def attend(self, q, k, v, s, step, rank, softmax_scale):
         return _LOCAL[0](q, k, v, s.causal, softmax_scale)
@@ -90,7 +96,37 @@ class _Dense:
         return _LOCAL[1](dout, q, k, v, out, lse, s.causal, softmax_scale, deterministic)
 
 
-class _Documents:
+class _Masked(_Dense):
+    """A block mask of the whole sequence across the ring: each chunk pair runs with the part of it that
+    covers the pair (_ring.MaskParts). The parts differ from device to device and the rank is traced, so each
+    step stages every device's chunk pair with its concrete part and lax.switch takes this device's; a pair
+    the mask leaves empty stages nothing."""
+
+    def __init__(self, mask, size: int, seqlen: int, causal: bool, layout: str):
+        super().__init__(size, seqlen, causal, layout)
+        self.parts = _ring.MaskParts(mask, size, seqlen, layout)
+
+    def run(self, rank, step: int, compute, empty):
+        import jax
+
+        branches = []
+        for r in range(self.size):
+            s = _ring.plan(r, (r - step) % self.size, self.seqlen, self.causal, self.layout)
+            seen = s is not None and self.parts.part(r, s) is not None
+            branches.append((lambda s=s, r=r: compute(s, r)) if seen else empty)
+        if len(branches) == 1:
+            return branches[0]()
+        return jax.lax.switch(rank, branches)
+
+    def attend(self, q, k, v, s, step, rank, softmax_scale):
+        return _LOCAL[0](q, k, v, s.causal, softmax_scale, block_mask=self.parts.part(rank, s))
+
+    def attend_backward(self, dout, q, k, v, out, lse, s, step, rank, softmax_scale, deterministic):
+        return _LOCAL[1](dout, q, k, v, out, lse, s.causal, softmax_scale, deterministic,
+                         block_mask=self.parts.part(rank, s))
+
+
+class _Documents(_Dense):
     """Documents packed into one sequence across the ring (distributed._Documents' twin): each chunk pair one
     packed call over the parts of the documents it holds. The rank is traced here, so the offsets of every
     (step, plan) are tables with a row per rank, built on the host (every document kept, so rows have one
@@ -99,6 +135,7 @@ class _Documents:
     def __init__(self, cu_seqlens, size: int, seqlen: int, causal: bool, layout: str):
         import numpy as np
 
+        super().__init__(size, seqlen, causal, layout)
         if cu_seqlens[-1] != size * seqlen:
             raise ValueError(f"cu_seqlens must end at the whole packed sequence's {size} x {seqlen} tokens, got "
                              f"{cu_seqlens[-1]}")
@@ -138,19 +175,19 @@ class _Documents:
 
 
 def _step(rank, step: int, size: int, seqlen: int, causal: bool, layout: str, compute, empty):
-    """compute(plan) for this device's chunk pair at `step` (the chunk of device rank - step in hand), or
+    """compute(plan, rank) for this device's chunk pair at `step` (the chunk of device rank - step in hand), or
     empty() where it sees nothing. The rank is traced, so where the plan depends on it both plans are
     staged and lax.cond takes one: which one depends only on whether the chunk in hand comes from an earlier
     device."""
     import jax
 
     if step == 0:
-        return compute(_ring.plan(0, 0, seqlen, causal, layout))
+        return compute(_ring.plan(0, 0, seqlen, causal, layout), rank)
     earlier, later = _ring.plan(1, 0, seqlen, causal, layout), _ring.plan(0, 1, seqlen, causal, layout)
     if earlier == later:
-        return compute(earlier)
+        return compute(earlier, rank)
     from_earlier = (rank - step) % size < rank
-    branch = lambda plan: (lambda: compute(plan)) if plan is not None else empty  # noqa: E731
+    branch = lambda plan: (lambda: compute(plan, rank)) if plan is not None else empty  # noqa: E731
     return jax.lax.cond(from_earlier, branch(earlier), branch(later))
 
 
@@ -167,13 +204,13 @@ def _ring_forward(q, k, v, axis_name, chunks, causal, softmax_scale, layout):
     empty = lambda: (jnp.zeros_like(q, jnp.float32), jnp.full_like(lse, -jnp.inf))  # noqa: E731
     kv = (k, v)
     for step in range(size):
-        def compute(s, kv=kv, step=step):
+        def compute(s, who, kv=kv, step=step):  # who: this device's rank, traced or (a switch's branch) known
             part_out, part_lse = chunks.attend(q[:, s.q_rows], kv[0][:, s.kv_rows], kv[1][:, s.kv_rows], s, step,
-                                               rank, softmax_scale)
+                                               who, softmax_scale)
             return (jnp.zeros_like(q, jnp.float32).at[:, s.q_rows].set(part_out.astype(jnp.float32)),
                     jnp.full_like(lse, -jnp.inf).at[:, :, s.q_rows].set(part_lse.astype(jnp.float32)))
 
-        part = _step(rank, step, size, seqlen, causal, layout, compute, empty)
+        part = chunks.run(rank, step, compute, empty)
         out, lse = _merge(out, lse, *part)
         if step + 1 < size:
             kv = jax.lax.ppermute(kv, axis_name, ring)
@@ -200,14 +237,14 @@ def _ring_backward(dout, q, k, v, out, lse, axis_name, chunks, causal, softmax_s
     zeros = lambda x: jnp.zeros_like(x, jnp.float32)  # noqa: E731 (varying over the mesh axis, as x)
     dq, kv, dkv = zeros(q), (k, v), (zeros(k), zeros(v))
     for step in range(size):
-        def compute(s, kv=kv, step=step):
+        def compute(s, who, kv=kv, step=step):
             r, c = s.q_rows, s.kv_rows
             parts = chunks.attend_backward(dout[:, r], q[:, r], kv[0][:, c], kv[1][:, c], out[:, r], lse[:, :, r], s,
-                                           step, rank, softmax_scale, deterministic)
+                                           step, who, softmax_scale, deterministic)
             return tuple(zeros(x).at[:, rows].set(g.astype(jnp.float32))
                          for x, rows, g in zip((q, k, v), (r, c, c), parts))
 
-        part = _step(rank, step, size, seqlen, causal, layout, compute, lambda: (zeros(q), zeros(k), zeros(v)))
+        part = chunks.run(rank, step, compute, lambda: (zeros(q), zeros(k), zeros(v)))
         dq = dq + part[0]
         dkv = (dkv[0] + part[1], dkv[1] + part[2])  # the chunk in hand's, from every device it has visited
         if size > 1:
@@ -217,15 +254,38 @@ def _ring_backward(dout, q, k, v, out, lse, axis_name, chunks, causal, softmax_s
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, deterministic: bool, cu_seqlens):
-    """The ring as a function of (q, k, v) with its custom VJP; cu_seqlens (a tuple) packs documents."""
+class _Identity:
+    """A value as a cache key by identity (a BlockMask holds arrays, so it has no hash of its own)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+@functools.lru_cache(maxsize=64)
+def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, deterministic: bool, cu_seqlens,
+                    block_mask: _Identity | None):
+    """The ring as a function of (q, k, v) with its custom VJP; cu_seqlens (a tuple) packs documents,
+    block_mask masks the whole sequence."""
     import jax
 
+    built = {}  # the chunk pairs' offsets or mask parts, per (devices, chunk length): built once
+
     def chunks(q):
-        if cu_seqlens is None:
-            return _Dense()
-        return _Documents(cu_seqlens, jax.lax.axis_size(axis_name), q.shape[1], causal, layout)
+        size, seqlen = jax.lax.axis_size(axis_name), q.shape[1]
+        if (size, seqlen) not in built:
+            if cu_seqlens is not None:
+                built[size, seqlen] = _Documents(cu_seqlens, size, seqlen, causal, layout)
+            elif block_mask is not None:
+                built[size, seqlen] = _Masked(block_mask.value, size, seqlen, causal, layout)
+            else:
+                built[size, seqlen] = _Dense(size, seqlen, causal, layout)
+        return built[size, seqlen]
 
     @jax.custom_vjp
     def ring(q, k, v):
@@ -245,7 +305,7 @@ def _differentiable(axis_name, causal: bool, softmax_scale: float, layout: str, 
 
 
 def ring_attention(q, k, v, axis_name, *, causal: bool = False, softmax_scale: float | None = None,
-                   layout: str = "zigzag", deterministic: bool = False, cu_seqlens=None):
+                   layout: str = "zigzag", deterministic: bool = False, cu_seqlens=None, block_mask=None):
     """(out, lse) of this device's queries against the keys of every device along mesh axis `axis_name`,
     called inside jax.shard_map (under jax.jit or not). q: (batch, seqlen, nheads, headdim), k and v:
     (batch, seqlen, nheads_k, headdim), this device's chunks in `layout` (to_layout). causal=True masks the
@@ -256,7 +316,13 @@ def ring_attention(q, k, v, axis_name, *, causal: bool = False, softmax_scale: f
     headdim), k and v (tokens, nheads_k, headdim) are this device's chunk of it (to_layout(x, n, axis=0)),
     cu_seqlens the documents' offsets in the whole sequence, concrete ints (a list, tuple or NumPy array: the
     chunk pairs' offsets are tables built when tracing); a query sees only its own document's keys. lse is
-    then (nheads, tokens)."""
+    then (nheads, tokens).
+
+    block_mask: a cuflash.BlockMask of the whole sequence (devices x seqlen square, built on the host, e.g.
+    BlockMask.sliding_window), intersected with causal, as for ring_flash_attn_func: each chunk pair takes the
+    part of it that covers the pair, so the chunks' pieces (seqlen, or seqlen / 2 with zigzag) must be whole
+    blocks. Each step stages every device's chunk pair (its part of the mask is known on the host) and a
+    lax.switch on the device's index takes its own."""
     import numpy as np
 
     packed = cu_seqlens is not None
@@ -280,5 +346,11 @@ def ring_attention(q, k, v, axis_name, *, causal: bool = False, softmax_scale: f
         if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0, got {list(offsets)[:8]}")
         q, k, v = q[None], k[None], v[None]
-    out, lse = _differentiable(axis_name, causal, scale, layout, deterministic, offsets)(q, k, v)
+    mask = None
+    if block_mask is not None:
+        if packed:
+            raise ValueError("block_mask with cu_seqlens: mask the documents in the block mask instead")
+        block_mask.check(q.shape[0], q.shape[2], block_mask.seqlen_q, block_mask.seqlen_k)
+        mask = _Identity(block_mask)
+    out, lse = _differentiable(axis_name, causal, scale, layout, deterministic, offsets, mask)(q, k, v)
     return (out[0], lse[0]) if packed else (out, lse)
