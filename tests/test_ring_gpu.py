@@ -207,7 +207,7 @@ def test_jax_ring_on_one_gpu_is_the_attention(masked):
 
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import cuflash.jax as cj
     import cuflash.jax_distributed as jd
@@ -217,6 +217,7 @@ def test_jax_ring_on_one_gpu_is_the_attention(masked):
     q, k, v, dout = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes))
     mesh = jax.make_mesh((1,), ("sp",))
     spec = P(None, "sp")
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v))  # shard_map takes placed inputs
     mask = BlockMask.sliding_window(512, 512, 192, 0, 128, 128) if masked else None
     ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, deterministic=True,
                                                            block_mask=mask),
@@ -239,7 +240,7 @@ def test_jax_ring_over_packed_documents_on_one_gpu():
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import cuflash.jax as cj
     import cuflash.jax_distributed as jd
@@ -248,8 +249,10 @@ def test_jax_ring_over_packed_documents_on_one_gpu():
     shapes = [(1024, 4, 64), (1024, 2, 64), (1024, 2, 64)]
     q, k, v = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes))
     cu = np.array([0, 300, 300, 901, 1024])
+    mesh = jax.make_mesh((1,), ("sp",))
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, P("sp"))) for x in (q, k, v))
     ring = jax.shard_map(lambda a, b, c: jd.ring_attention(a, b, c, "sp", causal=True, cu_seqlens=cu),
-                         mesh=jax.make_mesh((1,), ("sp",)), in_specs=(P("sp"),) * 3, out_specs=(P("sp"), P(None, "sp")))
+                         mesh=mesh, in_specs=(P("sp"),) * 3, out_specs=(P("sp"), P(None, "sp")))
     cu_dev = jnp.asarray(cu, jnp.int32)
     want = cj.attention(q, k, v, causal=True, cu_seqlens=(cu_dev, cu_dev), max_seqlen=(601, 601))
     for got, ref in zip(jax.jit(ring)(q, k, v), want):

@@ -256,7 +256,10 @@ def _upload(buffer: np.ndarray, device: int, framework: str):
         import jax
 
         gpus = [d for d in jax.devices() if d.id == device]
-        return jax.device_put(buffer, gpus[0] if gpus else None)
+        # Placed now even when first asked for while tracing (jit, shard_map): the cached array is a
+        # constant, not a tracer that later calls would find.
+        with jax.ensure_compile_time_eval():
+            return jax.device_put(buffer, gpus[0] if gpus else None)
     import cupy
 
     with cupy.cuda.Device(device):
