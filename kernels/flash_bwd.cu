@@ -545,7 +545,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     zero(acc_dv);
     pin(acc_dk);
     pin(acc_dv);
-    const ConsumerTurns turns{wg, kConsumers};
+    const ConsumerTurns turns{wg, kConsumers / 128};
     if (n_iters > 0) {
       turns.start();
       float acc_s[1][BMQ / 8][4], acc_dp[1][BMQ / 8][4];
@@ -964,7 +964,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
     }
     float acc_dq[1][D / 8][4];
     zero(acc_dq);
-    const ConsumerTurns turns{wg, kConsumers};
+    const ConsumerTurns turns{wg, kConsumers / 128};
     if (n_blocks > 0) {
       turns.start();
       float acc_s[1][BN / 8][4], acc_dp[1][BN / 8][4];

@@ -1,11 +1,11 @@
 // FlashAttention forward on Hopper (sm_90a), warp-specialised: the thread block's first warpgroup only
-// copies tiles into shared memory (the producer) and two more warpgroups of 64 query rows each only
-// compute (the consumers):
+// copies tiles into shared memory (the producer) and two or three more warpgroups of 64 query rows each
+// only compute (the consumers):
 //   S = Q K^T (wgmma) -> scores to probabilities (fwd_common.cuh) -> O += P V (wgmma)
 // Nothing stops the whole block inside the loop. Each K/V slot of the ring has mbarriers that say its
-// K or V tile has landed (the producer's cp.async copies report to them) and that both consumers are
-// done with it. The consumers take turns at the tensor cores through two named barriers, so one
-// warpgroup's softmax runs while the other's products do; a turn issues Q K^T of a key tile together
+// K or V tile has landed (the producer's cp.async copies report to them) and that every consumer is
+// done with it. The consumers take turns at the tensor cores through named barriers, so one
+// warpgroup's softmax runs while another's products do; a turn issues Q K^T of a key tile together
 // with P V of the previous one, and the softmax of the new tile runs while that P V still does (the
 // rescale of O it may need waits for it).
 #include "fwd_common.cuh"
@@ -14,13 +14,18 @@
 
 namespace cuflash {
 
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // mbarrier.cuh WarpRoles
+// Registers a thread (mbarrier.cuh WarpRoles): two consumer warpgroups take 232, three (a 192-row query
+// tile, d = 64) what a block of 512 threads leaves them.
+template <int WARPS>
+struct FwdRegisters {
+  static constexpr int kProducer = WARPS == 8 ? 40 : 32, kConsumer = WARPS == 8 ? 232 : 160;
+};
 
 // Thread blocks stay resident (one per SM) and take query tiles one after another from tile_counter
 // (next, exited), in the order the launch order of one block per tile would run them: query tiles of a
 // head are neighbours, the heaviest first (BlockCoords). The last block to exit resets the counter for
 // the next launch on its stream. The producer runs ahead across tiles: the next tile's first K/V tiles
-// and its Q (once both consumers have issued their last Q Kᵀ) land while the consumers finish the
+// and its Q (once every consumer has issued their last Q Kᵀ) land while the consumers finish the
 // current tile, so no block waits on its first copies, as a fresh block would.
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool MOD = false>
@@ -37,9 +42,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     unsigned* __restrict__ tile_counter, int num_tiles, const ModArgs mod) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
-  static_assert(WARPS == 8 && BM == 16 * WARPS, "two consumer warpgroups of 64 rows");
+  static_assert((WARPS == 8 || WARPS == 12) && BM == 16 * WARPS, "two or three consumer warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && D % 16 == 0 && sizeof(T) == 2, "bad tile shape");
-  using Roles = WarpRoles<WARPS, kProducerRegisters, kConsumerRegisters>;
+  using Roles = WarpRoles<WARPS, FwdRegisters<WARPS>::kProducer, FwdRegisters<WARPS>::kConsumer>;
   constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -71,10 +76,10 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       FwdItem& w = items[n % 2];
-      // Q and item n - 2's fields are free once both consumers have issued item n - 1's last Q Kᵀ.
+      // Q and item n - 2's fields are free once every consumer has issued item n - 1's last Q Kᵀ.
       if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);
       if (threadIdx.x == 0) work.take(n, w);
-      named_bar_sync(3, kProducers);  // every producer thread sees the item
+      named_bar_sync(4, kProducers);  // every producer thread sees the item (1-3: ConsumerTurns)
       if (w.n_blocks < 0) {
         if (threadIdx.x == 0) mbar_arrive(&q_full);
         mbar_arrive(&q_full);
@@ -114,10 +119,10 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float acc_o[1][D / 8][4];
     zero(acc_o);
     OnlineSoftmax<1> softmax;
-    // Turns at the tensor cores: named barrier 1 + w opens warpgroup w's turn, which the other one's
-    // arrival grants. Warpgroup 0 goes first; each turn ends by granting the other warpgroup its next.
-    // Both take n_blocks + 1 turns; warpgroup 1 grants none after its last, so every arrival is awaited.
-    const ConsumerTurns turns{wg, kConsumers};
+    // Turns at the tensor cores (ConsumerTurns): warpgroup 0 goes first; each turn ends by granting the
+    // next warpgroup its turn. Each takes n_blocks + 1 turns; the last warpgroup grants none after its
+    // last, so every arrival is awaited.
+    const ConsumerTurns turns{wg, kConsumers / 128};
     if (n_blocks > 0) {
       turns.start();
       float acc_s[1][BN / 8][4];

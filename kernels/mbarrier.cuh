@@ -55,17 +55,18 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Two consumer warpgroups (`threads` threads in all) taking turns at the tensor cores through named
-// barriers 1 and 2: warpgroup 0 issues first in each item (start), each turn is begin() ... end(); the
-// item's last turn of warpgroup 1 leaves the barrier for the next item's start.
+// Consumer warpgroups taking turns at the tensor cores, in order 0, 1, ..., n - 1, 0, ...: warpgroup w's
+// turn opens named barrier 1 + w, which its predecessor's arrival grants (each barrier has the 128 threads
+// that wait and the 128 that grant). Warpgroup 0 issues first in each item (start), each turn is
+// begin() ... end(); the item's last turn of the last warpgroup leaves the grant for the next item's start.
 struct ConsumerTurns {
-  int wg, threads;
+  int wg, n;  // this warpgroup, and how many take turns
   __device__ __forceinline__ void start() const {
-    if (wg == 1) named_bar_arrive(1, threads);
+    if (wg == n - 1) named_bar_arrive(1, 256);
   }
-  __device__ __forceinline__ void begin() const { named_bar_sync(1 + wg, threads); }
+  __device__ __forceinline__ void begin() const { named_bar_sync(1 + wg, 256); }
   __device__ __forceinline__ void end(bool last) const {
-    if (!(last && wg == 1)) named_bar_arrive(2 - wg, threads);
+    if (!(last && wg == n - 1)) named_bar_arrive(1 + (wg + 1) % n, 256);
   }
 };
 

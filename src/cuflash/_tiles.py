@@ -94,6 +94,11 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
 # the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
+# At d = 64 the softmax of a 64 x 128 score tile takes about as long as its two products, so two consumer
+# warpgroups taking turns leave the tensor cores idle; three (192 query rows, 160 registers each) keep them
+# busy, and share each K/V tile among more rows. A window, dropout, a block mask or a score function spill
+# there (12-64 bytes) and keep two.
+WS_FWD_WIDE_TILES = {64: (192, 128, 12, 2)}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
@@ -130,6 +135,8 @@ def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options)
             and not (flags.mod and bucket > 128)  # a score function at d = 256 spilled (48-56 bytes)
             and (not flags.sparse or flags.mask_blocks[0] % ws[0] == 0)):
         block_m, block_n, warps, stages = ws
+        if bucket in WS_FWD_WIDE_TILES and not (flags.sparse or flags.dropout or flags.mod or flags.band == WINDOW):
+            block_m, block_n, warps, stages = WS_FWD_WIDE_TILES[bucket]
         if flags.mod:
             block_n = WS_FWD_MOD_BLOCK_N[bucket]
         if flags.sparse:
