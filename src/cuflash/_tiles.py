@@ -96,9 +96,10 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
 # At d = 64 the softmax of a 64 x 128 score tile takes about as long as its two products, so two consumer
 # warpgroups taking turns leave the tensor cores idle; three (192 query rows, 160 registers each) keep them
-# busy, and share each K/V tile among more rows. A window, dropout, a block mask or a score function spill
-# there (12-64 bytes) and keep two.
-WS_FWD_WIDE_TILES = {64: (192, 128, 12, 2)}
+# busy, and share each K/V tile among more rows: with three K/V slots 1.04-1.23x the two-warpgroup forward's
+# speed (plain, causal, ALiBi, softcap; 2K-16K; H100), with two 0.96-1.08x. A window, dropout, a block mask or
+# a score function spill there (12-64 bytes) and keep two.
+WS_FWD_WIDE_TILES = {64: (192, 128, 12, 3)}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
