@@ -93,7 +93,9 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # O takes 128 of a consumer's 232 registers: 64-key tiles spilled in every variant with a band, ALiBi or
 # dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
 # the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
-WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
+# At d = 192 (24 16-byte chunks a row: 120 of the producer's 128 threads copy) 64- to 112-key tiles compile
+# with no spill in every variant.
+WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 192: (128, 112, 8, 2), 256: (128, 48, 8, 3)}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
