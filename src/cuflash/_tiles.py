@@ -96,6 +96,9 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # At d = 192 (24 16-byte chunks a row: 120 of the producer's 128 threads copy) 64- to 112-key tiles compile
 # with no spill in every variant.
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 192: (128, 112, 8, 2), 256: (128, 48, 8, 3)}
+# Buckets without a warp-specialised forward of their own take the next one's, zero-padded (the kernels
+# read head_dim columns and store head_dim columns), where its tile policy takes the warp-specialised kernel.
+WS_FWD_PADDED_BUCKET = {96: 128, 160: 192, 224: 256}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
