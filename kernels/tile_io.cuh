@@ -94,9 +94,11 @@ template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_async_wg(T* smem, const T* gmem, long long row_stride, int rows_valid,
                                                    int cols_valid) {
   static_assert(D % 64 == 0 && sizeof(T) == 2, "whole 128-byte column blocks of 16-bit elements");
+  // A pass copies whole rows: at D = 192 (24 chunks a row) 120 of 128 threads copy 5 rows, the rest idle.
   constexpr int CPR = D / 8, ROWS_PER_PASS = THREADS / CPR;
-  static_assert(THREADS % CPR == 0, "a pass copies whole rows");
+  static_assert(ROWS_PER_PASS > 0, "a pass copies whole rows");
   const int tid = thread_index_uncached();
+  if (THREADS % CPR != 0 && tid >= ROWS_PER_PASS * CPR) return;
   const int c = (tid % CPR) * 8;
   int r = tid / CPR;
   const T* src = gmem + r * row_stride + c;

@@ -137,9 +137,18 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
     dims = 2 * len(_tiles.HEAD_DIM_BUCKETS) + len(_tiles.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
-    if arch == "sm_90a":  # short calls of these buckets take the mma.sync forward there
-        dims += 2 * len(_tiles.WS_FWD_MIN_SEQLEN_K)
+    if arch == "sm_90a":  # short calls of these buckets take the mma.sync forward there; padded buckets
+        dims += 2 * len(_tiles.WS_FWD_MIN_SEQLEN_K) - 2 * len(_tiles.WS_FWD_PADDED_BUCKET)  # share wider ones'
     assert len(dense) == dims * 3 * 4 * 2  # dims x band (none, causal, window) x mods x dropout
+
+
+@pytest.mark.parametrize("head_dim, kernel_dim", [(80, 128), (96, 128), (144, 192), (160, 192), (200, 256)])
+def test_hopper_buckets_without_a_warp_specialised_forward_take_a_wider_one(head_dim, kernel_dim):
+    v = _dispatch.choose_fwd("bfloat16", head_dim, Flags(band=1), "sm_90a")
+    assert v.warp_specialised and v.head_dim == kernel_dim
+    assert _dispatch.choose_fwd("bfloat16", head_dim, Flags(), "sm_80").head_dim < kernel_dim
+    off = Options(fwd_warp_specialised=False)
+    assert not _dispatch.choose_fwd("bfloat16", head_dim, Flags(), "sm_90a", off).warp_specialised
 
 
 def test_hopper_d64_takes_the_warp_specialised_forward_from_2048_keys():

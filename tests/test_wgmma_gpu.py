@@ -41,7 +41,7 @@ __global__ void wg_products(const T* a, const T* b, const T* b2, float* c, float
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("n,k,n2", [(64, 64, 64), (32, 128, 128), (128, 64, 128), (16, 128, 64)])
+@pytest.mark.parametrize("n,k,n2", [(64, 64, 64), (32, 128, 128), (128, 64, 128), (16, 128, 64), (32, 192, 192)])
 def test_wgmma_products(dtype, n, k, n2):
     import cupy
 

@@ -265,6 +265,11 @@ def choose_fwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "s
     """The forward variant for a call."""
     bucket = head_dim_bucket(head_dim, dtype)
     t = _tiles.fwd_tile(arch, dtype, bucket, flags, options)
+    padded = _tiles.WS_FWD_PADDED_BUCKET.get(bucket)
+    if padded and not t.warp_specialised:
+        wide = _tiles.fwd_tile(arch, dtype, padded, flags, options)
+        if wide.warp_specialised:
+            bucket, t = padded, wide
     return FwdVariant(dtype, bucket, t.block_m, t.block_n, t.warps, t.stages, *_mods(flags),
                       warp_specialised=t.warp_specialised, split=t.split, mod=flags.mod)
 

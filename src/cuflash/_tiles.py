@@ -93,7 +93,14 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # O takes 128 of a consumer's 232 registers: 64-key tiles spilled in every variant with a band, ALiBi or
 # dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
 # the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
-WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 256: (128, 48, 8, 3)}
+# At d = 192 (24 16-byte chunks a row: 120 of the producer's 128 threads copy) 64- to 112-key tiles compile
+# with no spill in every variant; 128 x 112 ran at 1.57-1.68x the mma.sync forward (bf16, 2K-16K, H100).
+WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 192: (128, 112, 8, 2), 256: (128, 48, 8, 3)}
+# Buckets without a warp-specialised forward of their own take the next one's, zero-padded (the kernels
+# read head_dim columns and store head_dim columns), where its tile policy takes the warp-specialised kernel:
+# against their own mma.sync forward, d = 80 and 96 ran at 1.15-1.58x, 160 at 1.11-1.26x, 224 at 1.54-1.60x
+# (bf16, 4K-16K, H100).
+WS_FWD_PADDED_BUCKET = {96: 128, 160: 192, 224: 256}
 # At d = 64 the softmax of a 64 x 128 score tile takes about as long as its two products, so two consumer
 # warpgroups taking turns leave the tensor cores idle; three (192 query rows, 160 registers each) keep them
 # busy, and share each K/V tile among more rows: with three K/V slots 1.04-1.23x the two-warpgroup forward's
