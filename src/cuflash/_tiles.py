@@ -215,8 +215,11 @@ BWD_DQ_TILES = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 64, 4), 128: (64, 64,
 # Hopper wgmma backward (fp16/bf16): warpgroups own 64 rows. The largest tiles that fit registers win
 # (one-warpgroup tiles ran at 0.55-0.6x of these); dQ takes three warpgroups (192 query rows share each
 # K/V tile). dK/dV: (block_n, block_q, warps); dQ: (block_m, block_n, warps).
-WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8)}
-WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12)}
+WGMMA_BWD_DKDV_TILES = {64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 64, 4)}
+WGMMA_BWD_DQ_TILES = {64: (192, 64, 12), 128: (192, 64, 12), 256: (64, 64, 4)}
+# Column splits of the wgmma dK/dV kernel (blocks per key tile, each a part of dK's and dV's columns, Sᵀ and
+# dPᵀ recomputed by each): at d = 256 a warpgroup's whole dK and dV would take 256 registers.
+WGMMA_BWD_DKDV_SPLITS = {256: 2}
 # Warp-specialised dQ for block masks of 128-row query blocks: 13-14% faster than the plain one on window
 # and butterfly masks. (block_m, block_n, warps, K/V slots).
 WS_DQ_TILES = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
@@ -328,14 +331,17 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
     dq_m, dq_n, dq_warps = BWD_DQ_TILES[bucket]
     wgmma = arch == "sm_90a" and dtype != "float32" and bucket in WGMMA_BWD_DKDV_TILES
     if wgmma:
-        (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], 1
+        (block_n, block_q, warps), splits = WGMMA_BWD_DKDV_TILES[bucket], WGMMA_BWD_DKDV_SPLITS.get(bucket, 1)
         dq_m, dq_n, dq_warps = WGMMA_BWD_DQ_TILES[bucket]
         # No registers left on the widest dK/dV tiles for a mask, window, tanh or RNG (ALiBi's bias fits).
         if flags.sparse or flags.softcap or flags.mod or flags.dropout or flags.band == WINDOW:
             block_q = min(block_q, 64)
         # dQ: tanh and the RNG take two warpgroups on 64-key tiles (three spill with tanh); a block mask
         # (whose blocks 192 rows do not divide) or a window takes two warpgroups on 128-key tiles.
-        if flags.softcap or flags.mod or flags.dropout:
+        if bucket > 128:  # one warpgroup of 64 queries (its dQ alone takes 128 registers at d = 256); tanh's
+            if flags.softcap or flags.mod:  # derivative spilled 4-20 bytes on 64-key tiles
+                dq_n = 32
+        elif flags.softcap or flags.mod or flags.dropout:
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif flags.sparse or flags.band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
