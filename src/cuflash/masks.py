@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._block_lists import block_lists
+
 # Block sizes: the builders accept multiples of 16 (block_n of 32, for the element bits' 32-bit words); the
 # kernels run masks whose blocks are multiples of 64 (_sparse.KERNEL_BLOCK_MULTIPLE).
 
@@ -74,11 +76,11 @@ class BlockMask:
         slots[tuple(coords.T)] = np.arange(n_partial, dtype=np.int32)
         pool = (np.zeros((0, block_m, block_n // 32), np.uint32) if partial_words is None
                 else np.ascontiguousarray(partial_words, np.uint32).reshape(n_partial, block_m, block_n // 32))
-        fc, fi = _lists(states == 2)
-        pc, pi, ps = _lists(partial, slots)
-        tstates = np.ascontiguousarray(states.transpose(0, 1, 3, 2))
-        tfc, tfi = _lists(tstates == 2)
-        tpc, tpi, tps = _lists(tstates == 1, slots.transpose(0, 1, 3, 2))
+        return cls._from_lists(seqlen_q, seqlen_k, block_m, block_n, block_lists(states, slots), pool)
+
+    @classmethod
+    def _from_lists(cls, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, lists, pool):
+        fc, fi, pc, pi, ps, tfc, tfi, tpc, tpi, tps = lists
         return cls(seqlen_q, seqlen_k, block_m, block_n, fc, fi, pc, pi, ps, pool, tfc, tfi, tpc, tpi, tps)
 
     @classmethod
@@ -301,24 +303,6 @@ def _check_block_sizes(block_m: int, block_n: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of 16 (the kernels run multiples of 64), got {v}")
     if block_n % 32:
         raise ValueError(f"block_n must be a multiple of 32 (element bits are packed in 32-bit words), got {block_n}")
-
-
-def _lists(visit: np.ndarray, values: np.ndarray | None = None):
-    """Counts and ascending column indices (padded with -1) of the True entries of each row, and with
-    `values` (visit's shape) their values in the same places (-1 padding). From the True entries' row-major
-    positions, in time linear in the blocks: sorting every row took most of a 64K x 64K mask's build."""
-    count = visit.sum(axis=-1, dtype=np.int32)
-    flat = visit.reshape(count.size, visit.shape[-1])
-    rows, cols = np.nonzero(flat)  # columns ascending within a row
-    starts = np.cumsum(count.ravel()) - count.ravel()
-    at = (rows, np.arange(len(cols)) - starts[rows])
-    index = np.full(flat.shape, -1, np.int32)
-    index[at] = cols
-    if values is None:
-        return count, index.reshape(visit.shape)
-    gathered = np.full(flat.shape, -1, np.int32)
-    gathered[at] = values.reshape(flat.shape)[rows, cols]
-    return count, index.reshape(visit.shape), gathered.reshape(visit.shape)
 
 
 def pack_bits(visible: np.ndarray) -> np.ndarray:
