@@ -78,6 +78,31 @@ struct FwdSinksParams {
   long long rows;         // batch x nheads x seqlen
 };
 
+// ring_merge_kernel (ring_merge.cu): a partial attention result folded into a running one, in place.
+template <typename T>
+struct RingMergeParams {
+  float* __restrict__ o;  // running output, fp32
+  float* __restrict__ lse;
+  const T* __restrict__ part;
+  const float* __restrict__ part_lse;
+  long long o_sb;
+  long long o_ss;
+  long long o_sh;
+  long long part_sb;
+  long long part_ss;
+  long long part_sh;
+  long long lse_sb;
+  long long lse_sh;
+  long long lse_ss;
+  long long part_lse_sb;
+  long long part_lse_sh;
+  long long part_lse_ss;
+  int seqlen;
+  int nheads;
+  int head_dim;
+  long long rows;  // batch x nheads x seqlen
+};
+
 // flash_bwd_preprocess_kernel: delta = rowsum(dO * O).
 template <typename T>
 struct BwdPreprocessParams {

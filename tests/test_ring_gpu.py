@@ -257,3 +257,43 @@ def test_jax_ring_over_packed_documents_on_one_gpu():
     want = cj.attention(q, k, v, causal=True, cu_seqlens=(cu_dev, cu_dev), max_seqlen=(601, 601))
     for got, ref in zip(jax.jit(ring)(q, k, v), want):
         assert np.array_equal(np.asarray(got), np.asarray(ref))
+
+
+def _merge_on_host(out, lse, part_out, part_lse):
+    """The merge in float64 on the CPU (the CPU path of _ring.merge, whose exactness test_ring.py checks)."""
+    from cuflash import _ring
+
+    out, lse = out.double().cpu(), lse.double().cpu()
+    _ring.merge(out, lse, part_out.double().cpu(), part_lse.double().cpu())
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("d", [1, 40, 128])
+def test_merge_kernel_is_the_merge(dtype, d):
+    """kernels/ring_merge.cu against the float64 merge, on views (a slice of the running rows, as the ring
+    merges a half chunk), with rows empty on either side or both, and a part that is not contiguous."""
+    import torch
+
+    from cuflash import _ring
+
+    batch, seqlen, heads = 2, 37, 3
+    g = torch.Generator(device="cuda").manual_seed(d)
+    out = torch.randn(batch, 2 * seqlen, heads, d, device="cuda", generator=g)
+    lse = torch.randn(batch, heads, 2 * seqlen, device="cuda", generator=g) * 4
+    part_out = torch.randn(batch, heads, seqlen, d, device="cuda", generator=g).to(getattr(torch, dtype))
+    part_out = part_out.transpose(1, 2)  # (batch, seqlen, heads, d), heads outermost in memory
+    part_lse = torch.randn(batch, heads, seqlen, device="cuda", generator=g) * 4
+    rows = slice(seqlen, 2 * seqlen)
+    lse[:, :, rows][:, :, :5] = float("-inf")  # empty so far
+    part_lse[:, :, 3:9] = float("-inf")  # empty in the part (rows 3, 4: empty on both sides)
+    out[:, rows][:, :5] = 0
+    part_out[:, 3:9] = 0
+    want_out, want_lse = _merge_on_host(out[:, rows], lse[:, :, rows], part_out, part_lse)
+    untouched = out[:, :seqlen].clone(), lse[:, :, :seqlen].clone()
+    _ring.merge(out[:, rows], lse[:, :, rows], part_out, part_lse)
+    torch.testing.assert_close(out[:, rows].double().cpu(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :, rows].double().cpu(), want_lse, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, :seqlen], untouched[0]) and torch.equal(lse[:, :, :seqlen], untouched[1])
+    both_empty = lse[:, :, rows][:, :, 3:5]
+    assert torch.all(both_empty == float("-inf")) and torch.all(out[:, rows][:, 3:5] == 0)

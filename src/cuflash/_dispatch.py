@@ -115,6 +115,20 @@ class FwdSinksVariant(_SmallKernel):
 
 
 @dataclass(frozen=True)
+class RingMergeVariant(_SmallKernel):
+    """Ring attention's merge of a partial result into the running one (kernels/ring_merge.cu)."""
+
+    dtype: str  # the part's
+    source = "ring_merge.cu"
+    kernel = "ring_merge_kernel"
+    params = "RingMergeParams"
+    what = "LSE' = log(e^LSE + e^LSE_part), O' = O e^(LSE - LSE') + O_part e^(LSE_part - LSE'), a warp per row"
+
+    def template_args(self):
+        return (_CUDA_TYPE[self.dtype],)
+
+
+@dataclass(frozen=True)
 class BwdPreprocessVariant(_SmallKernel):
     dtype: str
     kernel = "flash_bwd_preprocess_kernel"
@@ -338,7 +352,7 @@ def all_variants(arch: str = "sm_80") -> list:
             _, dkdv, dq = choose_bwd(dt, d, flags, arch)
             out += [BwdDkdvVariant(dt, bucket, _tiles.ws_dkdv_tile(dkdv.tile, bucket, flags, True), *_mods(flags)),
                     BwdDqVariant(dt, bucket, _tiles.ws_dq_tile(dq.tile, bucket, True, True), *_mods(flags))]
-    out += [FwdSinksVariant(dt) for dt in DTYPES]
+    out += [FwdSinksVariant(dt) for dt in DTYPES] + [RingMergeVariant(dt) for dt in DTYPES]
     return list(dict.fromkeys(out))  # fp32's coarser buckets repeat variants
 
 
@@ -448,6 +462,22 @@ def sinks_launch(variant: FwdSinksVariant, p, o, lse_ptr: int, sinks_ptr: int):
     fields = dict(o=o[0], lse=lse_ptr, sinks=sinks_ptr, lse_sb=lse_sb, lse_sh=lse_sh, seqlen=seqlen, nheads=p.nheads,
                   head_dim=p.head_dim, rows=rows)
     _put_strides(fields, o=o)
+    return blocks, variant.threads, param_struct(variant.params).pack(fields)
+
+
+def ring_merge_launch(variant: RingMergeVariant, o, lse, part, part_lse):
+    """(blocks, threads, RingMergeParams values): o and part (pointer, strides) of (batch, seqlen, nheads,
+    head_dim) arrays, lse and part_lse of (batch, nheads, seqlen) ones; shapes from o's."""
+    (o_ptr, o_strides, (batch, seqlen, nheads, head_dim)), (lse_ptr, lse_strides) = o, lse
+    rows = batch * nheads * seqlen
+    blocks = -(-rows // 4)
+    _check_grid(blocks)
+    fields = dict(o=o_ptr, lse=lse_ptr, part=part[0], part_lse=part_lse[0], seqlen=seqlen, nheads=nheads,
+                  head_dim=head_dim, rows=rows)
+    for name, strides in (("o", o_strides), ("part", part[1])):
+        fields[f"{name}_sb"], fields[f"{name}_ss"], fields[f"{name}_sh"] = strides[:3]
+    for name, strides in (("lse", lse_strides), ("part_lse", part_lse[1])):
+        fields[f"{name}_sb"], fields[f"{name}_sh"], fields[f"{name}_ss"] = strides
     return blocks, variant.threads, param_struct(variant.params).pack(fields)
 
 

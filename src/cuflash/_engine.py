@@ -183,3 +183,15 @@ def _launch_on(device: int, launches, stream: int, beside=()) -> None:
     else:
         with cupy.cuda.Device(device):
             run()
+
+
+def ring_merge(out: DeviceArray, lse: DeviceArray, part: DeviceArray, part_lse: DeviceArray, stream: int) -> None:
+    """Fold a partial attention result into a running one, in place (kernels/ring_merge.cu): out float32
+    (batch, seqlen, nheads, head_dim) and lse float32 (batch, nheads, seqlen) on the same device; part of out's
+    shape in a kernel dtype, part_lse of lse's shape in float32; head dims with stride 1."""
+    variant = _dispatch.RingMergeVariant(part.dtype)
+    if math.prod(out.shape):
+        blocks, threads, values = _dispatch.ring_merge_launch(
+            variant, (out.ptr, out.strides, out.shape), (lse.ptr, lse.strides), (part.ptr, part.strides),
+            (part_lse.ptr, part_lse.strides))
+        _launch_on(out.device, [(variant, blocks, threads, values, 0)], stream)

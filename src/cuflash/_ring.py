@@ -125,15 +125,41 @@ def check_layout(layout: str) -> None:
 def merge(out, lse, part_out, part_lse) -> None:
     """Fold a partial result into the running one, in place: out (batch, seqlen, heads, d) and lse (batch,
     heads, seqlen) in float32 become those of the union of both key sets. Rows that saw no key on either
-    side (lse = -inf) stay 0 and -inf."""
+    side (lse = -inf) stay 0 and -inf. On a GPU one kernel does it (kernels/ring_merge.cu)."""
     import torch
 
+    if out.is_cuda:
+        return _merge_on_gpu(out, lse, part_out, part_lse)
     new = torch.logaddexp(lse, part_lse)
     ref = torch.where(new == float("-inf"), torch.zeros_like(new), new)  # both empty: weights exp(-inf) = 0
     old_weight = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
     part_weight = torch.exp(part_lse - ref).transpose(1, 2).unsqueeze(-1)
     out.mul_(old_weight).add_(part_out.float() * part_weight)
     lse.copy_(new)
+
+
+def _merge_on_gpu(out, lse, part_out, part_lse) -> None:
+    from . import _bridge, _engine
+    from ._tiles import DTYPES
+
+    arrays = [_bridge.describe(x, name) for x, name in
+              ((out, "out"), (lse, "lse"), (part_out, "part_out"), (part_lse, "part_lse"))]
+    o, l, p, pl = arrays
+    if o.dtype != "float32" or l.dtype != "float32" or pl.dtype != "float32" or p.dtype not in DTYPES:
+        raise TypeError(f"merge: out, lse and part_lse must be float32 and part_out one of {DTYPES}, got "
+                        f"{o.dtype}, {l.dtype}, {pl.dtype} and {p.dtype}")
+    batch, seqlen, heads, _ = o.shape
+    if p.shape != o.shape or l.shape != (batch, heads, seqlen) or pl.shape != l.shape:
+        raise ValueError(f"merge: shapes out {o.shape}, part_out {p.shape}, lse {l.shape}, part_lse {pl.shape} "
+                         f"do not agree")
+    if len({a.device for a in arrays}) != 1:
+        raise ValueError("merge: the arrays are on different devices")
+    if o.strides[3] != 1 or p.strides[3] != 1:
+        part_out = part_out.contiguous()
+        if o.strides[3] != 1:
+            raise ValueError("merge: out's head dimension must have stride 1")
+        p = _bridge.describe(part_out, "part_out")
+    _engine.ring_merge(o, l, p, pl, _bridge.current_stream(o))
 
 
 def ring_forward(q, k, v, ring, attend, causal: bool, layout: str, softmax_scale: float):
