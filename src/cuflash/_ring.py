@@ -154,10 +154,10 @@ def _merge_on_gpu(out, lse, part_out, part_lse) -> None:
                          f"do not agree")
     if len({a.device for a in arrays}) != 1:
         raise ValueError("merge: the arrays are on different devices")
-    if o.strides[3] != 1 or p.strides[3] != 1:
+    if o.strides[3] != 1:
+        raise ValueError("merge: out's head dimension must have stride 1")
+    if p.strides[3] != 1:  # (the kernel reads a row's elements one after another)
         part_out = part_out.contiguous()
-        if o.strides[3] != 1:
-            raise ValueError("merge: out's head dimension must have stride 1")
         p = _bridge.describe(part_out, "part_out")
     _engine.ring_merge(o, l, p, pl, _bridge.current_stream(o))
 
