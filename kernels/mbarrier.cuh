@@ -66,7 +66,9 @@ struct ConsumerTurns {
   }
   __device__ __forceinline__ void begin() const { named_bar_sync(1 + wg, 256); }
   __device__ __forceinline__ void end(bool last) const {
-    if (!(last && wg == n - 1)) named_bar_arrive(1 + (wg + 1) % n, 256);
+    // (1 + (wg + 1) % n, spelled so that two warpgroups get the plain 2 - wg: the modulo's code shifted
+    // the dK/dV kernel's registers into a spill)
+    if (!(last && wg == n - 1)) named_bar_arrive(n == 2 ? 2 - wg : 1 + (wg + 1) % n, 256);
   }
 };
 

@@ -107,6 +107,8 @@ WS_FWD_PADDED_BUCKET = {96: 128, 160: 192, 224: 256}
 # speed (plain, causal, ALiBi, softcap; 2K-16K; H100), with two 0.96-1.08x. A window, dropout, a block mask or
 # a score function spill there (12-64 bytes) and keep two.
 WS_FWD_WIDE_TILES = {64: (192, 128, 12, 3)}
+# Keys per tile with a window's bounds: d = 192's 112-key tiles spilled 20-40 bytes.
+WS_FWD_WINDOW_BLOCK_N = {192: 96}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
 # Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
@@ -147,6 +149,8 @@ def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options)
             block_m, block_n, warps, stages = WS_FWD_WIDE_TILES[bucket]
         if flags.mod:
             block_n = WS_FWD_MOD_BLOCK_N[bucket]
+        elif flags.band == WINDOW:
+            block_n = WS_FWD_WINDOW_BLOCK_N.get(bucket, block_n)
         if flags.sparse:
             block_n = _divides(block_n, flags.mask_blocks[1])
         return FwdTile(block_m, block_n, warps, stages, warp_specialised=True)
