@@ -73,8 +73,19 @@ def calls():
     if _arch.device_arch() == "sm_90a":
         with override(fwd_warp_specialised_short=True):
             run("warp-specialised forward, d=64, short keys", *(randn(1, 300, 2, 64) for _ in range(3)))
+            run("warp-specialised forward, d=192, short keys", *(randn(1, 300, 2, 192) for _ in range(3)))
+            run("warp-specialised forward, d=96 padded to 128, short keys",
+                *(randn(1, 300, 2, 96) for _ in range(3)), causal=True)
         with override(wgmma=False):
             run("mma.sync kernels on Hopper", q, k, v, causal=True)
+    if not only or any(c in "ring merge" for c in only):
+        from cuflash import _ring
+
+        out, part = torch.randn(1, 70, 3, 128, device="cuda"), torch.randn(1, 70, 3, 128, device="cuda").half()
+        lse, part_lse = torch.randn(1, 3, 70, device="cuda"), torch.randn(1, 3, 70, device="cuda")
+        part_lse[:, :, :5] = float("-inf")
+        _ring.merge(out, lse, part, part_lse)
+        print("  ring merge", flush=True)
     torch.cuda.synchronize()
 
 
