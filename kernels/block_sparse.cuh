@@ -38,6 +38,21 @@ struct BlockLists {
   }
 };
 
+// mask_lists_kernel's parameters (mask_lists.cu: BlockMask.from_cuda's lists from its block states).
+struct MaskListsParams {
+  const signed char* __restrict__ states;  // (batch x heads, nq, nk): 0 empty, 1 partial, 2 full
+  int* __restrict__ slots;                 // the same shape: each partial block's slot in the pool, else -1
+  const int* __restrict__ first_slot;      // (lines): each row's first slot, for MODE 1
+  int* __restrict__ full_count;            // (lines)
+  int* __restrict__ full_index;            // (lines, blocks along a line)
+  int* __restrict__ partial_count;
+  int* __restrict__ partial_index;
+  int* __restrict__ partial_slot;
+  int lines;                               // rows (batch x heads x nq) or columns (batch x heads x nk)
+  int nq;
+  int nk;
+};
+
 // One row's list as a thread block reads it: where its entries start and how many there are. Thread
 // 0 fills it in shared memory (the caller then synchronises), so no register holds it through the
 // main loop.

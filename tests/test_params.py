@@ -8,7 +8,7 @@ import pytest
 from cuflash import _compile, _params
 
 STRUCTS = ("FwdParams", "FwdSinksParams", "BwdPreprocessParams", "BwdDkdvParams", "BwdDqParams", "BwdDqConvertParams", "BlockLists",
-           "DropoutArgs", "ModArgs", "MaskBlocksParams", "RingMergeParams")
+           "DropoutArgs", "ModArgs", "MaskBlocksParams", "MaskListsParams", "RingMergeParams")
 
 
 def kernel_param_layout(cubin: bytes, kernel: str) -> list[tuple[int, int]]:
@@ -84,12 +84,12 @@ def test_every_kernel_takes_its_struct_field_for_field():
                *_dispatch.choose_bwd("bfloat16", 128, Flags(), "sm_90a")[1:],  # dQ accumulated, then converted
                _dispatch.choose_fwd("bfloat16", 128, Flags(), "sm_90a"), _dispatch.choose_fwd("float16", 96),
                _dispatch.FwdSinksVariant("bfloat16"), _mask_blocks.MaskBlocksVariant(128, 128, True, ""),
-               _dispatch.RingMergeVariant("float16")]
+               _dispatch.RingMergeVariant("float16"), _dispatch.MaskListsVariant(1)]
     assert {v.name.split("<")[0] for v in kernels} == {
         "cuflash::flash_bwd_preprocess_kernel", "cuflash::flash_bwd_dkdv_ws_kernel", "cuflash::flash_bwd_dq_ws_kernel",
         "cuflash::flash_bwd_dkdv_kernel", "cuflash::flash_bwd_dq_kernel", "cuflash::flash_fwd_ws_kernel",
         "cuflash::flash_fwd_kernel", "cuflash::flash_bwd_dq_convert_kernel", "cuflash::flash_fwd_sinks_kernel",
-        "cuflash::mask_blocks_kernel", "cuflash::ring_merge_kernel"}
+        "cuflash::mask_blocks_kernel", "cuflash::ring_merge_kernel", "cuflash::mask_lists_kernel"}
     sources, checks = set(), []
     for v in kernels:
         element = v.name.split("<")[1].split(",")[0].rstrip(">")

@@ -129,6 +129,21 @@ class RingMergeVariant(_SmallKernel):
 
 
 @dataclass(frozen=True)
+class MaskListsVariant(_SmallKernel):
+    """BlockMask.from_cuda's lists from its block states, on the GPU (kernels/mask_lists.cu)."""
+
+    mode: int  # 0: the rows' counts, 1: the rows' lists and the pool's slots, 2: the columns' lists
+    source = "mask_lists.cu"
+    kernel = "mask_lists_kernel"
+    params = "MaskListsParams"
+    what = "a block mask's lists from its block states, a warp per row or column of blocks"
+    dtype = "int32"  # (no element type: for the variant listings)
+
+    def template_args(self):
+        return (self.mode,)
+
+
+@dataclass(frozen=True)
 class BwdPreprocessVariant(_SmallKernel):
     dtype: str
     kernel = "flash_bwd_preprocess_kernel"
@@ -353,6 +368,7 @@ def all_variants(arch: str = "sm_80") -> list:
             out += [BwdDkdvVariant(dt, bucket, _tiles.ws_dkdv_tile(dkdv.tile, bucket, flags, True), *_mods(flags)),
                     BwdDqVariant(dt, bucket, _tiles.ws_dq_tile(dq.tile, bucket, True, True), *_mods(flags))]
     out += [FwdSinksVariant(dt) for dt in DTYPES] + [RingMergeVariant(dt) for dt in DTYPES]
+    out += [MaskListsVariant(mode) for mode in range(3)]
     return list(dict.fromkeys(out))  # fp32's coarser buckets repeat variants
 
 

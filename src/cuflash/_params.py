@@ -17,7 +17,7 @@ from ._compile import kernels_dir
 _SCALARS = {"long long": "q", "unsigned long long": "Q", "int": "i", "unsigned": "I", "float": "f"}
 _FIELD = re.compile(r"^\s*(?:const\s+)?([A-Za-z_][\w\s]*?)\s*(\*)?\s*(?:const\s+)?(?:__restrict__\s+)?(\w+)\s*;")
 _NESTED_HEADERS = {"BlockLists": "block_sparse.cuh", "DropoutArgs": "dropout.cuh", "ModArgs": "score_fn.cuh",
-                   "MaskBlocksParams": "score_fn.cuh"}
+                   "MaskBlocksParams": "score_fn.cuh", "MaskListsParams": "block_sparse.cuh"}
 
 
 def _struct_body(text: str, name: str) -> list[str]:
