@@ -218,6 +218,42 @@ def test_jax_score_mod_mask_mod_and_sinks_inside_jit_with_grad():
         assert torch.allclose(torch.from_dlpack(g).float(), t.float(), rtol=1e-3, atol=1e-3)
 
 
+def test_jax_gradients_of_a_bias_and_a_relative_table_inside_jit():
+    """jax.grad of captured arrays (the dS kernel, then the reductions in JAX) against PyTorch's, which
+    test_gradients_of_a_bias_and_a_relative_table holds to the float64 reference; an array jax.grad leaves
+    alone costs nothing and may be used in any way, one it differentiates must be an additive term."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    q, k, v = (x.requires_grad_() for x in inputs((2, 113, 203, 4, 2, 64), seed=31))
+    bias = torch.randn(4, 113, 203, device="cuda", requires_grad=True)
+    rel = torch.randn(4, 113 + 203 - 1, device="cuda", requires_grad=True)
+    code = "score + bias[h][q][kv] - rel[h][q - kv + last]"
+    out = cuflash.flash_attn_func(q, k, v, score_mod=ScoreMod(code, bias=bias, rel=rel, last=202))
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v, bias, rel), dout)
+    qj, kj, vj, bj, rj, dj = (jnp.asarray(x.detach().float().cpu().numpy()).astype(str(x.dtype).split(".")[1])
+                              for x in (q, k, v, bias, rel, dout))
+
+    @jax.jit
+    def grads(qj, kj, vj, bj, rj):
+        def loss(qj, kj, vj, bj, rj):
+            o = cuflash.flash_attn_func(qj, kj, vj, score_mod=ScoreMod(code, bias=bj, rel=rj, last=202))
+            return (o.astype(jnp.float32) * dj.astype(jnp.float32)).sum()
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(qj, kj, vj, bj, rj)
+
+    got = grads(qj, kj, vj, bj, rj)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias", "drel"), got, want):
+        assert g.shape == tuple(w.shape) and str(g.dtype) == str(w.dtype).split(".")[1], name
+        torch.testing.assert_close(torch.from_dlpack(g).float(), w.float(), rtol=2e-3, atol=2e-3, msg=name)
+
+    scale = jnp.ones((113, 203), jnp.float32)
+    mod = lambda sc: ScoreMod("score * scale[q][kv]", grad="scale[q][kv]", scale=sc)  # noqa: E731
+    only_q = jax.grad(lambda qj: cuflash.flash_attn_func(qj, kj, vj, score_mod=mod(scale)).astype(jnp.float32).sum())
+    assert only_q(qj).shape == qj.shape
+    with pytest.raises(NotImplementedError, match="'scale'"):
+        jax.grad(lambda sc: cuflash.flash_attn_func(qj, kj, vj, score_mod=mod(sc)).astype(jnp.float32).sum())(scale)
+
+
 def test_torch_compile_with_a_bias_gradient_and_sinks():
     q, k, v = (x.requires_grad_() for x in inputs((1, 256, 256, 2, 2, 64), seed=30))
     bias = torch.randn(2, 256, 256, device="cuda", requires_grad=True)

@@ -1,11 +1,12 @@
-"""Gradients of a score function's captured arrays (PyTorch), from dS with respect to the function's value,
+"""Gradients of a score function's captured arrays (PyTorch and JAX), from dS with respect to the function's value,
 float32 (batch, nheads, seqlen_q, seqlen_k), which the dQ kernel's MOD == 2 instance stores.
 
 They are computed for an additive term of the snippet, `score + name[i0][i1]...` (among any other terms
 that use neither name nor score): d(loss)/d(name[idx]) is the sum of dS over the (b, h, q, kv) that read
 idx. An index is b, h, q or kv (each at most once; arrays broadcast over the ones they leave out), or one
 relative index `q - kv` or `kv - q`, plus or minus an int literal or int scalar (a table of relative
-positions). The sums are torch reductions and one scatter of distinct positions: the same order every run.
+positions). The sums are the framework's reductions and one scatter of distinct positions: the same order
+every run, no atomics.
 """
 from __future__ import annotations
 
@@ -104,3 +105,33 @@ def capture_grad(dscore, array, sign: int, indices: list):
     out = torch.zeros(array.shape, dtype=torch.float32, device=g.device)
     out[tuple(slice(0, n) for n in g.shape)] = g
     return (out * sign).to(array.dtype)
+
+
+def capture_grad_jax(dscore, array, sign: int, indices: tuple):
+    """capture_grad for JAX arrays (inside jit: shapes are static). A relative table's diagonal sums come
+    from skewing dS (flip kv, pad, reshape: row q shifted by q) and summing over q."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rel = [i for i in indices if isinstance(i, tuple)]
+    kept = [v for v in _VARS if v in indices or (rel and v in ("q", "kv"))]
+    g = dscore.sum(axis=tuple(d for d, v in enumerate(_VARS) if v not in kept)) if len(kept) < 4 else dscore
+    order = [v for v in _VARS if v in kept]
+    if rel:
+        _, direction, offset = rel[0]
+        *lead, sq, sk = g.shape
+        padded = jnp.pad(g[..., ::-1], [(0, 0)] * (g.ndim - 1) + [(0, sq)])  # (..., sq, sk + sq)
+        skew = padded.reshape(*lead, sq * (sk + sq))[..., :sq * (sk + sq - 1)].reshape(*lead, sq, sk + sq - 1)
+        diagonals = skew.sum(-2)  # column j: q - kv = j - (sk - 1)
+        n = array.shape[[k for k, i in enumerate(indices) if isinstance(i, tuple)][0]]
+        r = direction * (np.arange(sq + sk - 1) - (sk - 1)) + offset
+        ok = (r >= 0) & (r < n)
+        g = jnp.zeros((*lead, n), diagonals.dtype).at[..., r[ok]].set(diagonals[..., np.nonzero(ok)[0]])
+        order = [v for v in order if v not in ("q", "kv")] + ["rel"]
+    names = ["rel" if isinstance(i, tuple) else i for i in indices]
+    g = g.transpose([order.index(v) for v in names])
+    if any(a < n for a, n in zip(array.shape, g.shape)):
+        raise ValueError(f"a captured array of shape {tuple(array.shape)} is read past its end by the call "
+                         f"(its indices reach {tuple(g.shape)})")
+    g = jnp.pad(g, [(0, a - n) for a, n in zip(array.shape, g.shape)])
+    return (g * sign).astype(array.dtype)

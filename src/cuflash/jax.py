@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from . import _dispatch, _engine, _options, _problem, _score_fn, _sparse
+from . import _capture_grads, _dispatch, _engine, _options, _problem, _score_fn, _sparse
 from ._bridge import DeviceArray, contiguous_strides
 
 
@@ -55,7 +55,7 @@ def _launch_inputs(p: _problem.Problem, extras, layout, mod=None, sinks=False) -
     if mod is not None:
         (digest, strides, scalars), dtypes = mod
         ptrs = [_buffer(extras.pop(0), dt).ptr for dt in dtypes]
-        inputs["score_fn"] = _LaunchedScoreFn(digest, _score_fn.mod_args(ptrs, strides, scalars, p.softmax_scale))
+        inputs["score_fn"] = _LaunchedScoreFn(digest, ptrs, strides, scalars)
     if sinks:
         inputs["sinks"] = _buffer(extras.pop(0), "float32").ptr
     return inputs
@@ -65,10 +65,12 @@ def _launch_inputs(p: _problem.Problem, extras, layout, mod=None, sinks=False) -
 class _LaunchedScoreFn:
     """A score function as the engine takes it (digest, args), with the pointers of a callback's buffers."""
     digest: str
-    launch_args: tuple
+    ptrs: list
+    strides: tuple
+    scalars: tuple
 
-    def args(self, softmax_scale: float) -> tuple:
-        return self.launch_args
+    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0)) -> tuple:
+        return _score_fn.mod_args(self.ptrs, self.strides, self.scalars, softmax_scale, dscore)
 
 
 def _dropout_state(dropout_seed):
@@ -112,53 +114,76 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options, mod=No
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None):
+def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
+                  score_grads: bool = False):
+    """The backward's callback: (dq, dk, dv, workspace), and with score_grads dS with respect to the score
+    function's value (float32 p.dscore_shape), for its captured arrays' gradients."""
     import jax
     from jax.experimental import buffer_callback
 
     def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
-        dq, dk, dv, workspace = outs  # the backward's float32 workspace (_engine.bwd_workspace_floats)
+        dq, dk, dv, workspace = outs[:4]  # the backward's float32 workspace (_engine.bwd_workspace_floats)
         arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
+        dscore = _buffer(outs[4], "float32") if score_grads else None
         _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
-                         options, **_launch_inputs(p, extras, layout, mod))
+                         options, dscore=dscore, **_launch_inputs(p, extras, layout, mod))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
     results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
+    if score_grads:
+        results.append(jax.ShapeDtypeStruct(p.dscore_shape, "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
 @functools.lru_cache(maxsize=256)
 def _differentiable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
-                    sinks: bool = False):
+                    sinks: bool = False, captured: tuple = ()):
     """(q, k, v, *extras) -> (out, lse) with a custom VJP running the backward kernels; extras (the
     _launch_inputs operands) get zero cotangents, but the sinks (the last operand when sinks) their
-    gradient. The log-sum-exp is an output for callers who want it; gradients do not flow through it."""
+    gradient, and the score function's captured arrays theirs where jax.grad differentiates them: captured
+    is (first operand, plans), a plan per captured array (_capture_grads.plan's, or the reason its
+    gradient is not computed). The log-sum-exp is an output for callers who want it; gradients do not
+    flow through it."""
     import jax
     import numpy as np
 
     fwd = _fwd_callable(p, layout, options, mod, sinks)
-    bwd = _bwd_callable(p, layout, options, workspace_floats, mod)
+    first, plans = captured or (0, ())
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
         return fwd(q, k, v, *extras)
 
-    def attention_fwd(q, k, v, *extras):
+    def attention_fwd(q, k, v, *extras):  # (symbolic zeros: each operand's .value and whether it is .perturbed)
+        needs = [x.perturbed for x in extras[first:first + len(plans)]]
+        for need, plan in zip(needs, plans):
+            if need and isinstance(plan, str):
+                raise NotImplementedError(plan)
+        q, k, v, *extras = (x.value for x in (q, k, v, *extras))
         out, lse = fwd(q, k, v, *extras)
-        return (out, lse), (q, k, v, out, lse, extras)
+        # which arrays need gradients is static; it travels as the residuals' structure (None: not needed)
+        marks = tuple(np.zeros((), np.int8) if need else None for need in needs)
+        return (out, lse), (q, k, v, out, lse, extras, marks)
 
     def attention_bwd(res, cotangents):
-        q, k, v, out, lse, extras = res
-        dout, _ = cotangents
-        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
+        q, k, v, out, lse, extras, marks = res
+        dout = cotangents[0]
+        if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only lse was used
+            dout = jax.numpy.zeros(out.shape, out.dtype)
+        needs = [m is not None for m in marks]
+        bwd = _bwd_callable(p, layout, options, workspace_floats, mod, any(needs))
+        dq, dk, dv, _, *dscore = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
         zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
+        for i, (need, plan) in enumerate(zip(needs, plans)):
+            if need:
+                zeros[first + i] = _capture_grads.capture_grad_jax(dscore[0], extras[first + i], *plan)
         if sinks:
             zeros[-1] = _sinks_grad(dout, out, lse, extras[-1], p.packed is not None)
         return (dq, dk, dv, *zeros)
 
-    attention.defvjp(attention_fwd, attention_bwd)
+    attention.defvjp(attention_fwd, attention_bwd, symbolic_zeros=True)
     return attention
 
 
@@ -175,15 +200,15 @@ def _sinks_grad(dout, out, lse, sinks, packed: bool):
 
 def _traced_captures(score_mod, mask_mod):
     """The ScoreMod and MaskMod with their JAX arrays described (the header needs their types and ranks; a
-    name both capture is one description), and those arrays in the order the ScoreFn lists them."""
+    name both capture is one description), and those arrays by name in the order the ScoreFn lists them."""
     import jax
 
-    metas, arrays = {}, []
+    metas, arrays = {}, {}
     for mod in (score_mod, mask_mod):
         for name, x in (mod.captures if mod else {}).items():
             if name not in metas and isinstance(x, jax.Array) and x.ndim > 0:
                 metas[name] = _meta(x, name)
-                arrays.append(x)
+                arrays[name] = x
     def described(mod):
         return {n: metas.get(n, x) for n, x in mod.captures.items()}
     score = score_mod and _score_fn.ScoreMod(score_mod.code, score_mod.grad, **described(score_mod))
@@ -214,9 +239,10 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), sof
         extras.append(alibi_slopes)
     if p.dropout_p:
         extras.append(_dropout_state(dropout_seed))
-    mod = None
-    if fn is not None:  # constants for jax.grad (their gradients are PyTorch's only, so far)
-        extras += [jax.lax.stop_gradient(x) for x in captured]
+    mod, plans = None, ()
+    if fn is not None:
+        plans = (len(extras), tuple(_grad_plan(score_mod, name) for name in captured))
+        extras += list(captured.values())
         mod = (fn.launch_key(), tuple(a.dtype for a in fn.arrays))
     if sinks is not None:
         _problem.check_sinks(_meta(sinks, "sinks"), qa, p.nheads)
@@ -225,7 +251,19 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), sof
     if deterministic:  # dQ from its own kernel: bitwise reproducible gradients
         options = dataclasses.replace(options, fused_dq=False)
     workspace = _engine.bwd_workspace_floats(p, _device_id(q), options)
-    return _differentiable(p, layout, options, workspace, mod, sinks is not None)(q, k, v, *extras)
+    return _differentiable(p, layout, options, workspace, mod, sinks is not None, plans)(q, k, v, *extras)
+
+
+def _grad_plan(score_mod, name: str):
+    """How a captured array's gradient is computed (_capture_grads.plan, as a hashable tuple), or why not."""
+    if score_mod is None or name not in score_mod.captures:
+        return f"mask_mod: captured {name!r} is differentiated, but a mask has no gradient"
+    ints = {n: x for n, x in score_mod.captures.items() if isinstance(x, int) and not isinstance(x, bool)}
+    try:
+        sign, indices = _capture_grads.plan(score_mod.code, name, ints)
+    except NotImplementedError as e:
+        return str(e)
+    return sign, tuple(indices)
 
 
 def _device_id(x) -> int:
