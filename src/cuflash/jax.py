@@ -163,7 +163,7 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
         q, k, v, *extras = (x.value for x in (q, k, v, *extras))
         out, lse = fwd(q, k, v, *extras)
         # which arrays need gradients is static; it travels as the residuals' structure (None: not needed)
-        marks = tuple(np.zeros((), np.int8) if need else None for need in needs)
+        marks = tuple(jax.numpy.zeros((), "int8") if need else None for need in needs)
         return (out, lse), (q, k, v, out, lse, extras, marks)
 
     def attention_bwd(res, cotangents):
