@@ -66,7 +66,8 @@ __device__ __forceinline__ void bwd_score_mods(float (&s)[MT][NT][4], float (&dt
                                                const AlibiSlope& alibi_slope, const MaskPartial& mask_partial,
                                                const Site& site = Site()) {
   static_assert(!(MOD && SOFTCAP), "a score function writes its own cap");
-  if constexpr (MOD) apply_score_fn<KEY_ROWS, true>(s, dtanh, (KEY_ROWS ? k0 : q0) + warp_row, KEY_ROWS ? q0 : k0, site(), lane);
+  if constexpr (MOD)
+    apply_score_fn<KEY_ROWS, kModGrad<MOD>>(s, dtanh, (KEY_ROWS ? k0 : q0) + warp_row, KEY_ROWS ? q0 : k0, site(), lane);
   if constexpr (SOFTCAP) apply_softcap<PRECISE>(s, softcap_mult, dtanh);
   if constexpr (ALIBI)  // for Sᵀ, keys are rows: -diag
     add_alibi(s, (KEY_ROWS ? k0 : q0) + warp_row, KEY_ROWS ? q0 : k0, KEY_ROWS ? -diag : diag, alibi_slope(), lane);

@@ -355,7 +355,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       // wait for Pᵀ also waits for the previous tile's dK product.
       if constexpr (WG) Tile::template mma_abt<MT, BMQ, D, FRESH>(dp, smem_addr(sV), warp_row, do_tile, lane);
       Tile::template wait<WG ? 1 : 0>(p);
-      float dtanh[SOFTCAP || MOD ? MT : 1][SOFTCAP || MOD ? BMQ / 8 : 1][4];
+      constexpr bool kDtanh = SOFTCAP || kModGrad<MOD>;  // a derivative kept per score
+      float dtanh[kDtanh ? MT : 1][kDtanh ? BMQ / 8 : 1][4];
       bwd_score_mods<true, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, MOD>(
           p, dtanh, t.m0, n0, diag, warp_row, lane, softcap_mult,
           [&] { return alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale; },
@@ -380,7 +381,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
       // dSᵀ goes to its own registers: with three slots, ptxas would serialise the products around
       // writes to dPᵀ's accumulator registers, which the next tile's product reuses.
       float ds[MT][BMQ / 8][4];
-      bwd_probs_to_ds<DROPOUT, SOFTCAP || MOD, false>(ds, p, dp, dtanh, s_delta[stat], dropout.keep_scale, lane);
+      bwd_probs_to_ds<DROPOUT, kDtanh, false>(ds, p, dp, dtanh, s_delta[stat], dropout.keep_scale, lane);
+      if constexpr (MOD && !kDtanh) for_each_element<MT, BMQ / 8>([&](int mt, int nt, int c) { ds[mt][nt][c] *= mod.scale; });
       Tile::template mma_pb<MT, BMQ, DV, false, kRest>(acc_dk, ds, q_tile, c0, lane);
       if constexpr (STAGES == 2) {  // before the next tile overwrites this one's slot
         Tile::template wait<0>(acc_dk);
@@ -817,7 +819,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
-    float dtanh[SOFTCAP || MOD ? MT : 1][SOFTCAP || MOD ? BN / 8 : 1][4];  // (MOD: 1, or 2 to store dS too)
+    constexpr bool kDtanh = SOFTCAP || kModGrad<MOD != 0>;  // a derivative kept per score (MOD: 1, or 2 to store dS)
+    float dtanh[kDtanh ? MT : 1][kDtanh ? BN / 8 : 1][4];
     bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, MOD != 0>(
         p, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
         [&](float (&s)[MT][BN / 8][4]) {  // a partial block: hidden scores become -inf, so p = 0 below
@@ -837,7 +840,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       store_dscore(ds, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
       continue;
     }
-    if constexpr (MOD != 0) for_each_element<MT, BN / 8>([&](int mt, int nt, int c) { ds[mt][nt][c] *= dtanh[mt][nt][c]; });
+    if constexpr (MOD != 0)
+      for_each_element<MT, BN / 8>([&](int mt, int nt, int c) { ds[mt][nt][c] *= kDtanh ? dtanh[mt][nt][c] : mod.scale; });
     Tile::template mma_pb<MT, BN, D, false, kRest>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }

@@ -107,7 +107,7 @@ struct View<E, 0, I, UNIT> {
 #else
 namespace cuflash {
 struct UserMod {  // the instances without MOD never call it
-  static constexpr bool kMask = false, kScore = false;
+  static constexpr bool kMask = false, kScore = false, kUnitGrad = true;
   __device__ static float score(float s, int, int, int, int, const ModArgs&) { return s; }
   __device__ static float grad(float, int, int, int, int, const ModArgs&) { return 1.f; }
   __device__ static bool mask(int, int, int, int, const ModArgs&) { return true; }
@@ -116,6 +116,11 @@ struct UserMod {  // the instances without MOD never call it
 #endif
 
 namespace cuflash {
+
+// Whether a MOD kernel keeps the function's derivative per score: not where it is 1 everywhere (additive
+// terms, masks), where dS is only scaled by the softmax scale (the kernels' own is 1 with MOD).
+template <bool MOD>
+constexpr bool kModGrad = MOD && UserMod::kScore && !UserMod::kUnitGrad;
 
 // Where the functions run: the tile's batch element and query head, and its sequences' lengths.
 struct ModSite {

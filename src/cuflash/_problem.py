@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import _sparse
+from . import _score_fn, _sparse
 from ._bridge import DeviceArray, contiguous_strides
 from ._options import Options
 from ._tiles import CAUSAL, DTYPES, MAX_HEAD_DIM, NO_BAND, WINDOW, Flags, dq_accumulation_pays, short_keys
@@ -70,7 +70,7 @@ class Problem:
         return Flags(NO_BAND if self.mask_blocks else self.band, self.mask_blocks, self.alibi, self.softcap > 0,
                      self.dropout_p > 0, short_keys(self.dtype, self.head_dim, self.seqlen_k, options),
                      options.fused_dq_short or dq_accumulation_pays(self.band, self.seqlen_q, self.nheads // self.nheads_k),
-                     mod=self.mod)
+                     mod=self.mod, mod_grad=bool(self.mod) and self.mod not in _score_fn.UNIT_GRAD)
 
     @property
     def empty(self) -> bool:

@@ -39,6 +39,7 @@ _C_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"
             "bool": "bool"}
 _INT_SCALAR_LIMIT = 2**24  # int scalars travel as float: exact up to here
 HEADERS: dict[str, str] = {}  # digest -> header, for the variants that name a digest (_dispatch.py)
+UNIT_GRAD: set[str] = set()  # the digests of headers whose score function's derivative is 1 (unit_grad)
 
 
 class ScoreFnError(ValueError):
@@ -245,6 +246,12 @@ def score_fn(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> ScoreFn | 
     return ScoreFn(header, digest, arrays, scalars, where)
 
 
+def unit_grad(score_mod: ScoreMod | None) -> bool:
+    """Whether the score function's derivative with respect to the score is 1 everywhere (additive terms,
+    or no score function): the backward kernels then keep no derivative per score."""
+    return score_mod is None or score_mod.grad_code().strip() in ("1.f", "1.0f", "1")
+
+
 _BUILT: dict[tuple, tuple] = {}  # (snippets, capture declarations) -> (header, digest, snippet lines)
 
 
@@ -252,7 +259,7 @@ def _header(score_mod: ScoreMod | None, mask_mod: MaskMod | None, declarations: 
     """The header of struct UserMod, its digest and its snippet lines; compiled alone the first time."""
     lines = ["// cuflash.ScoreMod / MaskMod (_score_fn.py)", "#pragma once", "namespace cuflash {", "struct UserMod {",
              f"  static constexpr bool kScore = {'true' if score_mod else 'false'}, "
-             f"kMask = {'true' if mask_mod else 'false'};"]
+             f"kMask = {'true' if mask_mod else 'false'}, kUnitGrad = {'true' if unit_grad(score_mod) else 'false'};"]
     where = {}
     functions = [("score", "float", "float score, int b, int h, int q, int kv", score_mod and score_mod.code, "return score;"),
                  ("grad", "float", "float score, int b, int h, int q, int kv", score_mod and score_mod.grad_code(),
@@ -275,6 +282,8 @@ def _header(score_mod: ScoreMod | None, mask_mod: MaskMod | None, declarations: 
     if digest not in HEADERS:
         _check_compiles(header, where)
         HEADERS[digest] = header
+        if unit_grad(score_mod):
+            UNIT_GRAD.add(digest)
     return header, digest, where
 
 

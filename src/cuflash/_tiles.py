@@ -57,6 +57,7 @@ class Flags:
     short_keys: bool = False  # fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket
     long_queries: bool = True  # enough query rows for accumulating dQ to pay (dq_accumulation_pays)
     mod: str = ""  # the digest of a user score function (_score_fn.py): mma.sync kernels, tiles as softcap's
+    mod_grad: bool = False  # its derivative with respect to the score is not 1 everywhere (kept per score)
 
     @property
     def sparse(self) -> bool:
@@ -358,6 +359,10 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
         block_q = max(16, block_q // 2)                                # half the query rows
     if flags.dropout and (flags.alibi or flags.softcap or flags.mod):  # likewise in the dQ kernel: half the keys
         dq_n = min(dq_n, 32 if bucket <= 128 or not flags.mod else 16)  # (a score function at d = 256: 16)
+    if flags.mod and bucket > 128 and dtype != "float32":  # a score function beside 256-column accumulators
+        dq_n, splits = 16, 4
+    if flags.mod and arch != "sm_90a" and dtype != "float32":  # (spilled 16-72 bytes on 64-key mma.sync tiles)
+        dq_n = min(dq_n, 32)
     if flags.sparse:  # kernel tiles divide the mask's blocks
         mask_m, mask_n = flags.mask_blocks
         block_n, block_q = _divides(block_n, mask_n), _divides(block_q, mask_m)
