@@ -159,7 +159,7 @@ def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
 
         out, lse = cf_jax.attention(q, k, v, softmax_scale=softmax_scale, dropout_seed=dropout_seed, **call)
         return (out, lse, None) if return_attn_probs else out
-    if framework == "torch" and _bridge.torch_needs_grad(q, k, v, call.get("sinks")):
+    if framework == "torch" and _bridge.torch_takes_op(q, k, v, call.get("sinks")):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (torch.compile traces this: no data pointers here).
