@@ -114,7 +114,7 @@ def check_grads(q, k, v, causal, dout=None, mask=None, alibi_slopes=None, softca
     within 2x of plain same-dtype autograd; mask is the equivalent element mask. With dropout_p, the
     baselines drop what reference.dropout_keep_mask(dropout_seed, 0, ...) drops. floors: absolute
     error allowances by output name (default: assert_close_2x's)."""
-    dout = randn(q.shape, q.dtype, 99) if dout is None else dout
+    dout = randn((*q.shape[:-1], v.shape[-1]), q.dtype, 99) if dout is None else dout
     keep = None
     if dropout_p:
         from cuflash.reference import dropout_keep_mask

@@ -114,6 +114,56 @@ def test_any_head_dim(headdim, causal):
     check_grads(q, k, v, causal)
 
 
+@pytest.mark.parametrize("dqk, dv", [(192, 128), (128, 64), (64, 128), (72, 40)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qk_and_v_head_dims_differ(dqk, dv, causal):
+    """dqk != dv (MLA's 192/128): out and dv have v's head dim, dq and dk q's, GQA included."""
+    import torch
+
+    q = randn((2, 97, 4, dqk), torch.bfloat16, 53)
+    k, v = randn((2, 130, 2, dqk), torch.bfloat16, 54), randn((2, 130, 2, dv), torch.bfloat16, 55)
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert out.shape == (2, 97, 4, dv)
+    ref, ref_lse = reference(q, k, v, causal)
+    assert_close_2x(out, ref, plain_attention(q, k, v, causal))
+    assert_lse_close(lse, ref_lse)
+    _, dq, dk, dv_ = check_grads(q, k, v, causal)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv_.shape == v.shape
+
+
+def test_qk_and_v_head_dims_differ_cupy_explicit_backward_and_jax_grad():
+    import cupy
+    import torch
+
+    q, k = randn((1, 70, 2, 192), torch.float16, 61), randn((1, 90, 2, 192), torch.float16, 62)
+    v, dout = randn((1, 90, 2, 128), torch.float16, 63), randn((1, 70, 2, 128), torch.float16, 64)
+    out, lse, _ = cuflash.flash_attn_func(q, k, v, return_attn_probs=True)
+    assert torch.equal(torch.compile(cuflash.flash_attn_func, fullgraph=True)(q, k, v), out)
+    want = torch.autograd.grad(cuflash.flash_attn_func(*(x.requires_grad_() for x in (q, k, v))), (q, k, v), dout)
+    c = [cupy.from_dlpack(x.detach()) for x in (dout, q, k, v, out, lse)]
+    grads_c = cuflash.flash_attn_backward(*c)
+    torch.cuda.synchronize()
+    for a, b in zip(grads_c, want):
+        assert a.shape == b.shape and torch.equal(torch.from_dlpack(cupy.ascontiguousarray(a)), b.contiguous())
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    qj, kj, vj, dj = (jnp.asarray(x.detach().float().cpu().numpy()).astype(jnp.float16) for x in (q, k, v, dout))
+
+    @jax.jit
+    def grads(qj, kj, vj):
+        out, vjp = jax.vjp(cuflash.flash_attn_func, qj, kj, vj)
+        return out, vjp(dj)
+
+    out_j, grads_j = grads(qj, kj, vj)
+    assert out_j.shape == (1, 70, 2, 128)
+    np.testing.assert_array_equal(np.asarray(out_j.astype(jnp.float32)), out.float().cpu().numpy())
+    for g, w in zip(grads_j, want):
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), w.float().cpu().numpy())
+
+
 def test_any_head_dim_cupy_explicit_backward_and_jax():
     import cupy
     import torch

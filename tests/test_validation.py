@@ -158,6 +158,13 @@ def test_head_dim_padding_rule():
     assert _headdim.needs_padding(a(12), a(20), a(12)) == 0  # mismatch: left to the shape checks
     assert _headdim.needs_padding(a(264), a(264), a(264)) == 0
     assert _headdim.needs_padding(np.zeros((5, 12)), a(12), a(12)) == 0
+    # dqk != dv: both padded to the larger's next multiple of 8
+    assert _headdim.needs_padding(a(192), a(192), a(128)) == 192
+    assert _headdim.needs_padding(a(64), a(64), a(128), a(128), a(128)) == 128
+    assert _headdim.needs_padding(a(72), a(72), a(36)) == 72
+    assert _headdim.needs_padding(a(20), a(20), a(12)) == 24
+    assert _headdim.needs_padding(a(128), a(128), a(64), a(128)) == 0  # dout unlike v: left to the checks
+    assert _headdim.needs_padding(a(128), a(128), a(320)) == 0
 
 
 @pytest.mark.parametrize("softcap, exc", [(-1.0, ValueError), (float("inf"), ValueError), ("30", TypeError),

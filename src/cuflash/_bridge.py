@@ -107,10 +107,14 @@ def _describe(x, argname: str) -> DeviceArray:
     )
 
 
-def torch_needs_grad(*tensors) -> bool:
-    """Whether PyTorch would record gradients through any of these tensors."""
+def torch_takes_op(*tensors) -> bool:
+    """Whether a PyTorch call goes through cuflash's custom ops (cuflash.torch): when it would record
+    gradients through any of these tensors, or when torch.compile traces it (the direct launch reads data
+    pointers, which Dynamo cannot trace)."""
     import torch
 
+    if torch.compiler.is_compiling():
+        return True
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in tensors)
 
 

@@ -1,20 +1,27 @@
-"""Head dims that are not a multiple of 8: the kernels read 16-byte chunks, so q, k, v (and, for
-the explicit backward, dout and out) are zero-padded on the last dimension to the next multiple of 8
-and the results sliced back, as FlashAttention-2 does. Zero columns change no score, so results are
-exact; dims that are already a multiple of 8 are never copied."""
+"""Head dims the kernels do not take as they are: the kernels read 16-byte chunks and one head dim for
+q, k and v, so q, k, v (and, for the explicit backward, dout and out) are zero-padded on the last
+dimension to the next multiple of 8 of the larger of q's and v's head dims (v's may differ: dqk != dv, as
+in MLA's 192/128) and the results sliced back, as FlashAttention-2 does for the first. Zero columns of q
+and k change no score and zero columns of v give output columns that are sliced off, so results are
+exact; arrays already at that dim are never copied (the cost of dqk != dv: the wider dim's kernels)."""
 from __future__ import annotations
 
 from ._bridge import framework_of
 
 
-def needs_padding(*arrays, ndim: int = 4) -> int:
-    """The padded head dim when every array has `ndim` dimensions and one last dim d, 0 < d < 256,
-    d % 8 != 0; else 0 (and argument checking proceeds on the arrays as given)."""
-    dims = {tuple(getattr(x, "shape", ()))[-1:] for x in arrays}
-    if any(len(getattr(x, "shape", ())) != ndim for x in arrays) or len(dims) != 1:
+def needs_padding(q, k, v, *like_v, ndim: int = 4) -> int:
+    """The head dim every array is padded to, when every array has `ndim` dimensions, q and k one last
+    dim dqk, v and like_v (dout, out) one last dim dv, both from 1 to 256, and some array is not at the
+    next multiple of 8 of the larger; else 0 (and argument checking proceeds on the arrays as given)."""
+    arrays = (q, k, v, *like_v)
+    if any(len(getattr(x, "shape", ())) != ndim for x in arrays):
         return 0
-    (d,) = dims.pop()
-    return -(-d // 8) * 8 if 0 < d < 256 and d % 8 else 0
+    dqk, dv = {q.shape[-1], k.shape[-1]}, {x.shape[-1] for x in (v, *like_v)}
+    if len(dqk) != 1 or len(dv) != 1:
+        return 0
+    dims = (dqk.pop(), dv.pop())
+    to = -(-max(dims) // 8) * 8
+    return to if all(0 < d <= 256 for d in dims) and any(d != to for d in dims) else 0
 
 
 def pad(x, to: int):

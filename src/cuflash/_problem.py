@@ -202,7 +202,8 @@ def _check_qkv(q: DeviceArray, k: DeviceArray, v: DeviceArray) -> None:
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k must have shape (batch={batch}, seqlen_k, nheads_k, headdim={head_dim}), got {k.shape}")
     if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {k.shape}, got {v.shape}")
+        raise ValueError(f"v must have the shape of k {k.shape} (a head dim of its own up to {MAX_HEAD_DIM}), got "
+                         f"{v.shape}")
     nheads_k = k.shape[2]
     if nheads_k < 1 or nheads % nheads_k:
         raise ValueError(f"k's nheads ({nheads_k}) must divide q's nheads ({nheads})")

@@ -18,7 +18,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads_k
     dividing nheads (GQA/MQA). float16, bfloat16 or float32 (3xTF32 products); any headdim from 1 to 256
-    (one that is not a multiple of 8 is zero-padded, a copy, as FlashAttention-2 does); the last dimension
+    (one that is not a multiple of 8 is zero-padded, a copy, as FlashAttention-2 does); v's head dim may
+    differ from q's and k's (the narrower is zero-padded to the wider; out has v's); the last dimension
     contiguous. CuPy arrays, PyTorch CUDA tensors, JAX arrays, or anything with __dlpack__.
     causal=True masks key j for query i when j > i + seqlen_k - seqlen_q (bottom-right aligned).
     window_size=(left, right): query i sees key j iff i + d - left <= j <= i + d + right,
@@ -144,10 +145,10 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal
     padded = _headdim.needs_padding(q, k, v, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call)
-    d = q.shape[-1]
+    d, dv = q.shape[-1], v.shape[-1]
     res = _forward(*(_headdim.pad(x, padded) for x in (q, k, v)), _problem.resolve_scale(softmax_scale, d),
                    dropout_seed, return_attn_probs, call)
-    return (_headdim.unpad(res[0], d), *res[1:]) if return_attn_probs else _headdim.unpad(res, d)
+    return (_headdim.unpad(res[0], dv), *res[1:]) if return_attn_probs else _headdim.unpad(res, dv)
 
 
 def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
@@ -158,7 +159,7 @@ def _forward(q, k, v, softmax_scale, dropout_seed, return_attn_probs, call):
 
         out, lse = cf_jax.attention(q, k, v, softmax_scale=softmax_scale, dropout_seed=dropout_seed, **call)
         return (out, lse, None) if return_attn_probs else out
-    if framework == "torch" and _bridge.torch_needs_grad(q, k, v, call.get("sinks")):
+    if framework == "torch" and _bridge.torch_takes_op(q, k, v, call.get("sinks")):
         from . import torch as cf_torch
 
         # Arguments are checked inside the custom op (torch.compile traces this: no data pointers here).
@@ -182,7 +183,7 @@ def _backward(dout, q, k, v, out, softmax_lse, cu_seqlens, max_seqlen, dropout_p
     padded = _headdim.needs_padding(q, k, v, dout, out, ndim=4 if cu_seqlens is None else 3)
     if not padded:
         return _arrays.backward(dout, q, k, v, out, softmax_lse, softmax_scale=softmax_scale, **call)
-    d = q.shape[-1]
+    d, dv = q.shape[-1], v.shape[-1]
     grads = _arrays.backward(*(_headdim.pad(x, padded) for x in (dout, q, k, v, out)), softmax_lse,
                              softmax_scale=_problem.resolve_scale(softmax_scale, d), **call)
-    return tuple(_headdim.unpad(g, d) for g in grads)
+    return tuple(_headdim.unpad(g, width) for g, width in zip(grads, (d, d, dv)))
