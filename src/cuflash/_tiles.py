@@ -57,6 +57,7 @@ class Flags:
     short_keys: bool = False  # fewer keys than WS_FWD_MIN_SEQLEN_K asks of the bucket
     long_queries: bool = True  # enough query rows for accumulating dQ to pay (dq_accumulation_pays)
     mod: str = ""  # the digest of a user score function (_score_fn.py): mma.sync kernels, tiles as softcap's
+    sink_grad: bool = False  # the backward also sums P * dP per row (the sinks' gradient): in the dQ kernel
 
     @property
     def sparse(self) -> bool:
@@ -276,7 +277,7 @@ def fused_dq_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> D
     `tile`."""
     fused = FUSED_DQ_TILES.get(bucket)
     if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split and flags.long_queries
-            and not (flags.sparse or flags.softcap or flags.mod or flags.dropout)):
+            and not (flags.sparse or flags.softcap or flags.mod or flags.dropout or flags.sink_grad)):
         return tile
     block_q, stages = fused
     return dataclasses.replace(tile, block_q=block_q, warps=8, stages=stages, warp_specialised=True,
@@ -320,7 +321,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
             block_q = min(block_q, 64)
         # dQ: tanh and the RNG take two warpgroups on 64-key tiles (three spill with tanh); a block mask
         # (whose blocks 192 rows do not divide) or a window takes two warpgroups on 128-key tiles.
-        if flags.softcap or flags.mod or flags.dropout:
+        if flags.softcap or flags.mod or flags.dropout or flags.sink_grad:  # (row sums: 192-row tiles spilled)
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif flags.sparse or flags.band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
@@ -343,7 +344,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
     dq = DqTile(dq_m, dq_n, dq_warps, wgmma=wgmma, split=split)
     if flags.sparse and not flags.mod:
         dkdv = ws_dkdv_tile(dkdv, bucket, flags, options.dkdv_warp_specialised)
-        dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised)
+        dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised and not flags.sink_grad)
     return dkdv, dq
 
 
