@@ -67,8 +67,8 @@ class _LaunchedScoreFn:
     digest: str
     launch_args: tuple
 
-    def args(self, softmax_scale: float) -> tuple:
-        return self.launch_args
+    def args(self, softmax_scale: float, dpsum: int = 0) -> tuple:
+        return (*self.launch_args[:-1], dpsum)  # (ModArgs' last field: the sinks' row sums, _score_fn.mod_args)
 
 
 def _dropout_state(dropout_seed):
@@ -112,19 +112,25 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options, mod=No
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None):
+def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
+                  row_sums: bool = False):
+    """The backward's callback: (dq, dk, dv, workspace), and with row_sums rowsum(P * dP) shaped as lse (the
+    sinks' gradient)."""
     import jax
     from jax.experimental import buffer_callback
 
     def launch(ctx, outs, dout, q, k, v, out, lse, *extras):
-        dq, dk, dv, workspace = outs  # the backward's float32 workspace (_engine.bwd_workspace_floats)
+        dq, dk, dv, workspace = outs[:4]  # the backward's float32 workspace (_engine.bwd_workspace_floats)
         arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
+        dpsum = _buffer(outs[4], "float32") if row_sums else None
         _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
-                         options, **_launch_inputs(p, extras, layout, mod))
+                         options, dpsum=dpsum, **_launch_inputs(p, extras, layout, mod))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
     results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
+    if row_sums:
+        results.append(jax.ShapeDtypeStruct(p.lse_shape, "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
@@ -138,7 +144,7 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
     import numpy as np
 
     fwd = _fwd_callable(p, layout, options, mod, sinks)
-    bwd = _bwd_callable(p, layout, options, workspace_floats, mod)
+    bwd = _bwd_callable(p, layout, options, workspace_floats, mod, sinks)
 
     @jax.custom_vjp
     def attention(q, k, v, *extras):
@@ -151,25 +157,24 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
     def attention_bwd(res, cotangents):
         q, k, v, out, lse, extras = res
         dout, _ = cotangents
-        dq, dk, dv, _ = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
+        dq, dk, dv, _, *dpsum = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
         zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
         if sinks:
-            zeros[-1] = _sinks_grad(dout, out, lse, extras[-1], p.packed is not None)
+            zeros[-1] = _sinks_grad(lse, extras[-1], dpsum[0], p.packed is not None)
         return (dq, dk, dv, *zeros)
 
     attention.defvjp(attention_fwd, attention_bwd)
     return attention
 
 
-def _sinks_grad(dout, out, lse, sinks, packed: bool):
-    """d(loss)/d(sink_h) = -sum over rows of e^(sink - LSE') * rowsum(dO * O), in float32 (torch.py's twin)."""
+def _sinks_grad(lse, sinks, dpsum, packed: bool):
+    """d(loss)/d(sink_h) = -sum over rows of e^(sink - LSE') * rowsum(P * dP), the row sums from the dQ
+    kernel in float32, shaped as lse (torch.py's twin)."""
     import jax.numpy as jnp
 
-    delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)
-    delta = delta.T if packed else delta.transpose(0, 2, 1)
     p_sink = jnp.exp(sinks.reshape(-1, 1) - lse) if packed else jnp.exp(sinks.reshape(1, -1, 1) - lse)
-    grad = -(p_sink * delta)
+    grad = -(p_sink * dpsum)
     return grad.sum(1) if packed else grad.sum((0, 2))
 
 
