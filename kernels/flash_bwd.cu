@@ -691,8 +691,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 // three-warpgroup tiles do not have: ptxas then serialises the products, 11% slower on the H100.)
 // SPLIT (fp32, 3xTF32): each key tile's K and V are split into their TF32 parts once as they arrive,
 // the rest going to a second set of slots (tile_io.cuh split_tile_tf32).
-// MOD: the user's score and mask functions (score_fn.cuh); MOD == 2: instead of dQ, store dS with respect
-// to the function's value for the gradients of captured arrays (launched beside the backward when needed).
+// MOD & 3: the user's score and mask functions (score_fn.cuh); 2: instead of dQ, store dS with respect to
+// the function's value for the gradients of captured arrays (launched beside the backward when needed).
+// MOD & 4: also each row's sum of P * dP over its keys in fp32 (ModArgs::dpsum), for the sinks' gradient:
+// delta = rowsum(dO * O) reads O rounded to the output's dtype.
 template <typename T, int D, int BM, int BN, int WARPS, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool WG, bool SPLIT = false, int MOD = 0>
 __global__ void __launch_bounds__(WARPS * 32, 1)
@@ -711,6 +713,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     unsigned* /* tile_counter */, int /* num_items: persistent kernels */, const ModArgs mod) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BM / (16 * WARPS);
+  constexpr int kMod = MOD & 3;
+  constexpr bool kRowSums = (MOD & 4) != 0;
   using Tile = Tiles<T, D, WG>;
   constexpr int PITCH = Tile::row_elems, PB = Tile::row_bytes;
   static_assert(BM % (16 * WARPS) == 0 && BN % 16 == 0, "bad tile shape");
@@ -795,6 +799,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const float alibi_slope = ALIBI ? alibi_slopes[b * alibi_sb + h] / softmax_scale : 0.f;
   float acc_dq[MT][D / 8][4];
   zero(acc_dq);
+  float row_dpsum[kRowSums ? MT : 1][2] = {};
   for (int nb = 0; nb < n_blocks; ++nb) {
     cp_async_wait<0>();
     if constexpr (SPLIT) {  // this thread's chunks of key tile nb are in
@@ -819,9 +824,9 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
-    constexpr bool kDtanh = SOFTCAP || kModGrad<MOD != 0>;  // a derivative kept per score (MOD: 1, or 2 to store dS)
+    constexpr bool kDtanh = SOFTCAP || kModGrad<kMod != 0>;  // a derivative kept per score (kMod: 1, or 2 to store dS)
     float dtanh[kDtanh ? MT : 1][kDtanh ? BN / 8 : 1][4];
-    bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, MOD != 0>(
+    bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, kMod != 0>(
         p, dtanh, m0, n0, diag, warp_row, lane, softcap_mult, [&] { return alibi_slope; },
         [&](float (&s)[MT][BN / 8][4]) {  // a partial block: hidden scores become -inf, so p = 0 below
           if (t.slot >= 0)
@@ -834,18 +839,34 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if constexpr (DROPOUT) rng.drop_rows_queries<true>(p, m0 + warp_row, n0, lane);
     if constexpr (!WG) Tile::template mma_abt<MT, BN, D, false, kRest>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<0>(dp);
+    if constexpr (kRowSums)  // (a dropped probability holds -P: dO O sums the kept ones, scaled)
+      for_each_element<MT, BN / 8>([&](int mt, int nt, int c) {
+        row_dpsum[mt][c / 2] += (DROPOUT ? fmaxf(p[mt][nt][c], 0.f) * dropout.keep_scale : p[mt][nt][c]) * dp[mt][nt][c];
+      });
     float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
     bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, p, dp, dtanh, row_delta, dropout.keep_scale, lane);
-    if constexpr (MOD == 2) {  // dS with respect to the function's value (captured arrays' gradients), no dQ
+    if constexpr (kMod == 2) {  // dS with respect to the function's value (captured arrays' gradients), no dQ
       store_dscore(ds, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
       continue;
     }
-    if constexpr (MOD != 0)
+    if constexpr (kMod != 0)
       for_each_element<MT, BN / 8>([&](int mt, int nt, int c) { ds[mt][nt][c] *= kDtanh ? dtanh[mt][nt][c] : mod.scale; });
     Tile::template mma_pb<MT, BN, D, false, kRest>(acc_dq, ds, k_tile, 0, lane);
     Tile::template wait<0>(acc_dq);  // before the next tile overwrites this one's slot
   }
-  if constexpr (MOD == 2) return;
+  if constexpr (kRowSums) {  // the four lanes of a row hold its columns' parts
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float sum = row_dpsum[mt][half];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int i = frag_row(m0 + warp_row + mt * 16, lane, half);
+        if (lane % 4 == 0 && i < seqlen_q) mod.dpsum[b * lse_sb + h * lse_sh + seq.q_start + i] = sum;
+      }
+  }
+  if constexpr (kMod == 2) return;
   // dQ goes out through this warp's own rows of sQ. With no key tile, Q (copied by every thread) may
   // still be landing there: wait for all of it.
   cp_async_wait<0>();

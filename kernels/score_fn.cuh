@@ -53,6 +53,7 @@ struct ModArgs {
   long long dscore_sb;
   long long dscore_sh;
   long long dscore_ss;
+  float* dpsum;  // dQ kernel with MOD & 4: rowsum(P * dP) over the keys in fp32, laid out as lse (sinks' gradient)
 };
 
 // mask_blocks_kernel's parameters (mask_blocks.cu; a kernel family of its own, kept beside ModArgs): a block mask's block states and partial blocks' bits from a mask function.

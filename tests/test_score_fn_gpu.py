@@ -155,7 +155,7 @@ def test_a_captured_tensor_used_otherwise_refuses_its_gradient():
         cuflash.flash_attn_func(q, k, v, score_mod=ScoreMod("score * scale[q][kv]", grad="scale[q][kv]", scale=scale))
 
 
-def sink_attention(q, k, v, sinks, causal, compute=None):
+def sink_attention(q, k, v, sinks, causal, compute=None, softmax_fp32=False):
     """softmax over [scores, sink_h] then P V without the sink's column; (out, lse) as attention(). Without
     `compute`, plainly in q's dtype (scores, the sink logit, softmax and products), as plain_attention and
     gpt-oss's reference implementation."""
@@ -164,6 +164,8 @@ def sink_attention(q, k, v, sinks, causal, compute=None):
     qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k, v))
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     s = (qh @ kh.transpose(-1, -2)) / math.sqrt(d)
+    if softmax_fp32:  # scores, the sink logit and the softmax in float32 (a stricter baseline)
+        s = s.float()
     if causal:
         sq, sk = s.shape[-2:]
         hide = torch.arange(sk, device=q.device)[None] > torch.arange(sq, device=q.device)[:, None] + sk - sq
@@ -191,6 +193,9 @@ def test_sinks_forward_and_gradients(shape, causal):
     base = torch.autograd.grad(plain, (q, k, v, sinks), dout)
     for name, g, w, b in zip(("dq", "dk", "dv", "dsinks"), got, want, base):
         assert_close_2x(g, w, b, name)
+    # d(sinks) from the dQ kernel's fp32 rowsum(P dP): within 2x of a baseline whose softmax runs in fp32 too
+    strict, _ = sink_attention(q, k, v, sinks, causal, softmax_fp32=True)
+    assert_close_2x(got[3], want[3], torch.autograd.grad(strict, sinks, dout)[0], "dsinks (fp32 softmax)")
 
 
 def test_jax_score_mod_mask_mod_and_sinks_inside_jit_with_grad():

@@ -189,7 +189,7 @@ class _BwdVariant:
         tail = "" if ws else f", {_flags(self.tile.wgmma)}{', true' if self.tile.split else ''}"
         if getattr(self.tile, "fused_dq", False):
             tail = ", true"
-        if self.mod:  # (plain kernels only)
+        if self.mod or getattr(self, "row_sums", False):  # (plain kernels only)
             tail = f", {_flags(self.tile.wgmma, self.tile.split)}, {self.mod_flag}"
         return (f"cuflash::{kernel}{'_ws' if ws else ''}_kernel<{_CUDA_TYPE[self.dtype]}, {self.head_dim}, "
                 f"{', '.join(map(str, args))}, {self.band}, {flags}{tail}>")
@@ -236,10 +236,11 @@ class BwdDqConvertVariant(_SmallKernel):
 class BwdDqVariant(_BwdVariant):
     params = "BwdDqParams"
     score_grads: bool = False  # with mod: only store dS for captured arrays' gradients, no dQ (MOD == 2)
+    row_sums: bool = False  # also rowsum(P * dP) in fp32 for the sinks' gradient (MOD & 4)
 
     @property
     def mod_flag(self) -> str:
-        return "2" if self.score_grads else "1"
+        return str((2 if self.score_grads else 1 if self.mod else 0) | (4 if self.row_sums else 0))
 
     @property
     def persistent(self) -> bool:
@@ -311,7 +312,7 @@ def choose_bwd(dtype: str, head_dim: int, flags: Flags = Flags(), arch: str = "s
     bucket = head_dim_bucket(head_dim, dtype)
     dkdv, dq = _tiles.bwd_tiles(arch, dtype, bucket, flags, options)
     third = (BwdDqConvertVariant(dtype, bucket) if dkdv.fused_dq
-             else BwdDqVariant(dtype, bucket, dq, *_mods(flags), mod=flags.mod))
+             else BwdDqVariant(dtype, bucket, dq, *_mods(flags), mod=flags.mod, row_sums=flags.sink_grad))
     return BwdPreprocessVariant(dtype), BwdDkdvVariant(dtype, bucket, dkdv, *_mods(flags), mod=flags.mod), third
 
 

@@ -52,13 +52,15 @@ def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: Dev
     _launch_on(q.device, launches, stream)
 
 
-def _mod_args(p: Problem, score_fn) -> tuple:
-    """ModArgs' fields: the score function's captured values and the softmax scale it applies."""
+def _mod_args(p: Problem, score_fn, dpsum: DeviceArray | None = None) -> tuple:
+    """ModArgs' fields: the score function's captured values and the softmax scale it applies, and the
+    buffer of rowsum(P * dP) where the sinks' gradient asks for it."""
+    dpsum_ptr = dpsum.ptr if dpsum is not None else 0
     if not p.mod:
-        return _dispatch.NO_MOD
+        return _dispatch.NO_MOD[:-1] + (dpsum_ptr,)
     if score_fn is None or score_fn.digest != p.mod:
         raise ValueError("score_fn: the problem names a score function that was not passed")
-    return score_fn.args(p.softmax_scale)
+    return score_fn.args(p.softmax_scale, dpsum=dpsum_ptr)
 
 
 def _lse_numel(p: Problem) -> int:
@@ -77,17 +79,20 @@ def bwd_workspace_floats(p: Problem, device: int, options: Options) -> int:
 def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: DeviceArray, out: DeviceArray,
              lse: DeviceArray, workspace: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
              options: Options, *, lists=None, alibi=None, cu_seqlens=None,
-             dropout: tuple = _dispatch.NO_DROPOUT, score_fn=None, dscore: DeviceArray | None = None) -> None:
+             dropout: tuple = _dispatch.NO_DROPOUT, score_fn=None, dscore: DeviceArray | None = None,
+             dpsum: DeviceArray | None = None) -> None:
     """Write dq, dk, dv for problem p; workspace is a float32 buffer of bwd_workspace_floats (one of only
     lse's size gets the dQ kernel instead of an accumulator). dscore: a float32 p.dscore_shape buffer that a
     fourth kernel fills with dS with respect to the score function's value (zeros where skipped), for the
-    gradients of its captured arrays."""
+    gradients of its captured arrays. dpsum: a float32 buffer shaped as lse that the dQ kernel fills with
+    rowsum(P * dP) in fp32, for the sinks' gradient."""
     arch = _arch.kernel_arch(q.device, options.wgmma)
-    variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+    flags = lambda options: dataclasses.replace(p.flags(options), sink_grad=dpsum is not None)  # noqa: E731
+    variants = _dispatch.choose_bwd(p.dtype, p.head_dim, flags(options), arch, options)
     accum_at, accum_floats = _dispatch.dq_accum_floats(variants, p, _lse_numel(p))
     if accum_floats and math.prod(workspace.shape) < accum_at + accum_floats:
         options = dataclasses.replace(options, fused_dq=False)
-        variants = _dispatch.choose_bwd(p.dtype, p.head_dim, p.flags(options), arch, options)
+        variants = _dispatch.choose_bwd(p.dtype, p.head_dim, flags(options), arch, options)
         accum_at, accum_floats = 0, 0
     delta = workspace
     if lists is None:
@@ -107,7 +112,7 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
         alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant],
-        workspace.ptr + 4 * accum_at if accum_floats else 0, _mod_args(p, score_fn), dscore_launch)
+        workspace.ptr + 4 * accum_at if accum_floats else 0, _mod_args(p, score_fn, dpsum), dscore_launch)
     launches = [(*x, persistent.get(x[0], (0, 1))[0]) for x in launches]
     for variant, (counter, _) in persistent.items():  # a kernel with nothing to do gives its counter back
         if counter and not any(x[0] is variant for x in launches):

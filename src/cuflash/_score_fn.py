@@ -179,10 +179,11 @@ class ScoreFn:
     scalars: list
     lines: dict  # header line -> (snippet label, line inside the snippet)
 
-    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0)) -> tuple:
-        """dscore: (pointer, batch, head, query strides) of the buffer the dS kernel fills, or zeros."""
+    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
+        """dscore: (pointer, batch, head, query strides) of the buffer the dS kernel fills, or zeros; dpsum:
+        the buffer of rowsum(P * dP) (the sinks' gradient), or 0."""
         return mod_args([a.ptr for a in self.arrays], [a.strides for a in self.arrays], self.scalars, softmax_scale,
-                        dscore)
+                        dscore, dpsum)
 
     def launch_key(self) -> tuple:
         """What the launch arguments need besides the arrays' pointers: (digest, strides, scalars), hashable
@@ -197,14 +198,14 @@ class ScoreFn:
         return devices.pop() if devices else None
 
 
-def mod_args(ptrs, strides, scalars, softmax_scale: float, dscore: tuple = (0, 0, 0, 0)) -> tuple:
+def mod_args(ptrs, strides, scalars, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
     """ModArgs' fields (kernels/score_fn.cuh), padded with zeros."""
     flat = []
     for i in range(MAX_ARRAYS):
         s = tuple(strides[i]) if i < len(strides) else ()
         flat += list(s) + [0] * (MAX_DIMS - len(s))
     return (*ptrs, *[0] * (MAX_ARRAYS - len(ptrs)), *flat, *scalars, *[0.0] * (MAX_SCALARS - len(scalars)),
-            float(softmax_scale), *dscore)
+            float(softmax_scale), *dscore, dpsum)
 
 
 def all_captures(score_mod: ScoreMod | None, mask_mod: MaskMod | None) -> dict:

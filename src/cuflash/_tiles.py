@@ -58,6 +58,7 @@ class Flags:
     long_queries: bool = True  # enough query rows for accumulating dQ to pay (dq_accumulation_pays)
     mod: str = ""  # the digest of a user score function (_score_fn.py): mma.sync kernels, tiles as softcap's
     mod_grad: bool = False  # its derivative with respect to the score is not 1 everywhere (kept per score)
+    sink_grad: bool = False  # the backward also sums P * dP per row (the sinks' gradient): in the dQ kernel
 
     @property
     def sparse(self) -> bool:
@@ -300,7 +301,7 @@ def fused_dq_tile(tile: DkdvTile, bucket: int, flags: Flags, enabled: bool) -> D
     `tile`."""
     fused = FUSED_DQ_TILES.get(bucket)
     if not (enabled and fused and tile.wgmma and tile.block_n == 128 and not tile.split and flags.long_queries
-            and not (flags.sparse or flags.softcap or flags.mod or flags.dropout)):
+            and not (flags.sparse or flags.softcap or flags.mod or flags.dropout or flags.sink_grad)):
         return tile
     block_q, stages = fused
     return dataclasses.replace(tile, block_q=block_q, warps=8, stages=stages, warp_specialised=True,
@@ -347,7 +348,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
         if bucket > 128:  # one warpgroup of 64 queries (its dQ alone takes 128 registers at d = 256); tanh's
             if flags.softcap or flags.mod:  # derivative spilled 4-20 bytes on 64-key tiles
                 dq_n = 32
-        elif flags.softcap or flags.mod or flags.dropout:
+        elif flags.softcap or flags.mod or flags.dropout or flags.sink_grad:  # (row sums: 192-row tiles spilled)
             dq_m, dq_n, dq_warps = 128, 64, 8
         elif flags.sparse or flags.band == WINDOW:
             dq_m, dq_n, dq_warps = 128, 128, 8
@@ -374,7 +375,7 @@ def bwd_tiles(arch: str, dtype: str, bucket: int, flags: Flags, options: Options
     dq = DqTile(dq_m, dq_n, dq_warps, wgmma=wgmma, split=split)
     if flags.sparse and not flags.mod:
         dkdv = ws_dkdv_tile(dkdv, bucket, flags, options.dkdv_warp_specialised)
-        dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised)
+        dq = ws_dq_tile(dq, bucket, True, options.dq_warp_specialised and not flags.sink_grad)
     return dkdv, dq
 
 

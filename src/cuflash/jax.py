@@ -69,8 +69,8 @@ class _LaunchedScoreFn:
     strides: tuple
     scalars: tuple
 
-    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0)) -> tuple:
-        return _score_fn.mod_args(self.ptrs, self.strides, self.scalars, softmax_scale, dscore)
+    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
+        return _score_fn.mod_args(self.ptrs, self.strides, self.scalars, softmax_scale, dscore, dpsum)
 
 
 def _dropout_state(dropout_seed):
@@ -115,9 +115,10 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options, mod=No
 
 @functools.lru_cache(maxsize=256)
 def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
-                  score_grads: bool = False):
-    """The backward's callback: (dq, dk, dv, workspace), and with score_grads dS with respect to the score
-    function's value (float32 p.dscore_shape), for its captured arrays' gradients."""
+                  score_grads: bool = False, row_sums: bool = False):
+    """The backward's callback: (dq, dk, dv, workspace), then with score_grads dS with respect to the score
+    function's value (float32 p.dscore_shape), for its captured arrays' gradients, and with row_sums
+    rowsum(P * dP) shaped as lse (the sinks' gradient)."""
     import jax
     from jax.experimental import buffer_callback
 
@@ -125,14 +126,18 @@ def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, worksp
         dq, dk, dv, workspace = outs[:4]  # the backward's float32 workspace (_engine.bwd_workspace_floats)
         arrays = [_buffer(b, p.dtype) for b in (q, k, v, dout, out)]
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
-        dscore = _buffer(outs[4], "float32") if score_grads else None
+        rest = list(outs[4:])
+        dscore = _buffer(rest.pop(0), "float32") if score_grads else None
+        dpsum = _buffer(rest.pop(0), "float32") if row_sums else None
         _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
-                         options, dscore=dscore, **_launch_inputs(p, extras, layout, mod))
+                         options, dscore=dscore, dpsum=dpsum, **_launch_inputs(p, extras, layout, mod))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
     results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
     if score_grads:
         results.append(jax.ShapeDtypeStruct(p.dscore_shape, "float32"))
+    if row_sums:
+        results.append(jax.ShapeDtypeStruct(p.lse_shape, "float32"))
     return buffer_callback.buffer_callback(launch, tuple(results))
 
 
@@ -172,29 +177,29 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
         if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only lse was used
             dout = jax.numpy.zeros(out.shape, out.dtype)
         needs = [m is not None for m in marks]
-        bwd = _bwd_callable(p, layout, options, workspace_floats, mod, any(needs))
-        dq, dk, dv, _, *dscore = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
+        bwd = _bwd_callable(p, layout, options, workspace_floats, mod, any(needs), sinks)
+        dq, dk, dv, _, *rest = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
+        dscore = rest.pop(0) if any(needs) else None
         zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
         for i, (need, plan) in enumerate(zip(needs, plans)):
             if need:
-                zeros[first + i] = _capture_grads.capture_grad_jax(dscore[0], extras[first + i], *plan)
+                zeros[first + i] = _capture_grads.capture_grad_jax(dscore, extras[first + i], *plan)
         if sinks:
-            zeros[-1] = _sinks_grad(dout, out, lse, extras[-1], p.packed is not None)
+            zeros[-1] = _sinks_grad(lse, extras[-1], rest.pop(0), p.packed is not None)
         return (dq, dk, dv, *zeros)
 
     attention.defvjp(attention_fwd, attention_bwd, symbolic_zeros=True)
     return attention
 
 
-def _sinks_grad(dout, out, lse, sinks, packed: bool):
-    """d(loss)/d(sink_h) = -sum over rows of e^(sink - LSE') * rowsum(dO * O), in float32 (torch.py's twin)."""
+def _sinks_grad(lse, sinks, dpsum, packed: bool):
+    """d(loss)/d(sink_h) = -sum over rows of e^(sink - LSE') * rowsum(P * dP), the row sums from the dQ
+    kernel in float32, shaped as lse (torch.py's twin)."""
     import jax.numpy as jnp
 
-    delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)
-    delta = delta.T if packed else delta.transpose(0, 2, 1)
     p_sink = jnp.exp(sinks.reshape(-1, 1) - lse) if packed else jnp.exp(sinks.reshape(1, -1, 1) - lse)
-    grad = -(p_sink * delta)
+    grad = -(p_sink * dpsum)
     return grad.sum(1) if packed else grad.sum((0, 2))
 
 

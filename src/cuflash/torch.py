@@ -65,19 +65,18 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
               lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right, deterministic,
-              mod_key="", mod_arrays=(), mod_scalars=None, mod_needs=()):
+              mod_key="", mod_arrays=(), mod_scalars=None, mod_needs=(), sinks_grad=False):
     score_grads = any(mod_needs)
     grads = _arrays.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
                              window=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
                              rng=rng_state(rng) if dropout_p else None, alibi_slopes=alibi_slopes,
                              lists=_lists(lists, layout), deterministic=deterministic,
                              **_mods(mod_key, mod_arrays, mod_scalars), score_grads=score_grads,
-                             **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    if not score_grads:
-        return list(grads)
-    dq, dk, dv, dscore = grads
-    dmods = _score_fn.capture_grads(mod_key, dscore, mod_arrays, _scalar_list(mod_scalars), mod_needs)
-    return [dq, dk, dv, *(g for g in dmods if g is not None)]
+                             row_sums=sinks_grad, **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    dq, dk, dv, *rest = grads
+    dmods = (_score_fn.capture_grads(mod_key, rest.pop(0), mod_arrays, _scalar_list(mod_scalars), mod_needs)
+             if score_grads else [])
+    return [dq, dk, dv, *(g for g in dmods if g is not None), *rest]  # (rest: rowsum(P dP) with sinks_grad)
 
 
 @torch.library.custom_op("cuflash::flash_attn_fwd", mutates_args=())
@@ -109,18 +108,20 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lists: Optional[torch.Tensor], layout: Optional[list[int]], alibi_slopes: Optional[torch.Tensor],
                    softcap: float, dropout_p: float, rng: torch.Tensor, window_left: int, window_right: int,
                    deterministic: bool, mod_key: str, mod_arrays: list[torch.Tensor],
-                   mod_scalars: Optional[torch.Tensor], mod_needs: list[bool]) -> list[torch.Tensor]:
-    """[dq, dk, dv, then the gradients of the captured arrays that mod_needs marks, in order]."""
+                   mod_scalars: Optional[torch.Tensor], mod_needs: list[bool], sinks_grad: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv, then the gradients of the captured arrays that mod_needs marks, in order, then with
+    sinks_grad rowsum(P * dP) shaped as lse]."""
     return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                      causal, lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right,
-                     deterministic, mod_key, mod_arrays, mod_scalars, mod_needs)
+                     deterministic, mod_key, mod_arrays, mod_scalars, mod_needs, sinks_grad)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, *rest):
-    mod_arrays, mod_needs = rest[-3], rest[-1]
+def _(dout, q, k, v, out, lse, *rest):
+    mod_arrays, mod_needs, sinks_grad = rest[-4], rest[-2], rest[-1]
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            *(a.new_empty(a.shape) for a, need in zip(mod_arrays, mod_needs) if need)]
+            *(a.new_empty(a.shape) for a, need in zip(mod_arrays, mod_needs) if need),
+            *([lse.new_empty(lse.shape)] if sinks_grad else [])]
 
 
 def _no_double_backward(ctx, *grads):
@@ -168,22 +169,21 @@ def _backward_with(bwd, list_grads: bool):
         dq, dk, dv, *grads = bwd(_kernel_layout(dout), q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"],
                                  a["max_seqlen_k"], a["softmax_scale"], a["causal"], lists, a["layout"], alibi_slopes,
                                  a["softcap"], a["dropout_p"], rng, a["window_left"], a["window_right"],
-                                 a["deterministic"], a["mod_key"], mod_arrays, mod_scalars, ctx.mod_needs)
-        dsinks = _sinks_grad(dout, out, lse, sinks, cu_q is not None) if ctx.needs_input_grad[-1] else None
+                                 a["deterministic"], a["mod_key"], mod_arrays, mod_scalars, ctx.mod_needs,
+                                 ctx.needs_input_grad[-1])
+        dsinks = _sinks_grad(lse, sinks, grads.pop(), cu_q is not None) if ctx.needs_input_grad[-1] else None
         grads = iter(grads)
         dmods = [next(grads) if need else None for need in ctx.mod_needs] if list_grads else None
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 6) + (dmods, None, dsinks)
     return backward
 
 
-def _sinks_grad(dout, out, lse, sinks, packed: bool):
+def _sinks_grad(lse, sinks, dpsum, packed: bool):
     """d(loss)/d(sink_h) = -sum over rows of P_sink * delta, P_sink = e^(sink - LSE') the sink's probability and
-    delta = rowsum(dO * O) (the output has no value row for the sink), in float32, summed by torch (fixed
-    order)."""
-    delta = (dout.float() * out.float()).sum(-1)  # (batch, seqlen_q, nheads) or (total_q, nheads)
-    delta = delta.transpose(0, 1) if packed else delta.transpose(1, 2)  # as lse: (nheads, total_q) or (b, h, s)
+    delta = rowsum(P * dP) over the keys (the sink has no value), from the dQ kernel in fp32 (rowsum(dO * O)
+    would read the rounded output), shaped as lse; summed by torch (fixed order)."""
     p_sink = torch.exp(sinks.view(-1, 1) - lse) if packed else torch.exp(sinks.view(1, -1, 1) - lse)
-    grad = -(p_sink * delta)
+    grad = -(p_sink * dpsum)
     return (grad.sum(1) if packed else grad.sum((0, 2))).to(sinks.dtype)
 
 
