@@ -44,7 +44,8 @@ FWD_TABLE = [
     ("sm_90a", "bfloat16", 256, Flags(), (128, 48, 8, 3, True)),  # warp-specialised: 48 keys leave O its registers
     ("sm_90a", "bfloat16", 224, Flags(), (128, 64, 8, 2, False)),  # mma.sync (wgmma tiles: whole 64-column blocks)
     ("sm_90a", "bfloat16", 128, Flags(band=CAUSAL), (128, 128, 8, 3, True)),  # warp-specialised, 3 slots
-    ("sm_90a", "bfloat16", 64, Flags(short_keys=True), (128, 128, 4, 2, False)),  # short keys: mma.sync
+    ("sm_90a", "bfloat16", 64, Flags(short_keys=True), (192, 128, 12, 3, True)),  # three warpgroups at any length
+    ("sm_90a", "bfloat16", 64, Flags(short_keys=True, band=WINDOW), (128, 64, 4, 2, False)),  # two: short keys, mma.sync
     ("sm_90a", "bfloat16", 64, Flags(mask_blocks=(64, 128)), (64, 128, 4, 2, False)),  # 64-row blocks: mma.sync
     ("sm_90a", "float32", 128, Flags(), (128, 32, 8, 2, False)),  # fp32 split tiles
     ("sm_80", "float32", 256, Flags(), (64, 16, 4, 2, False)),
@@ -137,9 +138,11 @@ def test_every_head_dim_has_a_tile_that_fits_the_shared_memory(arch, limit_kib):
         assert v.smem_bytes + 2048 <= limit_kib * 1024  # dynamic + a little static shared memory
     dense = [v for v in fwd if not v.sparse]
     dims = 2 * len(_tiles.HEAD_DIM_BUCKETS) + len(_tiles.FP32_HEAD_DIM_BUCKETS)  # fp16, bf16, fp32
-    if arch == "sm_90a":  # short calls of these buckets take the mma.sync forward there; padded buckets
-        dims += 2 * len(_tiles.WS_FWD_MIN_SEQLEN_K) - 2 * len(_tiles.WS_FWD_PADDED_BUCKET)  # share wider ones'
-    assert len(dense) == dims * 3 * 4 * 2  # dims x band (none, causal, window) x mods x dropout
+    short = 0
+    if arch == "sm_90a":  # padded buckets share wider ones' variants; short calls of these buckets take the
+        dims -= 2 * len(_tiles.WS_FWD_PADDED_BUCKET)  # mma.sync forward with a window or dropout (16 of 24)
+        short = 2 * len(_tiles.WS_FWD_MIN_SEQLEN_K) * 16
+    assert len(dense) == dims * 3 * 4 * 2 + short  # dims x band (none, causal, window) x mods x dropout
 
 
 @pytest.mark.parametrize("head_dim, kernel_dim", [(80, 128), (96, 128), (144, 192), (160, 192), (200, 256)])
@@ -151,13 +154,16 @@ def test_hopper_buckets_without_a_warp_specialised_forward_take_a_wider_one(head
     assert not _dispatch.choose_fwd("bfloat16", head_dim, Flags(), "sm_90a", off).warp_specialised
 
 
-def test_hopper_d64_takes_the_warp_specialised_forward_from_2048_keys():
+def test_hopper_d64_takes_the_two_warpgroup_forward_from_2048_keys():
     def variant(seqlen_k, mask_blocks=None, **kw):
         p = problem(seqlen_k=seqlen_k, head_dim=64, causal=True, mask_blocks=mask_blocks, **kw)
         return choose_fwd("bfloat16", 64, p.flags(Options()), "sm_90a")
     assert variant(2048).warp_specialised and variant(65536, alibi_sb=0).warp_specialised
-    assert not variant(2047).warp_specialised and not variant(512, mask_blocks=(128, 128)).warp_specialised
-    assert variant(2047).block_m == 128  # the mma.sync forward
+    assert variant(512).warp_specialised and variant(512).warps == 12  # three warpgroups at any length
+    assert variant(2048, dropout_p=0.1).warp_specialised and variant(2048, dropout_p=0.1).warps == 8
+    assert not variant(2047, dropout_p=0.1).warp_specialised
+    assert not variant(512, mask_blocks=(128, 128)).warp_specialised
+    assert variant(2047, dropout_p=0.1).block_m == 128  # the mma.sync forward
     assert choose_fwd("bfloat16", 64, problem(seqlen_k=1, head_dim=64).flags(Options(fwd_warp_specialised_short=True)),
                       "sm_90a").warp_specialised
     assert choose_fwd("bfloat16", 128, problem(seqlen_k=1).flags(Options()), "sm_90a").warp_specialised

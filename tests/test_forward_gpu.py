@@ -168,8 +168,9 @@ def test_past_2_to_the_31_elements():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_warp_specialised_forward_where_hopper_keeps_mma_sync_for_short_keys(dtype, causal, seqlens):
-    """On Hopper, d <= 64 takes kernels/flash_fwd_ws.cu from WS_FWD_MIN_SEQLEN_K keys on; the grid's short
-    sequences run it here (its edge tiles), as CUFLASH_FWD_WS=all does for every test."""
+    """On Hopper, d <= 64 with a window, dropout, a block mask or a score function takes kernels/flash_fwd_ws.cu
+    from WS_FWD_MIN_SEQLEN_K keys on; the grid's short sequences run it here (its edge tiles), as
+    CUFLASH_FWD_WS=all does for every test."""
     with override(fwd_warp_specialised_short=True):
         for head_dim in (64, 40):
             check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-ws-short"), causal)

@@ -94,7 +94,8 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # faster than 2 (H200). At d=64, 373/385 against 338/325 TFLOP/s at 16K (non-causal/causal, H100). At d=256
 # O takes 128 of a consumer's 232 registers: 64-key tiles spilled in every variant with a band, ALiBi or
 # dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
-# the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K).
+# the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K). 64-key tiles fit two K/V slots, not three; where
+# they compile without a spill (no band, no score change) they ran 0.85-1.01x as fast (H100, bf16, 1K-16K).
 # At d = 192 (24 16-byte chunks a row: 120 of the producer's 128 threads copy) 64- to 112-key tiles compile
 # with no spill in every variant; 128 x 112 ran at 1.57-1.68x the mma.sync forward (bf16, 2K-16K, H100).
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 192: (128, 112, 8, 2), 256: (128, 48, 8, 3)}
@@ -113,8 +114,11 @@ WS_FWD_WIDE_TILES = {64: (192, 128, 12, 3)}
 WS_FWD_WINDOW_BLOCK_N = {192: 96}
 # Keys per tile with a score function: the full tiles spilled (4-88 bytes) with a captured table's reads.
 WS_FWD_MOD_BLOCK_N = {64: 64, 128: 112}
-# Below this many keys the bucket keeps the mma.sync forward: at d=64 the warp-specialised one, whose
-# pipeline fills and drains in a few key tiles, ran at 0.86-0.89x of it at 512 keys, 0.96-1.00x at 1K.
+# Below this many keys the bucket's two-warpgroup warp-specialised forward (d = 64 with a window, dropout, a
+# block mask or a score function), whose pipeline fills and drains in a few key tiles, gives way to the
+# mma.sync forward: it ran at 0.86-0.89x of it at 512 keys, 0.96-1.00x at 1K. The three-warpgroup forward
+# runs at every length: against the mma.sync forward 1.10x at 512 keys and 1.17x at 1K non-causal, 0.98x and
+# 1.01x causal, equal at 2K (H100, bf16, 16K tokens a batch, 32 heads).
 WS_FWD_MIN_SEQLEN_K = {64: 2048}
 
 
@@ -143,11 +147,12 @@ def fp32_fwd_tile(bucket: int, arch: str) -> tuple[int, int, int, int]:
 def fwd_tile(arch: str, dtype: str, bucket: int, flags: Flags, options: Options) -> FwdTile:
     """The forward's kernel and tile for a call."""
     ws = WS_FWD_TILES.get(bucket) if options.fwd_warp_specialised else None
-    if (arch == "sm_90a" and dtype != "float32" and ws and not flags.short_keys
+    wide = bucket in WS_FWD_WIDE_TILES and not (flags.sparse or flags.dropout or flags.mod or flags.band == WINDOW)
+    if (arch == "sm_90a" and dtype != "float32" and ws and (wide or not flags.short_keys)
             and not (flags.mod and bucket > 128)  # a score function at d = 256 spilled (48-56 bytes)
             and (not flags.sparse or flags.mask_blocks[0] % ws[0] == 0)):
         block_m, block_n, warps, stages = ws
-        if bucket in WS_FWD_WIDE_TILES and not (flags.sparse or flags.dropout or flags.mod or flags.band == WINDOW):
+        if wide:
             block_m, block_n, warps, stages = WS_FWD_WIDE_TILES[bucket]
         if flags.mod:
             block_n = WS_FWD_MOD_BLOCK_N[bucket]
