@@ -74,6 +74,7 @@ flash_bwd_dq_convert_kernel(const float* __restrict__ dq_accum, T* __restrict__ 
                             long long dq_sh, const int* __restrict__ cu_seqlens_q, int max_seqlen_q, int total_q,
                             int nheads, int head_dim, int m_tiles, float softmax_scale) {
   constexpr int DQN = dq_chunk_cols(D), kChunk = kDqTileRows * DQN;  // a warpgroup's chunk of a tile (dq_accum.cuh)
+  static_assert(sizeof(T) == 2, "16-bit outputs: a 16-byte piece is 8 elements");
   constexpr int kPitch = D + 8;  // elements a staged row takes: 16 bytes of padding against bank conflicts
   __shared__ __align__(16) T stage[kDqTileRows * kPitch];
   const int m_tile = static_cast<int>(blockIdx.x % m_tiles), bh = static_cast<int>(blockIdx.x / m_tiles);
