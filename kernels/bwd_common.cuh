@@ -26,6 +26,12 @@ __device__ __forceinline__ float recompute_p_units(float s, float scale_u, float
   if (!visible || lse_u == kNegInf) return 0.f;
   return PRECISE ? expf(fmaf(s, scale_u, -lse_u)) : fast_exp2(fmaf(s, scale_u, -lse_u));
 }
+// p = exp(s * scale - lse) of a score already masked to -inf (mask_scores), from scale and -lse in ex2's
+// units (neg_lse_units: a row that saw no key gets 0 rather than NaN). Two instructions a score.
+__device__ __forceinline__ float neg_lse_units(float lse) { return lse == kNegInf ? kNegInf : -exp_units<false>(lse); }
+__device__ __forceinline__ float masked_p_units(float s, float scale_u, float neg_lse_u) {
+  return fast_exp2(fmaf(s, scale_u, neg_lse_u));
+}
 template <bool PRECISE>
 __device__ __forceinline__ float recompute_p(float s, float scale, float lse, bool visible) {
   return recompute_p_units<PRECISE>(s, exp_units<PRECISE>(scale), exp_units<PRECISE>(lse), visible);

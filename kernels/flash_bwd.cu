@@ -242,7 +242,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   constexpr int kRest = SPLIT ? 2 * STAGES * BMQ * PB : 0;  // SPLIT: the rest of the Q and dO slots, after sdO
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
-  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
+  const int lane = threadIdx.x % 32, warp_row = warp_uniform((threadIdx.x / 32) * MT * 16);
 
   const DkdvWork<BN, BMQ, DV, SPLITS, BAND, SPARSE, DROPOUT> work{
       q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
@@ -460,6 +460,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   // dQ staging buffers per warpgroup: two tiles' (a reduction may still read one while the next tile is
   // staged), one at d = 64, where two 128-row tiles' would not fit beside two dSᵀ tiles.
   constexpr int kStageBufs = kRowHalves ? 1 : 2;
+  // FUSED_DQ: dQ's product is issued before dK's, so that dQ's staging and reduction run while dK's product
+  // does (at d = 64 their registers together spill: there dK's product is issued first and waited for).
+  constexpr bool kDkAfterDq = FUSED_DQ && !kRowHalves;
   static_assert(!FUSED_DQ || (!SPARSE && (kRowHalves ? BMQ == 2 * kDqTileRows : BMQ == kDqTileRows && D % 128 == 0)),
                 "fused dQ: 64-row query tiles at d >= 128, 128-row ones at d = 64");
   using Smem = Tiles<T, D, true>;
@@ -537,7 +540,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   // ---- consumers: warpgroup wg owns keys [64 wg, 64 wg + 64) of each item ----
   Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
-  const int warp_row = (tid / 32) * 16;  // this warp's first key inside the item
+  const int warp_row = warp_uniform((tid / 32) * 16);  // this warp's first key inside the item
   int ring = 0;  // as the producer's
   for (int n = 0;; ++n) {
     mbar_wait(&kv_full, n & 1);
@@ -563,10 +566,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         const int g = ring + it, slot = g % STAGES;
         const QueryTile t = work.tile(w, at);
         at = t.next;
-        // The tile's lse and delta: this warpgroup copies them itself, a thread per row of each (rows past the
-        // end: zeros, which no visible score reads), loaded while the products are issued and published with
-        // a named barrier. (Filled by the producer behind the slot's mbarrier they were as correct, but
-        // racecheck cannot order an mbarrier between warps: docs/kernel-design.md.)
+        // The tile's lse (stored as neg_lse_units) and delta: this warpgroup copies them itself, a thread per
+        // row of each (rows past the end: zeros, which no visible score reads), loaded while the products are
+        // issued and published with a named barrier. (Filled by the producer behind the slot's mbarrier they
+        // were as correct, but racecheck cannot order an mbarrier between warps: docs/kernel-design.md.)
         // (128-row tiles: a thread's lse and delta of row tw.)
         constexpr int kStats = (2 * BMQ + 127) / 128;  // rows of lse and delta per thread
         const int tw = tid % 128, r = tw % BMQ, i = t.m0 + r;
@@ -590,9 +593,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         turns.end(it == n_iters - 1);
         float(&stats)[2][BMQ] = s_stat[FUSED_DQ ? 0 : g % 2][wg];  // (its last readers passed this barrier)
         if constexpr (kStats == 1) {
-          if (tw < 2 * BMQ) stats[tw / BMQ][r] = stat[0];
+          if (tw < 2 * BMQ) stats[tw / BMQ][r] = tw < BMQ ? neg_lse_units(stat[0]) : stat[0];
         } else {
-          stats[0][tw] = stat[0], stats[1][tw] = stat[1];
+          stats[0][tw] = neg_lse_units(stat[0]), stats[1][tw] = stat[1];
         }
         // FUSED_DQ: this warpgroup's staging buffer of this tile's parity is free once the reduction that
         // read it two tiles ago has (one buffer: below).
@@ -608,17 +611,22 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                     alibi_slopes[w.b * alibi_sb + w.hk * kv_group + t.g] / softmax_scale, lane);
         if constexpr (SPARSE)
           if (t.slot >= 0) bits.apply(acc_s, t.offset, seqlen_q - t.m0, lane);
+        // P: masked scores set to -inf first, on the tiles that need it only, then two instructions a score;
+        // with a window, a test per score instead (masking first spilled there).
+        auto visible = [&](int key, int query) {
+          return query < seqlen_q && key < seqlen_k && (!BAND || band.visible(query, key));
+        };
         const bool needs_mask = t.m0 + BMQ > seqlen_q || n0 + BN > seqlen_k ||
                                 (BAND && !band.covers(t.m0, t.m0 + BMQ - 1, n0, n0 + BN - 1));
-#pragma unroll
-        for (int nt = 0; nt < BMQ / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int j = n0 + warp_row + lane / 4 + (c / 2) * 8;  // key (frag_row spelled out, as in bwd_recompute_p)
-            const int col = nt * 8 + (lane % 4) * 2 + c % 2, i = t.m0 + col;  // query
-            const bool visible = !needs_mask || (i < seqlen_q && j < seqlen_k && (!BAND || band.visible(i, j)));
-            acc_s[0][nt][c] = recompute_p<false>(acc_s[0][nt][c], softmax_scale, stats[0][col], visible);
-          }
+        constexpr bool kTestEach = BAND == kWindow;
+        if (!kTestEach && needs_mask) mask_scores(acc_s, n0 + warp_row, t.m0, lane, visible);  // (rows are keys)
+        const float scale_u = exp_units<false>(softmax_scale);
+        for_each_element<1, BMQ / 8>([&](int, int nt, int c) {
+          const int col = nt * 8 + (lane % 4) * 2 + c % 2;  // query
+          const float p = masked_p_units(acc_s[0][nt][c], scale_u, stats[0][col]);
+          const int key = n0 + warp_row + lane / 4 + (c / 2) * 8;
+          acc_s[0][nt][c] = !kTestEach || !needs_mask || visible(key, t.m0 + col) ? p : 0.f;
+        });
         if constexpr (DROPOUT) {  // dropped scores keep -P: dV takes max(P, 0), dS needs P
           DropoutRng head_rng = w.rng;
           head_rng.bh += w.hk * kv_group + t.g;
@@ -630,26 +638,28 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
         bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, stats[1], dropout.keep_scale, lane);
         wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
-        wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+        if constexpr (!kDkAfterDq) wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
         if constexpr (FUSED_DQ) {
           store_ds_rows<T, BMQ>(ds, smem_addr(sdS) + (g % 2) * ds_bytes, warp_row, lane);
           // dQ (this warpgroup's chunk: DQN columns of 64 rows) = dS K over all BN keys, once both
           // warpgroups' dSᵀ are in.
-          // (Issued once dV's and dK's products are done, whose register operands it would otherwise
-          // have to share the registers with.)
           fence_proxy_async();
           // One staging buffer: free once the reduction of the previous tile has read it, which had this
           // tile's products so far to do so.
           if (kStageBufs == 1 && tw == 0) bulk_wait_read<0>();
           named_bar_sync(6, 256);
-          wg_wait<0>(acc_dk);
-          pin(acc_dv);
+          if constexpr (!kDkAfterDq) wg_wait<0>(acc_dk);
           float acc_dq[1][DQN / 8][4];
           wg_mma_mn_async<T, BN, DQN, BMQ, D>(acc_dq, smem_addr(sdS) + (g % 2) * ds_bytes + (kRowHalves ? wg * 1024 : 0),
                                               smem_addr(sK) + (kRowHalves ? 0 : wg * (D / 128) * 1024));
-          wg_wait<0>(acc_dq);
+          if constexpr (kDkAfterDq) {
+            wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+            wg_wait<1>(acc_dq);  // dV's product and dQ's are done, dK's may still run
+          } else {
+            wg_wait<0>(acc_dq);
+          }
+          pin(acc_dv);
           if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
-          mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
           float* stage = sdQ + (g % kStageBufs * 2 + wg) * (kDqTileRows * DQN);
           stage_dq(acc_dq, stage, tw);
           fence_proxy_async();         // the staged values, to the copy engine's reads
@@ -662,6 +672,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
             bulk_reduce_add(dq_accum + (at * dq_chunks(D) + (kRowHalves ? 0 : wg)) * kChunk, smem_addr(stage),
                             kChunk * 4);
           }
+          wg_wait<0>(acc_dk);  // (before the next turn: see below)
+          mbar_arrive_warp(&q_empty[slot], lane);  // the slot is free
         } else {
           // Done before the next turn: register operands of products still running at the loop's back edge
           // make ptxas serialise every product of the kernel (it keeps them live through the next turn).
@@ -732,7 +744,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
   constexpr int kRest = SPLIT ? 4 * BN * PB : 0;  // SPLIT: the rest of the K and V slots, after sV
 
-  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
+  const int lane = threadIdx.x % 32, warp_row = warp_uniform((threadIdx.x / 32) * MT * 16);
   const int bh = blockIdx.x / num_m_blocks;
   const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
   // Heaviest first: the last query tiles (causal), or (SPARSE) those with the longest lists.
@@ -972,7 +984,7 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
   // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each item ----
   Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
-  const int warp_row = (tid / 32) * 16;  // first row of this warp inside the item
+  const int warp_row = warp_uniform((tid / 32) * 16);  // first row of this warp inside the item
   const float scale_u = exp_units<false>(softmax_scale);
   int ring = 0;  // as the producer's
   for (int n = 0;; ++n) {

@@ -104,7 +104,7 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // ---- consumers: warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile ----
   Roles::become_consumer();
   const int tid = threadIdx.x - kProducers, lane = tid % 32, wg = tid / 128;
-  const int warp_row = (tid / 32) * 16;  // first row of this warp inside the tile
+  const int warp_row = warp_uniform((tid / 32) * 16);  // first row of this warp inside the tile
   const float scale_log2 = softmax_scale * kLog2e;
   int ring = 0;  // as the producer's
   for (int n = 0;; ++n) {

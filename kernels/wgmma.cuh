@@ -29,6 +29,15 @@ __device__ __forceinline__ unsigned long long wgmma_desc(unsigned smem, unsigned
          (1ull << 62);
 }
 
+// The descriptor `bytes` (a multiple of 16) further along its tile: only the start address changes.
+__device__ __forceinline__ unsigned long long wgmma_desc_at(unsigned long long desc, unsigned bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | static_cast<unsigned>(static_cast<unsigned>(desc) + (bytes >> 4));
+}
+
+// x, alike in every lane of the warp, broadcast from lane 0: the compiler then keeps what is made from it
+// in uniform registers.
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
+
 #ifdef CUFLASH_HAS_WGMMA
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -266,12 +275,11 @@ __host__ __device__ constexpr int wg_chunk(int left) { return left >= 128 ? 128 
 // One k step of wg_mma_abt_async for B's rows from R0 on, in wg_chunk pieces (B's rows are the product's
 // columns; the next 8 rows are `group` bytes on).
 template <typename T, int R0, int N>
-__device__ __forceinline__ void abt_rows(float (&acc)[1][N / 8][4], unsigned long long a, unsigned b_rows, unsigned group,
-                                         int scale_d) {
+__device__ __forceinline__ void abt_rows(float (&acc)[1][N / 8][4], unsigned long long a, unsigned long long b,
+                                         unsigned group, int scale_d) {
   constexpr int W = wg_chunk(N - R0);
-  wgmma_ss<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][R0 / 8]), a, wgmma_desc(b_rows + R0 / 8 * group, 16, group),
-                 scale_d);
-  if constexpr (R0 + W < N) abt_rows<T, R0 + W, N>(acc, a, b_rows, group, scale_d);
+  wgmma_ss<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][R0 / 8]), a, wgmma_desc_at(b, R0 / 8 * group), scale_d);
+  if constexpr (R0 + W < N) abt_rows<T, R0 + W, N>(acc, a, b, group, scale_d);
 }
 
 // Issue acc += A Bᵀ (FRESH: acc = A Bᵀ, its old values ignored) for the warpgroup's 64 x N tile (this
@@ -287,10 +295,11 @@ __device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsi
   else
     pin(acc);
   wgmma_fence();
+  const unsigned long long a = wgmma_desc(a_rows, 16, L::group), b = wgmma_desc(b_rows, 16, L::group);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     const unsigned step = kk / 4 * L::block + kk % 4 * 32;
-    abt_rows<T, 0, N>(acc, wgmma_desc(a_rows + step, 16, L::group), b_rows + step, L::group, FRESH && kk == 0 ? 0 : 1);
+    abt_rows<T, 0, N>(acc, wgmma_desc_at(a, step), wgmma_desc_at(b, step), L::group, FRESH && kk == 0 ? 0 : 1);
   }
   wgmma_commit();
 }
@@ -311,7 +320,7 @@ __device__ __forceinline__ void frag_b_columns(float (&acc)[1][N / 8][4], const 
                                                unsigned block) {
   constexpr int W = wg_chunk(N - C0);
   static_assert(C0 % 64 == 0 || C0 + W == N, "chunks after the first start on a 64-column block");
-  wgmma_rs<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][C0 / 8]), a, b + (C0 / 64) * (block >> 4));
+  wgmma_rs<T, W>(reinterpret_cast<float(&)[W / 2]>(acc[0][C0 / 8]), a, wgmma_desc_at(b, (C0 / 64) * block));
   if constexpr (C0 + W < N) frag_b_columns<T, C0 + W, N>(acc, a, b, block);
 }
 
@@ -328,9 +337,10 @@ __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], u
     for (int i = 0; i < 4; ++i) pin(a[kk][i]);
   pin(acc);
   wgmma_fence();
+  const unsigned long long b = wgmma_desc(b_rows, L::block, L::group);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows of B = two 8-row groups per step
-    frag_b_columns<T, 0, N>(acc, a[kk], wgmma_desc(b_rows + kk * 2 * L::group, L::block, L::group), L::block);
+    frag_b_columns<T, 0, N>(acc, a[kk], wgmma_desc_at(b, kk * 2 * L::group), L::block);
   wgmma_commit();
 }
 
@@ -353,11 +363,11 @@ __device__ __forceinline__ void wg_mma_mn_async(float (&acc)[1][N / 8][4], unsig
   using LB = WgTile<DB>;
   unset(acc);
   wgmma_fence();
+  const unsigned long long a = wgmma_desc(a_rows, LA::block, LA::group), b = wgmma_desc(b_rows, LB::block, LB::group);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)  // 16 rows = two 8-row groups per step
-    wgmma_ss_mn<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]),
-                      wgmma_desc(a_rows + kk * 2 * LA::group, LA::block, LA::group),
-                      wgmma_desc(b_rows + kk * 2 * LB::group, LB::block, LB::group), kk == 0 ? 0 : 1);
+    wgmma_ss_mn<T, N>(reinterpret_cast<float(&)[N / 2]>(acc[0]), wgmma_desc_at(a, kk * 2 * LA::group),
+                      wgmma_desc_at(b, kk * 2 * LB::group), kk == 0 ? 0 : 1);
   wgmma_commit();
 }
 
