@@ -974,8 +974,8 @@ flash_bwd_dq_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T
       }
       cp_async_mbar_arrive(&q_full);
       if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
-      produce_key_tiles<Smem, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss, v_head,
-                                                         v_ss, head_dim, k_full, v_full, kv_empty);
+      produce_key_tiles<WgTile<D>, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss,
+                                                              v_head, v_ss, head_dim, k_full, v_full, kv_empty);
     }
     cp_async_wait_all();
     return;

@@ -39,7 +39,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                  const int* __restrict__ cu_seqlens_k, int total_q, int total_k, long long lse_sb, long long lse_sh,
                  const BlockLists lists,
                  const DropoutArgs dropout, unsigned* /* tile_counter */, int /* num_tiles: persistent kernels */,
-                 const ModArgs mod) {
+                 const ModArgs mod, int tma, const __grid_constant__ TmaMap q_map,
+                 const __grid_constant__ TmaMap k_map, const __grid_constant__ TmaMap v_map) {  // tma: zeros here
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   using Tile = FwdTile<T, D, BM, BN, WARPS>;
   using Smem = Tiles<T, D, false>;

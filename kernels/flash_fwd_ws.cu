@@ -1,6 +1,7 @@
 // FlashAttention forward on Hopper (sm_90a), warp-specialised: the thread block's first warpgroup only
-// copies tiles into shared memory (the producer) and two or three more warpgroups of 64 query rows each
-// only compute (the consumers):
+// copies tiles into shared memory (the producer: one thread asking the copy engine for each tile by TMA, or
+// where TMA cannot take the arrays, 128 threads copying by cp.async) and two or three more warpgroups of 64
+// query rows each only compute (the consumers):
 //   S = Q K^T (wgmma) -> scores to probabilities (fwd_common.cuh) -> O += P V (wgmma)
 // Nothing stops the whole block inside the loop. Each K/V slot of the ring has mbarriers that say its
 // K or V tile has landed (the producer's cp.async copies report to them) and that every consumer is
@@ -11,6 +12,7 @@
 #include "fwd_common.cuh"
 #include "mbarrier.cuh"
 #include "params.cuh"  // FwdParams: the kernel's parameters, field for field
+#include "tma.cuh"
 
 namespace cuflash {
 
@@ -27,6 +29,9 @@ struct FwdRegisters {
 // the next launch on its stream. The producer runs ahead across tiles: the next tile's first K/V tiles
 // and its Q (once every consumer has issued their last Q Kᵀ) land while the consumers finish the
 // current tile, so no block waits on its first copies, as a fresh block would.
+// tma: Q, K and V come by TMA through q_map, k_map and v_map (fixed-length arrays whose strides TMA takes;
+// _dispatch.fwd_launch decides). TMA issues no per-copy instructions, which the issue slots the consumers
+// share with 128 copying threads felt: 10% of the d = 128 forward's cycles (docs/kernel-design.md).
 template <typename T, int D, int BM, int BN, int WARPS, int STAGES, int BAND, bool SPARSE, bool ALIBI, bool SOFTCAP,
           bool DROPOUT, bool MOD = false>
 __global__ void __launch_bounds__(WARPS * 32 + 128, 1)
@@ -39,7 +44,9 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                     int total_q, int total_k, long long lse_sb,
                     long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                    unsigned* __restrict__ tile_counter, int num_tiles, const ModArgs mod) {
+                    unsigned* __restrict__ tile_counter, int num_tiles, const ModArgs mod, int tma,
+                    const __grid_constant__ TmaMap q_map, const __grid_constant__ TmaMap k_map,
+                    const __grid_constant__ TmaMap v_map) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert((WARPS == 8 || WARPS == 12) && BM == 16 * WARPS, "two or three consumer warpgroups of 64 rows");
@@ -47,6 +54,10 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   using Roles = WarpRoles<WARPS, FwdRegisters<WARPS>::kProducer, FwdRegisters<WARPS>::kConsumer>;
   constexpr int kProducers = Roles::kProducers, kConsumers = Roles::kConsumers;
   using Smem = Tiles<T, D, true>;  // wgmma tiles (tile_mma.cuh)
+  // Tiles as a TMA box writes them (tile_io.cuh WgTile): 64-column blocks of all the tile's rows, one after
+  // another. The cp.async copies write the same.
+  using QTile = WgTile<D, BM>;
+  using KVTile = WgTile<D, BN>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = Smem::align(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem);
@@ -56,12 +67,15 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   __shared__ MBarrier q_full, q_empty, k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
   __shared__ FwdItem items[2];
+  // The producer threads that copy: TMA's one warp (lane 0 issues, the warp waits with it), or all.
+  const int copiers = tma ? 32 : kProducers;
   if (threadIdx.x == 0) {
-    mbar_init(&q_full, kProducers + 1);  // every producer thread's copies, and the item's fields
-    mbar_init(&q_empty, WARPS);          // every consumer warp has issued its last Q Kᵀ
+    // Q: every copying thread's copies, and the item's fields (TMA: lane 0's one arrival, with Q's bytes).
+    mbar_init(&q_full, tma ? 1 : kProducers + 1);
+    mbar_init(&q_empty, WARPS);  // every consumer warp has issued its last Q Kᵀ
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&k_full[s], kProducers);
-      mbar_init(&v_full[s], kProducers);
+      mbar_init(&k_full[s], tma ? 1 : kProducers);
+      mbar_init(&v_full[s], tma ? 1 : kProducers);
       mbar_init(&kv_empty[s], WARPS);  // every consumer warp reports it is done
     }
   }
@@ -73,29 +87,48 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, Q, then K and V tile by tile ----
     Roles::become_producer();
+    if (threadIdx.x >= copiers) return;
+    if (tma && threadIdx.x == 0) {
+      tma_prefetch(q_map);
+      tma_prefetch(k_map);
+      tma_prefetch(v_map);
+    }
     int ring = 0;  // K/V tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       FwdItem& w = items[n % 2];
       // Q and item n - 2's fields are free once every consumer has issued item n - 1's last Q Kᵀ.
       if (n > 0) mbar_wait(&q_empty, (n - 1) & 1);
       if (threadIdx.x == 0) work.take(n, w);
-      named_bar_sync(4, kProducers);  // every producer thread sees the item (1-3: ConsumerTurns)
+      named_bar_sync(4, copiers);  // every copying thread sees the item (1-3: ConsumerTurns)
       if (w.n_blocks < 0) {
         if (threadIdx.x == 0) mbar_arrive(&q_full);
-        mbar_arrive(&q_full);
+        if (!tma) mbar_arrive(&q_full);
         break;
       }
       const KeyTiles<BN, BAND, SPARSE> tiles = work.key_tiles(w);
       const int n_blocks = w.n_blocks, hk = w.h / kv_group;
       const T* k_head = k + w.b * k_sb + hk * k_sh + w.seq.k_start * k_ss;
       const T* v_head = v + w.b * v_sb + hk * v_sh + w.seq.k_start * v_ss;
+      if (tma) {
+        if (threadIdx.x == 0) {  // (the arrival also says the item's fields are written)
+          if (n_blocks > 0) {
+            mbar_arrive_expect_tx(&q_full, BM * D * sizeof(T));
+            tma_load_tile<BM, D>(sQ, q_map, w.seq.q_start + w.m0, w.h, w.b, &q_full);
+          } else {
+            mbar_arrive(&q_full);
+          }
+        }
+        produce_key_tiles_tma<BN, D, STAGES>(tiles, lists, w, n_blocks, ring, sK, sV, k_map, v_map, hk, k_full, v_full,
+                                             kv_empty, threadIdx.x % 32);
+        continue;
+      }
       if (n_blocks > 0)
-        Smem::template load<BM, kProducers>(sQ, q + w.b * q_sb + w.h * q_sh + (w.seq.q_start + w.m0) * q_ss, q_ss,
-                                            w.seq.seqlen_q - w.m0, head_dim);
+        load_tile_async_wg<BM, D, kProducers, T, QTile>(
+            sQ, q + w.b * q_sb + w.h * q_sh + (w.seq.q_start + w.m0) * q_ss, q_ss, w.seq.seqlen_q - w.m0, head_dim);
       cp_async_mbar_arrive(&q_full);
       if (threadIdx.x == 0) mbar_arrive(&q_full);  // the item's fields are written
-      produce_key_tiles<Smem, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss, v_head,
-                                                         v_ss, head_dim, k_full, v_full, kv_empty);
+      produce_key_tiles<KVTile, BN, D, STAGES, kProducers>(tiles, lists, w, n_blocks, ring, sK, sV, k_head, k_ss,
+                                                           v_head, v_ss, head_dim, k_full, v_full, kv_empty);
     }
     cp_async_wait_all();
     return;
@@ -142,18 +175,17 @@ flash_fwd_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
           if (QK && at.slot >= 0) bits.load(lists, at.slot, m0 % lists.row_block + warp_row, at.offset, lane);
         if (QK) mbar_wait(&k_full[slot], (g / STAGES) & 1);
         if (PV) mbar_wait(&v_full[prev], ((g - 1) / STAGES) & 1);
-        fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
+        fence_proxy_async();  // the producer's cp.async writes (tma == 0), now visible, to the tensor cores' reads
         turns.begin();
         // OVERLAP: Q Kᵀ first, whose wait below leaves P V running while this warpgroup's softmax takes
         // tile it; O's rescale waits for P V. (Not with a block mask: its d = 64 forward measured 7% slower.)
         constexpr bool OVERLAP = !SPARSE;
+        const unsigned q_rows = smem_addr(sQ) + (warp_row / 64) * 8 * QTile::group;  // this warpgroup's rows
         if (QK && OVERLAP)
-          Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
-                                                 lane);
-        if (PV) wg_mma_frag_b_async<T, BN, D, D>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
+          wg_mma_abt_async<T, BN, D, D, true, QTile, KVTile>(acc_s, q_rows, smem_addr(sK) + slot * kv_slot_bytes);
+        if (PV) wg_mma_frag_b_async<T, BN, D, D, KVTile>(acc_o, p, smem_addr(sV) + prev * kv_slot_bytes);
         if (QK && !OVERLAP)
-          Smem::template mma_abt<1, BN, D, true>(acc_s, smem_addr(sQ), warp_row, smem_addr(sK) + slot * kv_slot_bytes,
-                                                 lane);
+          wg_mma_abt_async<T, BN, D, D, true, QTile, KVTile>(acc_s, q_rows, smem_addr(sK) + slot * kv_slot_bytes);
         turns.end(!QK);
         if (PV && !OVERLAP) {  // P V is done: the slot of tile it - 1 is free once both warpgroups say so
           if (QK)

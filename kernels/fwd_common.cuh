@@ -11,6 +11,7 @@
 #include "score_mods.cuh"
 #include "softmax.cuh"
 #include "tile_mma.cuh"
+#include "tma.cuh"
 #include "varlen.cuh"
 
 namespace cuflash {
@@ -130,9 +131,10 @@ struct FwdWork {
 
 // The producer warpgroup's copies of item w's key tiles in a warp-specialised kernel whose consumers walk
 // them (the forward, flash_fwd_ws.cu, and the backward's dQ, flash_bwd.cu): K, then V, of each tile into
-// ring slot ring % STAGES once both consumers are done with the slot's last tile (kv_empty), each landing
-// on its mbarrier. `ring` counts the tiles of every item so far; n_blocks = w.n_blocks.
-template <typename Smem, int BN, int D, int STAGES, int THREADS, int BAND, bool SPARSE, typename T>
+// ring slot ring % STAGES, in layout L (tile_io.cuh WgTile), once both consumers are done with the slot's
+// last tile (kv_empty), each landing on its mbarrier. `ring` counts the tiles of every item so far;
+// n_blocks = w.n_blocks.
+template <typename L, int BN, int D, int STAGES, int THREADS, int BAND, bool SPARSE, typename T>
 __device__ __forceinline__ void produce_key_tiles(const KeyTiles<BN, BAND, SPARSE>& tiles, const BlockLists& lists,
                                                   const FwdItem& w, int n_blocks, int& ring, T* sK, T* sV,
                                                   const T* k_head, long long k_ss, const T* v_head, long long v_ss,
@@ -142,12 +144,37 @@ __device__ __forceinline__ void produce_key_tiles(const KeyTiles<BN, BAND, SPARS
     const int slot = ring % STAGES;
     if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
     const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
-    Smem::template load<BN, THREADS>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0, head_dim);
+    load_tile_async_wg<BN, D, THREADS, T, L>(sK + slot * BN * D, k_head + n0 * k_ss, k_ss, w.seq.seqlen_k - n0,
+                                             head_dim);
     cp_async_mbar_arrive(&k_full[slot]);
-    Smem::template load<BN, THREADS>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0, head_dim);
+    load_tile_async_wg<BN, D, THREADS, T, L>(sV + slot * BN * D, v_head + n0 * v_ss, v_ss, w.seq.seqlen_k - n0,
+                                             head_dim);
     cp_async_mbar_arrive(&v_full[slot]);
   }
 }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The same by TMA (tma.cuh), layout WgTile<D, BN>: lane 0 of the producer warp asks for each tile's copies
+// and tells the slot's mbarrier how many bytes are coming (the whole tile: rows past the end arrive as zeros).
+template <int BN, int D, int STAGES, int BAND, bool SPARSE, typename T>
+__device__ __forceinline__ void produce_key_tiles_tma(const KeyTiles<BN, BAND, SPARSE>& tiles, const BlockLists& lists,
+                                                      const FwdItem& w, int n_blocks, int& ring, T* sK, T* sV,
+                                                      const TmaMap& k_map, const TmaMap& v_map, int hk,
+                                                      MBarrier* k_full, MBarrier* v_full, MBarrier* kv_empty,
+                                                      int lane) {
+  for (int it = 0; it < n_blocks; ++it, ++ring) {
+    const int slot = ring % STAGES;
+    if (ring >= STAGES) mbar_wait(&kv_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+    const int n0 = tiles.first_key(lists, it, tiles.at(lists, w.list, it));
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&k_full[slot], BN * D * sizeof(T));
+      tma_load_tile<BN, D>(sK + slot * BN * D, k_map, w.seq.k_start + n0, hk, w.b, &k_full[slot]);
+      mbar_arrive_expect_tx(&v_full[slot], BN * D * sizeof(T));
+      tma_load_tile<BN, D>(sV + slot * BN * D, v_map, w.seq.k_start + n0, hk, w.b, &v_full[slot]);
+    }
+  }
+}
+#endif
 
 // From the scores S of key tile n0 (this warp's rows from row0 = m0 + warp_row) to the probabilities
 // P that multiply V, in place:

@@ -13,6 +13,7 @@
 #include "block_sparse.cuh"  // BlockLists
 #include "dropout.cuh"       // DropoutArgs
 #include "score_fn.cuh"      // ModArgs
+#include "tma.cuh"           // TmaMap
 
 namespace cuflash {
 
@@ -59,6 +60,12 @@ struct FwdParams {
   unsigned* __restrict__ tile_counter;  // persistent (warp-specialised) kernel: (next tile, blocks exited)
   int num_tiles;
   ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
+  // flash_fwd_ws_kernel with tma != 0: Q, K and V come by TMA (tma.cuh) through these tensor maps of
+  // (batch, sequence, head, dim) arrays; otherwise (and in flash_fwd_kernel) they are zeros and unread.
+  int tma;
+  TmaMap q_map;
+  TmaMap k_map;
+  TmaMap v_map;
 };
 
 // flash_fwd_sinks_kernel (flash_fwd.cu): a sink logit per head joins the softmax after the forward.

@@ -78,19 +78,29 @@ __device__ __forceinline__ void split_tile_tf32(float* tile, float* rest) {
 }
 
 // The layout of wgmma tiles (wgmma.cuh) of 16-bit elements, D a multiple of 64: 128-byte swizzled rows
-// (what wgmma and TMA call SWIZZLE_128B). Each 8-row group takes D / 64 blocks of 1024 bytes, one per
-// 64 columns; in row r of a block the 16-byte chunk j sits at chunk j ^ (r % 8), so the 8 chunks of a
-// row and the 8 rows of a chunk each fall in 8 different bank groups. Tiles start on 1024-byte
-// boundaries (Tiles::align). Byte offset of element (r, c):
-template <int D>
+// (what wgmma and TMA call SWIZZLE_128B). In row r of an 8-row group's 1024 bytes the 16-byte chunk j sits
+// at chunk j ^ (r % 8), so the 8 chunks of a row and the 8 rows of a chunk each fall in 8 different bank
+// groups. Tiles start on 1024-byte boundaries (Tiles::align). Two orders of the 1024-byte pieces:
+//   ROWS = 0: each 8-row group takes D / 64 pieces, one per 64 columns, then the next group;
+//   ROWS > 0: each 64-column block takes ROWS / 8 pieces, one per 8 rows, then the next block (what one
+//     TMA box of 64 columns x ROWS rows writes: tma.cuh).
+template <int D, int ROWS = 0>
+struct WgTile {
+  static_assert(D % 64 == 0 && ROWS % 8 == 0, "rows of whole 128-byte blocks, whole 8-row groups");
+  static constexpr unsigned group = ROWS ? 1024 : (D / 64) * 1024;  // from one 8-row group to the next
+  static constexpr unsigned block = ROWS ? ROWS * 128 : 1024;       // from one 64-column block to the next
+};
+
+// Byte offset of element (r, c) in a tile of layout L (a WgTile).
+template <typename L>
 __device__ __forceinline__ unsigned wg_tile_offset(int r, int c) {
-  return (r / 8) * (D / 64) * 1024 + (c / 64) * 1024 + (r % 8) * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
+  return (r / 8) * L::group + (c / 64) * L::block + (r % 8) * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
 }
 
-// Asynchronously copy a ROWS x D tile into that layout. Each thread copies whole 16-byte chunks and a
-// warp whole rows: full 128-byte lines of global memory (reading half lines of more rows costs the L2
-// twice the requests), written without bank conflicts.
-template <int ROWS, int D, int THREADS, typename T>
+// Asynchronously copy a ROWS x D tile into layout L. Each thread copies whole 16-byte chunks and a warp
+// whole rows: full 128-byte lines of global memory (reading half lines of more rows costs the L2 twice the
+// requests), written without bank conflicts.
+template <int ROWS, int D, int THREADS, typename T, typename L = WgTile<D>>
 __device__ __forceinline__ void load_tile_async_wg(T* smem, const T* gmem, long long row_stride, int rows_valid,
                                                    int cols_valid) {
   static_assert(D % 64 == 0 && sizeof(T) == 2, "whole 128-byte column blocks of 16-bit elements");
@@ -106,13 +116,13 @@ __device__ __forceinline__ void load_tile_async_wg(T* smem, const T* gmem, long 
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   // Passes of whole 8-row groups keep r % 8, so a chunk's offset steps by a constant from pass to pass
   // (the compiler, not knowing that tid >= 0, would keep one offset per pass in a register).
-  const unsigned first = wg_tile_offset<D>(r, c);
-  constexpr unsigned kPassBytes = ROWS_PER_PASS % 8 == 0 ? ROWS_PER_PASS / 8 * (D / 64) * 1024 : 0;
+  const unsigned first = wg_tile_offset<L>(r, c);
+  constexpr unsigned kPassBytes = ROWS_PER_PASS % 8 == 0 ? ROWS_PER_PASS / 8 * L::group : 0;
 #pragma unroll
   for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
     if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
       const bool valid = r < rows_valid && c < cols_valid;
-      cp_async_16(base + (kPassBytes ? first + pass * kPassBytes : wg_tile_offset<D>(r, c)), valid ? src : gmem,
+      cp_async_16(base + (kPassBytes ? first + pass * kPassBytes : wg_tile_offset<L>(r, c)), valid ? src : gmem,
                   valid);
     }
     r += ROWS_PER_PASS;

@@ -12,6 +12,7 @@
 // The instruction wrappers are written out per N and type (inline asm takes no operand lists); they
 // were generated mechanically and differ only in those.
 #pragma once
+#include "tile_io.cuh"   // WgTile
 #include "warp_mma.cuh"  // a_fragment
 
 namespace cuflash {
@@ -260,14 +261,6 @@ __device__ __forceinline__ void unset(float (&acc)[MT][NT][4]) {
       for (int c = 0; c < 4; ++c) asm volatile("" : "=f"(acc[mt][nt][c])::"memory");
 }
 
-// Strides (bytes) of a wgmma tile with rows of D elements (tile_io.cuh wg_tile_offset).
-template <int D>
-struct WgTile {
-  static_assert(D % 64 == 0, "rows of whole 128-byte blocks");
-  static constexpr unsigned group = (D / 64) * 1024;  // from one 8-row group to the next
-  static constexpr unsigned block = 1024;             // from one 64-column block to the next
-};
-
 // The widest wgmma (N <= 128 here) that starts `left` columns from a product's end: products wider than 128
 // (d = 192, 256) are issued as 128-column instructions and a narrower rest.
 __host__ __device__ constexpr int wg_chunk(int left) { return left >= 128 ? 128 : left >= 64 ? 64 : left >= 32 ? 32 : 16; }
@@ -284,23 +277,22 @@ __device__ __forceinline__ void abt_rows(float (&acc)[1][N / 8][4], unsigned lon
 
 // Issue acc += A Bᵀ (FRESH: acc = A Bᵀ, its old values ignored) for the warpgroup's 64 x N tile (this
 // warp: its 16 rows): A = 64 rows at a_rows, B = N rows at b_rows, both K wide (K-major), tiles of rows
-// D elements long. A k step of 16 columns moves 32 bytes along the swizzled rows, and every 64 columns
-// to the next block. The product runs asynchronously: acc is valid after wg_wait.
-template <typename T, int N, int K, int D, bool FRESH = false>
+// D elements long in layouts LA and LB (tile_io.cuh WgTile). A k step of 16 columns moves 32 bytes along
+// the swizzled rows, and every 64 columns to the next block. The product runs asynchronously: acc is valid
+// after wg_wait.
+template <typename T, int N, int K, int D, bool FRESH = false, typename LA = WgTile<D>, typename LB = LA>
 __device__ __forceinline__ void wg_mma_abt_async(float (&acc)[1][N / 8][4], unsigned a_rows, unsigned b_rows) {
   static_assert(K % 16 == 0 && K <= D, "k steps of 16 within a row");
-  using L = WgTile<D>;
   if constexpr (FRESH)
     unset(acc);
   else
     pin(acc);
   wgmma_fence();
-  const unsigned long long a = wgmma_desc(a_rows, 16, L::group), b = wgmma_desc(b_rows, 16, L::group);
+  const unsigned long long a = wgmma_desc(a_rows, 16, LA::group), b = wgmma_desc(b_rows, 16, LB::group);
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    const unsigned step = kk / 4 * L::block + kk % 4 * 32;
-    abt_rows<T, 0, N>(acc, wgmma_desc_at(a, step), wgmma_desc_at(b, step), L::group, FRESH && kk == 0 ? 0 : 1);
-  }
+  for (int kk = 0; kk < K / 16; ++kk)
+    abt_rows<T, 0, N>(acc, wgmma_desc_at(a, kk / 4 * LA::block + kk % 4 * 32),
+                      wgmma_desc_at(b, kk / 4 * LB::block + kk % 4 * 32), LB::group, FRESH && kk == 0 ? 0 : 1);
   wgmma_commit();
 }
 
@@ -325,12 +317,11 @@ __device__ __forceinline__ void frag_b_columns(float (&acc)[1][N / 8][4], const 
 }
 
 // Issue acc += A B: A (64 x K) as fragments (wg_a_fragments), B = K rows at b_rows (N wide from its
-// first column; MN-major: the leading offset steps to the next 64 columns, the stride offset to the next
-// 8 rows). Asynchronous like wg_mma_abt_async.
-template <typename T, int K, int N, int D>
+// first column, layout L; MN-major: the leading offset steps to the next 64 columns, the stride offset to
+// the next 8 rows). Asynchronous like wg_mma_abt_async.
+template <typename T, int K, int N, int D, typename L = WgTile<D>>
 __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], unsigned (&a)[K / 16][4],
                                                     unsigned b_rows) {
-  using L = WgTile<D>;
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)
 #pragma unroll

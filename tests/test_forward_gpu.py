@@ -225,3 +225,33 @@ def test_mma_sync_forward_where_hopper_takes_the_warp_specialised_one(dtype, cau
     with override(fwd_warp_specialised=False):
         for head_dim in (64, 128, 112, 256, 200):
             check(*grid_inputs(dtype, causal, head_dim, seqlens, "fwd-mma-sync"), causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 192, 256])
+def test_warp_specialised_forward_copies_by_tma_and_by_cp_async_alike(head_dim, causal):
+    """The warp-specialised forward (Hopper) copies Q, K and V by TMA where the arrays allow it and by cp.async
+    where not (packed sequences, strides that are not multiples of 16 bytes): both give the reference's result
+    and the same output, bitwise. Odd lengths leave rows past the ends in the last tiles (zeros by both), and
+    head dims below the bucket's leave columns past the end."""
+    import torch
+
+    q = randn((2, 333, 4, head_dim), torch.bfloat16, 51)
+    k, v = (randn((2, 517, 2, head_dim), torch.bfloat16, seed) for seed in (52, 53))
+    with override(fwd_warp_specialised_short=True):
+        by_tma = check(q, k, v, causal)
+        with override(tma=False):
+            by_cp_async = check(q, k, v, causal)
+    assert torch.equal(by_tma, by_cp_async)
+
+
+def test_tma_takes_arrays_with_16_byte_strides_only():
+    import torch
+
+    from cuflash import _tma
+
+    x = torch.empty((2, 100, 3, 72), dtype=torch.bfloat16, device="cuda")
+    assert len(_tma.tile_map(x.data_ptr(), (2, 100, 3, 72), x.stride()[:3], 128)) == 128
+    odd = torch.empty((2, 100, 1, 36), dtype=torch.bfloat16, device="cuda")  # rows 72 bytes apart
+    assert _tma.tile_map(odd.data_ptr(), (2, 100, 1, 36), odd.stride()[:3], 128) is None
+    assert _tma.tile_map(x.data_ptr() + 2, (2, 100, 3, 72), x.stride()[:3], 128) is None  # start not aligned

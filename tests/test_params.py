@@ -60,7 +60,13 @@ def test_struct_layout_matches_the_compilers(arch):
     for name in STRUCTS:
         s = _params.param_struct(name)
         expected = [(s.offsets()[f], s.sizes()[f]) for f in s.names]
-        assert kernel_param_layout(cubin, f"layout_{name}") == expected, name
+        got = kernel_param_layout(cubin, f"layout_{name}")
+        # An opaque field (a tensor map) goes where its alignment puts it counted from the parameter bank's
+        # start: only its size is ours to match (the driver copies each parameter from its own pointer).
+        opaque = [i for i, (_, code) in enumerate(s.fields) if code in _params._OPAQUE]
+        for i in opaque:
+            expected[i], got[i] = expected[i][1], got[i][1]
+        assert got == expected, name
 
 
 def test_every_field_is_read_with_its_type():

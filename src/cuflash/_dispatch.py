@@ -11,7 +11,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 
-from . import _score_fn, _tiles
+from . import _score_fn, _tiles, _tma
 from ._options import Options
 from ._params import fields, no_fields, param_struct
 from ._tiles import BANDS, DTYPES, HEAD_DIM_BUCKETS, MASK_BLOCKS, NO_BAND, Flags, head_dim_bucket
@@ -80,7 +80,8 @@ class FwdVariant:
         return _tiles.fwd_smem(tile, self.dtype, self.head_dim)
 
     def describe(self) -> str:
-        return _describe(self, f"{self.block_m} queries x {self.block_n} keys", "K/V")
+        return _describe(self, f"{self.block_m} queries x {self.block_n} keys", "K/V",
+                         "a producer warpgroup copies, by TMA where the arrays allow")
 
 
 class _SmallKernel:
@@ -261,10 +262,10 @@ class BwdDqVariant(_BwdVariant):
         return _describe(self, f"{self.tile.block_m} queries x {self.tile.block_n} keys", "K/V")
 
 
-def _describe(v, tile: str, ring: str) -> str:
+def _describe(v, tile: str, ring: str, copies: str = "a producer warpgroup copies") -> str:
     """One line on what a variant runs: its kernel, products, tile, warps, ring slots, shared memory."""
     kernel = v.name.split("::")[1].split("<")[0]
-    how = ["warp-specialised (a producer warpgroup copies)" if v.warp_specialised else None,
+    how = [f"warp-specialised ({copies})" if v.warp_specialised else None,
            "wgmma" if v.wgmma else "mma.sync", "3xTF32 split tiles" if getattr(v, "split", False) else None,
            "persistent" if v.persistent else None]
     warps = f"{v.warps} {'consumer ' if v.warp_specialised else ''}warps"
@@ -449,13 +450,15 @@ def _check_grid(blocks: int) -> None:
 
 
 def fwd_launch(variant: FwdVariant, p, q, k, v, o, lse_ptr: int, lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI,
-               varlen=None, dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1), mod: tuple = NO_MOD):
+               varlen=None, dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1), mod: tuple = NO_MOD,
+               tma: bool = True):
     """(blocks, threads, FwdParams values) for the forward kernel.
 
     q, k, v, o are (pointer, strides) pairs with strides in elements for (batch, seq, head, dim). The
     grid is one-dimensional (query tiles x batch x heads, up to 2^31 - 1 blocks), so no grid dimension
     can pass 65535. A persistent kernel: persistent = (its tile counter, the most blocks resident at
-    once); its grid is at most that. mod: ModArgs' fields (_score_fn.ScoreFn.args).
+    once); its grid is at most that. mod: ModArgs' fields (_score_fn.ScoreFn.args). tma: the warp-specialised
+    kernel copies by TMA where the arrays allow (_tma.py).
     """
     num_m_blocks = row_tiles(p.seqlen_q, variant.block_m, lists)
     tiles = num_m_blocks * p.batch * p.nheads
@@ -464,8 +467,25 @@ def fwd_launch(variant: FwdVariant, p, q, k, v, o, lse_ptr: int, lists: tuple = 
     fields.update(q=q[0], k=k[0], v=v[0], o=o[0], lse=lse_ptr, num_m_blocks=num_m_blocks, lists=lists,
                   tile_counter=persistent[0], num_tiles=tiles)
     _put_strides(fields, q=q, k=k, v=v, o=o)
+    fields.update(_tma_maps(variant, p, q, k, v) if tma and varlen is None else _NO_MAPS)
     blocks = min(tiles, persistent[1]) if variant.persistent else tiles
     return blocks, variant.threads, param_struct(variant.params).pack(fields)
+
+
+_NO_MAPS = {"tma": 0, "q_map": _tma.NO_MAP, "k_map": _tma.NO_MAP, "v_map": _tma.NO_MAP}
+
+
+def _tma_maps(variant: FwdVariant, p, q, k, v) -> dict:
+    """The fields of the warp-specialised forward's copies by TMA: its tensor maps of q, k and v (boxes of
+    its tiles' rows), or none where the kernel is another or an array's strides do not allow them."""
+    if not variant.warp_specialised:
+        return _NO_MAPS
+    maps = (_tma.tile_map(q[0], (p.batch, p.seqlen_q, p.nheads, p.head_dim), tuple(q[1][:3]), variant.block_m),
+            _tma.tile_map(k[0], (p.batch, p.seqlen_k, p.nheads_k, p.head_dim), tuple(k[1][:3]), variant.block_n),
+            _tma.tile_map(v[0], (p.batch, p.seqlen_k, p.nheads_k, p.head_dim), tuple(v[1][:3]), variant.block_n))
+    if None in maps:
+        return _NO_MAPS
+    return {"tma": 1, "q_map": maps[0], "k_map": maps[1], "v_map": maps[2]}
 
 
 def sinks_launch(variant: FwdSinksVariant, p, o, lse_ptr: int, sinks_ptr: int):

@@ -44,7 +44,7 @@ def forward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: Dev
     blocks, threads, values = _dispatch.fwd_launch(
         variant, p, *_arrays(q, k, v, out), lse.ptr,
         _dispatch.NO_LISTS if lists is None else lists[1].lists_args(lists[0], key_major=False),
-        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent, _mod_args(p, score_fn))
+        alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent, _mod_args(p, score_fn), options.tma)
     launches = [(variant, blocks, threads, values, persistent[0])]
     if sinks:
         sink_variant = _dispatch.FwdSinksVariant(p.dtype)

@@ -9,6 +9,7 @@ threads), instead of editing environment variables or module tables.
 | --- | --- | --- |
 | CUFLASH_WGMMA=0 | on | Hopper runs the sm_80 (mma.sync) kernels instead of the wgmma ones |
 | CUFLASH_FWD_WS=0 / =all | on | warp-specialised Hopper forward off / taken at every sequence length |
+| CUFLASH_TMA=0 | on | the warp-specialised Hopper forward copies Q, K and V with cp.async, not TMA |
 | CUFLASH_DQ_WS=0 | on | warp-specialised dQ kernel for block masks off |
 | CUFLASH_DKDV_WS=0 | on | warp-specialised dK/dV kernel for block masks off |
 | CUFLASH_PERSISTENT=0 | on | persistent kernels launch one block per tile instead |
@@ -29,6 +30,7 @@ class Options:
     wgmma: bool = True  # Hopper takes its own (wgmma) kernels
     fwd_warp_specialised: bool = True  # Hopper forward: the warp-specialised kernel where the tile policy says
     fwd_warp_specialised_short: bool = False  # ... also on short sequences (tests of its edge tiles)
+    tma: bool = True  # ... its copies by TMA where the arrays allow (kernels/tma.cuh)
     dq_warp_specialised: bool = True  # block masks on Hopper: the warp-specialised dQ kernel
     dkdv_warp_specialised: bool = True  # block masks on Hopper: the warp-specialised dK/dV kernel
     persistent: bool = True  # persistent kernels: a grid of resident blocks taking tiles from a counter
@@ -46,6 +48,7 @@ class Options:
             wgmma=env.get("CUFLASH_WGMMA") != "0",
             fwd_warp_specialised=fwd_ws != "0",
             fwd_warp_specialised_short=fwd_ws == "all",
+            tma=env.get("CUFLASH_TMA") != "0",
             dq_warp_specialised=env.get("CUFLASH_DQ_WS") != "0",
             dkdv_warp_specialised=env.get("CUFLASH_DKDV_WS") != "0",
             persistent=env.get("CUFLASH_PERSISTENT") != "0",

@@ -18,6 +18,8 @@ _SCALARS = {"long long": "q", "unsigned long long": "Q", "int": "i", "unsigned":
 _FIELD = re.compile(r"^\s*(?:const\s+)?([A-Za-z_][\w\s]*?)\s*(\*)?\s*(?:const\s+)?(?:__restrict__\s+)?(\w+)\s*;")
 _NESTED_HEADERS = {"BlockLists": "block_sparse.cuh", "DropoutArgs": "dropout.cuh", "ModArgs": "score_fn.cuh",
                    "MaskBlocksParams": "score_fn.cuh", "MaskListsParams": "block_sparse.cuh"}
+# Opaque C types packed as bytes: (size, alignment). TmaMap: a CUtensorMap (tma.cuh, _tma.py).
+_OPAQUE = {"TmaMap": (128, 64)}
 
 
 def _struct_body(text: str, name: str) -> list[str]:
@@ -70,20 +72,34 @@ def _declarations(name: str, header: str) -> tuple[tuple[str, str, str], ...]:
             out.append((field, "Q", declared))
         elif ctype in _SCALARS:
             out.append((field, _SCALARS[ctype], declared))
-        elif ctype in _NESTED_HEADERS:
+        elif ctype in _NESTED_HEADERS or ctype in _OPAQUE:
             out.append((field, ctype, declared))
         else:
             raise ValueError(f"struct {name}: unknown field type {ctype!r}")
     return tuple(out)
 
 
+def _pieces(name: str, header: str = "params.cuh") -> tuple[tuple[str, str, str], ...]:
+    """(field, padding, codes) of each field in order: the struct-module codes that align the field, then
+    its own. A nested struct starts and ends 8-byte aligned (each of ours holds a pointer); an opaque field
+    is padded to its alignment."""
+    out, fmt = [], ""
+    for field, code in fields(name, header):
+        if code in _NESTED_HEADERS:
+            pad, codes = "0Q", f"{_format(code, _NESTED_HEADERS[code])}0Q"
+        elif code in _OPAQUE:
+            size, align = _OPAQUE[code]
+            pad, codes = f"{-struct.calcsize('@' + fmt) % align}x", f"{size}s"
+        else:
+            pad, codes = "0" + code, code
+        out.append((field, pad, codes))
+        fmt += pad + codes
+    return tuple(out)
+
+
 def _format(name: str, header: str = "params.cuh") -> str:
-    """A struct's fields as struct-module codes; a nested struct starts and ends 8-byte aligned (each of
-    ours holds a pointer)."""
-    codes = []
-    for _, code in fields(name, header):
-        codes.append(f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if code in _NESTED_HEADERS else code)
-    return "".join(codes)
+    """A struct's fields as struct-module codes."""
+    return "".join(pad + codes for _, pad, codes in _pieces(name, header))
 
 
 class ParamStruct:
@@ -97,21 +113,21 @@ class ParamStruct:
         self.format = _format(name, header)
         self._get = operator.itemgetter(*self.names)
         self._nested_at = [i for i, (_, code) in enumerate(self.fields) if code in _NESTED_HEADERS][::-1]
-        self.size = -(-struct.calcsize("@" + self.format + "0Q") // 8) * 8  # C rounds up to the alignment
+        align = max([8] + [_OPAQUE[code][1] for _, code in self.fields if code in _OPAQUE])
+        self.size = -(-struct.calcsize("@" + self.format) // align) * align  # C rounds up to the alignment
 
     def offsets(self) -> dict[str, int]:
         """Byte offset of each top-level field."""
         out, prefix = {}, ""
-        for (field, code) in self.fields:
-            nested = code in _NESTED_HEADERS
-            out[field] = struct.calcsize("@" + prefix + ("0Q" if nested else "0" + code))
-            prefix += f"0Q{_format(code, _NESTED_HEADERS[code])}0Q" if nested else code
+        for field, pad, codes in _pieces(self.name, self.header):
+            out[field] = struct.calcsize("@" + prefix + pad)
+            prefix += pad + codes
         return out
 
     def sizes(self) -> dict[str, int]:
         """Byte size of each top-level field (a nested struct's whole size)."""
-        return {field: param_struct(code).size if code in _NESTED_HEADERS else struct.calcsize(code)
-                for field, code in self.fields}
+        return {field: param_struct(code).size if code in _NESTED_HEADERS
+                else _OPAQUE[code][0] if code in _OPAQUE else struct.calcsize(code) for field, code in self.fields}
 
     def pack(self, values: dict) -> tuple:
         """The flat values of every field, given by name (nested structs as tuples of their fields)."""
