@@ -101,7 +101,10 @@ def test_a_call_with_a_score_function_takes_its_kernels_with_scale_one():
     mod = fn.args(p.softmax_scale)
     _, _, values = _dispatch.fwd_launch(fwd, p, *((0, a.strides) for a in (qa, ka, va, qa)), 0, mod=mod)
     named = dict(zip((f for f, _ in _params.fields("ModArgs", "score_fn.cuh")), mod))
-    assert tuple(values[-len(mod):]) == mod and named["scale"] == p.softmax_scale == 1 / math.sqrt(128)
+    fields = _params.fields("FwdParams")
+    at = sum(len(_params.no_fields(code)) if code in _params._NESTED_HEADERS else 1  # mod's first flat value
+             for _, code in fields[:[f for f, _ in fields].index("mod")])
+    assert tuple(values[at:at + len(mod)]) == mod and named["scale"] == p.softmax_scale == 1 / math.sqrt(128)
     with pytest.raises(ValueError, match="softcap"):
         _problem.build(qa, ka, va, softcap=5.0, score_fn=fn)
 
