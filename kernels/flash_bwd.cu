@@ -223,7 +223,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                       int total_q, int total_k, long long lse_sb,
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                      unsigned* __restrict__ tile_counter, int num_items, const ModArgs mod) {
+                      unsigned* __restrict__ tile_counter, int num_items, const ModArgs mod, int /* tma */,
+                      const __grid_constant__ TmaMap /* q_map */, const __grid_constant__ TmaMap /* k_map */,
+                      const __grid_constant__ TmaMap /* v_map */, const __grid_constant__ TmaMap /* do_map */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   using Tile = Tiles<T, D, WG>;
@@ -417,7 +419,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // ---- dK, dV, warp-specialised (Hopper) -------------------------------------------------------------
 // As flash_bwd_dq_ws_kernel does for dQ: the block's first warpgroup only copies (each item's K and V, then
 // its query tiles' Q and dO through a STAGES-slot ring whose slots have mbarriers: landed, and both
-// consumers done), and two consumer warpgroups of 64 keys compute (each also copies a tile's lse and delta
+// consumers done; tma: one thread asking for them by TMA, else 128 threads' cp.async), and two consumer
+// warpgroups of 64 keys compute (each also copies a tile's lse and delta
 // for itself, and walks the tiles as the producer does, so no thread-written field crosses an mbarrier),
 // taking turns at the tensor cores through two named barriers. A turn issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of
 // a query tile; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn, and are waited for before the next
@@ -446,7 +449,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                          const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
                          int total_q, int total_k, long long lse_sb,
                          long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
-                         unsigned* __restrict__ tile_counter, int num_items, const ModArgs /* mod */) {
+                         unsigned* __restrict__ tile_counter, int num_items, const ModArgs /* mod */, int tma,
+                         const __grid_constant__ TmaMap q_map, const __grid_constant__ TmaMap k_map,
+                         const __grid_constant__ TmaMap v_map, const __grid_constant__ TmaMap do_map) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
@@ -466,6 +471,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   static_assert(!FUSED_DQ || (!SPARSE && (kRowHalves ? BMQ == 2 * kDqTileRows : BMQ == kDqTileRows && D % 128 == 0)),
                 "fused dQ: 64-row query tiles at d >= 128, 128-row ones at d = 64");
   using Smem = Tiles<T, D, true>;
+  // Q and dO slots as a TMA box of a query tile's rows writes them (64-column blocks one after another,
+  // tile_io.cuh WgTile); K and V in 8-row groups (boxes of 8 rows), as the products that read them expect.
+  using QTile = WgTile<D, BMQ>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(Smem::align(smem_raw));
   T* sV = sK + BN * D;
@@ -482,11 +490,14 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   __shared__ float s_stat[FUSED_DQ ? 1 : 2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
   __shared__ DkdvItem items[2];
   __shared__ MBarrier kv_full, kv_empty, q_full[STAGES], q_empty[STAGES];
+  // The producer threads that copy: with TMA one warp (lane 0 issues, the warp waits with it), else all.
+  // (Re-read from the parameter where used: held in a register, the producer's 40 spilled.)
   if (threadIdx.x == 0) {
-    mbar_init(&kv_full, kProducers + 1);  // every producer thread's copies of K and V, and the item's fields
-    mbar_init(&kv_empty, WARPS);          // every consumer warp's last Sᵀ and dPᵀ of the item have completed
+    // every copying thread's copies of K and V, and the item's fields (TMA: lane 0's one arrival, with the bytes)
+    mbar_init(&kv_full, tma ? 1 : kProducers + 1);
+    mbar_init(&kv_empty, WARPS);  // every consumer warp's last Sᵀ and dPᵀ of the item have completed
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&q_full[s], kProducers);  // every producer thread's copies
+      mbar_init(&q_full[s], tma ? 1 : kProducers);  // every copying thread's copies
       mbar_init(&q_empty[s], WARPS);  // every consumer warp's dK and dV products have read the slot
     }
   }
@@ -498,19 +509,42 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 
   if (threadIdx.x < kProducers) {  // ---- producer: per item, K and V, then the query tiles one by one ----
     Roles::become_producer();
+    if (threadIdx.x >= (tma ? 32 : kProducers)) return;
     int ring = 0;  // query tiles issued so far, over all items: the ring's slot and phase
     for (int n = 0;; ++n) {
       DkdvItem& w = items[n % 2];
       if (n > 0) mbar_wait(&kv_empty, (n - 1) & 1);  // K, V and item n - 2's fields are free
       if (threadIdx.x == 0) work.fill(n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u), w);
-      named_bar_sync(3, kProducers);  // every producer thread sees the item
+      named_bar_sync(3, tma ? 32 : kProducers);  // every copying thread sees the item
       const int n_iters = w.n_iters;
       if (n_iters < 0) {
         if (threadIdx.x == 0) mbar_arrive(&kv_full);
-        mbar_arrive(&kv_full);
+        if (!tma) mbar_arrive(&kv_full);
         break;
       }
       const int key_row = w.seq.k_start + w.n0, keys_left = w.seq.seqlen_k - w.n0, seqlen_q = w.seq.seqlen_q;
+      if (tma) {
+        const bool issues = threadIdx.x == 0;
+        if (issues) {  // (the arrival also says the item's fields are written)
+          mbar_arrive_expect_tx(&kv_full, 2 * BN * D * sizeof(T));
+          tma_load_tile_row_groups<BN, D>(sK, k_map, key_row, w.hk, w.b, &kv_full);
+          tma_load_tile_row_groups<BN, D>(sV, v_map, key_row, w.hk, w.b, &kv_full);
+        }
+        TileCursor at{0, 0};
+        for (int it = 0; it < n_iters; ++it, ++ring) {
+          const int slot = ring % STAGES;
+          if (ring >= STAGES) mbar_wait(&q_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
+          const QueryTile t = work.tile(w, at);
+          at = t.next;
+          if (issues) {
+            const int h = w.hk * kv_group + t.g, row = w.seq.q_start + t.m0;
+            mbar_arrive_expect_tx(&q_full[slot], 2 * BMQ * D * sizeof(T));
+            tma_load_tile<BMQ, D>(sQ + slot * BMQ * D, q_map, row, h, w.b, &q_full[slot]);
+            tma_load_tile<BMQ, D>(sdO + slot * BMQ * D, do_map, row, h, w.b, &q_full[slot]);
+          }
+        }
+        continue;
+      }
 #pragma unroll 1
       for (int r = 0; r < BN; r += BMQ) {  // in tiles of BMQ rows: the copies of all BN rows at once spill
         Smem::template load<BMQ, kProducers>(sK + r * D, k + w.b * k_sb + w.hk * k_sh + (key_row + r) * k_ss, k_ss,
@@ -526,10 +560,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         if (ring >= STAGES) mbar_wait(&q_empty[slot], (ring / STAGES - 1) & 1);  // the slot's last tile is done
         const QueryTile t = work.tile(w, at);
         at = t.next;
-        Smem::template load<BMQ, kProducers>(sQ + slot * BMQ * D, q + w.q_off + t.g * q_sh + t.m0 * q_ss, q_ss,
-                                             seqlen_q - t.m0, head_dim);
-        Smem::template load<BMQ, kProducers>(sdO + slot * BMQ * D, dout + w.do_off + t.g * do_sh + t.m0 * do_ss,
-                                             do_ss, seqlen_q - t.m0, head_dim);
+        load_tile_async_wg<BMQ, D, kProducers, T, QTile>(sQ + slot * BMQ * D, q + w.q_off + t.g * q_sh + t.m0 * q_ss,
+                                                         q_ss, seqlen_q - t.m0, head_dim);
+        load_tile_async_wg<BMQ, D, kProducers, T, QTile>(
+            sdO + slot * BMQ * D, dout + w.do_off + t.g * do_sh + t.m0 * do_ss, do_ss, seqlen_q - t.m0, head_dim);
         cp_async_mbar_arrive(&q_full[slot]);
       }
     }
@@ -586,10 +620,11 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           if (t.slot >= 0) bits.load(lists, t.slot, key_in_block + warp_row, t.offset, lane);
         fence_proxy_async();  // the producer's cp.async writes, now visible, to the tensor cores' reads
         turns.begin();
-        Smem::template mma_abt<1, BMQ, D, true>(acc_s, smem_addr(sK), warp_row, smem_addr(sQ) + slot * q_slot_bytes,
-                                                lane);
-        Smem::template mma_abt<1, BMQ, D, true>(acc_dp, smem_addr(sV), warp_row, smem_addr(sdO) + slot * q_slot_bytes,
-                                                lane);
+        const unsigned key_rows = (warp_row / 64) * 8 * WgTile<D>::group;  // this warpgroup's keys
+        wg_mma_abt_async<T, BMQ, D, D, true, WgTile<D>, QTile>(acc_s, smem_addr(sK) + key_rows,
+                                                               smem_addr(sQ) + slot * q_slot_bytes);
+        wg_mma_abt_async<T, BMQ, D, D, true, WgTile<D>, QTile>(acc_dp, smem_addr(sV) + key_rows,
+                                                               smem_addr(sdO) + slot * q_slot_bytes);
         turns.end(it == n_iters - 1);
         float(&stats)[2][BMQ] = s_stat[FUSED_DQ ? 0 : g % 2][wg];  // (its last readers passed this barrier)
         if constexpr (kStats == 1) {
@@ -637,8 +672,9 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         if (!FUSED_DQ && it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
         float (&ds)[1][BMQ / 8][4] = acc_dp;  // dSᵀ overwrites dPᵀ
         bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, acc_s, acc_dp, dtanh, stats[1], dropout.keep_scale, lane);
-        wg_mma_pb_async<T, BMQ, D, D, DROPOUT>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
-        if constexpr (!kDkAfterDq) wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+        wg_mma_pb_async<T, BMQ, D, D, DROPOUT, QTile>(acc_dv, acc_s, smem_addr(sdO) + slot * q_slot_bytes);
+        if constexpr (!kDkAfterDq)
+          wg_mma_pb_async<T, BMQ, D, D, false, QTile>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
         if constexpr (FUSED_DQ) {
           store_ds_rows<T, BMQ>(ds, smem_addr(sdS) + (g % 2) * ds_bytes, warp_row, lane);
           // dQ (this warpgroup's chunk: DQN columns of 64 rows) = dS K over all BN keys, once both
@@ -653,7 +689,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           wg_mma_mn_async<T, BN, DQN, BMQ, D>(acc_dq, smem_addr(sdS) + (g % 2) * ds_bytes + (kRowHalves ? wg * 1024 : 0),
                                               smem_addr(sK) + (kRowHalves ? 0 : wg * (D / 128) * 1024));
           if constexpr (kDkAfterDq) {
-            wg_mma_pb_async<T, BMQ, D, D>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
+            wg_mma_pb_async<T, BMQ, D, D, false, QTile>(acc_dk, ds, smem_addr(sQ) + slot * q_slot_bytes);
             wg_wait<1>(acc_dq);  // dV's product and dQ's are done, dK's may still run
           } else {
             wg_wait<0>(acc_dq);

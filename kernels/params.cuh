@@ -182,6 +182,13 @@ struct BwdDkdvParams {
   unsigned* __restrict__ tile_counter;
   int num_items;
   ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
+  // flash_bwd_dkdv_ws_kernel with tma != 0: Q and dO (boxes of a query tile's rows) and K and V (boxes of 8
+  // rows) come by TMA (tma.cuh) through these maps; otherwise (and in flash_bwd_dkdv_kernel) zeros, unread.
+  int tma;
+  TmaMap q_map;
+  TmaMap k_map;
+  TmaMap v_map;
+  TmaMap do_map;
 };
 
 // flash_bwd_dq_convert_kernel: dq = dq_accum * softmax_scale.

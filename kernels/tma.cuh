@@ -45,6 +45,18 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const TmaMap& map, int 
   for (int c = 0; c < D / 64; ++c)
     tma_load_4d(static_cast<unsigned char*>(dst) + c * ROWS * 128, map, c * 64, row, h, b, bar);
 }
+
+// The same tile in layout WgTile<D> (8-row groups one after another, tile_io.cuh): one box of 64 columns
+// x 8 rows per 1024-byte piece, ROWS / 8 x D / 64 of them (a map of 8-row boxes).
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_load_tile_row_groups(void* dst, const TmaMap& map, int row, int h, int b,
+                                                         MBarrier* bar) {
+#pragma unroll
+  for (int g = 0; g < ROWS / 8; ++g)
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+      tma_load_4d(static_cast<unsigned char*>(dst) + (g * (D / 64) + c) * 1024, map, c * 64, row + 8 * g, h, b, bar);
+}
 #endif
 
 }  // namespace cuflash

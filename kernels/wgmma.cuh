@@ -335,13 +335,13 @@ __device__ __forceinline__ void wg_mma_frag_b_async(float (&acc)[1][N / 8][4], u
   wgmma_commit();
 }
 
-// Issue acc += P B: both steps above. Asynchronous like wg_mma_abt_async.
-template <typename T, int K, int N, int D, bool POSITIVE = false>
+// Issue acc += P B: both steps above (B in layout L). Asynchronous like wg_mma_abt_async.
+template <typename T, int K, int N, int D, bool POSITIVE = false, typename L = WgTile<D>>
 __device__ __forceinline__ void wg_mma_pb_async(float (&acc)[1][N / 8][4], const float (&p)[1][K / 8][4],
                                                 unsigned b_rows) {
   unsigned a[K / 16][4];
   wg_a_fragments<T, K, POSITIVE>(a, p);
-  wg_mma_frag_b_async<T, K, N, D>(acc, a, b_rows);
+  wg_mma_frag_b_async<T, K, N, D, L>(acc, a, b_rows);
 }
 
 // Issue acc = A B (fresh: acc's old values ignored) with both operands MN-major in shared memory: A

@@ -234,3 +234,25 @@ def test_gradients_of_gradients_raise(compiled):
     (dq,) = torch.autograd.grad(attention(q, k, v).float().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="gradients of gradients|does not currently support double backward"):
         torch.autograd.grad(dq.float().sum(), q)
+
+
+@pytest.mark.parametrize("seqlens", [(333, 517), (1023, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("headdim", [64, 80, 128])
+def test_dkdv_copies_by_tma_and_by_cp_async_alike(headdim, causal, seqlens):
+    """The warp-specialised dK/dV kernel (Hopper) copies Q, dO, K and V by TMA where the arrays allow it and by
+    cp.async where not: both give the reference's gradients, and the same dK and dV, bitwise (dQ is summed
+    by bulk reductions in no fixed order)."""
+    import torch
+
+    q = randn((2, seqlens[0], 4, headdim), torch.bfloat16, 61)
+    k, v = (randn((2, seqlens[1], 2, headdim), torch.bfloat16, seed) for seed in (62, 63))
+    dout = randn(q.shape, torch.bfloat16, 64)
+    with override(fused_dq_short=True):
+        check_grads(q, k, v, causal, dout=dout)
+        by_tma = grads(lambda *a: cuflash.flash_attn_func(*a, causal=causal), q, k, v, dout)
+        with override(tma=False):
+            check_grads(q, k, v, causal, dout=dout)
+            by_cp_async = grads(lambda *a: cuflash.flash_attn_func(*a, causal=causal), q, k, v, dout)
+    for a, b in zip(by_tma[2:], by_cp_async[2:]):
+        assert torch.equal(a, b)

@@ -488,6 +488,24 @@ def _tma_maps(variant: FwdVariant, p, q, k, v) -> dict:
     return {"tma": 1, "q_map": maps[0], "k_map": maps[1], "v_map": maps[2]}
 
 
+_NO_DKDV_MAPS = dict(_NO_MAPS, do_map=_tma.NO_MAP)
+
+
+def _dkdv_tma_maps(variant, p, q, k, v, dout) -> dict:
+    """The same for the warp-specialised dK/dV kernel: q and dout in boxes of its query tiles' rows, k and v in
+    boxes of 8 rows (its K/V tiles' layout)."""
+    if not variant.tile.warp_specialised:
+        return _NO_DKDV_MAPS
+    q_shape, k_shape = (p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim)
+    maps = (_tma.tile_map(q[0], q_shape, tuple(q[1][:3]), variant.tile.block_q),
+            _tma.tile_map(k[0], k_shape, tuple(k[1][:3]), 8),
+            _tma.tile_map(v[0], k_shape, tuple(v[1][:3]), 8),
+            _tma.tile_map(dout[0], q_shape, tuple(dout[1][:3]), variant.tile.block_q))
+    if None in maps:
+        return _NO_DKDV_MAPS
+    return {"tma": 1, "q_map": maps[0], "k_map": maps[1], "v_map": maps[2], "do_map": maps[3]}
+
+
 def sinks_launch(variant: FwdSinksVariant, p, o, lse_ptr: int, sinks_ptr: int):
     """(blocks, threads, FwdSinksParams values) of the sinks' pass over the forward's o and lse; o as for
     fwd_launch (packed arrays batched, batch stride 0)."""
@@ -529,7 +547,7 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
                  query_lists: tuple = NO_LISTS, key_lists: tuple = NO_LISTS, alibi: tuple = NO_ALIBI, varlen=None,
                  dropout: tuple = NO_DROPOUT, persistent: tuple[int, int] = (0, 1),
                  persistent_dq: tuple[int, int] = (0, 1), dq_accum_ptr: int = 0, mod: tuple = NO_MOD,
-                 dscore: tuple | None = None):
+                 dscore: tuple | None = None, tma: bool = True):
     """[(variant, blocks, threads, values)] for the three backward kernels, in launch order.
 
     Arrays as for fwd_launch; lse and delta are contiguous float32 (batch, nheads, seqlen_q) buffers, or
@@ -538,6 +556,7 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
     blocks the GPU holds at once). A dK/dV kernel that accumulates dQ does so at dq_accum_ptr (zeros, rows
     as lse's of head_dim-bucket floats), and the third launch converts it into dq. dscore = (variant,
     ModArgs' fields with its buffer): a fourth launch stores dS for captured arrays' gradients (choose_dscore).
+    tma: the warp-specialised dK/dV kernel copies by TMA where the arrays allow (_tma.py).
     """
     pre, dkdv, dqv = variants
     # delta_i = rowsum(dO_i * O_i) for every query row; packed sequences are one batch of total_q rows.
@@ -560,6 +579,7 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
         fields = dict(common, dk=dk[0], dv=dv[0], dq_accum=dq_accum_ptr, num_n_blocks=num_n_blocks, lists=key_lists,
                       tile_counter=persistent[0], num_items=items)
         _put_strides(fields, dk=dk, dv=dv)
+        fields.update(_dkdv_tma_maps(dkdv, p, q, k, v, dout) if tma and varlen is None else _NO_DKDV_MAPS)
         launches.append((dkdv, min(items, persistent[1]), dkdv.threads, param_struct(dkdv.params).pack(fields)))
     if isinstance(dqv, BwdDqConvertVariant):
         m_tiles = -(-p.seqlen_q // DQ_ACCUM_ROWS)

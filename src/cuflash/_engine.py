@@ -112,7 +112,8 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
         alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant],
-        workspace.ptr + 4 * accum_at if accum_floats else 0, _mod_args(p, score_fn, dpsum), dscore_launch)
+        workspace.ptr + 4 * accum_at if accum_floats else 0, _mod_args(p, score_fn, dpsum), dscore_launch,
+        options.tma)
     launches = [(*x, persistent.get(x[0], (0, 1))[0]) for x in launches]
     for variant, (counter, _) in persistent.items():  # a kernel with nothing to do gives its counter back
         if counter and not any(x[0] is variant for x in launches):

@@ -9,7 +9,7 @@ threads), instead of editing environment variables or module tables.
 | --- | --- | --- |
 | CUFLASH_WGMMA=0 | on | Hopper runs the sm_80 (mma.sync) kernels instead of the wgmma ones |
 | CUFLASH_FWD_WS=0 / =all | on | warp-specialised Hopper forward off / taken at every sequence length |
-| CUFLASH_TMA=0 | on | the warp-specialised Hopper forward copies Q, K and V with cp.async, not TMA |
+| CUFLASH_TMA=0 | on | the warp-specialised Hopper forward and dK/dV kernels copy with cp.async, not TMA |
 | CUFLASH_DQ_WS=0 | on | warp-specialised dQ kernel for block masks off |
 | CUFLASH_DKDV_WS=0 | on | warp-specialised dK/dV kernel for block masks off |
 | CUFLASH_PERSISTENT=0 | on | persistent kernels launch one block per tile instead |
@@ -30,7 +30,7 @@ class Options:
     wgmma: bool = True  # Hopper takes its own (wgmma) kernels
     fwd_warp_specialised: bool = True  # Hopper forward: the warp-specialised kernel where the tile policy says
     fwd_warp_specialised_short: bool = False  # ... also on short sequences (tests of its edge tiles)
-    tma: bool = True  # ... its copies by TMA where the arrays allow (kernels/tma.cuh)
+    tma: bool = True  # Hopper warp-specialised forward and dK/dV: copies by TMA where the arrays allow (tma.cuh)
     dq_warp_specialised: bool = True  # block masks on Hopper: the warp-specialised dQ kernel
     dkdv_warp_specialised: bool = True  # block masks on Hopper: the warp-specialised dK/dV kernel
     persistent: bool = True  # persistent kernels: a grid of resident blocks taking tiles from a counter
