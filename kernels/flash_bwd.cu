@@ -244,7 +244,7 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   constexpr int kRest = SPLIT ? 2 * STAGES * BMQ * PB : 0;  // SPLIT: the rest of the Q and dO slots, after sdO
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
-  const int lane = threadIdx.x % 32, warp_row = warp_uniform((threadIdx.x / 32) * MT * 16);
+  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
 
   const DkdvWork<BN, BMQ, DV, SPLITS, BAND, SPARSE, DROPOUT> work{
       q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
@@ -780,7 +780,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(!SPLIT || (ElemTraits<T>::is_f32 && !WG), "split tiles are fp32 mma.sync tiles");
   constexpr int kRest = SPLIT ? 4 * BN * PB : 0;  // SPLIT: the rest of the K and V slots, after sV
 
-  const int lane = threadIdx.x % 32, warp_row = warp_uniform((threadIdx.x / 32) * MT * 16);
+  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
   const int bh = blockIdx.x / num_m_blocks;
   const int b = bh / nheads, h = bh % nheads, hk = h / kv_group;
   // Heaviest first: the last query tiles (causal), or (SPARSE) those with the longest lists.
