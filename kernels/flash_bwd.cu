@@ -244,7 +244,9 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
   constexpr int kRest = SPLIT ? 2 * STAGES * BMQ * PB : 0;  // SPLIT: the rest of the Q and dO slots, after sdO
   __shared__ float s_lse[2][BMQ], s_delta[2][BMQ];
 
-  const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * MT * 16;
+  // (wgmma: the warp's rows broadcast from lane 0, so that the products' descriptors live in uniform
+  // registers; three-slot variants with a window spilled 24-32 bytes without it)
+  const int lane = threadIdx.x % 32, warp_row = WG ? warp_uniform((threadIdx.x / 32) * MT * 16) : (threadIdx.x / 32) * MT * 16;
 
   const DkdvWork<BN, BMQ, DV, SPLITS, BAND, SPARSE, DROPOUT> work{
       q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh, cu_seqlens_q, cu_seqlens_k, total_q, total_k,
