@@ -516,7 +516,7 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     for (int n = 0;; ++n) {
       DkdvItem& w = items[n % 2];
       if (n > 0) mbar_wait(&kv_empty, (n - 1) & 1);  // K, V and item n - 2's fields are free
-      if (threadIdx.x == 0) work.fill(n == 0 ? blockIdx.x : gridDim.x + atomicAdd(tile_counter, 1u), w);
+      if (threadIdx.x == 0) work.fill(n == 0 ? blockIdx.x : grid_blocks_uncached() + atomicAdd(tile_counter, 1u), w);
       named_bar_sync(3, tma ? 32 : kProducers);  // every copying thread sees the item
       const int n_iters = w.n_iters;
       if (n_iters < 0) {

@@ -85,14 +85,19 @@ struct KeyTiles {
   }
 };
 
-// A persistent kernel's block that finds no item left counts its exit in tile_counter (next, exited); the
-// last block to exit resets both for the next launch on its stream. One thread. (The grid size through a
-// volatile asm: the compiler would hold gridDim.x - 1 through the whole loop, in a producer's 40 registers.)
-__device__ __forceinline__ void count_block_exit(unsigned* tile_counter) {
-  __threadfence();  // this block's last take from the counter comes before its exit count
+// gridDim.x through a volatile asm, read where it is used: the compiler would otherwise hold it (or
+// gridDim.x - 1) through a whole loop, which a producer's 40 registers cannot spare.
+__device__ __forceinline__ unsigned grid_blocks_uncached() {
   unsigned blocks;
   asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(blocks));
-  if (atomicAdd(tile_counter + 1, 1u) == blocks - 1) tile_counter[0] = tile_counter[1] = 0;
+  return blocks;
+}
+
+// A persistent kernel's block that finds no item left counts its exit in tile_counter (next, exited); the
+// last block to exit resets both for the next launch on its stream. One thread.
+__device__ __forceinline__ void count_block_exit(unsigned* tile_counter) {
+  __threadfence();  // this block's last take from the counter comes before its exit count
+  if (atomicAdd(tile_counter + 1, 1u) == grid_blocks_uncached() - 1) tile_counter[0] = tile_counter[1] = 0;
 }
 
 // The kernel parameters that place the work items of a persistent warp-specialised kernel walking key
