@@ -93,9 +93,9 @@ FWD_TILES_SM90 = {224: (128, 64, 8, 2), 256: (128, 48, 8, 3)}
 # 1.04-1.27x of SDPA FLASH where the mma.sync forward runs at 1.04-1.11x (H100); 3 K/V slots ran 11-37%
 # faster than 2 (H200). At d=64, 373/385 against 338/325 TFLOP/s at 16K (non-causal/causal, H100). At d=256
 # O takes 128 of a consumer's 232 registers: 64-key tiles spilled in every variant with a band, ALiBi or
-# dropout, 48-key tiles (products issued in 128/64/32/16-column pieces, wgmma.cuh wg_chunk) in none: 1.48-1.80x
-# the mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K). 64-key tiles fit two K/V slots, not three; where
-# they compile without a spill (no band, no score change) they ran 0.85-1.01x as fast (H100, bf16, 1K-16K).
+# dropout, 48-key tiles (Q·Kᵀ one m64n48 instruction a k step, wgmma.cuh abt_rows) in none: 1.48-1.80x the
+# mma.sync forward's TFLOP/s (H100, fp16/bf16, 1K-16K) while Q·Kᵀ went as 32 + 16 columns, 22% fewer cycles
+# since. 64- and 80-key tiles fit two K/V slots, not three: 7.33 M and 6.90 M cycles against 4.72 M (16K, bf16).
 # At d = 192 (24 16-byte chunks a row: 120 of the producer's 128 threads copy) 64- to 112-key tiles compile
 # with no spill in every variant; 128 x 112 ran at 1.57-1.68x the mma.sync forward (bf16, 2K-16K, H100).
 WS_FWD_TILES = {64: (128, 128, 8, 2), 128: (128, 128, 8, 3), 192: (128, 112, 8, 2), 256: (128, 48, 8, 3)}
