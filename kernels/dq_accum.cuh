@@ -41,6 +41,17 @@ __device__ __forceinline__ long long dq_accum_tile(const SeqRange& seq, bool pac
   return first * nheads + 1ll * h * tiles + m_tile;
 }
 
+// The row statistics of the warp-specialised dK/dV kernel with TMA (fixed lengths), as the preprocess writes
+// them: per (batch element, query head) its queries' lse (as neg_lse_units) and then their delta, each row
+// padded to a multiple of 128 queries with zeros (the workspace is zeroed; rows of a 16-byte multiple, as a
+// tensor map needs), so that a query tile's lse and delta are one box of two rows of a 2D tensor map
+// (_tma.stats_map). Where row `which` (0: lse, 1: delta) of head bh starts.
+constexpr int kTileStatAlign = 128;
+__host__ __device__ __forceinline__ long long tile_stats_row(int bh, int which, int seqlen_q) {
+  const long long rows = (seqlen_q + kTileStatAlign - 1) / kTileStatAlign * kTileStatAlign;
+  return (2ll * bh + which) * rows;
+}
+
 // This warp's dSᵀ (16 keys from key0, a multiple of 8; QUERIES columns in the accumulator layout) into
 // the swizzled tile (tile_io.cuh wg_tile_offset) at shared address `tile`, rows are keys, rounded as the dK
 // product's A operand. Rows key0 + lane / 4 (+ 8) have r % 8 = lane / 4, so chunk nt % 8 of every 64-column

@@ -38,7 +38,8 @@ template <typename T>
 __global__ void __launch_bounds__(128)
 flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
                             long long do_sb, long long do_ss, long long do_sh, long long o_sb, long long o_ss,
-                            long long o_sh, int seqlen_q, int nheads, int head_dim, int blocks_per_bh, int row_lanes) {
+                            long long o_sh, int seqlen_q, int nheads, int head_dim, int blocks_per_bh, int row_lanes,
+                            const float* __restrict__ lse, float* __restrict__ tile_stats) {
   constexpr int kRows = 4;  // _dispatch.PREPROCESS_ROWS
   const unsigned bh = blockIdx.x / static_cast<unsigned>(blocks_per_bh);
   const int per_pass = 128 / row_lanes;
@@ -59,7 +60,13 @@ flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ ou
   for (int r = 0; r < kRows; ++r) {
     for (int off = row_lanes / 2; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
     const int i = i0 + r * per_pass;
-    if (i < seqlen_q && lane == 0) delta[static_cast<long long>(bh) * seqlen_q + i] = acc[r];
+    if (i < seqlen_q && lane == 0) {
+      delta[static_cast<long long>(bh) * seqlen_q + i] = acc[r];
+      if (tile_stats != nullptr) {
+        tile_stats[tile_stats_row(bh, 0, seqlen_q) + i] = neg_lse_units(lse[static_cast<long long>(bh) * seqlen_q + i]);
+        tile_stats[tile_stats_row(bh, 1, seqlen_q) + i] = acc[r];
+      }
+    }
   }
 }
 
@@ -117,7 +124,6 @@ flash_bwd_dq_convert_kernel(const float* __restrict__ dq_accum, T* __restrict__ 
 struct DkdvItem {
   int b, hk, c0, n0, n_iters;  // n_iters < 0: no item left
   int m_first, tiles_per_head;  // the query tiles of each head that can see these keys (BAND: the band's)
-  int rotate;                   // ROTATE: the walk of each head's tiles starts this many tiles in
   long long q_off, do_off, lse_off;  // where query head 0 of the group starts in q, dout and lse (delta)
   SeqRange seq;                 // this batch element's sequences (varlen.cuh)
   ListRow list;                 // SPARSE: the key block's list
@@ -132,10 +138,7 @@ struct QueryTile {
 };
 
 // The kernel parameters that place work items and their query tiles.
-// ROTATE (dQ accumulated by these kernels, dq_accum.cuh): each key block starts its walk of a head's query
-// tiles at its own place, spread over them, so that the blocks running at once (neighbouring key blocks
-// of one head) add into different dQ rows instead of all into the same ones, which the L2 would serialise.
-template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPOUT, bool ROTATE = false>
+template <int BN, int BMQ, int DV, int SPLITS, int BAND, bool SPARSE, bool DROPOUT>
 struct DkdvWork {
   long long q_sb, q_ss, q_sh, do_sb, do_ss, do_sh, lse_sb, lse_sh;
   const int *cu_seqlens_q, *cu_seqlens_k;
@@ -171,8 +174,6 @@ struct DkdvWork {
       Band<BAND>{w.seq.seqlen_k - w.seq.seqlen_q, window_left, window_right}.query_tiles(
           w.n0, w.n0 + BN - 1, w.seq.seqlen_q, BMQ, m_first, tiles_per_head);
     w.m_first = m_first, w.tiles_per_head = tiles_per_head;
-    w.rotate = ROTATE && tiles_per_head > 0
-                   ? static_cast<int>(1ll * n_block * tiles_per_head / num_n_blocks % tiles_per_head) : 0;
     int n_iters = tiles_per_head * kv_group;
     if (SPARSE) {
       const long long row = lists.row(w.b, w.hk, w.n0 / lists.row_block);
@@ -191,9 +192,7 @@ struct DkdvWork {
            e.slot, e.offset, at};
       t.next.advance(lists.col_block / BMQ);
     } else {
-      int sub = at.sub;
-      if constexpr (ROTATE) sub = sub + w.rotate < w.tiles_per_head ? sub + w.rotate : sub + w.rotate - w.tiles_per_head;
-      t = {(w.m_first + sub) * BMQ, at.e, -1, 0, at};
+      t = {(w.m_first + at.sub) * BMQ, at.e, -1, 0, at};
       t.next.advance(w.tiles_per_head);
     }
     return t;
@@ -225,7 +224,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                       unsigned* __restrict__ tile_counter, int num_items, const ModArgs mod, int /* tma */,
                       const __grid_constant__ TmaMap /* q_map */, const __grid_constant__ TmaMap /* k_map */,
-                      const __grid_constant__ TmaMap /* v_map */, const __grid_constant__ TmaMap /* do_map */) {
+                      const __grid_constant__ TmaMap /* v_map */, const __grid_constant__ TmaMap /* do_map */,
+                      const __grid_constant__ TmaMap /* stats_map */) {
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   constexpr int THREADS = WARPS * 32, MT = BN / (16 * WARPS), SPLITS = D / DV;
   using Tile = Tiles<T, D, WG>;
@@ -422,8 +422,8 @@ flash_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 // As flash_bwd_dq_ws_kernel does for dQ: the block's first warpgroup only copies (each item's K and V, then
 // its query tiles' Q and dO through a STAGES-slot ring whose slots have mbarriers: landed, and both
 // consumers done; tma: one thread asking for them by TMA, else 128 threads' cp.async), and two consumer
-// warpgroups of 64 keys compute (each also copies a tile's lse and delta
-// for itself, and walks the tiles as the producer does, so no thread-written field crosses an mbarrier),
+// warpgroups of 64 keys compute (each walks the tiles as the producer does, so no thread-written field
+// crosses an mbarrier; a tile's lse and delta come with it by TMA, FUSED_DQ, or each copies them itself),
 // taking turns at the tensor cores through two named barriers. A turn issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ of
 // a query tile; dV += Pᵀ dO and dK += dSᵀ Q follow, outside the turn, and are waited for before the next
 // one. So one warpgroup's softmax and dS run while the other's products do. Persistent, with the work
@@ -453,7 +453,8 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
                          long long lse_sh, const BlockLists lists, const DropoutArgs dropout,
                          unsigned* __restrict__ tile_counter, int num_items, const ModArgs /* mod */, int tma,
                          const __grid_constant__ TmaMap q_map, const __grid_constant__ TmaMap k_map,
-                         const __grid_constant__ TmaMap v_map, const __grid_constant__ TmaMap do_map) {
+                         const __grid_constant__ TmaMap v_map, const __grid_constant__ TmaMap do_map,
+                         const __grid_constant__ TmaMap stats_map) {
 #ifdef CUFLASH_HAS_WGMMA
   static_assert(!(BAND && SPARSE), "a block mask is intersected with a causal mask or window on the host");
   static_assert(WARPS == 8 && BN == 16 * WARPS, "two consumer warpgroups of 64 keys");
@@ -487,9 +488,17 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
   constexpr unsigned ds_bytes = BN * BMQ * sizeof(T);
   unsigned char* sdS = reinterpret_cast<unsigned char*>(sdO + STAGES * BMQ * D);
   float* sdQ = reinterpret_cast<float*>(sdS + 2 * ds_bytes);
-  // A query tile's lse and delta, per consumer warpgroup, which copies them itself (see the consumers);
-  // two, by the parity of the block's tile count (FUSED_DQ: one, the staging barrier orders their reuse).
-  __shared__ float s_stat[FUSED_DQ ? 1 : 2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
+  // A query tile's lse (as neg_lse_units) and delta: FUSED_DQ with TMA, copied by the producer with the tile
+  // into its slot (stats_map), s_slot_stat[slot][lse, delta][row]; else per consumer warpgroup, which copies
+  // them itself (see the consumers), s_stat[parity][warpgroup][lse, delta][row]: two, by the parity of the
+  // block's tile count (FUSED_DQ: one, the staging barrier orders their reuse). The two share the storage.
+  const bool stats_by_copy = FUSED_DQ && tma;
+  __shared__ union {
+    float s_stat[FUSED_DQ ? 1 : 2][2][2][BMQ];  // [parity][warpgroup][lse, delta][row]
+    __align__(128) float s_slot_stat[STAGES][2][BMQ];  // [slot][lse, delta][row] (TMA: 128-byte aligned)
+  } stats_smem;
+  auto& s_stat = stats_smem.s_stat;
+  auto& s_slot_stat = stats_smem.s_slot_stat;
   __shared__ DkdvItem items[2];
   __shared__ MBarrier kv_full, kv_empty, q_full[STAGES], q_empty[STAGES];
   // The producer threads that copy: with TMA one warp (lane 0 issues, the warp waits with it), else all.
@@ -540,7 +549,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           at = t.next;
           if (issues) {
             const int h = w.hk * kv_group + t.g, row = w.seq.q_start + t.m0;
-            mbar_arrive_expect_tx(&q_full[slot], 2 * BMQ * D * sizeof(T));
+            mbar_arrive_expect_tx(&q_full[slot], 2 * BMQ * D * sizeof(T) + (stats_by_copy ? sizeof(s_slot_stat[0]) : 0));
+            // (A tensor copy, not a plain bulk copy of the same rows: racecheck orders the consumers' reads of
+            // a tensor copy's bytes by the mbarrier, and of a bulk copy's it does not.)
+            if (stats_by_copy) tma_load_2d(s_slot_stat[slot], stats_map, t.m0, 2 * (w.b * nheads + h), &q_full[slot]);
             tma_load_tile<BMQ, D>(sQ + slot * BMQ * D, q_map, row, h, w.b, &q_full[slot]);
             tma_load_tile<BMQ, D>(sdO + slot * BMQ * D, do_map, row, h, w.b, &q_full[slot]);
           }
@@ -604,19 +616,22 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         const int g = ring + it, slot = g % STAGES;
         const QueryTile t = work.tile(w, at);
         at = t.next;
-        // The tile's lse (stored as neg_lse_units) and delta: this warpgroup copies them itself, a thread per
-        // row of each (rows past the end: zeros, which no visible score reads), loaded while the products are
-        // issued and published with a named barrier. (Filled by the producer behind the slot's mbarrier they
-        // were as correct, but racecheck cannot order an mbarrier between warps: docs/kernel-design.md.)
+        // The tile's lse (stored as neg_lse_units) and delta: copied with the tile (stats_by_copy), else this
+        // warpgroup copies them itself, a thread per row of each (rows past the end: zeros, which no visible
+        // score reads), loaded while the products are issued and published with a named barrier. (Threads'
+        // stores behind the slot's mbarrier were as correct, but racecheck cannot order an mbarrier between
+        // warps except after a tensor copy: docs/kernel-design.md.)
         // (128-row tiles: a thread's lse and delta of row tw.)
         constexpr int kStats = (2 * BMQ + 127) / 128;  // rows of lse and delta per thread
         const int tw = tid % 128, r = tw % BMQ, i = t.m0 + r;
         float stat[kStats] = {};
-        if constexpr (kStats == 1) {
-          if (tw < 2 * BMQ && i < seqlen_q) stat[0] = __ldg((tw < BMQ ? lse : delta) + w.lse_off + t.g * lse_sh + i);
-        } else if (i < seqlen_q) {
-          stat[0] = __ldg(lse + w.lse_off + t.g * lse_sh + i);
-          stat[1] = __ldg(delta + w.lse_off + t.g * lse_sh + i);
+        if (!stats_by_copy) {
+          if constexpr (kStats == 1) {
+            if (tw < 2 * BMQ && i < seqlen_q) stat[0] = __ldg((tw < BMQ ? lse : delta) + w.lse_off + t.g * lse_sh + i);
+          } else if (i < seqlen_q) {
+            stat[0] = __ldg(lse + w.lse_off + t.g * lse_sh + i);
+            stat[1] = __ldg(delta + w.lse_off + t.g * lse_sh + i);
+          }
         }
         PartialBits<1, BMQ / 8> bits;
         mbar_wait(&q_full[slot], (g / STAGES) & 1);
@@ -630,16 +645,16 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         wg_mma_abt_async<T, BMQ, D, D, true, WgTile<D>, QTile>(acc_dp, smem_addr(sV) + key_rows,
                                                                smem_addr(sdO) + slot * q_slot_bytes);
         turns.end(it == n_iters - 1);
-        float(&stats)[2][BMQ] = s_stat[FUSED_DQ ? 0 : g % 2][wg];  // (its last readers passed this barrier)
-        if constexpr (kStats == 1) {
-          if (tw < 2 * BMQ) stats[tw / BMQ][r] = tw < BMQ ? neg_lse_units(stat[0]) : stat[0];
-        } else {
-          stats[0][tw] = neg_lse_units(stat[0]), stats[1][tw] = stat[1];
+        // (s_stat: its last readers passed this barrier)
+        float(&stats)[2][BMQ] = stats_by_copy ? s_slot_stat[slot] : s_stat[FUSED_DQ ? 0 : g % 2][wg];
+        if (!stats_by_copy) {
+          if constexpr (kStats == 1) {
+            if (tw < 2 * BMQ) stats[tw / BMQ][r] = tw < BMQ ? neg_lse_units(stat[0]) : stat[0];
+          } else {
+            stats[0][tw] = neg_lse_units(stat[0]), stats[1][tw] = stat[1];
+          }
+          named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         }
-        // FUSED_DQ: this warpgroup's staging buffer of this tile's parity is free once the reduction that
-        // read it two tiles ago has (one buffer: below).
-        if (FUSED_DQ && kStageBufs == 2 && tw == 0) bulk_wait_read<1>();
-        named_bar_sync(4 + wg, 128);  // (1 + wg: ConsumerTurns; 3: the producers)
         wg_wait<1>(acc_s);
         float dtanh[SOFTCAP ? 1 : 1][SOFTCAP ? BMQ / 8 : 1][4];
         // (This kernel keeps its own copy of bwd_score_mods and bwd_recompute_p's steps: through them, ptxas's
@@ -702,7 +717,10 @@ flash_bwd_dkdv_ws_kernel(const T* __restrict__ q, const T* __restrict__ k, const
           if (it == n_iters - 1) mbar_arrive_warp(&kv_empty, lane);
           float* stage = sdQ + (g % kStageBufs * 2 + wg) * (kDqTileRows * DQN);
           stage_dq(acc_dq, stage, tw);
-          fence_proxy_async();         // the staged values, to the copy engine's reads
+          fence_proxy_async();  // the staged values, to the copy engine's reads
+          // Two staging buffers: the other one is free for the next tile once the reduction that read it, a
+          // tile ago, has (one buffer: above).
+          if (kStageBufs == 2 && tw == 0) bulk_wait_read<0>();
           named_bar_sync(4 + wg, 128);  // the whole half is staged
           const int row0 = t.m0 + (kRowHalves ? wg * kDqTileRows : 0);  // (past the end: zeros, not added)
           if (tw == 0 && (!kRowHalves || row0 < seqlen_q)) {

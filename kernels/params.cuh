@@ -127,6 +127,8 @@ struct BwdPreprocessParams {
   int head_dim;
   int blocks_per_bh;      // thread blocks per (batch, head)
   int row_lanes;          // lanes per row
+  const float* __restrict__ lse;
+  float* __restrict__ tile_stats;  // if not null: lse (as neg_lse_units) and delta again, in the layout of tile_stats_row
 };
 
 // flash_bwd_dkdv_kernel and flash_bwd_dkdv_ws_kernel (persistent: tile_counter and num_items).
@@ -183,12 +185,15 @@ struct BwdDkdvParams {
   int num_items;
   ModArgs mod;            // the user's score function's captured values (score_fn.cuh); zeros without one
   // flash_bwd_dkdv_ws_kernel with tma != 0: Q and dO (boxes of a query tile's rows) and K and V (boxes of 8
-  // rows) come by TMA (tma.cuh) through these maps; otherwise (and in flash_bwd_dkdv_kernel) zeros, unread.
+  // rows) come by TMA (tma.cuh) through these maps, and where it accumulates dQ also each query tile's lse and
+  // delta (stats_map: the preprocess's copy, dq_accum.cuh tile_stats_row, in boxes of the tile's two rows);
+  // otherwise (and in flash_bwd_dkdv_kernel) zeros, unread.
   int tma;
   TmaMap q_map;
   TmaMap k_map;
   TmaMap v_map;
   TmaMap do_map;
+  TmaMap stats_map;
 };
 
 // flash_bwd_dq_convert_kernel: dq = dq_accum * softmax_scale.

@@ -26,6 +26,14 @@ __device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
 }
 
+// Copy the box at coordinates (c0, c1) (innermost first) of a 2D tensor map to dst (128-byte aligned).
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap& map, int c0, int c1, MBarrier* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // Copy the box at coordinates (c0, c1, c2, c3) (innermost first) of a 4D tensor map to dst.
 __device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap& map, int c0, int c1, int c2, int c3,
                                             MBarrier* bar) {

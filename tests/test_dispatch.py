@@ -235,13 +235,25 @@ def test_dq_accumulation_takes_long_enough_calls():
     assert Options.from_env({"CUFLASH_FUSED_DQ": "all"}).fused_dq_short
 
 
-def test_dq_accumulator_follows_delta_in_64_row_tiles():
+def test_dq_accumulator_follows_delta_in_64_row_tiles(monkeypatch):
     """The workspace: delta (lse's size), then from a 128-byte boundary the dQ accumulator, 64-row tiles of
     head_dim-bucket floats per (batch element, query head); packed sequences (total_q / 64 + batch) tiles per
-    head (kernels/dq_accum.cuh dq_accum_tile)."""
+    head (kernels/dq_accum.cuh dq_accum_tile). Fixed lengths: then each row's lse and delta again, per
+    (batch element, query head) padded to 128 rows (tile_stats_row), which the preprocess fills and the
+    dK/dV kernel copies by TMA, a query tile's two rows a box."""
     variants = choose_bwd("bfloat16", 128, Flags(), "sm_90a")
     dense = problem(batch=2, seqlen_q=100, seqlen_k=100, nheads=3, nheads_k=3)
-    assert _dispatch.dq_accum_floats(variants, dense, 600) == (608, 2 * 3 * 2 * 64 * 128)
+    accum = 2 * 3 * 2 * 64 * 128
+    assert _dispatch.dq_accum_floats(variants, dense, 600) == (608, accum + 2 * 3 * 2 * 128)
+    t = (0x7F0000000000, (100 * 3 * 128, 3 * 128, 128))
+    rows_maps = []
+    monkeypatch.setattr(_dispatch._tma, "tile_map", lambda *a: b"t" * 128)
+    monkeypatch.setattr(_dispatch._tma, "rows_map", lambda *a: rows_maps.append(a) or b"r" * 128)
+    launches = _dispatch.bwd_launches(variants, dense, t, t, t, t, t, 0x10000, 0x20000, t, t, t, dq_accum_ptr=0x40000)
+    pre, dkdv = (values(x[0], x[3]) for x in launches[:2])
+    assert pre["tile_stats"] == 0x40000 + 4 * accum and pre["lse"] == 0x10000
+    assert rows_maps == [(0x40000 + 4 * accum, 128, 2 * 2 * 3, (variants[1].tile.block_q, 2))]
+    assert dkdv["tma"] == 1 and dkdv["stats_map"] == b"r" * 128
     packed = problem(batch=3, seqlen_q=200, seqlen_k=200, nheads=3, nheads_k=3, packed=(300, 300))
     assert _dispatch.dq_accum_floats(variants, packed, 900) == (928, (300 // 64 + 3) * 3 * 64 * 128)
     unfused = choose_bwd("bfloat16", 128, Flags(), "sm_90a", Options(fused_dq=False))

@@ -326,6 +326,7 @@ def choose_dscore(dtype: str, head_dim: int, flags: Flags, arch: str = "sm_80", 
 
 
 DQ_ACCUM_ROWS = 64  # query rows of a dQ accumulator tile (kernels/dq_accum.cuh kDqTileRows)
+TILE_STAT_ALIGN = 128  # (kernels/dq_accum.cuh kTileStatAlign)
 
 
 def dq_accum_floats(variants, p, lse_numel: int) -> tuple[int, int]:
@@ -336,11 +337,26 @@ def dq_accum_floats(variants, p, lse_numel: int) -> tuple[int, int]:
     if not isinstance(variants[2], BwdDqConvertVariant):
         return 0, 0
     offset = -(-lse_numel // 32) * 32
+    return offset, _dq_accum_only_floats(p, variants[2]) + _tile_stats_floats(p)
+
+
+def _dq_accum_only_floats(p, convert) -> int:
     if p.packed:
         tiles = (p.packed[0] // DQ_ACCUM_ROWS + p.batch) * p.nheads
     else:
         tiles = p.batch * p.nheads * -(-p.seqlen_q // DQ_ACCUM_ROWS)
-    return offset, tiles * DQ_ACCUM_ROWS * variants[2].head_dim
+    return tiles * DQ_ACCUM_ROWS * convert.head_dim
+
+
+def _tile_stats_floats(p) -> int:
+    """After the accumulator: each query row's lse and delta again, rows padded to TILE_STAT_ALIGN, which the
+    dK/dV kernel copies with each query tile by TMA (kernels/dq_accum.cuh tile_stats_row); fixed lengths
+    only (packed sequences are not copied by TMA)."""
+    return 0 if p.packed else p.batch * p.nheads * 2 * _tile_stat_cols(p)
+
+
+def _tile_stat_cols(p) -> int:
+    return -(-p.seqlen_q // TILE_STAT_ALIGN) * TILE_STAT_ALIGN
 
 
 def _all_flags():
@@ -488,22 +504,26 @@ def _tma_maps(variant: FwdVariant, p, q, k, v) -> dict:
     return {"tma": 1, "q_map": maps[0], "k_map": maps[1], "v_map": maps[2]}
 
 
-_NO_DKDV_MAPS = dict(_NO_MAPS, do_map=_tma.NO_MAP)
+_NO_DKDV_MAPS = dict(_NO_MAPS, do_map=_tma.NO_MAP, stats_map=_tma.NO_MAP)
 
 
-def _dkdv_tma_maps(variant, p, q, k, v, dout) -> dict:
+def _dkdv_tma_maps(variant, p, q, k, v, dout, tile_stats: int) -> dict:
     """The same for the warp-specialised dK/dV kernel: q and dout in boxes of its query tiles' rows, k and v in
-    boxes of 8 rows (its K/V tiles' layout)."""
-    if not variant.tile.warp_specialised:
+    boxes of 8 rows (its K/V tiles' layout); where it accumulates dQ, also the row statistics at tile_stats
+    (kernels/dq_accum.cuh tile_stats_row) in boxes of a query tile's lse and delta rows."""
+    if not variant.tile.warp_specialised or (variant.tile.fused_dq and not tile_stats):
         return _NO_DKDV_MAPS
+    bq = variant.tile.block_q
     q_shape, k_shape = (p.batch, p.seqlen_q, p.nheads, p.head_dim), (p.batch, p.seqlen_k, p.nheads_k, p.head_dim)
-    maps = (_tma.tile_map(q[0], q_shape, tuple(q[1][:3]), variant.tile.block_q),
+    maps = (_tma.tile_map(q[0], q_shape, tuple(q[1][:3]), bq),
             _tma.tile_map(k[0], k_shape, tuple(k[1][:3]), 8),
             _tma.tile_map(v[0], k_shape, tuple(v[1][:3]), 8),
-            _tma.tile_map(dout[0], q_shape, tuple(dout[1][:3]), variant.tile.block_q))
+            _tma.tile_map(dout[0], q_shape, tuple(dout[1][:3]), bq),
+            _tma.rows_map(tile_stats, _tile_stat_cols(p), 2 * p.batch * p.nheads, (bq, 2)) if variant.tile.fused_dq
+            else _tma.NO_MAP)
     if None in maps:
         return _NO_DKDV_MAPS
-    return {"tma": 1, "q_map": maps[0], "k_map": maps[1], "v_map": maps[2], "do_map": maps[3]}
+    return dict(zip(("q_map", "k_map", "v_map", "do_map", "stats_map"), maps), tma=1)
 
 
 def sinks_launch(variant: FwdSinksVariant, p, o, lse_ptr: int, sinks_ptr: int):
@@ -559,6 +579,8 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
     tma: the warp-specialised dK/dV kernel copies by TMA where the arrays allow (_tma.py).
     """
     pre, dkdv, dqv = variants
+    # The dK/dV kernel's row statistics by copy follow the dQ accumulator (dq_accum_floats).
+    tile_stats = dq_accum_ptr + 4 * _dq_accum_only_floats(p, dqv) if dq_accum_ptr and _tile_stats_floats(p) else 0
     # delta_i = rowsum(dO_i * O_i) for every query row; packed sequences are one batch of total_q rows.
     pre_seqlen, pre_batch = (p.seqlen_q, p.batch) if varlen is None else (varlen[2], 1)
     launches = []
@@ -566,7 +588,8 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
         lanes = preprocess_row_lanes(p.head_dim, pre.dtype)
         blocks_per_bh = -(-pre_seqlen // (PREPROCESS_ROWS * pre.threads // lanes))
         fields = {"dout": dout[0], "out": out[0], "delta": delta_ptr, "seqlen_q": pre_seqlen, "nheads": p.nheads,
-                  "head_dim": p.head_dim, "blocks_per_bh": blocks_per_bh, "row_lanes": lanes}
+                  "head_dim": p.head_dim, "blocks_per_bh": blocks_per_bh, "row_lanes": lanes, "lse": lse_ptr,
+                  "tile_stats": tile_stats}
         _put_strides(fields, do=dout, o=out)
         launches.append((pre, pre_batch * p.nheads * blocks_per_bh, pre.threads, param_struct(pre.params).pack(fields)))
     common = _common_fields(p, alibi, varlen, dropout, mod)
@@ -579,7 +602,7 @@ def bwd_launches(variants, p, q, k, v, dout, out, lse_ptr: int, delta_ptr: int, 
         fields = dict(common, dk=dk[0], dv=dv[0], dq_accum=dq_accum_ptr, num_n_blocks=num_n_blocks, lists=key_lists,
                       tile_counter=persistent[0], num_items=items)
         _put_strides(fields, dk=dk, dv=dv)
-        fields.update(_dkdv_tma_maps(dkdv, p, q, k, v, dout) if tma and varlen is None else _NO_DKDV_MAPS)
+        fields.update(_dkdv_tma_maps(dkdv, p, q, k, v, dout, tile_stats) if tma and varlen is None else _NO_DKDV_MAPS)
         launches.append((dkdv, min(items, persistent[1]), dkdv.threads, param_struct(dkdv.params).pack(fields)))
     if isinstance(dqv, BwdDqConvertVariant):
         m_tiles = -(-p.seqlen_q // DQ_ACCUM_ROWS)

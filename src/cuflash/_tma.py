@@ -15,7 +15,7 @@ NO_MAP = bytes(_MAP_BYTES)  # what a kernel gets where it copies without TMA
 
 # CUtensorMapDataType, CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
 # CUtensorMapFloatOOBfill values (cuda.h)
-_UINT16, _NO_INTERLEAVE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_ZEROS = 1, 0, 3, 3, 0
+_UINT16, _UINT32, _NO_INTERLEAVE, _NO_SWIZZLE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_ZEROS = 1, 2, 0, 0, 3, 3, 0
 _MAX_STRIDE = 1 << 40
 
 
@@ -53,12 +53,27 @@ def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int
     encode = _encode_tiled()
     if encode is None:
         return None
+    return _encode(encode, _UINT16, ptr, (head_dim, seqlen, heads, batch), byte_strides, (64, rows, 1, 1),
+                   _SWIZZLE_128B)
+
+
+@functools.lru_cache(maxsize=256)
+def rows_map(ptr: int, cols: int, rows: int, box: tuple[int, int]) -> bytes | None:
+    """The tensor map of a row-major (rows, cols) array of 32-bit words at ptr (cols a multiple of 4), for
+    unswizzled boxes of box = (columns, rows); None where TMA cannot take it."""
+    encode = _encode_tiled()
+    if encode is None or ptr % 16 or cols % 4 or not 0 < cols < 1 << 32 or not 0 < rows < 1 << 32:
+        return None
+    return _encode(encode, _UINT32, ptr, (cols, rows), (4 * cols,), box, _NO_SWIZZLE)
+
+
+def _encode(encode, dtype: int, ptr: int, dims, byte_strides, box, swizzle: int) -> bytes | None:
+    """cuTensorMapEncodeTiled of a len(dims)-D array (innermost first; byte strides of all but the first),
+    zeros outside it; None where the driver refuses."""
+    n = len(dims)
     out = ctypes.create_string_buffer(_MAP_BYTES + 64)
     at = -ctypes.addressof(out) % 64  # a CUtensorMap is 64-byte aligned
-    dims = (ctypes.c_uint64 * 4)(head_dim, seqlen, heads, batch)
-    steps = (ctypes.c_uint64 * 3)(*byte_strides)
-    box = (ctypes.c_uint32 * 4)(64, rows, 1, 1)
-    element_steps = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    err = encode(ctypes.addressof(out) + at, _UINT16, 4, ptr, dims, steps, box, element_steps, _NO_INTERLEAVE,
-                 _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_ZEROS)
+    err = encode(ctypes.addressof(out) + at, dtype, n, ptr, (ctypes.c_uint64 * n)(*dims),
+                 (ctypes.c_uint64 * (n - 1))(*byte_strides), (ctypes.c_uint32 * n)(*box),
+                 (ctypes.c_uint32 * n)(*([1] * n)), _NO_INTERLEAVE, swizzle, _L2_PROMOTION_256B, _OOB_ZEROS)
     return None if err else out.raw[at:at + _MAP_BYTES]
