@@ -899,6 +899,8 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // wgmma runs asynchronously: dP = dO Vᵀ is issued now and computes during the softmax below.
     if constexpr (WG) Tile::template mma_abt<MT, BN, D>(dp, smem_addr(sdO), warp_row, v_tile, lane);
     Tile::template wait<WG ? 1 : 0>(p);
+    if constexpr (kMod == 2)  // the scores the function sees, for captured arrays that multiply them
+      if (mod.scores != nullptr) store_score_pairs(p, mod.scale, mod.scores, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
     constexpr bool kDtanh = SOFTCAP || kModGrad<kMod != 0>;  // a derivative kept per score (kMod: 1, or 2 to store dS)
     float dtanh[kDtanh ? MT : 1][kDtanh ? BN / 8 : 1][4];
     bwd_score_mods<false, ElemTraits<T>::is_f32, SPARSE, ALIBI, SOFTCAP, kMod != 0>(
@@ -921,7 +923,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     float (&ds)[MT][BN / 8][4] = dp;  // dS overwrites dP
     bwd_probs_to_ds<DROPOUT, SOFTCAP, true>(ds, p, dp, dtanh, row_delta, dropout.keep_scale, lane);
     if constexpr (kMod == 2) {  // dS with respect to the function's value (captured arrays' gradients), no dQ
-      store_dscore(ds, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
+      store_score_pairs(ds, 1.f, mod.dscore, mod, b, h, m0 + warp_row, n0, seqlen_q, seqlen_k, lane);
       continue;
     }
     if constexpr (kMod != 0)

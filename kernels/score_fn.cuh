@@ -53,6 +53,7 @@ struct ModArgs {
   long long dscore_sb;
   long long dscore_sh;
   long long dscore_ss;
+  float* scores;  // with dscore, if not null: the scores s the function saw, in dscore's layout (captures that scale s)
   float* dpsum;  // dQ kernel with MOD & 4: rowsum(P * dP) over the keys in fp32, laid out as lse (sinks' gradient)
 };
 
@@ -156,16 +157,18 @@ __device__ __forceinline__ void apply_score_fn(float (&acc)[MT][NT][4], float (&
   });
 }
 
-// dS with respect to the score function's value u (before its derivative), for the gradients of captured
-// arrays (_capture_grads.py): each (query, key) of the sequences written once, by the dQ kernel that owns
-// the query rows; pairs the kernels skip keep the buffer's zeros.
+// For the gradients of captured arrays (_capture_grads.py), in the layout of dscore (fp32 (batch, head, query,
+// key)): dS with respect to the score function's value u (before its derivative) into a.dscore, or the
+// scores s it saw (x = Q Kᵀ, factor = the softmax scale) into a.scores. Each (query, key) of the sequences
+// is written once, by the dQ kernel that owns the query rows; pairs the kernels skip keep the buffer's zeros.
 template <int MT, int NT>
-__device__ __forceinline__ void store_dscore(const float (&ds)[MT][NT][4], const ModArgs& a, int b, int h, int row0,
-                                             int col0, int seqlen_q, int seqlen_k, int lane) {
-  float* base = a.dscore + b * a.dscore_sb + h * a.dscore_sh;
+__device__ __forceinline__ void store_score_pairs(const float (&x)[MT][NT][4], float factor, float* buffer,
+                                                  const ModArgs& a, int b, int h, int row0, int col0, int seqlen_q,
+                                                  int seqlen_k, int lane) {
+  float* base = buffer + b * a.dscore_sb + h * a.dscore_sh;
   for_each_element<MT, NT>([&](int mt, int nt, int c) {
     const int i = row0 + mt * 16 + lane / 4 + (c / 2) * 8, j = col0 + nt * 8 + (lane % 4) * 2 + c % 2;
-    if (i < seqlen_q && j < seqlen_k) base[i * a.dscore_ss + j] = ds[mt][nt][c];
+    if (i < seqlen_q && j < seqlen_k) base[i * a.dscore_ss + j] = x[mt][nt][c] * factor;
   });
 }
 

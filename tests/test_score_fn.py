@@ -21,13 +21,16 @@ def array(shape, dtype="bfloat16"):
 @pytest.mark.parametrize("code, grad", [("score", "1.f"), ("score + bias[b][h][q][kv]", "1.f"),
                                         ("score - 0.5f * fabsf(q - kv)", "1.f"), ("rel[h][q - kv + 512] + score", "1.f"),
                                         ("score * alpha", "(alpha)"), ("t[h] * score", "(t[h])"),
-                                        ("score / (1.f + s)", "1.f / ((1.f + s))")])
+                                        ("score / (1.f + s)", "1.f / ((1.f + s))"), ("score * a + b", "(a)"),
+                                        ("x - score", "-1.f"), ("a + b * score", "(b)"),
+                                        ("score * w[h] + bias[h][q][kv]", "(w[h])"), ("score * a / b", "(a / b)"),
+                                        ("2.f * score - score / s + 1e-3f * x", "(2.f) - 1.f / (s)")])
 def test_linear_forms_get_their_derivative(code, grad):
     assert derive_grad(code) == grad
 
 
-@pytest.mark.parametrize("code", ["score * a + b", "tanhf(score)", "score + a ? 1.f : 2.f", "score * score",
-                                  "x - score", "a + b * score"])
+@pytest.mark.parametrize("code", ["tanhf(score)", "score + a ? 1.f : 2.f", "score * score", "score / x * y",
+                                  "a * score * b", "score * (score + 1.f)"])
 def test_other_forms_ask_for_grad(code):
     with pytest.raises(ValueError, match="grad="):
         _score_fn.score_fn(ScoreMod(code), None)
@@ -133,15 +136,20 @@ def test_snippets_travel_through_ops_as_key_tensors_and_scalars():
 @pytest.mark.parametrize("code, shape", [
     ("score + bias[b][h][q][kv]", (2, 3, 5, 7)), ("score + bias[h][q][kv]", (3, 5, 7)),
     ("bias[kv][q] + score", (7, 5)), ("score - 0.5f * x + bias[b][kv]", (2, 7)),
-    ("score + rel[h][q - kv + c]", (3, 11)), ("score - rel[kv - q + 6]", (13,)), ("score + rel[q - kv + 9][h]", (20, 3))])
+    ("score + rel[h][q - kv + c]", (3, 11)), ("score - rel[kv - q + 6]", (13,)), ("score + rel[q - kv + 9][h]", (20, 3)),
+    ("score * t + bias[h][q][kv]", (3, 5, 7)), ("score * bias[h]", (3,)), ("bias[b][h][q][kv] * score", (2, 3, 5, 7)),
+    ("score * rel[h][q - kv + c] - x", (3, 11))])
 def test_captured_array_gradients_from_ds(code, shape):
+    """d(loss)/d(array) from dS (and the scores, for score's factor) against autograd of sum(u * dS), u the
+    snippet's value on random scores."""
     torch = pytest.importorskip("torch")
     from cuflash import _capture_grads
 
     name = re.search(r"(bias|rel)\[", code).group(1)
     captures = {"c": 6}
-    sign, indices = _capture_grads.plan(code, name, captures)
-    ds = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    sign, indices, by_score = _capture_grads.plan(code, name, captures)
+    assert by_score == (f"score * {name}" in code or code.endswith("* score"))
+    ds, scores = torch.randn(2, 3, 5, 7, dtype=torch.float64), torch.randn(2, 3, 5, 7, dtype=torch.float64)
     array = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     b, h, q, kv = (torch.arange(n).view(*[n if d == i else 1 for d in range(4)]) for i, n in enumerate(ds.shape))
     env = {"b": b, "h": h, "q": q, "kv": kv}
@@ -152,13 +160,15 @@ def test_captured_array_gradients_from_ds(code, shape):
         else:
             index.append(env[i])
     value = array[tuple(index)].expand(ds.shape)
-    (want,) = torch.autograd.grad((sign * value * ds).sum(), array)
-    got = _capture_grads.capture_grad(ds, array.detach(), sign, indices)
+    (want,) = torch.autograd.grad((sign * value * (scores if by_score else 1) * ds).sum(), array)
+    got = _capture_grads.capture_grad(ds, array.detach(), sign, indices, by_score, scores)
     assert torch.allclose(got, want)
 
 
-@pytest.mark.parametrize("code", ["score * bias[q][kv]", "score + bias[q][kv] * 2.f", "score + bias[q + 1][kv]",
-                                  "score + bias[q][kv] + bias[kv][q]", "tanhf(score) + bias[q][kv]"])
+@pytest.mark.parametrize("code", ["score * bias[q][kv] * 2.f", "score + bias[q][kv] * 2.f", "score + bias[q + 1][kv]",
+                                  "score + bias[q][kv] + bias[kv][q]", "tanhf(score) + bias[q][kv]",
+                                  "score * bias[q][kv] + bias[kv][q]", "score / bias[q][kv]", "bias[q][kv] - score",
+                                  "score * (bias[q][kv] + 1.f)"])
 def test_captured_array_gradients_refuse_other_forms(code):
     from cuflash import _capture_grads
 

@@ -148,11 +148,43 @@ def test_gradients_of_a_bias_and_a_relative_table():
         assert_close_2x(g, w, b, name)
 
 
+@pytest.mark.parametrize("code, causal", [("score * w[h] + bias[h][q][kv]", False), ("w[q][kv] * score", True)])
+def test_gradients_of_a_factor_of_the_score(code, causal):
+    """A captured array that multiplies the score: its gradient sums dS * score (the dS kernel also stores
+    the scores it saw; pairs a causal mask skips add nothing); the derivative with respect to score is
+    derived (w[h], w[q][kv])."""
+    shape = (2, 113, 203, 4, 2, 64)
+    q, k, v = (x.requires_grad_() for x in inputs(shape, seed=33))
+    per_head = "w[h]" in code
+    w = (torch.rand(*((4,) if per_head else (113, 203)), device="cuda") + 0.5).requires_grad_()
+    bias = torch.randn(4, 113, 203, device="cuda", requires_grad=True)
+    captures = dict(w=w, bias=bias) if "bias" in code else dict(w=w)
+    out = cuflash.flash_attn_func(q, k, v, causal=causal, score_mod=ScoreMod(code, **captures))
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, *captures.values()), dout)
+
+    def run(compute):
+        leaves = [x.detach().to(compute or x.dtype).requires_grad_() for x in (q, k, v)]
+        arrays = {n: x.detach().to(compute or torch.float32).requires_grad_() for n, x in captures.items()}
+        w2, b2 = arrays["w"], arrays.get("bias")
+        score = ((lambda s, bi, hi, ii, ji: s * w2[hi] + b2[hi, ii, ji]) if per_head
+                 else (lambda s, bi, hi, ii, ji: w2[ii, ji] * s))
+        mask = (lambda bi, hi, ii, ji: ji <= ii + 203 - 113) if causal else None
+        o, _ = attention(*leaves, score, mask, compute=compute)
+        return o, torch.autograd.grad(o, (*leaves, *arrays.values()), dout.to(o.dtype))
+
+    ref, want = run(torch.float64)
+    plain, base = run(None)
+    assert_close_2x(out, ref, plain)
+    for name, g, w_, b in zip(("dq", "dk", "dv", *(f"d{n}" for n in captures)), got, want, base):
+        assert_close_2x(g, w_, b, name)
+
+
 def test_a_captured_tensor_used_otherwise_refuses_its_gradient():
     q, k, v = (x.requires_grad_() for x in inputs((1, 64, 64, 2, 2, 64)))
     scale = torch.ones(64, 64, device="cuda", requires_grad=True)
     with pytest.raises(NotImplementedError, match="'scale'"):
-        cuflash.flash_attn_func(q, k, v, score_mod=ScoreMod("score * scale[q][kv]", grad="scale[q][kv]", scale=scale))
+        cuflash.flash_attn_func(q, k, v, score_mod=ScoreMod("score / scale[q][kv]", scale=scale))
 
 
 def sink_attention(q, k, v, sinks, causal, compute=None, softmax_fp32=False):
@@ -252,11 +284,37 @@ def test_jax_gradients_of_a_bias_and_a_relative_table_inside_jit():
         torch.testing.assert_close(torch.from_dlpack(g).float(), w.float(), rtol=2e-3, atol=2e-3, msg=name)
 
     scale = jnp.ones((113, 203), jnp.float32)
-    mod = lambda sc: ScoreMod("score * scale[q][kv]", grad="scale[q][kv]", scale=sc)  # noqa: E731
+    mod = lambda sc: ScoreMod("score / scale[q][kv]", scale=sc)  # noqa: E731
     only_q = jax.grad(lambda qj: cuflash.flash_attn_func(qj, kj, vj, score_mod=mod(scale)).astype(jnp.float32).sum())
     assert only_q(qj).shape == qj.shape
     with pytest.raises(NotImplementedError, match="'scale'"):
         jax.grad(lambda sc: cuflash.flash_attn_func(qj, kj, vj, score_mod=mod(sc)).astype(jnp.float32).sum())(scale)
+
+
+def test_jax_gradient_of_a_factor_of_the_score_inside_jit():
+    """jax.grad of a per-head factor of the score (dS times the scores, reduced in JAX) against PyTorch's,
+    which test_gradients_of_a_factor_of_the_score holds to the float64 reference."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    q, k, v = (x.requires_grad_() for x in inputs((2, 113, 203, 4, 2, 64), seed=35))
+    w = (torch.rand(4, device="cuda") + 0.5).requires_grad_()
+    code = "score * w[h] - 0.25f * fabsf(q - kv)"
+    out = cuflash.flash_attn_func(q, k, v, causal=True, score_mod=ScoreMod(code, w=w))
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, w), dout)
+    qj, kj, vj, wj, dj = (jnp.asarray(x.detach().float().cpu().numpy()).astype(str(x.dtype).split(".")[1])
+                          for x in (q, k, v, w, dout))
+
+    @jax.jit
+    def grads(qj, wj):
+        def loss(qj, wj):
+            o = cuflash.flash_attn_func(qj, kj, vj, causal=True, score_mod=ScoreMod(code, w=wj))
+            return (o.astype(jnp.float32) * dj.astype(jnp.float32)).sum()
+        return jax.grad(loss, argnums=(0, 1))(qj, wj)
+
+    for name, g, w_ in zip(("dq", "dw"), grads(qj, wj), want):
+        assert g.shape == tuple(w_.shape), name
+        torch.testing.assert_close(torch.from_dlpack(g).float(), w_.float(), rtol=2e-3, atol=2e-3, msg=name)
 
 
 def test_torch_compile_with_a_bias_gradient_and_sinks():

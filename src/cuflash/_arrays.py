@@ -87,11 +87,13 @@ def forward(q, k, v, *, softmax_scale=None, causal=False, window=(-1, -1), softc
 def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0,
              dropout_p=0.0, rng=None, alibi_slopes=None, block_mask=None, lists=None, cu_seqlens=None,
              max_seqlen=None, deterministic=False, score_mod=None, mask_mod=None, score_grads=False,
-             row_sums=False):
+             scores=False, row_sums=False):
     """(dq, dk, dv) from the forward's output and log-sum-exp; the other arguments as for forward.
     deterministic: bitwise reproducible gradients (dQ from its own kernel, never accumulated by atomics).
     score_grads: also return dS with respect to the score function's value, float32 (batch, nheads,
     seqlen_q, seqlen_k) (per sequence for packed batches), for its captured arrays' gradients.
+    scores (with score_grads): then also the scores the score function saw (q·k * softmax_scale, where
+    the kernels visited them; zeros elsewhere), float32 shaped as dS, for captured arrays that multiply them.
     row_sums: also return rowsum(P * dP) over the keys, float32 shaped as softmax_lse (the sinks' gradient,
     -sum of P_sink times it, exact where rowsum(dO * O) reads the rounded output)."""
     if _bridge.framework_of(q) == "jax":
@@ -111,11 +113,15 @@ def backward(dout, q, k, v, out, softmax_lse, *, softmax_scale=None, causal=Fals
         if not p.mod:
             raise ValueError("score_grads: needs a score_mod")
         grads.append(_bridge.empty(qa, p.dscore_shape, "float32"))
+        if scores:
+            grads.append(_bridge.empty(qa, p.dscore_shape, "float32"))
+    elif scores:
+        raise ValueError("scores: needs score_grads")
     if row_sums:
         grads.append(_bridge.empty(qa, p.lse_shape, "float32"))
     _engine.backward(p, qa, ka, va, doa, oa, la, workspace, *(g for _, g in grads[:3]), _bridge.current_stream(qa),
                      options, dropout=dropout, dscore=grads[3][1] if score_grads else None,
-                     dpsum=grads[-1][1] if row_sums else None, **launch)
+                     scores=grads[4][1] if scores else None, dpsum=grads[-1][1] if row_sums else None, **launch)
     if qa.framework == "dlpack":
         return tuple(g.obj for _, g in grads)
     return tuple(g for g, _ in grads)

@@ -1,9 +1,13 @@
 """Gradients of a score function's captured arrays (PyTorch and JAX), from dS with respect to the function's value,
-float32 (batch, nheads, seqlen_q, seqlen_k), which the dQ kernel's MOD == 2 instance stores.
+float32 (batch, nheads, seqlen_q, seqlen_k), which the dQ kernel's MOD == 2 instance stores (with the scores
+the function saw beside it, where an array multiplies them).
 
-They are computed for an additive term of the snippet, `score + name[i0][i1]...` (among any other terms
-that use neither name nor score): d(loss)/d(name[idx]) is the sum of dS over the (b, h, q, kv) that read
-idx. An index is b, h, q or kv (each at most once; arrays broadcast over the ones they leave out), or one
+They are computed where the snippet is a sum of terms, one of them score or score times a factor
+(`score * f` or `f * score`), the others without score, and the array is read once, as `name[i0][i1]...`:
+- as a term of the sum (`score + name[...]`, `score * f - name[...]`): d(loss)/d(name[idx]) is the sum
+  of dS over the (b, h, q, kv) that read idx;
+- as the factor (`score * name[...]`): the sum of dS * score.
+An index is b, h, q or kv (each at most once; arrays broadcast over the ones they leave out), or one
 relative index `q - kv` or `kv - q`, plus or minus an int literal or int scalar (a table of relative
 positions). The sums are the framework's reductions and one scatter of distinct positions: the same order
 every run, no atomics.
@@ -14,10 +18,11 @@ import re
 
 _VARS = ("b", "h", "q", "kv")  # dS's dimensions
 _TERM = re.compile(r"(\w+)((?:\[[^\[\]]+\])+)")
+_EXPONENT = re.compile(r"(?<![\w.])(\d+\.?\d*|\.\d+)[eE]$")  # a float literal's exponent sign follows
 _RELATIVE = re.compile(r"(q|kv)\s*-\s*(q|kv)\s*(?:([+-])\s*(\w+))?")
 
 
-def _terms(code: str) -> list[tuple[int, str]]:
+def top_level_terms(code: str) -> list[tuple[int, str]]:
     """The top-level terms of an expression, with their signs (binary + and -)."""
     terms, depth, start, sign, prev = [], 0, 0, 1, ""
     for i, ch in enumerate(code):
@@ -25,7 +30,7 @@ def _terms(code: str) -> list[tuple[int, str]]:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif depth == 0 and ch in "+-" and (prev.isalnum() or prev in "_)]."):
+        elif depth == 0 and ch in "+-" and (prev.isalnum() or prev in "_)].") and not _EXPONENT.search(code[:i]):
             terms.append((sign, code[start:i].strip()))
             sign, start = (1 if ch == "+" else -1), i + 1
         if not ch.isspace():
@@ -34,21 +39,36 @@ def _terms(code: str) -> list[tuple[int, str]]:
     return terms
 
 
-def plan(code: str, name: str, captures: dict) -> tuple[int, list]:
-    """(sign, indices) of name's additive term in a ScoreMod's code, each index a variable of _VARS or
-    ("rel", +1 for q - kv / -1 for kv - q, offset); NotImplementedError for any other use of name."""
+def score_factor(term: str) -> str | None:
+    """f where a term is `score * f` or `f * score` (f without score), "" where it is score; else None."""
+    if term == "score":
+        return ""
+    m = re.fullmatch(r"score\s*\*\s*(.+)", term, re.S) or re.fullmatch(r"(.+?)\s*\*\s*score", term, re.S)
+    return m.group(1).strip() if m and not re.search(r"\bscore\b", m.group(1)) else None
+
+
+def plan(code: str, name: str, captures: dict) -> tuple[int, list, bool]:
+    """(sign, indices, by_score) of name's use in a ScoreMod's code (module docstring): each index a variable
+    of _VARS or ("rel", +1 for q - kv / -1 for kv - q, offset); by_score: name is score's factor (its
+    gradient sums dS * score, else dS). NotImplementedError for any other use of name."""
     def refuse(why):
-        return NotImplementedError(f"score_mod: the gradient of captured {name!r} is computed for an additive term "
-                                   f"({name}[b][h][q][kv], a table {name}[h][q - kv + c], ...) beside score; {why}")
+        return NotImplementedError(f"score_mod: the gradient of captured {name!r} is computed for a term "
+                                   f"({name}[b][h][q][kv], a table {name}[h][q - kv + c], ...) beside score, or for "
+                                   f"score's factor (score * {name}[h]); {why}")
     if re.search(r"\breturn\b", code):
         raise refuse("this snippet is a function body")
-    terms = _terms(code)
-    if (1, "score") not in terms:
-        raise refuse("the snippet is not score plus terms")
+    terms = top_level_terms(code)
+    with_score = [(s, t) for s, t in terms if re.search(r"\bscore\b", t)]
+    if len(with_score) != 1 or with_score[0][0] != 1 or score_factor(with_score[0][1]) is None:
+        raise refuse("the snippet is not score, or score times a factor, plus terms without score")
+    factor = score_factor(with_score[0][1])
     mine = [(s, t) for s, t in terms if re.search(rf"\b{name}\b", t)]
-    if len(mine) != 1 or any(re.search(r"\bscore\b", t) for s, t in terms if t != "score"):
-        raise refuse(f"{name} appears in {len(mine)} terms, or score inside one")
+    if len(mine) != 1:
+        raise refuse(f"{name} appears in {len(mine)} terms")
     sign, term = mine[0]
+    by_score = term == with_score[0][1]
+    if by_score:
+        term = factor
     m = _TERM.fullmatch(term)
     if not m or m.group(1) != name:
         raise refuse(f"its term {term!r} is not {name}[...][...]")
@@ -72,13 +92,16 @@ def plan(code: str, name: str, captures: dict) -> tuple[int, list]:
             indices.append(("rel", 1 if rel.group(1) == "q" else -1, offset))
             continue
         raise refuse(f"index {text!r} is not one of b, h, q, kv or a relative position")
-    return sign, indices
+    return sign, indices, by_score
 
 
-def capture_grad(dscore, array, sign: int, indices: list):
-    """d(loss)/d(array) from dS (torch float32, (batch, nheads, seqlen_q, seqlen_k)) for plan()'s term."""
+def capture_grad(dscore, array, sign: int, indices: list, by_score: bool = False, scores=None):
+    """d(loss)/d(array) from dS (torch float32, (batch, nheads, seqlen_q, seqlen_k)) for plan()'s use, and
+    where by_score, the scores the function saw (dscore's shape)."""
     import torch
 
+    if by_score:
+        dscore = dscore * scores
     rel = [i for i in indices if isinstance(i, tuple)]
     kept = [v for v in _VARS if v in indices or (rel and v in ("q", "kv"))]
     g = dscore.sum(dim=[d for d, v in enumerate(_VARS) if v not in kept]) if len(kept) < 4 else dscore
@@ -107,12 +130,14 @@ def capture_grad(dscore, array, sign: int, indices: list):
     return (out * sign).to(array.dtype)
 
 
-def capture_grad_jax(dscore, array, sign: int, indices: tuple):
+def capture_grad_jax(dscore, array, sign: int, indices: tuple, by_score: bool = False, scores=None):
     """capture_grad for JAX arrays (inside jit: shapes are static). A relative table's diagonal sums come
     from skewing dS (flip kv, pad, reshape: row q shifted by q) and summing over q."""
     import jax.numpy as jnp
     import numpy as np
 
+    if by_score:
+        dscore = dscore * scores
     rel = [i for i in indices if isinstance(i, tuple)]
     kept = [v for v in _VARS if v in indices or (rel and v in ("q", "kv"))]
     g = dscore.sum(axis=tuple(d for d, v in enumerate(_VARS) if v not in kept)) if len(kept) < 4 else dscore

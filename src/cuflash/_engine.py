@@ -80,12 +80,13 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
              lse: DeviceArray, workspace: DeviceArray, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, stream: int,
              options: Options, *, lists=None, alibi=None, cu_seqlens=None,
              dropout: tuple = _dispatch.NO_DROPOUT, score_fn=None, dscore: DeviceArray | None = None,
-             dpsum: DeviceArray | None = None) -> None:
+             dpsum: DeviceArray | None = None, scores: DeviceArray | None = None) -> None:
     """Write dq, dk, dv for problem p; workspace is a float32 buffer of bwd_workspace_floats (one of only
     lse's size gets the dQ kernel instead of an accumulator). dscore: a float32 p.dscore_shape buffer that a
     fourth kernel fills with dS with respect to the score function's value (zeros where skipped), for the
-    gradients of its captured arrays. dpsum: a float32 buffer shaped as lse that the dQ kernel fills with
-    rowsum(P * dP) in fp32, for the sinks' gradient."""
+    gradients of its captured arrays; scores (with dscore): one in its layout that the same kernel fills
+    with the scores the function saw, for captured arrays that multiply them. dpsum: a float32 buffer shaped
+    as lse that the dQ kernel fills with rowsum(P * dP) in fp32, for the sinks' gradient."""
     arch = _arch.kernel_arch(q.device, options.wgmma)
     flags = lambda options: dataclasses.replace(p.flags(options), sink_grad=dpsum is not None)  # noqa: E731
     variants = _dispatch.choose_bwd(p.dtype, p.head_dim, flags(options), arch, options)
@@ -107,8 +108,13 @@ def backward(p: Problem, q: DeviceArray, k: DeviceArray, v: DeviceArray, dout: D
     dscore_launch = None
     if dscore is not None:
         dscore_variant = _dispatch.choose_dscore(p.dtype, p.head_dim, p.flags(options), arch, options)
-        dscore_launch = (dscore_variant, score_fn.args(p.softmax_scale, (dscore.ptr, *dscore.strides[:3])))
-        _zero_async(q.device, dscore.ptr, 4 * math.prod(dscore.shape), stream)
+        if scores is not None and tuple(scores.strides) != tuple(dscore.strides):
+            raise ValueError("scores: must have dscore's layout")
+        at = (dscore.ptr, *dscore.strides[:3], scores.ptr if scores is not None else 0)
+        dscore_launch = (dscore_variant, score_fn.args(p.softmax_scale, at))
+        for buffer in (dscore, scores):
+            if buffer is not None:
+                _zero_async(q.device, buffer.ptr, 4 * math.prod(buffer.shape), stream)
     launches = _dispatch.bwd_launches(
         variants, p, *_arrays(q, k, v, dout, out), lse.ptr, delta.ptr, *_arrays(dq, dk, dv), query_lists, key_lists,
         alibi or _dispatch.NO_ALIBI, _seq(p, cu_seqlens), dropout, persistent[dkdv_variant], persistent[dq_variant],

@@ -11,8 +11,9 @@ end in `return`:
     cuflash.MaskMod("doc[q] == doc[kv]", doc=doc_ids)
     cuflash.MaskMod("kv <= q || kv < prefix", prefix=128)
 
-A ScoreMod's derivative with respect to the score (`grad`, the same kind of snippet) is derived for
-`score + x`, `x + score`, `score - x`, `score * x`, `x * score` and `score / x`; other forms must give it.
+A ScoreMod's derivative with respect to the score (`grad`, the same kind of snippet) is derived for sums
+of terms without score and `score`, `score * x`, `x * score` or `score / x` (`score * w[h] + bias[h][q][kv]`:
+`(w[h])`); other forms must give it.
 
 The snippets become `struct UserMod` (kernels/score_fn.cuh) in a header that NVRTC compiles with the kernel;
 the header (the snippets and the captured arrays' types and ranks) is hashed into the kernel cache's key,
@@ -30,6 +31,7 @@ from ._compile import USER_HEADER as HEADER_NAME
 from ._compile import nvrtc_options
 
 MAX_ARRAYS, MAX_DIMS, MAX_SCALARS = 4, 4, 8  # kernels/score_fn.cuh ModArgs
+NO_DSCORE = (0, 0, 0, 0, 0)  # ModArgs' dscore, its strides and scores: no dS kernel
 _RESERVED = {"score", "b", "h", "q", "kv", "args_"}
 _C_KEYWORDS = {"auto", "bool", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
                "enum", "extern", "float", "for", "goto", "if", "int", "long", "return", "short", "signed",
@@ -102,28 +104,33 @@ def _uses_score(expr: str) -> bool:
 
 
 def derive_grad(code: str) -> str:
-    """d(code) / d(score) for the linear forms the module docstring lists; ValueError for any other."""
-    if code == "score":
-        return "1.f"
-    loose = set("?:,=<>|&;!")  # operators that bind more loosely than + and - (or statements)
-    m = re.fullmatch(r"score\s*([-+*/])\s*(.+)", code, re.S)
-    if m and not _uses_score(m.group(2)):
-        op, rest = m.groups()
-        top = _top_level(rest)
-        if op in "+-" and not loose & set(top):
-            return "1.f"
-        if op in "*/" and not (loose | set("+-")) & set(top):
-            return f"({rest})" if op == "*" else f"1.f / ({rest})"
-    m = re.fullmatch(r"(.+?)\s*([+*])\s*score", code, re.S)
-    if m and not _uses_score(m.group(1)):
-        rest, op = m.groups()
-        top = _top_level(rest)
-        if op == "+" and not loose & set(top):
-            return "1.f"
-        if op == "*" and not (loose | set("+-/")) & set(top):
-            return f"({rest})"
-    raise ValueError(f"ScoreMod({code!r}): give its derivative with respect to score as grad=...; it is derived "
-                     f"only for score + x, x + score, score - x, score * x, x * score and score / x")
+    """d(code) / d(score) where code is a sum of terms (binary + and -, nothing that binds more loosely at its
+    top level), each without score, or score, `score * f`, `f * score` or `score / f` (f without score; after
+    /, without a top-level * or /); ValueError for any other form."""
+    from ._capture_grads import top_level_terms, score_factor
+
+    def refuse():
+        return ValueError(f"ScoreMod({code!r}): give its derivative with respect to score as grad=...; it is "
+                          f"derived only for sums of terms without score and score, score * x, x * score or "
+                          f"score / x")
+    if set("?:,=<>|&;!{}") & set(_top_level(code)):  # (looser than + and -, or statements)
+        raise refuse()
+    parts = []
+    for sign, term in top_level_terms(code):
+        if not _uses_score(term):
+            continue
+        factor = score_factor(term)
+        if factor is None:
+            m = re.fullmatch(r"score\s*/\s*(.+)", term, re.S)
+            if not m or _uses_score(m.group(1)) or set("*/") & set(_top_level(m.group(1))):
+                raise refuse()
+            parts.append((sign, f"1.f / ({m.group(1)})"))
+        else:
+            parts.append((sign, f"({factor})" if factor else "1.f"))
+    if not parts:
+        return "0.f"
+    text = ("-" if parts[0][0] < 0 else "") + parts[0][1]
+    return text + "".join(f" {'+' if sign > 0 else '-'} {part}" for sign, part in parts[1:])
 
 
 @dataclass
@@ -179,9 +186,10 @@ class ScoreFn:
     scalars: list
     lines: dict  # header line -> (snippet label, line inside the snippet)
 
-    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
-        """dscore: (pointer, batch, head, query strides) of the buffer the dS kernel fills, or zeros; dpsum:
-        the buffer of rowsum(P * dP) (the sinks' gradient), or 0."""
+    def args(self, softmax_scale: float, dscore: tuple = NO_DSCORE, dpsum: int = 0) -> tuple:
+        """dscore: (pointer, batch, head, query strides) of the buffer the dS kernel fills and the pointer of
+        one in its layout for the scores (or 0), or zeros; dpsum: the buffer of rowsum(P * dP) (the sinks'
+        gradient), or 0."""
         return mod_args([a.ptr for a in self.arrays], [a.strides for a in self.arrays], self.scalars, softmax_scale,
                         dscore, dpsum)
 
@@ -198,7 +206,7 @@ class ScoreFn:
         return devices.pop() if devices else None
 
 
-def mod_args(ptrs, strides, scalars, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
+def mod_args(ptrs, strides, scalars, softmax_scale: float, dscore: tuple = NO_DSCORE, dpsum: int = 0) -> tuple:
     """ModArgs' fields (kernels/score_fn.cuh), padded with zeros."""
     flat = []
     for i in range(MAX_ARRAYS):
@@ -375,8 +383,8 @@ def unflatten(key: str, arrays, scalars) -> tuple[ScoreMod | None, MaskMod | Non
 
 
 def capture_grads_plan(key: str, needs: tuple, scalars: tuple) -> list:
-    """For the captured arrays (flatten's order) that need gradients, _capture_grads.plan's (sign, indices);
-    NotImplementedError for a use of one it cannot differentiate, or a capture only a MaskMod reads."""
+    """For the captured arrays (flatten's order) that need gradients, _capture_grads.plan's (sign, indices,
+    by_score); NotImplementedError for a use of one it cannot differentiate, or a capture only a MaskMod reads."""
     from . import _capture_grads
 
     names, is_array = _TEMPLATES[key][5], _TEMPLATES[key][6]
@@ -394,9 +402,16 @@ def capture_grads_plan(key: str, needs: tuple, scalars: tuple) -> list:
     return plans
 
 
-def capture_grads(key: str, dscore, arrays: list, scalars, needs) -> list:
-    """The gradients of the captured arrays (None where not needed) from dS (capture_grads_plan's terms)."""
+def needs_scores(plans: list) -> bool:
+    """Whether some captured array's gradient (capture_grads_plan's) sums dS times the scores."""
+    return any(plan is not None and plan[2] for plan in plans)
+
+
+def capture_grads(key: str, dscore, arrays: list, scalars, needs, scores=None) -> list:
+    """The gradients of the captured arrays (None where not needed) from dS (capture_grads_plan's uses) and,
+    where one multiplies the score, the scores."""
     from . import _capture_grads
 
     plans = capture_grads_plan(key, tuple(needs), tuple(scalars))
-    return [None if plan is None else _capture_grads.capture_grad(dscore, a, *plan) for a, plan in zip(arrays, plans)]
+    return [None if plan is None else _capture_grads.capture_grad(dscore, a, *plan, scores=scores)
+            for a, plan in zip(arrays, plans)]

@@ -69,7 +69,7 @@ class _LaunchedScoreFn:
     strides: tuple
     scalars: tuple
 
-    def args(self, softmax_scale: float, dscore: tuple = (0, 0, 0, 0), dpsum: int = 0) -> tuple:
+    def args(self, softmax_scale: float, dscore: tuple = _score_fn.NO_DSCORE, dpsum: int = 0) -> tuple:
         return _score_fn.mod_args(self.ptrs, self.strides, self.scalars, softmax_scale, dscore, dpsum)
 
 
@@ -115,10 +115,11 @@ def _fwd_callable(p: _problem.Problem, layout, options: _options.Options, mod=No
 
 @functools.lru_cache(maxsize=256)
 def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, workspace_floats: int, mod=None,
-                  score_grads: bool = False, row_sums: bool = False):
+                  score_grads: bool = False, row_sums: bool = False, scores: bool = False):
     """The backward's callback: (dq, dk, dv, workspace), then with score_grads dS with respect to the score
-    function's value (float32 p.dscore_shape), for its captured arrays' gradients, and with row_sums
-    rowsum(P * dP) shaped as lse (the sinks' gradient)."""
+    function's value (float32 p.dscore_shape), for its captured arrays' gradients (and with scores, the
+    scores the function saw, for arrays that multiply them), and with row_sums rowsum(P * dP) shaped as lse
+    (the sinks' gradient)."""
     import jax
     from jax.experimental import buffer_callback
 
@@ -128,13 +129,16 @@ def _bwd_callable(p: _problem.Problem, layout, options: _options.Options, worksp
         grads = [_buffer(b, p.dtype) for b in (dq, dk, dv)]
         rest = list(outs[4:])
         dscore = _buffer(rest.pop(0), "float32") if score_grads else None
+        seen = _buffer(rest.pop(0), "float32") if scores else None
         dpsum = _buffer(rest.pop(0), "float32") if row_sums else None
         _engine.backward(p, *arrays, _buffer(lse, "float32"), _buffer(workspace, "float32"), *grads, ctx.stream,
-                         options, dscore=dscore, dpsum=dpsum, **_launch_inputs(p, extras, layout, mod))
+                         options, dscore=dscore, dpsum=dpsum, scores=seen, **_launch_inputs(p, extras, layout, mod))
 
     results = [jax.ShapeDtypeStruct(s, p.dtype) for s in (p.q_shape, p.k_shape, p.k_shape)]
     results.append(jax.ShapeDtypeStruct((workspace_floats,), "float32"))
     if score_grads:
+        results.append(jax.ShapeDtypeStruct(p.dscore_shape, "float32"))
+    if scores:
         results.append(jax.ShapeDtypeStruct(p.dscore_shape, "float32"))
     if row_sums:
         results.append(jax.ShapeDtypeStruct(p.lse_shape, "float32"))
@@ -177,14 +181,16 @@ def _differentiable(p: _problem.Problem, layout, options: _options.Options, work
         if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only lse was used
             dout = jax.numpy.zeros(out.shape, out.dtype)
         needs = [m is not None for m in marks]
-        bwd = _bwd_callable(p, layout, options, workspace_floats, mod, any(needs), sinks)
+        scores = any(need and plan[2] for need, plan in zip(needs, plans))
+        bwd = _bwd_callable(p, layout, options, workspace_floats, mod, any(needs), sinks, scores)
         dq, dk, dv, _, *rest = bwd(dout.astype(q.dtype), q, k, v, out, lse, *(extras[:-1] if sinks else extras))
         dscore = rest.pop(0) if any(needs) else None
+        seen = rest.pop(0) if scores else None
         zeros = [np.zeros(x.shape, jax.dtypes.float0) if np.issubdtype(x.dtype, np.integer) else jax.numpy.zeros_like(x)
                  for x in extras]
         for i, (need, plan) in enumerate(zip(needs, plans)):
             if need:
-                zeros[first + i] = _capture_grads.capture_grad_jax(dscore, extras[first + i], *plan)
+                zeros[first + i] = _capture_grads.capture_grad_jax(dscore, extras[first + i], *plan, scores=seen)
         if sinks:
             zeros[-1] = _sinks_grad(lse, extras[-1], rest.pop(0), p.packed is not None)
         return (dq, dk, dv, *zeros)
@@ -265,10 +271,10 @@ def _grad_plan(score_mod, name: str):
         return f"mask_mod: captured {name!r} is differentiated, but a mask has no gradient"
     ints = {n: x for n, x in score_mod.captures.items() if isinstance(x, int) and not isinstance(x, bool)}
     try:
-        sign, indices = _capture_grads.plan(score_mod.code, name, ints)
+        sign, indices, by_score = _capture_grads.plan(score_mod.code, name, ints)
     except NotImplementedError as e:
         return str(e)
-    return sign, tuple(indices)
+    return sign, tuple(indices), by_score
 
 
 def _device_id(x) -> int:

@@ -67,15 +67,20 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
               lists, layout, alibi_slopes, softcap, dropout_p, rng, window_left, window_right, deterministic,
               mod_key="", mod_arrays=(), mod_scalars=None, mod_needs=(), sinks_grad=False):
     score_grads = any(mod_needs)
+    scores = score_grads and _score_fn.needs_scores(
+        _score_fn.capture_grads_plan(mod_key, tuple(mod_needs), tuple(_scalar_list(mod_scalars))))
     grads = _arrays.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
                              window=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
                              rng=rng_state(rng) if dropout_p else None, alibi_slopes=alibi_slopes,
                              lists=_lists(lists, layout), deterministic=deterministic,
-                             **_mods(mod_key, mod_arrays, mod_scalars), score_grads=score_grads,
+                             **_mods(mod_key, mod_arrays, mod_scalars), score_grads=score_grads, scores=scores,
                              row_sums=sinks_grad, **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     dq, dk, dv, *rest = grads
-    dmods = (_score_fn.capture_grads(mod_key, rest.pop(0), mod_arrays, _scalar_list(mod_scalars), mod_needs)
-             if score_grads else [])
+    dmods = []
+    if score_grads:
+        dscore = rest.pop(0)
+        dmods = _score_fn.capture_grads(mod_key, dscore, mod_arrays, _scalar_list(mod_scalars), mod_needs,
+                                        rest.pop(0) if scores else None)
     return [dq, dk, dv, *(g for g in dmods if g is not None), *rest]  # (rest: rowsum(P dP) with sinks_grad)
 
 
