@@ -34,6 +34,8 @@ namespace cuflash {
 // thread (their loads in flight together), blocks_per_bh blocks per (batch, head). A block's (batch,
 // head) comes from one 32-bit division: per-row 64-bit divisions made this kernel compute-bound (53 us
 // under ncu for 16K x 16 heads x 128 on the H200, FlexAttention's 34; 41 -> 38 us timed).
+// tile_stats (if not null): each row's lse (as neg_lse_units) and delta again, in the layout the
+// warp-specialised dK/dV kernel copies with its query tiles by TMA (dq_accum.cuh tile_stats_row).
 template <typename T>
 __global__ void __launch_bounds__(128)
 flash_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,

@@ -1,6 +1,7 @@
-"""Tensor maps (CUtensorMap) for the Hopper forward's bulk tensor copies (kernels/tma.cuh), encoded by the
+"""Tensor maps (CUtensorMap) for the Hopper kernels' bulk tensor copies (kernels/tma.cuh), encoded by the
 CUDA driver's cuTensorMapEncodeTiled: a (batch, sequence, head, dim) array of 16-bit elements read in boxes
-of 64 dims x `rows` rows, 128-byte swizzled (the layout wgmma reads), zeros outside the array.
+of 64 dims x `rows` rows, 128-byte swizzled (the layout wgmma reads), zeros outside the array (tile_map);
+rows of 32-bit words in plain boxes (rows_map: the dK/dV kernel's row statistics).
 
 TMA takes an array whose start and strides are multiples of 16 bytes (dims are contiguous in every array
 the kernels take); anything else gets None, and the kernel copies with cp.async instead."""
