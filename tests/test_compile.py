@@ -19,6 +19,23 @@ def test_representative_variants_compile_without_spills_for_sm80_and_sm90a():
     assert f"[{len(pairs)}/{len(pairs)}]" in report.getvalue()
 
 
+def test_a_batch_reports_each_variant_and_a_failure_as_its_own():
+    """compile_check compiles instances of one source together; one that does not compile is reported alone,
+    and the others of its batch as they are compiled one by one."""
+    import dataclasses
+
+    good = [(choose_fwd("bfloat16", d, arch="sm_80"), "sm_80") for d in (64, 128)]
+    broken = dataclasses.replace(good[0][0], head_dim=100)  # not a multiple of 16: the kernel's static_assert
+    report = io.StringIO()
+    assert _compile_check.compile_check(variants=[good[0], (broken, "sm_80"), good[1]], jobs=1, out=report) == 1
+    lines = [line for line in report.getvalue().splitlines() if line.strip().startswith("[")]
+    assert len(lines) == 3 and sum("FAILED" in line for line in lines) == 1
+    assert [v.name in report.getvalue() for v, _ in good] == [True, True]
+    alone = _compile_check.resource_reports(good[0][0].source, [(v.name, v.smem_bytes) for v, _ in good], "sm_80")
+    assert [r.registers for r in alone] == [_compile_check.resource_report(v.source, v.name, "sm_80", v.smem_bytes).registers
+                                            for v, _ in good]
+
+
 def test_ptxas_log_parsing():
     log = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
 ptxas info    : Function properties for _Z3fooPf

@@ -98,6 +98,13 @@ def compile_kernel(source: str, name: str, arch: str, verbose: bool = False,
                    kernels: Path | None = None, user_header: str | None = None) -> CompiledKernel:
     """Compile one template instance of kernels/<source> (or of another folder's) to a cubin with NVRTC
     (no GPU needed); user_header: the user's score functions (_score_fn.py), compiled in from memory."""
+    return compile_kernels(source, [name], arch, verbose, kernels, user_header)[0]
+
+
+def compile_kernels(source: str, names: list[str], arch: str, verbose: bool = False,
+                    kernels: Path | None = None, user_header: str | None = None) -> list[CompiledKernel]:
+    """compile_kernel for several instances of one source at once: one NVRTC program (its headers parsed
+    once), one cubin holding them all; each CompiledKernel has that cubin, its lowered name and the log."""
     from cupy.cuda import nvrtc
 
     kernels = kernels or kernels_dir()
@@ -105,15 +112,16 @@ def compile_kernel(source: str, name: str, arch: str, verbose: bool = False,
     headers = ([user_header.encode()], [USER_HEADER.encode()]) if user_header else ([], [])
     prog = nvrtc.createProgram(code, source, *headers)
     try:
-        nvrtc.addNameExpression(prog, name)
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
         options = nvrtc_options(arch, verbose, kernels) + (["-DCUFLASH_USER_MOD"] if user_header else [])
         try:
             nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError as e:
             log = nvrtc.getProgramLog(prog)
-            raise CompileError(f"NVRTC failed to compile {name} from {source} for {arch}: {e}\n{log}") from None
-        return CompiledKernel(whole_elf(nvrtc.getCUBIN(prog)), nvrtc.getLoweredName(prog, name),
-                              nvrtc.getProgramLog(prog))
+            raise CompileError(f"NVRTC failed to compile {', '.join(names)} from {source} for {arch}: {e}\n{log}") from None
+        cubin, log = whole_elf(nvrtc.getCUBIN(prog)), nvrtc.getProgramLog(prog)
+        return [CompiledKernel(cubin, nvrtc.getLoweredName(prog, name), log) for name in names]
     finally:
         nvrtc.destroyProgram(prog)
 
